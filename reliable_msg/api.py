@@ -1,0 +1,376 @@
+"""The HTTP API (DESIGN §4): routes parse, authorise and call a use-case; no SQL here."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .auth import Principal, Role
+from .errors import BadRequest, PayloadTooLarge, ReliableMsgError, Unprocessable
+from .message import Message as DomainMessage
+from .message import NewMessage
+from .runtime import Runtime
+from .schemas import (
+    AckOut,
+    BatchOut,
+    ErrorBody,
+    ErrorOut,
+    HealthOut,
+    IdsIn,
+    ItemOut,
+    MessageId,
+    MessageIn,
+    MessageOut,
+    PageOut,
+    PrepareBatchIn,
+    ReadyOut,
+    RequeuedOut,
+    Topic,
+)
+from .service import Acked, MessageService, Prepared, payload_text
+from .states import DeliveryStatus, MessageStatus
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422, 503)
+}
+
+
+def create_app(runtime: Runtime, *, manage: bool = False) -> FastAPI:
+    """The FastAPI app over ``runtime``; with ``manage`` its lifespan starts and stops it."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if manage:
+            await runtime.start()
+        try:
+            yield
+        finally:
+            if manage:
+                await runtime.stop()
+
+    app = FastAPI(
+        title="reliable-msg",
+        version="1",
+        lifespan=lifespan,
+        responses=ERRORS,
+    )
+    app.state.runtime = runtime
+    app.add_middleware(BodyLimit, limit=runtime.settings.max_request_bytes)
+    _install_error_handlers(app)
+    app.include_router(_routes())
+    return app
+
+
+# -- dependencies ------------------------------------------------------------------------
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def _service(request: Request) -> MessageService:
+    return _runtime(request).service
+
+
+def _principal(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
+    return _runtime(request).auth.identify(authorization)
+
+
+def _producer(who: Annotated[Principal, Depends(_principal)]) -> Principal:
+    return who.require(Role.PRODUCER)
+
+
+def _group(who: Annotated[Principal, Depends(_principal)]) -> Principal:
+    return who.require(Role.GROUP)
+
+
+def _admin(who: Annotated[Principal, Depends(_principal)]) -> Principal:
+    return who.require(Role.ADMIN)
+
+
+def _reader(who: Annotated[Principal, Depends(_principal)]) -> Principal:
+    return who.require(Role.PRODUCER, Role.ADMIN)
+
+
+Service = Annotated[MessageService, Depends(_service)]
+Producer = Annotated[Principal, Depends(_producer)]
+Group = Annotated[Principal, Depends(_group)]
+Admin = Annotated[Principal, Depends(_admin)]
+Reader = Annotated[Principal, Depends(_reader)]
+PathId = Annotated[MessageId, Path()]
+
+
+# -- routes ------------------------------------------------------------------------------
+
+
+def _routes() -> Any:  # noqa: C901 - a flat list of small route functions
+    from fastapi import APIRouter
+
+    router = APIRouter()
+
+    @router.post("/v1/messages", status_code=201, response_model=MessageOut)
+    async def prepare(
+        body: MessageIn, response: Response, who: Producer, service: Service, request: Request
+    ) -> MessageOut:
+        [result] = await service.prepare(who.name, [_new(body)])
+        prepared = _raise_or(result, Prepared)
+        if not prepared.created:
+            response.status_code = 200
+        return MessageOut.of(prepared.message)
+
+    @router.post("/v1/messages/{id}/confirm", response_model=MessageOut)
+    async def confirm(id: PathId, who: Producer, service: Service) -> MessageOut:
+        [result] = await service.confirm(who.name, [id])
+        return MessageOut.of(_raise_or_message(result))
+
+    @router.post("/v1/messages/{id}/cancel", response_model=MessageOut)
+    async def cancel(id: PathId, who: Producer, service: Service) -> MessageOut:
+        [result] = await service.cancel(who.name, [id])
+        return MessageOut.of(_raise_or_message(result))
+
+    @router.post("/v1/messages/{id}/ack", response_model=AckOut)
+    async def ack(id: PathId, who: Group, service: Service) -> AckOut:
+        [result] = await service.ack(who.name, [id])
+        acked = _raise_or(result, Acked)
+        return AckOut(id=acked.id, group=acked.group, status=DeliveryStatus.DONE)
+
+    @router.post("/v1/batch/prepare", response_model=BatchOut)
+    async def prepare_batch(
+        body: PrepareBatchIn, who: Producer, service: Service, request: Request
+    ) -> BatchOut:
+        items = [_new(m) for m in body.messages]
+        _check_batch(request, [n.id for n, _ in items])
+        results = await service.prepare(who.name, items)
+        return BatchOut(results=[_item(n.id, r) for (n, _), r in zip(items, results, strict=True)])
+
+    @router.post("/v1/batch/confirm", response_model=BatchOut)
+    async def confirm_batch(
+        body: IdsIn, who: Producer, service: Service, request: Request
+    ) -> BatchOut:
+        _check_batch(request, body.ids)
+        results = await service.confirm(who.name, body.ids)
+        return BatchOut(results=[_item(i, r) for i, r in zip(body.ids, results, strict=True)])
+
+    @router.post("/v1/batch/cancel", response_model=BatchOut)
+    async def cancel_batch(
+        body: IdsIn, who: Producer, service: Service, request: Request
+    ) -> BatchOut:
+        _check_batch(request, body.ids)
+        results = await service.cancel(who.name, body.ids)
+        return BatchOut(results=[_item(i, r) for i, r in zip(body.ids, results, strict=True)])
+
+    @router.post("/v1/batch/ack", response_model=BatchOut)
+    async def ack_batch(body: IdsIn, who: Group, service: Service, request: Request) -> BatchOut:
+        _check_batch(request, body.ids)
+        results = await service.ack(who.name, body.ids)
+        return BatchOut(results=[_item(i, r) for i, r in zip(body.ids, results, strict=True)])
+
+    @router.get("/v1/messages/{id}", response_model=MessageOut)
+    async def get_message(id: PathId, who: Reader, service: Service) -> MessageOut:
+        owner = who.name if who.role is Role.PRODUCER else None
+        return MessageOut.of(await service.get(id, owner), deliveries=True)
+
+    @router.get("/v1/messages", response_model=PageOut)
+    async def list_messages(
+        _: Admin,
+        service: Service,
+        status: MessageStatus | None = None,
+        topic: Topic | None = None,
+        group: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        cursor: str | None = None,
+    ) -> PageOut:
+        page = await service.page(
+            status=status, topic=topic, group=group, limit=limit, after=_decode_cursor(cursor)
+        )
+        return PageOut(
+            messages=[MessageOut.of(m) for m in page.messages],
+            next_cursor=_encode_cursor(page.next_cursor),
+        )
+
+    @router.post("/v1/messages/{id}/requeue", response_model=MessageOut)
+    async def requeue(id: PathId, _: Admin, service: Service) -> MessageOut:
+        return MessageOut.of(await service.requeue(id))
+
+    @router.post("/v1/requeue", response_model=RequeuedOut)
+    async def requeue_all(
+        _: Admin,
+        service: Service,
+        request: Request,
+        topic: Topic | None = None,
+        group: str | None = None,
+    ) -> RequeuedOut:
+        if group is not None and group not in _runtime(request).settings.groups:
+            raise Unprocessable(f"no consumer group {group!r}", code="unknown_group")
+        return RequeuedOut(requeued=await service.requeue_all(topic, group))
+
+    @router.get("/v1/stats")
+    async def stats(_: Admin, service: Service) -> dict[str, Any]:
+        return await service.stats()
+
+    @router.get("/healthz", response_model=HealthOut)
+    async def healthz() -> HealthOut:
+        return HealthOut(status="ok")
+
+    @router.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
+    async def readyz(request: Request) -> JSONResponse:
+        report = await _runtime(request).readiness()
+        ready = report["postgres"] == "ok" and report["rabbitmq"] == "ok"
+        report["status"] = "ready" if ready else "not_ready"
+        return JSONResponse(ReadyOut(**report).model_dump(), status_code=200 if ready else 503)
+
+    @router.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+def _new(body: MessageIn) -> tuple[NewMessage, Any]:
+    message = NewMessage(
+        id=body.id or uuid.uuid4().hex,
+        topic=body.topic,
+        payload=payload_text(body.payload),
+        headers=dict(body.headers),
+        key=body.key,
+    )
+    return message, body.payload
+
+
+def _check_batch(request: Request, ids: Sequence[str]) -> None:
+    limit = _runtime(request).settings.max_batch
+    if len(ids) > limit:
+        raise PayloadTooLarge(f"a batch holds at most {limit} items; this one has {len(ids)}")
+    if len(set(ids)) != len(ids):
+        raise Unprocessable("a batch names the same id twice", code="duplicate_id")
+
+
+def _raise_or(result: T | ReliableMsgError, kind: type[T]) -> T:
+    if isinstance(result, ReliableMsgError):
+        raise result
+    return result
+
+
+def _raise_or_message(result: ReliableMsgError | DomainMessage) -> DomainMessage:
+    return _raise_or(result, DomainMessage)
+
+
+def _item(id: str, result: Any) -> ItemOut:
+    if isinstance(result, ReliableMsgError):
+        return ItemOut(id=id, ok=False, error=ErrorBody(code=result.code, message=result.message))
+    if isinstance(result, Prepared):
+        return ItemOut(id=id, ok=True, status=result.message.status, created=result.created)
+    if isinstance(result, Acked):
+        return ItemOut(id=id, ok=True, status=DeliveryStatus.DONE)
+    return ItemOut(id=id, ok=True, status=result.status)
+
+
+def _encode_cursor(cursor: tuple[datetime, str] | None) -> str | None:
+    if cursor is None:
+        return None
+    raw = json.dumps([cursor[0].isoformat(), cursor[1]]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
+    if not cursor:
+        return None
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        at, id = json.loads(base64.urlsafe_b64decode(padded))
+        return datetime.fromisoformat(at), str(id)
+    except (ValueError, TypeError) as exc:
+        raise BadRequest("cursor is not one this service handed out", code="bad_cursor") from exc
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ReliableMsgError)
+    async def _ours(_: Request, exc: ReliableMsgError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "invalid_json", "the request body is not valid JSON")
+        problems = "; ".join(_describe(e) for e in errors[:10])
+        return error_response(422, "invalid_request", problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal", "internal error; see the service log")
+
+
+def _describe(error: Any) -> str:
+    loc = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+    return f"{loc}: {error.get('msg', 'invalid')}"
+
+
+class BodyLimit:
+    """Answers 413 for a request body over ``limit`` bytes, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._too_large(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise PayloadTooLarge(self._text())
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _text(self) -> str:
+        return f"request body over {self.limit} bytes"
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, PayloadTooLarge.code, self._text())
+        await response(scope, receive, send)

@@ -1,0 +1,71 @@
+"""Bearer tokens and the three roles: producer, consumer group and admin."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .errors import Forbidden, Unauthorized
+from .settings import Settings
+
+
+class Role(StrEnum):
+    PRODUCER = "producer"  #: prepares, confirms and cancels its own messages
+    GROUP = "group"  #: acks deliveries to its consumer group
+    ADMIN = "admin"  #: reads everything, requeues dead messages
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    role: Role
+    name: str
+
+    def require(self, *roles: Role) -> Principal:
+        if self.role not in roles:
+            allowed = " or ".join(r.value for r in roles)
+            raise Forbidden(f"this call needs a {allowed} token; this is a {self.role} token")
+        return self
+
+
+class Authenticator:
+    """Maps a bearer token to its principal.
+
+    Tokens are compared by their SHA-256 digests with :func:`hmac.compare_digest`
+    against every known token, so timing reveals neither which token matched nor how
+    much of one did; tokens are never logged.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._known: list[tuple[bytes, Principal]] = []
+        if settings.admin_token is not None:
+            self._add(settings.admin_token.get_secret_value(), Principal(Role.ADMIN, "admin"))
+        for name, producer in settings.producers.items():
+            if producer.token is not None:
+                self._add(producer.token.get_secret_value(), Principal(Role.PRODUCER, name))
+        for name, group in settings.groups.items():
+            if group.token is not None:
+                self._add(group.token.get_secret_value(), Principal(Role.GROUP, name))
+
+    def _add(self, token: str, principal: Principal) -> None:
+        self._known.append((_digest(token), principal))
+
+    def identify(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise Unauthorized("missing Authorization: Bearer <token> header")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+        digest = _digest(token.strip())
+        found: Principal | None = None
+        for known, principal in self._known:
+            if hmac.compare_digest(known, digest):
+                found = principal
+        if found is None:
+            raise Unauthorized("unknown token")
+        return found
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()

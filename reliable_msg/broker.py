@@ -1,0 +1,190 @@
+"""The RabbitMQ adapter: topology, and publishing with publisher confirms.
+
+Every publish is persistent, ``mandatory`` (a message no queue takes is an error, not a
+success) and bounded by ``publish_timeout``. The connection is robust: after a loss it
+is re-established in the background and the topology declared again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractRobustConnection,
+    DeliveryMode,
+    ExchangeType,
+)
+
+from . import constants
+from .errors import BrokerError, BrokerUnavailable, Unroutable
+from .message import Outgoing
+from .metrics import PUBLISH_SECONDS
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: What counts as a transient broker failure: the publish may succeed if tried later.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    RuntimeError,
+    TimeoutError,
+)
+
+
+def amqp_message(out: Outgoing) -> aio_pika.Message:
+    """The wire form of DESIGN §5: a plain AMQP client can read it without our SDK."""
+    headers: dict[str, Any] = dict(out.headers)
+    headers[constants.HEADER_ATTEMPT] = out.attempt
+    headers[constants.HEADER_PRODUCER] = out.producer
+    if out.key is not None:
+        headers[constants.HEADER_KEY] = out.key
+    return aio_pika.Message(
+        body=out.payload.encode(),
+        message_id=out.id,
+        type=out.topic,
+        content_type="application/json",
+        delivery_mode=DeliveryMode.PERSISTENT,
+        timestamp=out.created_at,
+        headers=headers,
+    )
+
+
+class RabbitBroker:
+    """Publishes messages to RabbitMQ and declares the topology they need."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._default: AbstractExchange | None = None
+        self._connecting: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return (
+            self._connection is not None
+            and not self._connection.is_closed
+            and self._channel is not None
+            and not self._channel.is_closed
+        )
+
+    async def start(self) -> None:
+        """Connect now if RabbitMQ answers, else keep trying in the background."""
+        try:
+            await self._connect()
+        except TRANSIENT_ERRORS as exc:
+            log.warning("RabbitMQ not reachable at start-up (%s); retrying in background", exc)
+            self._connecting = asyncio.create_task(self._connect_forever())
+
+    async def _connect_forever(self) -> None:
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._connect()
+            except TRANSIENT_ERRORS as exc:
+                delay = min(delay * 2, 10.0)
+                log.debug("RabbitMQ still unreachable: %s", exc)
+            else:
+                log.info("connected to RabbitMQ")
+                return
+
+    async def _connect(self) -> None:
+        connection = await aio_pika.connect_robust(
+            self._settings.amqp_url,
+            timeout=self._settings.publish_timeout,
+            client_properties={"connection_name": "reliable-msg"},
+        )
+        try:
+            await declare_topology(connection, self._settings)
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._exchange = await channel.get_exchange(self._settings.exchange, ensure=False)
+            self._default = channel.default_exchange
+        except BaseException:
+            await connection.close()
+            raise
+        self._connection, self._channel = connection, channel
+
+    async def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._connection is not None:
+            await self._connection.close()
+
+    async def publish(self, out: Outgoing) -> None:
+        """Publish one message and wait for the broker's confirm.
+
+        Raises :class:`Unroutable` when no queue took it and :class:`BrokerUnavailable`
+        on any other failure, a timeout included.
+        """
+        if self._exchange is None or self._default is None or not self.connected:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        if out.group is None:
+            exchange, routing_key = self._exchange, out.topic
+        else:
+            exchange, routing_key = self._default, self._settings.queue_name(out.group)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout):
+                await exchange.publish(amqp_message(out), routing_key, mandatory=True)
+        except aiormq.exceptions.PublishError as exc:
+            raise Unroutable(f"no queue is bound for {routing_key!r}") from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            raise BrokerUnavailable(f"broker refused the message: {exc}") from exc
+        except TimeoutError as exc:
+            raise BrokerUnavailable(
+                f"no publisher confirm within {self._settings.publish_timeout}s"
+            ) from exc
+        except TRANSIENT_ERRORS as exc:
+            raise BrokerUnavailable(f"publish failed: {exc!r}") from exc
+        PUBLISH_SECONDS.observe(time.perf_counter() - started)
+
+    async def publish_many(self, outs: list[Outgoing]) -> dict[str, str]:
+        """Publish concurrently; return the ids not taken, with the reason."""
+        results = await asyncio.gather(*(self.publish(o) for o in outs), return_exceptions=True)
+        refused: dict[str, str] = {}
+        for out, result in zip(outs, results, strict=True):
+            if isinstance(result, BrokerError):
+                refused[out.id] = result.message
+            elif isinstance(result, BaseException):
+                raise result
+        return refused
+
+
+async def declare_topology(connection: aio_pika.abc.AbstractConnection, settings: Settings) -> None:
+    """Declare the exchanges and, per group, its quorum queue and dead-letter queue."""
+    async with connection.channel() as channel:
+        exchange = await channel.declare_exchange(
+            settings.exchange, ExchangeType.TOPIC, durable=True
+        )
+        dlx = await channel.declare_exchange(
+            settings.dead_letter_exchange, ExchangeType.DIRECT, durable=True
+        )
+        for name, group in settings.groups.items():
+            queue = await channel.declare_queue(
+                settings.queue_name(name),
+                durable=True,
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-dead-letter-exchange": settings.dead_letter_exchange,
+                    "x-dead-letter-routing-key": name,
+                },
+            )
+            for pattern in group.topics:
+                await queue.bind(exchange, pattern)
+            dead = await channel.declare_queue(
+                settings.dead_letter_queue(name),
+                durable=True,
+                arguments={"x-queue-type": "quorum"},
+            )
+            await dead.bind(dlx, name)

@@ -1,0 +1,31 @@
+"""Names and defaults shared by the service, the SDKs and the operators' tools."""
+
+#: Topic exchange every confirmed message is published to (routing key = topic).
+EXCHANGE = "rmsg"
+#: Exchange that dead-letters rejected deliveries, routing key = group name.
+DEAD_LETTER_EXCHANGE = "rmsg.dlx"
+#: Prefix of each consumer group's queue: ``rmsg.<group>``.
+QUEUE_PREFIX = "rmsg."
+#: Suffix of the queue that keeps a group's dead-lettered deliveries.
+DEAD_LETTER_SUFFIX = ".dlq"
+
+#: AMQP header carrying the delivery attempt number, starting at 1.
+HEADER_ATTEMPT = "x-rmsg-attempt"
+#: AMQP header carrying the producer's name.
+HEADER_PRODUCER = "x-rmsg-producer"
+#: Header names a producer may not set: the service owns them.
+RESERVED_HEADER_PREFIX = "x-rmsg-"
+
+#: Longest client-chosen message id.
+MAX_ID_LENGTH = 128
+#: Longest topic name.
+MAX_TOPIC_LENGTH = 255
+#: Longest ordering / sharding key.
+MAX_KEY_LENGTH = 255
+
+#: PostgreSQL advisory lock key held while migrations run (hashtext of the name).
+MIGRATION_LOCK_NAME = "reliable_msg.migrate"
+#: Table recording which migrations were applied.
+MIGRATION_TABLE = "rmsg_schema_migrations"
+#: AMQP header carrying the message's ordering / sharding key, when it has one.
+HEADER_KEY = "x-rmsg-key"

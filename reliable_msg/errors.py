@@ -1,0 +1,105 @@
+"""The one exception tree of reliable-msg.
+
+    ReliableMsgError
+    ├── ConfigError                 configuration missing or invalid
+    ├── RequestError                the caller asked for something wrong (HTTP 4xx)
+    │   ├── BadRequest              400 malformed input
+    │   ├── Unauthorized            401 no token or an unknown token
+    │   ├── Forbidden               403 a token acting on what it does not own
+    │   ├── NotFound                404 unknown message or delivery
+    │   ├── Conflict                409 id reused with another body, or a move the
+    │   │                               state machine forbids
+    │   ├── PayloadTooLarge         413 body or payload over the limit
+    │   └── Unprocessable           422 well-formed but unusable (no subscriber, ...)
+    ├── BrokerError                 RabbitMQ did not take a message (HTTP 503)
+    │   ├── BrokerUnavailable       no connection, a timeout or a negative confirm
+    │   └── Unroutable              the broker returned the message: no queue bound
+    ├── StoreError                  PostgreSQL failed (HTTP 503)
+    └── CheckBackError              a producer's check-back endpoint gave no usable answer
+
+Third-party errors (asyncpg, aiormq, aiohttp) are translated where they are caught and
+chained with ``from exc``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ReliableMsgError(Exception):
+    """Base of every error raised by reliable-msg."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code  # type: ignore[misc]
+
+
+class ConfigError(ReliableMsgError):
+    code = "config"
+
+
+class RequestError(ReliableMsgError):
+    status = 400
+    code = "bad_request"
+
+
+class BadRequest(RequestError):
+    pass
+
+
+class Unauthorized(RequestError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(RequestError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(RequestError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(RequestError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+    code = "payload_too_large"
+
+
+class Unprocessable(RequestError):
+    status = 422
+    code = "unprocessable"
+
+
+class BrokerError(ReliableMsgError):
+    status = 503
+    code = "broker_unavailable"
+
+
+class BrokerUnavailable(BrokerError):
+    pass
+
+
+class Unroutable(BrokerError):
+    code = "unroutable"
+
+
+class StoreError(ReliableMsgError):
+    status = 503
+    code = "store_unavailable"
+
+
+class CheckBackError(ReliableMsgError):
+    status = 502
+    code = "check_back_failed"

@@ -1,0 +1,118 @@
+"""Messages and deliveries as the core sees them, independent of any adapter."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .states import DeliveryStatus, MessageStatus
+
+#: Values a message header may hold (AMQP field-table friendly).
+HeaderValue = str | int | float | bool
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """What a producer asks to prepare. ``payload`` is the JSON text sent on the wire."""
+
+    id: str
+    topic: str
+    payload: str
+    headers: dict[str, HeaderValue] = field(default_factory=dict)
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One (message, consumer group) pair, tracked on its own."""
+
+    group: str
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    updated_at: datetime
+    done_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: str
+    topic: str
+    producer: str
+    payload: str
+    headers: dict[str, HeaderValue]
+    key: str | None
+    status: MessageStatus
+    groups: tuple[str, ...]
+    check_attempts: int
+    next_check_at: datetime | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
+    finished_at: datetime | None
+    deliveries: tuple[Delivery, ...] = ()
+
+    def same_request(self, other: NewMessage, payload: Any) -> bool:
+        """Whether ``other`` (whose parsed payload is ``payload``) repeats this prepare."""
+        return (
+            self.topic == other.topic
+            and self.key == other.key
+            and self.headers == other.headers
+            and json.loads(self.payload) == payload
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message on its way to the broker, for all subscribed groups or for one."""
+
+    id: str
+    topic: str
+    producer: str
+    payload: str
+    headers: dict[str, HeaderValue]
+    key: str | None
+    created_at: datetime
+    attempt: int
+    group: str | None = None
+
+    @classmethod
+    def first(cls, message: Message) -> Outgoing:
+        """The first publish of a confirmed message, to the topic exchange."""
+        return cls(
+            id=message.id,
+            topic=message.topic,
+            producer=message.producer,
+            payload=message.payload,
+            headers=message.headers,
+            key=message.key,
+            created_at=message.created_at,
+            attempt=1,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DueCheck:
+    """A pending message whose producer must be asked whether it committed."""
+
+    id: str
+    topic: str
+    producer: str
+    created_at: datetime
+    check_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryUpdate:
+    """What a redelivery pass decided for one delivery."""
+
+    message_id: str
+    group: str
+    status: DeliveryStatus
+    attempts: int
+    next_in: float
+    last_error: str | None = None

@@ -1,0 +1,18 @@
+"""Prometheus metrics of the service; ``/metrics`` exposes the default registry."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+TRANSITIONS = Counter("rmsg_transitions_total", "Messages moved into a status", ["status"])
+PUBLISH_SECONDS = Histogram(
+    "rmsg_publish_seconds",
+    "Time from publish to broker confirm",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+CHECKBACKS = Counter(
+    "rmsg_checkbacks_total", "Check-back calls by outcome", ["producer", "outcome"]
+)
+REDELIVERIES = Counter("rmsg_redeliveries_total", "Deliveries republished", ["group"])
+DEAD = Counter("rmsg_dead_total", "Messages or deliveries that went dead", ["reason"])
+SCANNER_ERRORS = Counter("rmsg_scanner_errors_total", "Scanner passes that failed", ["job"])

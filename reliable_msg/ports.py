@@ -1,0 +1,79 @@
+"""The narrow interfaces the use-cases need; adapters in store.py and broker.py."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .message import DeliveryUpdate, DueCheck, Message, NewMessage, Outgoing
+from .states import DeliveryStatus, MessageStatus
+
+if TYPE_CHECKING:
+    from .store import Page, PublishMany
+
+
+class Publisher(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    async def publish(self, out: Outgoing) -> None:
+        """Publish one message, confirmed; raise :class:`BrokerError` if not taken."""
+
+    async def publish_many(self, outs: list[Outgoing]) -> dict[str, str]:
+        """Publish messages; return the ids not taken, with the reason."""
+
+
+class Store(Protocol):
+    async def insert(
+        self, producer: str, items: Sequence[tuple[NewMessage, Sequence[str]]], check_in: float
+    ) -> tuple[list[Message], list[Message]]: ...
+
+    async def confirm(
+        self, ids: Sequence[str], producer: str | None, ack_timeout: float, publish: PublishMany
+    ) -> list[Message]: ...
+
+    async def cancel(self, ids: Sequence[str], producer: str | None) -> list[str]: ...
+
+    async def ack(self, group: str, ids: Sequence[str]) -> list[str]: ...
+
+    async def delivery_states(
+        self, group: str, ids: Sequence[str]
+    ) -> dict[str, tuple[MessageStatus, DeliveryStatus | None]]: ...
+
+    async def get(self, id: str) -> Message | None: ...
+
+    async def get_many(self, ids: Sequence[str]) -> list[Message]: ...
+
+    async def page(
+        self,
+        *,
+        status: MessageStatus | None,
+        topic: str | None,
+        group: str | None,
+        limit: int,
+        after: tuple[datetime, str] | None,
+    ) -> Page: ...
+
+    async def stats(self) -> dict[str, Any]: ...
+
+    async def claim_checks(self, limit: int, lease: float) -> list[DueCheck]: ...
+
+    async def check_failed(self, check: DueCheck, error: str, retry_in: float | None) -> bool: ...
+
+    async def redeliver(
+        self, limit: int, decide: Callable[[list[Outgoing]], Awaitable[list[DeliveryUpdate]]]
+    ) -> int: ...
+
+    async def requeue(
+        self,
+        *,
+        ids: Sequence[str] | None,
+        topic: str | None,
+        group: str | None,
+        limit: int,
+        ack_timeout: float,
+        publish: PublishMany,
+    ) -> tuple[list[str], list[str]]: ...
+
+    async def purge(self, older_than: float, batch: int) -> int: ...

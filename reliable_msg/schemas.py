@@ -1,0 +1,169 @@
+"""Request and response bodies of the HTTP API (they make its OpenAPI schema)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, field_validator
+
+from . import constants
+from .message import Delivery, HeaderValue, Message
+from .policy import ID_RE, TOPIC_RE
+from .states import DeliveryStatus, MessageStatus
+
+MessageId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=constants.MAX_ID_LENGTH, pattern=ID_RE.pattern),
+]
+Topic = Annotated[
+    str,
+    StringConstraints(
+        min_length=1, max_length=constants.MAX_TOPIC_LENGTH, pattern=TOPIC_RE.pattern
+    ),
+]
+HeaderName = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MessageIn(_In):
+    id: MessageId | None = Field(default=None, description="Client-chosen id; generated if absent")
+    topic: Topic
+    payload: JsonValue = Field(description="Any JSON value; sent as the AMQP body")
+    headers: dict[HeaderName, HeaderValue] = {}
+    key: Annotated[str, StringConstraints(max_length=constants.MAX_KEY_LENGTH)] | None = None
+
+    @field_validator("headers")
+    @classmethod
+    def _not_reserved(cls, headers: dict[str, HeaderValue]) -> dict[str, HeaderValue]:
+        reserved = [h for h in headers if h.lower().startswith(constants.RESERVED_HEADER_PREFIX)]
+        if reserved:
+            raise ValueError(f"header names starting with x-rmsg- are reserved: {reserved}")
+        return headers
+
+
+class PrepareBatchIn(_In):
+    messages: list[MessageIn] = Field(min_length=1)
+
+
+class IdsIn(_In):
+    ids: list[MessageId] = Field(min_length=1)
+
+
+class RequeueIn(_In):
+    topic: Topic | None = None
+    group: str | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+class DeliveryOut(BaseModel):
+    group: str
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    updated_at: datetime
+    done_at: datetime | None
+
+    @classmethod
+    def of(cls, d: Delivery) -> DeliveryOut:
+        return cls(
+            group=d.group,
+            status=d.status,
+            attempts=d.attempts,
+            next_attempt_at=d.next_attempt_at,
+            last_error=d.last_error,
+            updated_at=d.updated_at,
+            done_at=d.done_at,
+        )
+
+
+class MessageOut(BaseModel):
+    id: str
+    topic: str
+    producer: str
+    status: MessageStatus
+    payload: JsonValue
+    headers: dict[str, HeaderValue]
+    key: str | None
+    groups: list[str]
+    check_attempts: int
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
+    finished_at: datetime | None
+    deliveries: list[DeliveryOut] | None = None
+
+    @classmethod
+    def of(cls, m: Message, *, deliveries: bool = False) -> MessageOut:
+        return cls(
+            id=m.id,
+            topic=m.topic,
+            producer=m.producer,
+            status=m.status,
+            payload=json.loads(m.payload),
+            headers=m.headers,
+            key=m.key,
+            groups=list(m.groups),
+            check_attempts=m.check_attempts,
+            last_error=m.last_error,
+            created_at=m.created_at,
+            updated_at=m.updated_at,
+            sent_at=m.sent_at,
+            finished_at=m.finished_at,
+            deliveries=[DeliveryOut.of(d) for d in m.deliveries] if deliveries else None,
+        )
+
+
+class AckOut(BaseModel):
+    id: str
+    group: str
+    status: DeliveryStatus
+
+
+class ItemOut(BaseModel):
+    """One item of a batch: its status when it moved, or why it did not."""
+
+    id: str
+    ok: bool
+    status: str | None = None
+    created: bool | None = None
+    error: ErrorBody | None = None
+
+
+class BatchOut(BaseModel):
+    results: list[ItemOut]
+
+
+class PageOut(BaseModel):
+    messages: list[MessageOut]
+    next_cursor: str | None
+
+
+class RequeuedOut(BaseModel):
+    requeued: int
+
+
+class HealthOut(BaseModel):
+    status: str
+
+
+class ReadyOut(BaseModel):
+    status: str
+    mode: str
+    postgres: str
+    rabbitmq: str
+    redis: str

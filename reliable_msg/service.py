@@ -1,0 +1,274 @@
+"""The use-cases of the service: prepare, confirm, cancel, ack, read, requeue.
+
+Routes and scanners call these; these call the store and the broker through the ports.
+Batch forms are the primitive: a single call is a batch of one. Each item of a batch
+gets its own result, a :class:`Message` or the :class:`RequestError` /
+:class:`BrokerError` that explains why it did not move.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .errors import (
+    BrokerUnavailable,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    ReliableMsgError,
+    Unprocessable,
+)
+from .message import Message, NewMessage
+from .metrics import TRANSITIONS
+from .ports import Publisher, Store
+from .settings import Settings
+from .states import D, DeliveryStatus, M, MessageStatus
+from .store import Page
+
+log = logging.getLogger(__name__)
+
+Result = Message | ReliableMsgError
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    message: Message
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    id: str
+    group: str
+
+
+class MessageService:
+    def __init__(self, settings: Settings, store: Store, broker: Publisher) -> None:
+        self._settings = settings
+        self._store = store
+        self._broker = broker
+
+    # -- producer --------------------------------------------------------------------
+
+    async def prepare(
+        self, producer: str, items: Sequence[tuple[NewMessage, Any]]
+    ) -> list[Prepared | ReliableMsgError]:
+        """Store messages as ``pending``. ``items`` pairs each message with its parsed
+        payload, which decides whether a repeated id is the same request."""
+        results: dict[str, Prepared | ReliableMsgError] = {}
+        valid: list[tuple[NewMessage, Sequence[str]]] = []
+        for message, _ in items:
+            try:
+                valid.append((message, self._subscribers(message)))
+            except ReliableMsgError as exc:
+                results[message.id] = exc
+        if valid:
+            inserted, existing = await self._store.insert(
+                producer, valid, self._settings.checkback.after
+            )
+            TRANSITIONS.labels(M.PENDING.value).inc(len(inserted))
+            for m in inserted:
+                results[m.id] = Prepared(m, created=True)
+            payloads = {message.id: payload for message, payload in items}
+            requests = {message.id: message for message, _ in valid}
+            for m in existing:
+                results[m.id] = self._repeat(producer, m, requests[m.id], payloads[m.id])
+        return [results[message.id] for message, _ in items]
+
+    def _subscribers(self, message: NewMessage) -> Sequence[str]:
+        size = len(message.payload.encode())
+        if size > self._settings.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload is {size} bytes; the limit is {self._settings.max_payload_bytes}"
+            )
+        groups = self._settings.subscribers_cached(message.topic)
+        if not groups:
+            raise Unprocessable(
+                f"no consumer group subscribes to topic {message.topic!r}", code="no_subscriber"
+            )
+        return groups
+
+    @staticmethod
+    def _repeat(
+        producer: str, existing: Message, request: NewMessage, payload: Any
+    ) -> Prepared | ReliableMsgError:
+        if existing.producer == producer and existing.same_request(request, payload):
+            return Prepared(existing, created=False)
+        return Conflict(
+            f"message {existing.id!r} already exists with another body", code="id_conflict"
+        )
+
+    async def confirm(self, producer: str | None, ids: Sequence[str]) -> list[Result]:
+        """``pending`` → ``sent`` and published, or an error per id.
+
+        ``producer=None`` is the service itself (check-back) and skips the owner check.
+        """
+        refusals: dict[str, str] = {}
+
+        async def publish(outs: list[Any]) -> dict[str, str]:
+            refused = await self._broker.publish_many(outs)
+            refusals.update(refused)
+            return refused
+
+        sent = await self._store.confirm(
+            ids, producer, self._settings.redelivery.ack_timeout, publish
+        )
+        TRANSITIONS.labels(M.SENT.value).inc(len(sent))
+        done: dict[str, Result] = {m.id: m for m in sent}
+        rest = [i for i in ids if i not in done]
+        if rest:
+            for m in await self._store.get_many(rest):
+                done[m.id] = self._explain_confirm(producer, m, refusals.get(m.id))
+        return [done.get(i) or _unknown(i) for i in ids]
+
+    @staticmethod
+    def _explain_confirm(producer: str | None, m: Message, refusal: str | None) -> Result:
+        if producer is not None and m.producer != producer:
+            return _not_yours(m.id)
+        if m.status is M.PENDING:
+            return BrokerUnavailable(refusal or "the broker did not take the message")
+        if m.status is M.CANCELLED:
+            return Conflict(f"message {m.id!r} was cancelled", code="cancelled")
+        if m.status is M.DEAD and m.sent_at is None:
+            return Conflict(
+                f"message {m.id!r} is dead: check-back exhausted; an admin can requeue it",
+                code="dead",
+            )
+        return m
+
+    async def cancel(self, producer: str | None, ids: Sequence[str]) -> list[Result]:
+        """``pending`` → ``cancelled``, or an error per id."""
+        moved = set(await self._store.cancel(ids, producer))
+        TRANSITIONS.labels(M.CANCELLED.value).inc(len(moved))
+        found = {m.id: m for m in await self._store.get_many(ids)}
+        return [self._explain_cancel(producer, i, found.get(i), i in moved) for i in ids]
+
+    @staticmethod
+    def _explain_cancel(producer: str | None, id: str, m: Message | None, moved: bool) -> Result:
+        if m is None:
+            return _unknown(id)
+        if producer is not None and m.producer != producer:
+            return _not_yours(id)
+        if moved or m.status is M.CANCELLED:
+            return m
+        if m.status is M.DEAD and m.sent_at is None:
+            return Conflict(f"message {id!r} is dead: check-back exhausted", code="dead")
+        return Conflict(f"message {id!r} was already sent", code="already_sent")
+
+    # -- consumer --------------------------------------------------------------------
+
+    async def ack(self, group: str, ids: Sequence[str]) -> list[Acked | ReliableMsgError]:
+        """The group's delivery → ``done`` (idempotent), or an error per id."""
+        unique = list(dict.fromkeys(ids))
+        moved = set(await self._store.ack(group, unique))
+        rest = [i for i in unique if i not in moved]
+        states = await self._store.delivery_states(group, rest) if rest else {}
+        return [
+            Acked(i, group) if i in moved else _explain_ack(group, i, states.get(i)) for i in ids
+        ]
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def get(self, id: str, producer: str | None) -> Message:
+        """One message with its deliveries; a producer sees only its own."""
+        m = await self._store.get(id)
+        if m is None:
+            raise _unknown(id)
+        if producer is not None and m.producer != producer:
+            raise _not_yours(id)
+        return m
+
+    async def page(
+        self,
+        *,
+        status: MessageStatus | None,
+        topic: str | None,
+        group: str | None,
+        limit: int,
+        after: tuple[datetime, str] | None,
+    ) -> Page:
+        return await self._store.page(
+            status=status, topic=topic, group=group, limit=limit, after=after
+        )
+
+    async def stats(self) -> dict[str, Any]:
+        stats = await self._store.stats()
+        stats["broker"] = {"mode": "normal", "connected": self._broker.connected}
+        return stats
+
+    # -- admin -----------------------------------------------------------------------
+
+    async def requeue(self, id: str) -> Message:
+        """Bring one ``dead`` message back (see :meth:`PgStore.requeue`)."""
+        await self._requeue_batch(ids=[id], topic=None, group=None)
+        m = await self._store.get(id)
+        if m is None:
+            raise _unknown(id)
+        if m.status is M.DEAD:
+            raise Conflict(f"message {id!r} could not be requeued", code="requeue_failed")
+        return m
+
+    async def requeue_all(self, topic: str | None, group: str | None) -> int:
+        """Requeue every ``dead`` message of a topic and/or group; return how many."""
+        total = 0
+        while True:
+            count = await self._requeue_batch(ids=None, topic=topic, group=group)
+            total += count
+            if count < self._settings.scanner.batch:
+                return total
+
+    async def _requeue_batch(
+        self, *, ids: Sequence[str] | None, topic: str | None, group: str | None
+    ) -> int:
+        resent, rechecked = await self._store.requeue(
+            ids=ids,
+            topic=topic,
+            group=group,
+            limit=self._settings.scanner.batch,
+            ack_timeout=self._settings.redelivery.ack_timeout,
+            publish=self._broker.publish_many,
+        )
+        for id in resent:
+            log.info("requeued message %s: deliveries republished", id)
+        for id in rechecked:
+            log.info("requeued message %s: check-back starts again", id)
+        return len(resent) + len(rechecked)
+
+
+def _unknown(id: str) -> NotFound:
+    return NotFound(f"no message {id!r}")
+
+
+def _not_yours(id: str) -> Forbidden:
+    return Forbidden(f"message {id!r} belongs to another producer")
+
+
+def _explain_ack(
+    group: str, id: str, state: tuple[MessageStatus, DeliveryStatus | None] | None
+) -> Acked | ReliableMsgError:
+    if state is None:
+        return _unknown(id)
+    message_status, delivery_status = state
+    if delivery_status is D.DONE:
+        return Acked(id, group)
+    if delivery_status is D.DEAD:
+        return Conflict(
+            f"delivery of {id!r} to {group!r} is dead; an admin can requeue it",
+            code="delivery_dead",
+        )
+    if message_status is M.PENDING:
+        return Conflict(f"message {id!r} is not confirmed yet", code="not_sent")
+    if delivery_status is D.SENT:
+        return Conflict(f"delivery of {id!r} is busy; ack again", code="busy")
+    return NotFound(f"message {id!r} has no delivery to group {group!r}")
+
+
+def payload_text(payload: Any) -> str:
+    """The JSON text of a payload as it goes on the wire: compact, UTF-8."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,217 @@
+"""Typed settings: one TOML file plus ``RMSG_*`` environment variables (env wins).
+
+Nested values use ``__`` in variable names: ``RMSG_PRODUCERS__ORDER__TOKEN`` sets the
+token of producer ``order``; ``RMSG_REDELIVERY__MAX_ATTEMPTS`` a scanner setting.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from . import constants
+from .errors import ConfigError
+from .policy import NAME_RE, PATTERN_RE, topic_matches
+
+#: Environment variable naming the TOML file when no ``--config`` is given.
+CONFIG_ENV = "RMSG_CONFIG"
+
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProducerSettings(_Section):
+    """An upstream service allowed to prepare messages."""
+
+    check_url: AnyHttpUrl
+    token: SecretStr | None = None
+
+
+class GroupSettings(_Section):
+    """A downstream consumer group: one durable queue bound to its topics."""
+
+    topics: list[str] = Field(min_length=1)
+    token: SecretStr | None = None
+    queue: str | None = None
+    max_attempts: int | None = Field(default=None, ge=1)
+
+    @field_validator("topics")
+    @classmethod
+    def _patterns(cls, topics: list[str]) -> list[str]:
+        bad = [t for t in topics if not PATTERN_RE.match(t)]
+        if bad:
+            raise ValueError(f"not a topic pattern: {', '.join(bad)}")
+        return topics
+
+
+class CheckBackSettings(_Section):
+    after: Seconds = 10.0  #: a pending message is checked back this long after prepare
+    max_tries: int = Field(default=15, ge=1)  #: then it is dead
+    backoff_base: Seconds = 5.0
+    backoff_factor: float = Field(default=2.0, ge=1.0)
+    backoff_cap: Seconds = 600.0
+    timeout: Seconds = 5.0  #: one check-back HTTP call, connect to last byte
+    concurrency: int = Field(default=32, ge=1)  #: check-back calls in flight per instance
+    lease: Seconds = 60.0  #: how long a claimed message is hidden from other instances
+
+
+class RedeliverySettings(_Section):
+    ack_timeout: Seconds = 30.0  #: a delivery not acked this long after publish is resent
+    backoff_factor: float = Field(default=2.0, ge=1.0)
+    backoff_cap: Seconds = 3600.0
+    jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
+    max_attempts: int = Field(default=16, ge=1)  #: then the delivery is dead
+    retry_after_failure: Seconds = 5.0  #: when the broker refused a redelivery
+
+
+class ScannerSettings(_Section):
+    enabled: bool = True
+    interval: Seconds = 1.0  #: seconds between passes of each scanner
+    batch: int = Field(default=500, ge=1, le=10_000)  #: rows claimed per round trip
+    purge_interval: Seconds = 3600.0
+    retention: Seconds = 7 * 24 * 3600.0  #: done and cancelled messages kept this long
+
+
+class Settings(BaseSettings):
+    """Everything the service reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RMSG_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/reliable_msg"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    admin_token: SecretStr | None = None
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8470, ge=0, le=65535)
+    db_pool_size: int = Field(default=20, ge=2)
+
+    exchange: str = constants.EXCHANGE
+    dead_letter_exchange: str = constants.DEAD_LETTER_EXCHANGE
+    queue_prefix: str = constants.QUEUE_PREFIX
+    publish_timeout: Seconds = 5.0
+
+    max_payload_bytes: int = Field(default=256 * 1024, ge=1)
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    max_batch: int = Field(default=1000, ge=1)
+
+    checkback: CheckBackSettings = CheckBackSettings()
+    redelivery: RedeliverySettings = RedeliverySettings()
+    scanner: ScannerSettings = ScannerSettings()
+
+    producers: dict[str, ProducerSettings] = {}
+    groups: dict[str, GroupSettings] = {}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init values; the environment overrides it.
+        return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _names(self) -> Settings:
+        for kind, names in (("producer", self.producers), ("group", self.groups)):
+            for name in names:
+                if not NAME_RE.match(name):
+                    raise ValueError(
+                        f"{kind} name {name!r} must be lower case letters, digits, - or _"
+                    )
+        return self
+
+    def queue_name(self, group: str) -> str:
+        """The durable queue of ``group``."""
+        settings = self.groups.get(group)
+        return (settings.queue if settings else None) or f"{self.queue_prefix}{group}"
+
+    def dead_letter_queue(self, group: str) -> str:
+        return self.queue_name(group) + constants.DEAD_LETTER_SUFFIX
+
+    def max_attempts(self, group: str) -> int:
+        settings = self.groups.get(group)
+        if settings is not None and settings.max_attempts is not None:
+            return settings.max_attempts
+        return self.redelivery.max_attempts
+
+    def subscribers(self, topic: str) -> list[str]:
+        """Groups whose topic patterns match ``topic``, in a stable order."""
+        return [
+            name
+            for name, group in sorted(self.groups.items())
+            if any(topic_matches(pattern, topic) for pattern in group.topics)
+        ]
+
+    @cached_property
+    def _subscriber_cache(self) -> dict[str, list[str]]:
+        return {}
+
+    def subscribers_cached(self, topic: str) -> list[str]:
+        """:meth:`subscribers`, memoised: configuration is frozen after start-up."""
+        cache = self._subscriber_cache
+        found = cache.get(topic)
+        if found is None:
+            found = cache[topic] = self.subscribers(topic)
+        return found
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the TOML file at ``path`` (or ``$RMSG_CONFIG``) and the environment.
+
+    Raises :class:`ConfigError` with a one-line reason when anything is wrong.
+    """
+    path = path or os.environ.get(CONFIG_ENV)
+    data: dict[str, Any] = {}
+    if path:
+        data = _read_toml(Path(path))
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, path)) from exc
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+
+
+def _one_line(exc: ValidationError, path: str | Path | None) -> str:
+    where = f" in {path}" if path else ""
+    problems = []
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error["loc"]) or "config"
+        problems.append(f"{loc}: {error['msg']}")
+    return f"invalid configuration{where}: " + "; ".join(problems)

@@ -1,0 +1,693 @@
+"""The PostgreSQL store: every SQL statement of the service lives here.
+
+State moves are guarded updates built from :mod:`reliable_msg.states`. The two moves that
+must publish inside the database transaction (confirm, redelivery) take the publish as
+a callback, so the transaction stays here and the broker policy stays in the service.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, ParamSpec, TypeVar
+
+import asyncpg
+
+from .errors import StoreError
+from .message import Delivery, DeliveryUpdate, DueCheck, Message, NewMessage, Outgoing
+from .states import D, DeliveryStatus, M, MessageStatus, delivery_move, message_move
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_MESSAGE_COLUMNS = """
+    id, topic, producer, payload::text AS payload, headers::text AS headers, key, status,
+    groups, check_attempts, next_check_at, last_error, created_at, updated_at, sent_at,
+    finished_at
+"""
+
+#: PostgreSQL errors worth one more try of the same short transaction.
+_RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+#: What says PostgreSQL is out of reach rather than that we sent bad SQL.
+_UNAVAILABLE = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.QueryCanceledError,
+    TimeoutError,
+)
+
+#: A connection from the pool (asyncpg hands out proxies).
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+PublishMany = Callable[[list[Outgoing]], Awaitable[dict[str, str]]]
+"""Publishes messages; returns the ids the broker did not take, with the reason."""
+
+
+def _translated(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Turn a lost database into :class:`StoreError`; retry deadlocks a few times."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        for attempt in range(1, 4):
+            try:
+                return await fn(*args, **kwargs)
+            except _RETRYABLE:
+                if attempt == 3:
+                    raise
+                log.debug("retrying %s after a deadlock", fn.__name__)
+            except _UNAVAILABLE as exc:
+                raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+@dataclass(frozen=True, slots=True)
+class Owned:
+    """Who owns a message and where it stands; used to explain a refused move."""
+
+    id: str
+    producer: str
+    status: MessageStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    messages: list[Message]
+    next_cursor: tuple[datetime, str] | None
+
+
+class PgStore:
+    """Messages and deliveries in PostgreSQL, through an asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, pool_size: int = 20) -> PgStore:
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min(2, pool_size),
+                max_size=pool_size,
+                server_settings={
+                    "application_name": "reliable-msg",
+                    "statement_timeout": "30s",
+                    "idle_in_transaction_session_timeout": "60s",
+                },
+            )
+        except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[Conn]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield conn
+
+    @_translated
+    async def ping(self) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+
+    # -- prepare ---------------------------------------------------------------------
+
+    @_translated
+    async def insert(
+        self, producer: str, items: Sequence[tuple[NewMessage, Sequence[str]]], check_in: float
+    ) -> tuple[list[Message], list[Message]]:
+        """Insert new ``pending`` messages; return (inserted, already existing by id)."""
+        rows = await self._pool.fetch(
+            f"""
+            INSERT INTO rmsg_message
+                (id, topic, producer, payload, headers, key, status, groups, next_check_at)
+            SELECT u.id, u.topic, $1, u.payload::jsonb, u.headers::jsonb, u.key, $2,
+                   string_to_array(u.groups, ','), now() + make_interval(secs => $3)
+            FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[])
+                 AS u(id, topic, payload, headers, key, groups)
+            ON CONFLICT (id) DO NOTHING
+            RETURNING {_MESSAGE_COLUMNS}
+            """,
+            producer,
+            M.PENDING.value,
+            check_in,
+            [m.id for m, _ in items],
+            [m.topic for m, _ in items],
+            [m.payload for m, _ in items],
+            [json.dumps(m.headers) for m, _ in items],
+            [m.key for m, _ in items],
+            [",".join(groups) for _, groups in items],
+        )
+        inserted = [_message(r) for r in rows]
+        fresh = {m.id for m in inserted}
+        others = [m.id for m, _ in items if m.id not in fresh]
+        existing = await self.get_many(others) if others else []
+        return inserted, existing
+
+    # -- confirm / cancel ------------------------------------------------------------
+
+    @_translated
+    async def confirm(
+        self, ids: Sequence[str], producer: str | None, ack_timeout: float, publish: PublishMany
+    ) -> list[Message]:
+        """Move ``pending`` → ``sent`` and publish, in one transaction.
+
+        The rows are updated, ``publish`` is awaited with the rows locked, and the
+        transaction commits only what the broker took: a refused message stays
+        ``pending``. Returns the messages now ``sent``.
+        """
+        async with self._tx() as conn:
+            savepoint = conn.transaction()
+            await savepoint.start()
+            sent = await self._mark_sent(conn, ids, producer, ack_timeout)
+            if not sent:
+                await savepoint.commit()
+                return []
+            refused = await publish([Outgoing.first(m) for m in sent])
+            if not refused:
+                await savepoint.commit()
+                return sent
+            await savepoint.rollback()
+            taken = [m.id for m in sent if m.id not in refused]
+            return await self._mark_sent(conn, taken, producer, ack_timeout) if taken else []
+
+    async def _mark_sent(
+        self, conn: Conn, ids: Sequence[str], producer: str | None, ack: float
+    ) -> list[Message]:
+        src, dst = message_move(M.PENDING, M.SENT)
+        rows = await conn.fetch(
+            f"""
+            WITH m AS (
+                UPDATE rmsg_message
+                SET status = $2, remaining = cardinality(groups), sent_at = now(),
+                    updated_at = now(), next_check_at = NULL, last_error = NULL
+                WHERE id = ANY($3::text[]) AND status = $1
+                  AND ($4::text IS NULL OR producer = $4)
+                RETURNING {_MESSAGE_COLUMNS}
+            ), d AS (
+                INSERT INTO rmsg_delivery (message_id, group_name, status, next_attempt_at)
+                SELECT m.id, g, $5, now() + make_interval(secs => $6)
+                FROM m, unnest(m.groups) AS g
+            )
+            SELECT * FROM m
+            """,
+            src,
+            dst,
+            list(ids),
+            producer,
+            D.SENT.value,
+            ack,
+        )
+        return [_message(r) for r in rows]
+
+    @_translated
+    async def cancel(self, ids: Sequence[str], producer: str | None) -> list[str]:
+        """Move ``pending`` → ``cancelled``; return the ids moved."""
+        src, dst = message_move(M.PENDING, M.CANCELLED)
+        rows = await self._pool.fetch(
+            """
+            UPDATE rmsg_message
+            SET status = $2, finished_at = now(), updated_at = now(), next_check_at = NULL
+            WHERE id = ANY($3::text[]) AND status = $1 AND ($4::text IS NULL OR producer = $4)
+            RETURNING id
+            """,
+            src,
+            dst,
+            list(ids),
+            producer,
+        )
+        return [r["id"] for r in rows]
+
+    @_translated
+    async def owners(self, ids: Sequence[str]) -> dict[str, Owned]:
+        rows = await self._pool.fetch(
+            "SELECT id, producer, status FROM rmsg_message WHERE id = ANY($1::text[])", list(ids)
+        )
+        return {r["id"]: Owned(r["id"], r["producer"], MessageStatus(r["status"])) for r in rows}
+
+    # -- ack -------------------------------------------------------------------------
+
+    @_translated
+    async def ack(self, group: str, ids: Sequence[str]) -> list[str]:
+        """Move the group's deliveries ``sent`` → ``done``; return the ids moved.
+
+        A message becomes ``done`` when its last delivery is acked. Message rows are
+        locked in id order first, so concurrent acks of several groups cannot deadlock.
+        """
+        src, dst = delivery_move(D.SENT, D.DONE)
+        msg_src, msg_dst = message_move(M.SENT, M.DONE)
+        rows = await self._pool.fetch(
+            """
+            WITH locked AS (
+                SELECT id FROM rmsg_message WHERE id = ANY($3::text[]) ORDER BY id FOR UPDATE
+            ), d AS (
+                UPDATE rmsg_delivery SET status = $2, done_at = now(), updated_at = now()
+                WHERE group_name = $4 AND status = $1
+                  AND message_id IN (SELECT id FROM locked)
+                RETURNING message_id
+            ), m AS (
+                UPDATE rmsg_message AS m
+                SET remaining = m.remaining - 1, updated_at = now(),
+                    status = CASE WHEN m.remaining = 1 AND m.status = $5 THEN $6
+                                  ELSE m.status END,
+                    finished_at = CASE WHEN m.remaining = 1 AND m.status = $5 THEN now()
+                                       ELSE m.finished_at END
+                FROM d WHERE m.id = d.message_id
+                RETURNING m.id
+            )
+            SELECT message_id FROM d
+            """,
+            src,
+            dst,
+            list(ids),
+            group,
+            msg_src,
+            msg_dst,
+        )
+        return [r["message_id"] for r in rows]
+
+    @_translated
+    async def delivery_states(
+        self, group: str, ids: Sequence[str]
+    ) -> dict[str, tuple[MessageStatus, DeliveryStatus | None]]:
+        """For each known id: the message status and this group's delivery status."""
+        rows = await self._pool.fetch(
+            """
+            SELECT m.id, m.status, d.status AS delivery
+            FROM rmsg_message m
+            LEFT JOIN rmsg_delivery d ON d.message_id = m.id AND d.group_name = $2
+            WHERE m.id = ANY($1::text[])
+            """,
+            list(ids),
+            group,
+        )
+        return {
+            r["id"]: (
+                MessageStatus(r["status"]),
+                DeliveryStatus(r["delivery"]) if r["delivery"] else None,
+            )
+            for r in rows
+        }
+
+    # -- reads -----------------------------------------------------------------------
+
+    @_translated
+    async def get_many(self, ids: Sequence[str]) -> list[Message]:
+        rows = await self._pool.fetch(
+            f"SELECT {_MESSAGE_COLUMNS} FROM rmsg_message WHERE id = ANY($1::text[])", list(ids)
+        )
+        return [_message(r) for r in rows]
+
+    @_translated
+    async def get(self, id: str) -> Message | None:
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_MESSAGE_COLUMNS} FROM rmsg_message WHERE id = $1", id
+            )
+            if row is None:
+                return None
+            deliveries = await conn.fetch(
+                """
+                SELECT group_name, status, attempts, next_attempt_at, last_error,
+                       updated_at, done_at
+                FROM rmsg_delivery WHERE message_id = $1 ORDER BY group_name
+                """,
+                id,
+            )
+        return _message(row, tuple(_delivery(d) for d in deliveries))
+
+    @_translated
+    async def page(
+        self,
+        *,
+        status: MessageStatus | None,
+        topic: str | None,
+        group: str | None,
+        limit: int,
+        after: tuple[datetime, str] | None,
+    ) -> Page:
+        """Messages oldest first, keyset-paginated on (created_at, id)."""
+        after_at, after_id = after if after else (None, None)
+        rows = await self._pool.fetch(
+            f"""
+            SELECT {_MESSAGE_COLUMNS} FROM rmsg_message m
+            WHERE ($1::text IS NULL OR status = $1)
+              AND ($2::text IS NULL OR topic = $2)
+              AND ($3::text IS NULL OR EXISTS (
+                    SELECT 1 FROM rmsg_delivery d
+                    WHERE d.message_id = m.id AND d.group_name = $3))
+              AND ($4::timestamptz IS NULL OR (created_at, id) > ($4, $5::text))
+            ORDER BY created_at, id
+            LIMIT $6
+            """,
+            status.value if status else None,
+            topic,
+            group,
+            after_at,
+            after_id,
+            limit + 1,
+        )
+        messages = [_message(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        cursor = (messages[-1].created_at, messages[-1].id) if more and messages else None
+        return Page(messages, cursor)
+
+    @_translated
+    async def stats(self) -> dict[str, Any]:
+        async with self._pool.acquire() as conn:
+            by_status = await conn.fetch(
+                "SELECT status, count(*) AS n FROM rmsg_message GROUP BY status"
+            )
+            by_topic = await conn.fetch(
+                "SELECT topic, status, count(*) AS n FROM rmsg_message GROUP BY topic, status"
+            )
+            by_group = await conn.fetch(
+                "SELECT group_name, status, count(*) AS n FROM rmsg_delivery"
+                " GROUP BY group_name, status"
+            )
+        topics: dict[str, dict[str, int]] = {}
+        for r in by_topic:
+            topics.setdefault(r["topic"], {})[r["status"]] = r["n"]
+        groups: dict[str, dict[str, int]] = {}
+        for r in by_group:
+            groups.setdefault(r["group_name"], {})[r["status"]] = r["n"]
+        return {
+            "messages": {r["status"]: r["n"] for r in by_status},
+            "topics": topics,
+            "groups": groups,
+        }
+
+    # -- check-back ------------------------------------------------------------------
+
+    @_translated
+    async def claim_checks(self, limit: int, lease: float) -> list[DueCheck]:
+        """Claim due ``pending`` messages by hiding them for ``lease`` seconds."""
+        rows = await self._pool.fetch(
+            """
+            UPDATE rmsg_message SET next_check_at = now() + make_interval(secs => $3)
+            WHERE id IN (
+                SELECT id FROM rmsg_message
+                WHERE status = $1 AND next_check_at <= now()
+                ORDER BY next_check_at
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            ) AND status = $1
+            RETURNING id, topic, producer, created_at, check_attempts
+            """,
+            M.PENDING.value,
+            limit,
+            lease,
+        )
+        return [DueCheck(**dict(r)) for r in rows]
+
+    @_translated
+    async def check_failed(self, check: DueCheck, error: str, retry_in: float | None) -> bool:
+        """Count a check-back that gave no answer; ``retry_in=None`` makes it dead."""
+        if retry_in is None:
+            src, dst = message_move(M.PENDING, M.DEAD)
+        else:
+            src = dst = M.PENDING.value
+        result = await self._pool.execute(
+            """
+            UPDATE rmsg_message
+            SET check_attempts = check_attempts + 1, last_error = $4, updated_at = now(),
+                status = $2,
+                next_check_at = CASE WHEN $5::float8 IS NULL THEN NULL
+                                     ELSE now() + make_interval(secs => $5) END
+            WHERE id = $3 AND status = $1 AND check_attempts = $6
+            """,
+            src,
+            dst,
+            check.id,
+            error[:1000],
+            retry_in,
+            check.check_attempts,
+        )
+        return bool(result.endswith(" 1"))
+
+    # -- redelivery ------------------------------------------------------------------
+
+    @_translated
+    async def redeliver(
+        self,
+        limit: int,
+        decide: Callable[[list[Outgoing]], Awaitable[list[DeliveryUpdate]]],
+    ) -> int:
+        """Claim due deliveries, let ``decide`` publish them, record what it decided.
+
+        Rows stay locked (``FOR UPDATE SKIP LOCKED``) until the decisions are recorded,
+        so no other instance handles the same delivery in the same pass. Returns the
+        number of deliveries claimed.
+        """
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                """
+                SELECT d.message_id, d.group_name, d.attempts, m.topic, m.producer,
+                       m.payload::text AS payload, m.headers::text AS headers, m.key,
+                       m.created_at
+                FROM rmsg_delivery d JOIN rmsg_message m ON m.id = d.message_id
+                WHERE d.status = $1 AND d.next_attempt_at <= now()
+                ORDER BY d.next_attempt_at
+                LIMIT $2
+                FOR UPDATE OF d SKIP LOCKED
+                """,
+                D.SENT.value,
+                limit,
+            )
+            if not rows:
+                return 0
+            due = [_due_delivery(r) for r in rows]
+            updates = await decide(due)
+            await self._record_deliveries(conn, updates)
+            return len(rows)
+
+    async def _record_deliveries(self, conn: Conn, updates: list[DeliveryUpdate]) -> None:
+        await conn.execute(
+            """
+            UPDATE rmsg_delivery AS d
+            SET status = u.status, attempts = u.attempts, last_error = u.last_error,
+                next_attempt_at = now() + make_interval(secs => u.next_in), updated_at = now()
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::float8[], $6::text[])
+                 AS u(message_id, group_name, status, attempts, next_in, last_error)
+            WHERE d.message_id = u.message_id AND d.group_name = u.group_name
+              AND d.status = $7
+            """,
+            [u.message_id for u in updates],
+            [u.group for u in updates],
+            [u.status.value for u in updates],
+            [u.attempts for u in updates],
+            [u.next_in for u in updates],
+            [u.last_error for u in updates],
+            D.SENT.value,
+        )
+        dead = {u.message_id: u.last_error for u in updates if u.status is D.DEAD}
+        if dead:
+            src, dst = message_move(M.SENT, M.DEAD)
+            await conn.execute(
+                """
+                UPDATE rmsg_message AS m SET status = $2, last_error = u.err, updated_at = now()
+                FROM unnest($3::text[], $4::text[]) AS u(id, err)
+                WHERE m.id = u.id AND m.status = $1
+                """,
+                src,
+                dst,
+                list(dead),
+                list(dead.values()),
+            )
+
+    # -- requeue ---------------------------------------------------------------------
+
+    @_translated
+    async def requeue(
+        self,
+        *,
+        ids: Sequence[str] | None,
+        topic: str | None,
+        group: str | None,
+        limit: int,
+        ack_timeout: float,
+        publish: PublishMany,
+    ) -> tuple[list[str], list[str]]:
+        """Bring ``dead`` messages back; return (ids whose deliveries were resent,
+        ids sent back to check-back).
+
+        A message that died in delivery goes ``dead`` → ``sent``: its dead deliveries
+        get a fresh budget and are republished to their groups only. A message that
+        died in check-back (it never reached the broker) goes back to ``pending`` with
+        a fresh check-back budget: only the producer knows whether it committed.
+        """
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                f"""
+                SELECT {_MESSAGE_COLUMNS} FROM rmsg_message m
+                WHERE status = $1
+                  AND ($2::text[] IS NULL OR id = ANY($2::text[]))
+                  AND ($3::text IS NULL OR topic = $3)
+                  AND ($4::text IS NULL OR EXISTS (
+                        SELECT 1 FROM rmsg_delivery d
+                        WHERE d.message_id = m.id AND d.group_name = $4 AND d.status = $5))
+                ORDER BY id
+                LIMIT $6
+                FOR UPDATE SKIP LOCKED
+                """,
+                M.DEAD.value,
+                list(ids) if ids is not None else None,
+                topic,
+                group,
+                D.DEAD.value,
+                limit,
+            )
+            messages = [_message(r) for r in rows]
+            delivered = [m for m in messages if m.sent_at is not None]
+            unchecked = [m.id for m in messages if m.sent_at is None]
+            if unchecked:
+                await conn.execute(
+                    """
+                    UPDATE rmsg_message SET status = $2, check_attempts = 0,
+                        next_check_at = now(), last_error = NULL, updated_at = now()
+                    WHERE id = ANY($3::text[]) AND status = $1
+                    """,
+                    M.DEAD.value,
+                    M.PENDING.value,
+                    unchecked,
+                )
+            resent = await self._requeue_deliveries(conn, delivered, group, ack_timeout, publish)
+            return resent, unchecked
+
+    async def _requeue_deliveries(
+        self,
+        conn: Conn,
+        messages: list[Message],
+        group: str | None,
+        ack_timeout: float,
+        publish: PublishMany,
+    ) -> list[str]:
+        if not messages:
+            return []
+        d_src, d_dst = delivery_move(D.DEAD, D.SENT)
+        rows = await conn.fetch(
+            """
+            UPDATE rmsg_delivery SET status = $2, attempts = 1, last_error = NULL,
+                next_attempt_at = now() + make_interval(secs => $5), updated_at = now()
+            WHERE message_id = ANY($3::text[]) AND status = $1
+              AND ($4::text IS NULL OR group_name = $4)
+            RETURNING message_id, group_name
+            """,
+            d_src,
+            d_dst,
+            [m.id for m in messages],
+            group,
+            ack_timeout,
+        )
+        by_id = {m.id: m for m in messages}
+        outgoing = [
+            _replace_group(Outgoing.first(by_id[r["message_id"]]), r["group_name"]) for r in rows
+        ]
+        refused = await publish(outgoing)
+        if refused:
+            raise StoreError(f"broker refused {len(refused)} requeued deliveries; nothing moved")
+        m_src, m_dst = message_move(M.DEAD, M.SENT)
+        moved = await conn.fetch(
+            """
+            UPDATE rmsg_message m SET status = $2, last_error = NULL, updated_at = now()
+            WHERE id = ANY($3::text[]) AND status = $1
+              AND NOT EXISTS (SELECT 1 FROM rmsg_delivery d
+                              WHERE d.message_id = m.id AND d.status = $4)
+            RETURNING id
+            """,
+            m_src,
+            m_dst,
+            [m.id for m in messages],
+            D.DEAD.value,
+        )
+        return [r["id"] for r in moved]
+
+    # -- retention -------------------------------------------------------------------
+
+    @_translated
+    async def purge(self, older_than: float, batch: int) -> int:
+        """Delete finished messages older than ``older_than`` seconds, in batches."""
+        total = 0
+        while True:
+            result = await self._pool.execute(
+                """
+                DELETE FROM rmsg_message WHERE id IN (
+                    SELECT id FROM rmsg_message
+                    WHERE status IN ($1, $2)
+                      AND finished_at < now() - make_interval(secs => $3)
+                    LIMIT $4)
+                """,
+                M.DONE.value,
+                M.CANCELLED.value,
+                older_than,
+                batch,
+            )
+            deleted = int(result.split()[-1])
+            total += deleted
+            if deleted < batch:
+                return total
+
+
+def _message(row: asyncpg.Record, deliveries: tuple[Delivery, ...] = ()) -> Message:
+    return Message(
+        id=row["id"],
+        topic=row["topic"],
+        producer=row["producer"],
+        payload=row["payload"],
+        headers=json.loads(row["headers"]),
+        key=row["key"],
+        status=MessageStatus(row["status"]),
+        groups=tuple(row["groups"]),
+        check_attempts=row["check_attempts"],
+        next_check_at=row["next_check_at"],
+        last_error=row["last_error"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        sent_at=row["sent_at"],
+        finished_at=row["finished_at"],
+        deliveries=deliveries,
+    )
+
+
+def _delivery(row: asyncpg.Record) -> Delivery:
+    return Delivery(
+        group=row["group_name"],
+        status=DeliveryStatus(row["status"]),
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"] if row["status"] == D.SENT.value else None,
+        last_error=row["last_error"],
+        updated_at=row["updated_at"],
+        done_at=row["done_at"],
+    )
+
+
+def _due_delivery(row: asyncpg.Record) -> Outgoing:
+    return Outgoing(
+        id=row["message_id"],
+        topic=row["topic"],
+        producer=row["producer"],
+        payload=row["payload"],
+        headers=json.loads(row["headers"]),
+        key=row["key"],
+        created_at=row["created_at"],
+        attempt=row["attempts"] + 1,
+        group=row["group_name"],
+    )
+
+
+def _replace_group(out: Outgoing, group: str) -> Outgoing:
+    return replace(out, group=group)

@@ -1,0 +1,140 @@
+"""Fixtures over the real PostgreSQL, RabbitMQ and Redis of this machine.
+
+Each test gets its own exchange and queue names (removed afterwards) and empty tables
+in a database of the test session's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+
+from reliable_msg.api import create_app
+from reliable_msg.migrate import migrate
+from reliable_msg.runtime import Runtime
+from reliable_msg.settings import Settings, load_settings
+from tests.helpers import rabbit
+
+ADMIN = "admin-token"
+PRODUCER = "order-token"
+OTHER_PRODUCER = "other-token"
+GROUP_TOKENS = {"inventory": "inventory-token", "credit": "credit-token", "wms": "wms-token"}
+
+DATABASE_URL = os.environ.get(
+    "RMSG_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/rmsg_test"
+)
+AMQP_URL = os.environ.get("RMSG_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    async def fresh() -> None:
+        name = DATABASE_URL.rsplit("/", 1)[1]
+        admin = await asyncpg.connect(DATABASE_URL.rsplit("/", 1)[0] + "/postgres")
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+        await migrate(DATABASE_URL)
+
+    asyncio.run(fresh())
+    return DATABASE_URL
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the test database, with the tables emptied first."""
+    conn = await asyncpg.connect(database_url)
+    await conn.execute("TRUNCATE rmsg_message CASCADE")
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture(autouse=True)
+def _rabbit_back() -> Iterator[None]:
+    """Whatever a test did to RabbitMQ, it is running again after it."""
+    yield
+    rabbit.ensure_running()
+
+
+@pytest.fixture
+def names() -> dict[str, str]:
+    """Exchange and queue names of this test alone."""
+    tag = f"rmsgtest.{uuid.uuid4().hex[:8]}"
+    return {"exchange": tag, "dead_letter_exchange": f"{tag}.dlx", "queue_prefix": f"{tag}."}
+
+
+@pytest.fixture
+def make_settings(database_url: str, names: dict[str, str]) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        data: dict[str, Any] = {
+            "database_url": database_url,
+            "amqp_url": AMQP_URL,
+            "admin_token": ADMIN,
+            "publish_timeout": 2.0,
+            "max_payload_bytes": 1024,
+            "max_request_bytes": 64 * 1024,
+            "max_batch": 100,
+            **names,
+            "producers": {
+                "order": {"check_url": "http://127.0.0.1:9/check", "token": PRODUCER},
+                "other": {"check_url": "http://127.0.0.1:9/check", "token": OTHER_PRODUCER},
+            },
+            "groups": {
+                "inventory": {"topics": ["order.paid"], "token": GROUP_TOKENS["inventory"]},
+                "credit": {"topics": ["order.*"], "token": GROUP_TOKENS["credit"]},
+                "wms": {"topics": ["order.paid"], "token": GROUP_TOKENS["wms"]},
+            },
+            "checkback": {"after": 0.2, "backoff_base": 0.1, "backoff_cap": 0.5, "timeout": 1.0},
+            "redelivery": {"ack_timeout": 0.3, "backoff_cap": 2.0, "max_attempts": 4},
+            "scanner": {"interval": 0.1},
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        return load_settings(None, **data)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+async def runtime(settings: Settings, db: asyncpg.Connection) -> AsyncIterator[Runtime]:
+    """A started service instance without its scheduler: tests run passes themselves."""
+    rt = await Runtime.create(settings, scanners=False)
+    await rt.start()
+    yield rt
+    await rt.stop()
+    await rabbit.delete_topology(AMQP_URL, settings)
+
+
+@pytest.fixture
+async def client(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(runtime))
+    async with httpx.AsyncClient(transport=transport, base_url="http://rmsg") as c:
+        yield c
+
+
+@pytest.fixture
+async def amqp() -> AsyncIterator[aio_pika.abc.AbstractConnection]:
+    connection = await aio_pika.connect(AMQP_URL)
+    yield connection
+    await connection.close()
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

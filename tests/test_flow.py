@@ -1,0 +1,177 @@
+"""The core flow against the real services: prepare, confirm, publish, ack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aio_pika
+import asyncpg
+import httpx
+
+from reliable_msg.runtime import Runtime
+from reliable_msg.settings import Settings
+from tests.conftest import GROUP_TOKENS, PRODUCER, auth
+from tests.helpers import rabbit
+from tests.helpers.waiting import wait_until
+
+PAID = {"order_id": 42, "amount": "19.90", "member": 7}
+
+
+async def prepare(client: httpx.AsyncClient, id: str, **extra: object) -> httpx.Response:
+    body = {"id": id, "topic": "order.paid", "payload": PAID, **extra}
+    return await client.post("/v1/messages", json=body, headers=auth(PRODUCER))
+
+
+async def confirm(client: httpx.AsyncClient, id: str) -> httpx.Response:
+    return await client.post(f"/v1/messages/{id}/confirm", headers=auth(PRODUCER))
+
+
+async def status_of(db: asyncpg.Connection, id: str) -> str:
+    status: str = await db.fetchval("SELECT status FROM rmsg_message WHERE id = $1", id)
+    return status
+
+
+async def test_confirmed_message_reaches_every_group_queue_with_wire_properties(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    amqp: aio_pika.abc.AbstractConnection,
+    db: asyncpg.Connection,
+) -> None:
+    r = await prepare(client, "m-1", headers={"trace": "abc"}, key="member-7")
+    assert r.status_code == 201, r.text
+    assert r.json()["status"] == "pending"
+    assert await status_of(db, "m-1") == "pending"
+
+    r = await confirm(client, "m-1")
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "sent"
+    assert await status_of(db, "m-1") == "sent"
+
+    for group in ("inventory", "credit", "wms"):
+        [message] = await rabbit.drain(amqp, settings.queue_name(group), wait=0.3)
+        assert json.loads(message.body) == PAID
+        assert message.message_id == "m-1"
+        assert message.type == "order.paid"
+        assert message.content_type == "application/json"
+        assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert message.timestamp is not None
+        assert message.headers["x-rmsg-attempt"] == 1
+        assert message.headers["x-rmsg-producer"] == "order"
+        assert message.headers["x-rmsg-key"] == "member-7"
+        assert message.headers["trace"] == "abc"
+
+    rows = await db.fetch(
+        "SELECT group_name, status, attempts FROM rmsg_delivery WHERE message_id = 'm-1'"
+        " ORDER BY group_name"
+    )
+    assert [(r["group_name"], r["status"], r["attempts"]) for r in rows] == [
+        ("credit", "sent", 1),
+        ("inventory", "sent", 1),
+        ("wms", "sent", 1),
+    ]
+
+
+async def test_message_is_done_when_every_group_acked(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    await prepare(client, "m-2")
+    await confirm(client, "m-2")
+    for i, group in enumerate(("inventory", "credit", "wms")):
+        assert await status_of(db, "m-2") == "sent", f"done before {group} acked"
+        r = await client.post("/v1/messages/m-2/ack", headers=auth(GROUP_TOKENS[group]))
+        assert r.status_code == 200, r.text
+        assert r.json() == {"id": "m-2", "group": group, "status": "done"}
+        if i == 0:  # acking twice changes nothing
+            again = await client.post("/v1/messages/m-2/ack", headers=auth(GROUP_TOKENS[group]))
+            assert again.status_code == 200
+    assert await status_of(db, "m-2") == "done"
+    assert await db.fetchval("SELECT remaining FROM rmsg_message WHERE id = 'm-2'") == 0
+
+
+async def test_concurrent_acks_of_all_groups_finish_the_message(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    ids = [f"c-{i}" for i in range(30)]
+    for id in ids:
+        await prepare(client, id)
+    r = await client.post("/v1/batch/confirm", json={"ids": ids}, headers=auth(PRODUCER))
+    assert all(item["ok"] for item in r.json()["results"])
+
+    async def ack_all(group: str) -> None:
+        r = await client.post("/v1/batch/ack", json={"ids": ids}, headers=auth(GROUP_TOKENS[group]))
+        assert all(item["ok"] for item in r.json()["results"]), r.text
+
+    await asyncio.gather(*(ack_all(g) for g in ("inventory", "credit", "wms")))
+    statuses = await db.fetch("SELECT DISTINCT status FROM rmsg_message")
+    assert [r["status"] for r in statuses] == ["done"]
+
+
+async def test_reprepare_same_body_is_200_and_other_body_is_409(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    assert (await prepare(client, "m-3")).status_code == 201
+    again = await prepare(client, "m-3")
+    assert again.status_code == 200
+    assert again.json()["id"] == "m-3"
+    other = await client.post(
+        "/v1/messages",
+        json={"id": "m-3", "topic": "order.paid", "payload": {"order_id": 43}},
+        headers=auth(PRODUCER),
+    )
+    assert other.status_code == 409
+    assert other.json()["error"]["code"] == "id_conflict"
+    assert await db.fetchval("SELECT payload->>'order_id' FROM rmsg_message") == "42"
+
+
+async def test_cancel_then_confirm_is_409_and_nothing_published(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    amqp: aio_pika.abc.AbstractConnection,
+    db: asyncpg.Connection,
+) -> None:
+    await prepare(client, "m-4")
+    r = await client.post("/v1/messages/m-4/cancel", headers=auth(PRODUCER))
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    again = await client.post("/v1/messages/m-4/cancel", headers=auth(PRODUCER))
+    assert again.status_code == 200
+    r = await confirm(client, "m-4")
+    assert r.status_code == 409
+    assert r.json()["error"]["code"] == "cancelled"
+    assert await status_of(db, "m-4") == "cancelled"
+    assert await rabbit.drain(amqp, settings.queue_name("inventory"), wait=0.3) == []
+
+
+async def test_cancel_after_confirm_is_409(client: httpx.AsyncClient) -> None:
+    await prepare(client, "m-5")
+    await confirm(client, "m-5")
+    r = await client.post("/v1/messages/m-5/cancel", headers=auth(PRODUCER))
+    assert r.status_code == 409
+    assert r.json()["error"]["code"] == "already_sent"
+    assert (await confirm(client, "m-5")).status_code == 200  # confirm is idempotent
+
+
+async def test_confirm_while_rabbitmq_is_stopped_keeps_message_pending(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    settings: Settings,
+    amqp: aio_pika.abc.AbstractConnection,
+    db: asyncpg.Connection,
+) -> None:
+    await prepare(client, "m-6")
+    with rabbit.stopped():
+        r = await confirm(client, "m-6")
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "broker_unavailable"
+        assert await status_of(db, "m-6") == "pending"
+        assert await db.fetchval("SELECT count(*) FROM rmsg_delivery") == 0
+    await wait_until(lambda: runtime.broker.connected, within=30)
+    r = await confirm(client, "m-6")
+    assert r.status_code == 200, r.text
+    assert await status_of(db, "m-6") == "sent"
+    connection = await aio_pika.connect(settings.amqp_url)
+    try:
+        [message] = await rabbit.drain(connection, settings.queue_name("inventory"), wait=0.3)
+    finally:
+        await connection.close()
+    assert message.message_id == "m-6"
