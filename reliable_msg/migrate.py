@@ -40,18 +40,19 @@ def available() -> list[Migration]:
 async def ensure_database(dsn: str) -> None:
     """Create the database named in ``dsn`` if the server does not have it yet."""
     try:
-        conn = await asyncpg.connect(dsn)
+        conn = await _connect(dsn)
     except asyncpg.InvalidCatalogNameError:
         pass
     else:
         await conn.close()
         return
     name = unquote(urlsplit(dsn).path.lstrip("/"))
-    admin = await asyncpg.connect(dsn, database="postgres")
+    admin = await _connect(dsn, database="postgres")
     try:
         await admin.execute("CREATE DATABASE " + _quote_ident(name))
         log.info("created database %s", name)
-    except asyncpg.DuplicateDatabaseError:
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        # Another instance created it a moment ago.
         pass
     finally:
         await admin.close()
@@ -61,10 +62,7 @@ async def migrate(dsn: str, *, create_database: bool = True) -> list[int]:
     """Apply every migration not applied yet; return the versions applied now."""
     if create_database:
         await ensure_database(dsn)
-    try:
-        conn = await asyncpg.connect(dsn)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+    conn = await _connect(dsn)
     try:
         await conn.execute("SELECT pg_advisory_lock(hashtext($1))", MIGRATION_LOCK_NAME)
         try:
@@ -73,6 +71,17 @@ async def migrate(dsn: str, *, create_database: bool = True) -> list[int]:
             await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", MIGRATION_LOCK_NAME)
     finally:
         await conn.close()
+
+
+async def _connect(dsn: str, database: str | None = None) -> asyncpg.Connection:
+    """Connect, turning an unreachable server into :class:`StoreError`; a missing
+    database still raises ``InvalidCatalogNameError``."""
+    try:
+        return await asyncpg.connect(dsn, timeout=10, database=database)
+    except asyncpg.InvalidCatalogNameError:
+        raise
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
 
 
 async def _apply_missing(conn: asyncpg.Connection) -> list[int]:

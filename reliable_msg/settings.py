@@ -145,7 +145,17 @@ class Settings(BaseSettings):
                     raise ValueError(
                         f"{kind} name {name!r} must be lower case letters, digits, - or _"
                     )
+        tokens = [t.get_secret_value() for t in self._tokens() if t is not None]
+        if len(tokens) != len(set(tokens)):
+            raise ValueError("two principals (admin, producers, groups) have the same token")
         return self
+
+    def _tokens(self) -> list[SecretStr | None]:
+        return [
+            self.admin_token,
+            *(p.token for p in self.producers.values()),
+            *(g.token for g in self.groups.values()),
+        ]
 
     def queue_name(self, group: str) -> str:
         """The durable queue of ``group``."""

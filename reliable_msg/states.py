@@ -42,7 +42,8 @@ MESSAGE_TRANSITIONS: dict[tuple[MessageStatus, MessageStatus], str] = {
     (M.PENDING, M.DEAD): "check-back exhausted",
     (M.SENT, M.DONE): "the last delivery acked",
     (M.SENT, M.DEAD): "a delivery exhausted its redeliveries",
-    (M.DEAD, M.SENT): "requeue",
+    (M.DEAD, M.SENT): "requeue of a message whose delivery died",
+    (M.DEAD, M.PENDING): "requeue of a message whose check-back died: ask the producer again",
 }
 
 #: Every move a delivery may make, and what makes it.

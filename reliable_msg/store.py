@@ -33,6 +33,32 @@ _MESSAGE_COLUMNS = """
     finished_at
 """
 
+#: Claims due pending messages for check-back by pushing their next check past a lease.
+#: The partial index on pending rows makes its cost that of the due rows alone.
+CLAIM_CHECKS = """
+    UPDATE rmsg_message SET next_check_at = now() + make_interval(secs => $3)
+    WHERE id IN (
+        SELECT id FROM rmsg_message
+        WHERE status = $1 AND next_check_at <= now()
+        ORDER BY next_check_at
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ) AND status = $1
+    RETURNING id, topic, producer, created_at, check_attempts
+"""
+
+#: Locks due unacked deliveries (and reads their messages) for one redelivery batch.
+#: The partial index on unacked rows makes its cost that of the due rows alone.
+CLAIM_DELIVERIES = """
+    SELECT d.message_id, d.group_name, d.attempts, m.topic, m.producer,
+           m.payload::text AS payload, m.headers::text AS headers, m.key, m.created_at
+    FROM rmsg_delivery d JOIN rmsg_message m ON m.id = d.message_id
+    WHERE d.status = $1 AND d.next_attempt_at <= now()
+    ORDER BY d.next_attempt_at
+    LIMIT $2
+    FOR UPDATE OF d SKIP LOCKED
+"""
+
 #: PostgreSQL errors worth one more try of the same short transaction.
 _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 #: What says PostgreSQL is out of reach rather than that we sent bad SQL.
@@ -397,17 +423,7 @@ class PgStore:
     async def claim_checks(self, limit: int, lease: float) -> list[DueCheck]:
         """Claim due ``pending`` messages by hiding them for ``lease`` seconds."""
         rows = await self._pool.fetch(
-            """
-            UPDATE rmsg_message SET next_check_at = now() + make_interval(secs => $3)
-            WHERE id IN (
-                SELECT id FROM rmsg_message
-                WHERE status = $1 AND next_check_at <= now()
-                ORDER BY next_check_at
-                LIMIT $2
-                FOR UPDATE SKIP LOCKED
-            ) AND status = $1
-            RETURNING id, topic, producer, created_at, check_attempts
-            """,
+            CLAIM_CHECKS,
             M.PENDING.value,
             limit,
             lease,
@@ -455,16 +471,7 @@ class PgStore:
         """
         async with self._tx() as conn:
             rows = await conn.fetch(
-                """
-                SELECT d.message_id, d.group_name, d.attempts, m.topic, m.producer,
-                       m.payload::text AS payload, m.headers::text AS headers, m.key,
-                       m.created_at
-                FROM rmsg_delivery d JOIN rmsg_message m ON m.id = d.message_id
-                WHERE d.status = $1 AND d.next_attempt_at <= now()
-                ORDER BY d.next_attempt_at
-                LIMIT $2
-                FOR UPDATE OF d SKIP LOCKED
-                """,
+                CLAIM_DELIVERIES,
                 D.SENT.value,
                 limit,
             )
@@ -561,8 +568,7 @@ class PgStore:
                         next_check_at = now(), last_error = NULL, updated_at = now()
                     WHERE id = ANY($3::text[]) AND status = $1
                     """,
-                    M.DEAD.value,
-                    M.PENDING.value,
+                    *message_move(M.DEAD, M.PENDING),
                     unchecked,
                 )
             resent = await self._requeue_deliveries(conn, delivered, group, ack_timeout, publish)

@@ -28,25 +28,31 @@ PRODUCER = "order-token"
 OTHER_PRODUCER = "other-token"
 GROUP_TOKENS = {"inventory": "inventory-token", "credit": "credit-token", "wms": "wms-token"}
 
-DATABASE_URL = os.environ.get(
-    "RMSG_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/rmsg_test"
-)
+#: The PostgreSQL server the tests use; each test run makes a database of its own there.
+SERVER_URL = os.environ.get("RMSG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
+DATABASE_URL = f"{SERVER_URL}/rmsg_test_{os.getpid()}"
 AMQP_URL = os.environ.get("RMSG_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
+async def _drop_database(url: str) -> None:
+    admin = await asyncpg.connect(f"{SERVER_URL}/postgres")
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
 @pytest.fixture(scope="session")
-def database_url() -> str:
+def database_url() -> Iterator[str]:
+    """A freshly migrated database for this test run, dropped at its end."""
+
     async def fresh() -> None:
-        name = DATABASE_URL.rsplit("/", 1)[1]
-        admin = await asyncpg.connect(DATABASE_URL.rsplit("/", 1)[0] + "/postgres")
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await _drop_database(DATABASE_URL)
         await migrate(DATABASE_URL)
 
     asyncio.run(fresh())
-    return DATABASE_URL
+    yield DATABASE_URL
+    asyncio.run(_drop_database(DATABASE_URL))
 
 
 @pytest.fixture

@@ -1,0 +1,103 @@
+"""Running ``reliable-msg serve`` as real processes, and stopping them whatever happens."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Enough TOML for a settings dict: scalars, lists and nested tables."""
+    lines, tables = [], []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_value(value)}")
+    out = "\n".join(lines) + "\n"
+    for key, value in tables:
+        name = f"{prefix}{key}"
+        out += f"\n[{name}]\n" + toml(value, f"{name}.")
+    return out
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    return repr(value)
+
+
+@contextmanager
+def serving(config: Path, count: int, log_dir: Path) -> Iterator[list[tuple[int, Path]]]:
+    """Start ``count`` service processes; yield (port, log file) of each; stop them."""
+    procs: list[subprocess.Popen[bytes]] = []
+    ports: list[tuple[int, Path]] = []
+    try:
+        for i in range(count):
+            port = free_port()
+            log = log_dir / f"serve-{i}.log"
+            with log.open("wb") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "reliable_msg",
+                            "--config",
+                            str(config),
+                            "serve",
+                            "--port",
+                            str(port),
+                        ],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env={**os.environ, "RMSG_LOG_LEVEL": "info"},
+                    )
+                )
+            ports.append((port, log))
+        for port, log in ports:
+            _wait_ready(port, log)
+        yield ports
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_ready(port: int, log: Path, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"service on port {port} not ready; log:\n{log.read_text()[-3000:]}")

@@ -1,0 +1,185 @@
+"""Check-back of pending messages against a real HTTP endpoint of the producer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+from aiohttp import web
+
+from reliable_msg.runtime import Runtime
+from reliable_msg.settings import Settings
+from tests.conftest import PRODUCER, auth
+from tests.helpers import rabbit
+from tests.helpers.waiting import wait_until
+
+CHECK_MAX = 3
+
+
+class ProducerEndpoint:
+    """A producer's check-back endpoint whose answer per message id the test sets."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, str] = {}
+        self.calls: Counter[str] = Counter()
+        self.seen: list[tuple[str | None, dict[str, Any]]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.calls[body["id"]] += 1
+        self.seen.append((request.headers.get("Authorization"), body))
+        answer = self.answers.get(body["id"], "unknown")
+        if answer == "hang":
+            await asyncio.sleep(30)
+        if answer == "error":
+            return web.Response(status=500, text="boom")
+        return web.json_response({"status": answer})
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[tuple[ProducerEndpoint, int]]:
+    producer = ProducerEndpoint()
+    app = web.Application()
+    app.router.add_post("/check", producer.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield producer, port
+    await runner.cleanup()
+
+
+@pytest.fixture
+def settings(
+    make_settings: Callable[..., Settings], endpoint: tuple[ProducerEndpoint, int]
+) -> Settings:
+    _, port = endpoint
+    return make_settings(
+        producers={"order": {"check_url": f"http://127.0.0.1:{port}/check", "token": PRODUCER}},
+        checkback={"max_tries": CHECK_MAX, "timeout": 0.5},
+    )
+
+
+async def prepare(client: httpx.AsyncClient, id: str) -> None:
+    body = {"id": id, "topic": "order.paid", "payload": {"order_id": id}}
+    r = await client.post("/v1/messages", json=body, headers=auth(PRODUCER))
+    assert r.status_code == 201, r.text
+
+
+async def statuses(db: asyncpg.Connection) -> dict[str, str]:
+    rows = await db.fetch("SELECT id, status FROM rmsg_message")
+    return {r["id"]: r["status"] for r in rows}
+
+
+async def test_check_back_outcomes(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    settings: Settings,
+    endpoint: tuple[ProducerEndpoint, int],
+    amqp: aio_pika.abc.AbstractConnection,
+    db: asyncpg.Connection,
+) -> None:
+    producer, _ = endpoint
+    producer.answers = {
+        "committed": "committed",
+        "rolled-back": "rolled_back",
+        "unknown": "unknown",
+        "hang": "hang",
+        "error": "error",
+    }
+    for id in producer.answers:
+        await prepare(client, id)
+    assert set((await statuses(db)).values()) == {"pending"}
+
+    async def settled() -> bool:
+        await runtime.checkback.run_once()
+        return "pending" not in (await statuses(db)).values()
+
+    await wait_until(settled, within=20, every=0.05)
+
+    assert await statuses(db) == {
+        "committed": "sent",
+        "rolled-back": "cancelled",
+        "unknown": "dead",
+        "hang": "dead",
+        "error": "dead",
+    }
+    assert producer.calls["committed"] == 1
+    assert producer.calls["rolled-back"] == 1
+    for id in ("unknown", "hang", "error"):
+        assert producer.calls[id] == CHECK_MAX, id
+    dead = await db.fetch(
+        "SELECT id, check_attempts, last_error FROM rmsg_message WHERE status = 'dead'"
+    )
+    assert {r["id"]: r["check_attempts"] for r in dead} == {
+        "unknown": CHECK_MAX,
+        "hang": CHECK_MAX,
+        "error": CHECK_MAX,
+    }
+    reasons = {r["id"]: r["last_error"] for r in dead}
+    assert "unknown" in reasons["unknown"]
+    assert "HTTP 500" in reasons["error"]
+    assert "failed" in reasons["hang"]
+
+    # The check-back carried the producer's token and the message facts.
+    authorization, body = producer.seen[0]
+    assert authorization == f"Bearer {PRODUCER}"
+    assert set(body) == {"id", "topic", "created_at"}
+
+    [message] = await rabbit.drain(amqp, settings.queue_name("inventory"), wait=0.3)
+    assert message.message_id == "committed"
+    assert json.loads(message.body) == {"order_id": "committed"}
+
+
+async def test_check_back_waits_for_check_after(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    endpoint: tuple[ProducerEndpoint, int],
+    db: asyncpg.Connection,
+) -> None:
+    producer, _ = endpoint
+    producer.answers = {"young": "committed"}
+    await prepare(client, "young")
+    assert await runtime.checkback.run_once() == 0  # younger than checkback.after
+    await asyncio.sleep(0.3)
+    assert await runtime.checkback.run_once() == 1
+    assert (await statuses(db))["young"] == "sent"
+
+
+async def test_requeue_of_check_back_dead_message_asks_the_producer_again(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    endpoint: tuple[ProducerEndpoint, int],
+    db: asyncpg.Connection,
+) -> None:
+    from tests.conftest import ADMIN
+
+    producer, _ = endpoint
+    producer.answers = {"late": "unknown"}
+    await prepare(client, "late")
+
+    async def dead() -> bool:
+        await runtime.checkback.run_once()
+        return (await statuses(db))["late"] == "dead"
+
+    await wait_until(dead, within=10, every=0.05)
+    r = await client.post("/v1/messages/late/requeue", headers=auth(ADMIN))
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "pending"
+    assert r.json()["check_attempts"] == 0
+
+    producer.answers["late"] = "committed"
+
+    async def sent() -> bool:
+        await runtime.checkback.run_once()
+        return (await statuses(db))["late"] == "sent"
+
+    await wait_until(sent, within=10, every=0.05)
