@@ -149,13 +149,13 @@ class RabbitBroker:
             raise BrokerUnavailable(f"publish failed: {exc!r}") from exc
         PUBLISH_SECONDS.observe(time.perf_counter() - started)
 
-    async def publish_many(self, outs: list[Outgoing]) -> dict[str, str]:
-        """Publish concurrently; return the ids not taken, with the reason."""
+    async def publish_many(self, outs: list[Outgoing]) -> dict[str, BrokerError]:
+        """Publish concurrently; return the ids not taken, with the error."""
         results = await asyncio.gather(*(self.publish(o) for o in outs), return_exceptions=True)
-        refused: dict[str, str] = {}
+        refused: dict[str, BrokerError] = {}
         for out, result in zip(outs, results, strict=True):
             if isinstance(result, BrokerError):
-                refused[out.id] = result.message
+                refused[out.id] = result
             elif isinstance(result, BaseException):
                 raise result
         return refused
@@ -175,7 +175,7 @@ async def declare_topology(connection: aio_pika.abc.AbstractConnection, settings
                 settings.queue_name(name),
                 durable=True,
                 arguments={
-                    "x-queue-type": "quorum",
+                    "x-queue-type": settings.queue_type,
                     "x-dead-letter-exchange": settings.dead_letter_exchange,
                     "x-dead-letter-routing-key": name,
                 },
@@ -185,6 +185,6 @@ async def declare_topology(connection: aio_pika.abc.AbstractConnection, settings
             dead = await channel.declare_queue(
                 settings.dead_letter_queue(name),
                 durable=True,
-                arguments={"x-queue-type": "quorum"},
+                arguments={"x-queue-type": settings.queue_type},
             )
             await dead.bind(dlx, name)

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .errors import BrokerError
 from .message import DeliveryUpdate, DueCheck, Message, NewMessage, Outgoing
 from .states import DeliveryStatus, MessageStatus
 
@@ -20,8 +21,8 @@ class Publisher(Protocol):
     async def publish(self, out: Outgoing) -> None:
         """Publish one message, confirmed; raise :class:`BrokerError` if not taken."""
 
-    async def publish_many(self, outs: list[Outgoing]) -> dict[str, str]:
-        """Publish messages; return the ids not taken, with the reason."""
+    async def publish_many(self, outs: list[Outgoing]) -> dict[str, BrokerError]:
+        """Publish messages; return the ids not taken, with the error."""
 
 
 class Store(Protocol):

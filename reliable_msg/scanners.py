@@ -141,8 +141,8 @@ class RedeliveryScanner:
         cfg = self._settings.redelivery
         REDELIVERIES.labels(out.group).inc()
         delay = backoff(
-            out.attempt,
-            base=cfg.ack_timeout,
+            out.attempt - 1,
+            base=cfg.backoff_base or cfg.ack_timeout,
             factor=cfg.backoff_factor,
             cap=cfg.backoff_cap,
             jitter=cfg.jitter,

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from .errors import (
+    BrokerError,
     BrokerUnavailable,
     Conflict,
     Forbidden,
@@ -24,7 +25,7 @@ from .errors import (
     ReliableMsgError,
     Unprocessable,
 )
-from .message import Message, NewMessage
+from .message import Message, NewMessage, Outgoing
 from .metrics import TRANSITIONS
 from .ports import Publisher, Store
 from .settings import Settings
@@ -109,9 +110,9 @@ class MessageService:
 
         ``producer=None`` is the service itself (check-back) and skips the owner check.
         """
-        refusals: dict[str, str] = {}
+        refusals: dict[str, BrokerError] = {}
 
-        async def publish(outs: list[Any]) -> dict[str, str]:
+        async def publish(outs: list[Outgoing]) -> dict[str, BrokerError]:
             refused = await self._broker.publish_many(outs)
             refusals.update(refused)
             return refused
@@ -128,11 +129,11 @@ class MessageService:
         return [done.get(i) or _unknown(i) for i in ids]
 
     @staticmethod
-    def _explain_confirm(producer: str | None, m: Message, refusal: str | None) -> Result:
+    def _explain_confirm(producer: str | None, m: Message, refusal: BrokerError | None) -> Result:
         if producer is not None and m.producer != producer:
             return _not_yours(m.id)
         if m.status is M.PENDING:
-            return BrokerUnavailable(refusal or "the broker did not take the message")
+            return refusal or BrokerUnavailable("the broker did not take the message")
         if m.status is M.CANCELLED:
             return Conflict(f"message {m.id!r} was cancelled", code="cancelled")
         if m.status is M.DEAD and m.sent_at is None:

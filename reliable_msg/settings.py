@@ -10,7 +10,7 @@ import os
 import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
@@ -75,6 +75,8 @@ class CheckBackSettings(_Section):
 
 class RedeliverySettings(_Section):
     ack_timeout: Seconds = 30.0  #: a delivery not acked this long after publish is resent
+    #: wait after the first redelivery; each later one waits ``backoff_factor`` times more
+    backoff_base: Seconds | None = None  # None: ack_timeout
     backoff_factor: float = Field(default=2.0, ge=1.0)
     backoff_cap: Seconds = 3600.0
     jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
@@ -112,6 +114,7 @@ class Settings(BaseSettings):
     exchange: str = constants.EXCHANGE
     dead_letter_exchange: str = constants.DEAD_LETTER_EXCHANGE
     queue_prefix: str = constants.QUEUE_PREFIX
+    queue_type: Literal["quorum", "classic"] = "quorum"  #: type of each group's queues
     publish_timeout: Seconds = 5.0
 
     max_payload_bytes: int = Field(default=256 * 1024, ge=1)

@@ -18,7 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
-from .errors import StoreError
+from .errors import BrokerError, StoreError
 from .message import Delivery, DeliveryUpdate, DueCheck, Message, NewMessage, Outgoing
 from .states import D, DeliveryStatus, M, MessageStatus, delivery_move, message_move
 
@@ -76,8 +76,8 @@ _UNAVAILABLE = (
 #: A connection from the pool (asyncpg hands out proxies).
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
-PublishMany = Callable[[list[Outgoing]], Awaitable[dict[str, str]]]
-"""Publishes messages; returns the ids the broker did not take, with the reason."""
+PublishMany = Callable[[list[Outgoing]], Awaitable[dict[str, BrokerError]]]
+"""Publishes messages; returns the ids the broker did not take, with the error."""
 
 
 def _translated(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -605,7 +605,10 @@ class PgStore:
         ]
         refused = await publish(outgoing)
         if refused:
-            raise StoreError(f"broker refused {len(refused)} requeued deliveries; nothing moved")
+            error = next(iter(refused.values()))
+            raise type(error)(
+                f"broker refused {len(refused)} requeued deliveries ({error}); nothing moved"
+            )
         m_src, m_dst = message_move(M.DEAD, M.SENT)
         moved = await conn.fetch(
             """

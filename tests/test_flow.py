@@ -175,3 +175,20 @@ async def test_confirm_while_rabbitmq_is_stopped_keeps_message_pending(
     finally:
         await connection.close()
     assert message.message_id == "m-6"
+
+
+async def test_unroutable_publish_is_an_error_and_message_stays_pending(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    amqp: aio_pika.abc.AbstractConnection,
+    db: asyncpg.Connection,
+) -> None:
+    # order.created reaches only the credit group; without its queue nothing takes it.
+    async with amqp.channel() as channel:
+        await channel.queue_delete(settings.queue_name("credit"))
+    body = {"id": "lost", "topic": "order.created", "payload": {}}
+    assert (await client.post("/v1/messages", json=body, headers=auth(PRODUCER))).is_success
+    r = await confirm(client, "lost")
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "unroutable"
+    assert await status_of(db, "lost") == "pending"

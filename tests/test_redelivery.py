@@ -25,7 +25,7 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
         redelivery={
             "ack_timeout": ACK_TIMEOUT,
             "backoff_factor": 2.0,
-            "backoff_cap": 2.0,
+            "backoff_cap": 1.0,
             "jitter": 0.0,
             "max_attempts": MAX_ATTEMPTS,
         }
@@ -75,8 +75,8 @@ async def test_unacked_delivery_is_redelivered_to_its_group_only_then_dead_then_
 
     await wait_until(dead, within=30, every=0.05)
 
-    # Attempts 2, 3 and 4 were redeliveries, each waiting longer (capped at 2 s).
-    assert delays == pytest.approx([0.6, 1.2, 2.0])
+    # Attempts 2, 3 and 4 were redeliveries, each waiting longer (capped at 1 s).
+    assert delays == pytest.approx([0.3, 0.6, 1.0])
     message = await db.fetchrow("SELECT status, last_error FROM rmsg_message WHERE id = 'slow'")
     assert message is not None
     assert message["status"] == "dead"
