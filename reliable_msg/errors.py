@@ -15,7 +15,11 @@
     │   ├── BrokerUnavailable       no connection, a timeout or a negative confirm
     │   └── Unroutable              the broker returned the message: no queue bound
     ├── StoreError                  PostgreSQL failed (HTTP 503)
-    └── CheckBackError              a producer's check-back endpoint gave no usable answer
+    ├── CheckBackError              a producer's check-back endpoint gave no usable answer
+    ├── ServiceUnavailable          (SDK) the service did not answer, or answered 5xx,
+    │                               after the retries
+    └── Fenced                      (SDK) a check-back decided "rolled back" before the
+                                    producer's transaction could commit
 
 Third-party errors (asyncpg, aiormq, aiohttp) are translated where they are caught and
 chained with ``from exc``.
@@ -103,3 +107,40 @@ class StoreError(ReliableMsgError):
 class CheckBackError(ReliableMsgError):
     status = 502
     code = "check_back_failed"
+
+
+class ServiceUnavailable(ReliableMsgError):
+    status = 503
+    code = "service_unavailable"
+
+
+class Fenced(ReliableMsgError):
+    status = 409
+    code = "fenced"
+
+
+#: The error an SDK raises for an HTTP status of the service, when no code is closer.
+BY_STATUS: dict[int, type[ReliableMsgError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+    422: Unprocessable,
+}
+
+#: The error an SDK raises for an error code of the service.
+BY_CODE: dict[str, type[ReliableMsgError]] = {
+    BrokerError.code: BrokerUnavailable,
+    Unroutable.code: Unroutable,
+    StoreError.code: StoreError,
+}
+
+
+def from_response(status: int, code: str, message: str) -> ReliableMsgError:
+    """The exception matching an error answer of the service."""
+    kind = BY_CODE.get(code) or BY_STATUS.get(status)
+    if kind is None:
+        kind = ServiceUnavailable if status >= 500 else RequestError
+    return kind(message, code=code)

@@ -1,0 +1,255 @@
+"""The producer SDK: a local transaction and a message that succeed or fail together.
+
+::
+
+    producer = Producer("http://rmsg:8470", token=TOKEN)
+    async with pool.acquire() as conn:
+        async with producer.transaction(conn, "order.paid", {"order_id": 7}):
+            await conn.execute("UPDATE orders SET status = 'paid' WHERE id = 7")
+
+``transaction`` prepares the message, opens ``conn``'s transaction and writes a marker
+row (the message id) in it, runs the block, commits, then confirms. If the block raises,
+the transaction rolls back and the message is cancelled. If the process dies between
+commit and confirm, the service's check-back asks :func:`check_back_router`, which
+answers from the marker table.
+
+The check-back rule (never "rolled back" too early): a marker row means committed. With
+no marker, the check-back inserts a *fence* row with the same id. A transaction still
+open with its marker holds that key, so the fence waits until it ends (up to
+``lock_timeout``; then the answer is "unknown" and the service asks again later). If
+the fence goes in, no transaction can ever commit that marker, so "rolled back" is a
+fact: a late transaction fails on the marker insert with :class:`Fenced`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import asyncpg
+from fastapi import APIRouter, Header, HTTPException
+from pydantic import BaseModel
+
+from .client import RetryPolicy, ServiceClient
+from .errors import Fenced, ReliableMsgError
+from .message import HeaderValue
+
+log = logging.getLogger(__name__)
+
+#: The producer's marker table, created by :func:`install` in the producer's database.
+MARKER_TABLE = "rmsg_producer_marker"
+
+MARKER_DDL = f"""
+CREATE TABLE IF NOT EXISTS {MARKER_TABLE} (
+    message_id  text        PRIMARY KEY,
+    -- 'committed': written by the business transaction; 'rolled_back': a check-back fence
+    state       text        NOT NULL CHECK (state IN ('committed', 'rolled_back')),
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS {MARKER_TABLE}_created ON {MARKER_TABLE} (created_at);
+"""
+
+
+async def install(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
+    """Create the marker table in the producer's database (idempotent)."""
+    await conn.execute(MARKER_DDL)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message to send with a local transaction."""
+
+    topic: str
+    payload: Any
+    key: str | None = None
+    headers: dict[str, HeaderValue] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": self.id, "topic": self.topic, "payload": self.payload}
+        if self.key is not None:
+            body["key"] = self.key
+        if self.headers:
+            body["headers"] = self.headers
+        return body
+
+
+@dataclass(slots=True)
+class Sent:
+    """What became of the messages of one transaction.
+
+    ``confirmed`` is False when the confirm could not reach the service after the
+    retries: the transaction committed, so the service's check-back will deliver them.
+    """
+
+    ids: list[str]
+    confirmed: bool = False
+
+
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+class Producer:
+    """Sends messages together with the caller's own PostgreSQL transactions."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        retry: RetryPolicy | None = None,
+        client: ServiceClient | None = None,
+    ) -> None:
+        self.client = client or ServiceClient(base_url, token, retry=retry)
+
+    async def __aenter__(self) -> Producer:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    @asynccontextmanager
+    async def transaction(
+        self,
+        conn: Conn,
+        topic: str,
+        payload: Any,
+        *,
+        key: str | None = None,
+        headers: dict[str, HeaderValue] | None = None,
+        id: str | None = None,
+    ) -> AsyncIterator[Sent]:
+        """Run the block in ``conn``'s transaction with one message; see the module."""
+        message = Outgoing(topic, payload, key, headers or {}, id or uuid.uuid4().hex)
+        async with self.transaction_many(conn, [message]) as sent:
+            yield sent
+
+    @asynccontextmanager
+    async def transaction_many(
+        self, conn: Conn, messages: Sequence[Outgoing]
+    ) -> AsyncIterator[Sent]:
+        """Run the block in ``conn``'s transaction with several messages, batched."""
+        ids = [m.id for m in messages]
+        await self._prepare(messages)
+        sent = Sent(ids)
+        try:
+            async with conn.transaction():
+                await _write_markers(conn, ids)
+                yield sent
+        except BaseException:
+            await self._cancel_quietly(ids)
+            raise
+        sent.confirmed = await self._confirm(ids)
+
+    async def _prepare(self, messages: Sequence[Outgoing]) -> None:
+        if len(messages) == 1:
+            await self.client.prepare(messages[0].body())
+            return
+        for item in await self.client.prepare_many([m.body() for m in messages]):
+            if item.error is not None:
+                await self._cancel_quietly([m.id for m in messages])
+                raise item.error
+
+    async def _confirm(self, ids: list[str]) -> bool:
+        try:
+            if len(ids) == 1:
+                await self.client.confirm(ids[0])
+            else:
+                failed = [i for i in await self.client.confirm_many(ids) if i.error]
+                if failed:
+                    raise failed[0].error  # type: ignore[misc]
+        except ReliableMsgError as exc:
+            log.warning(
+                "messages %s committed but not confirmed (%s); check-back will deliver them",
+                ",".join(ids),
+                exc,
+            )
+            return False
+        return True
+
+    async def _cancel_quietly(self, ids: list[str]) -> None:
+        try:
+            if len(ids) == 1:
+                await self.client.cancel(ids[0])
+            else:
+                await self.client.cancel_many(ids)
+        except ReliableMsgError as exc:
+            # The message stays pending; check-back will find no marker and cancel it.
+            log.warning("could not cancel %s (%s); check-back will", ",".join(ids), exc)
+
+
+async def _write_markers(conn: Conn, ids: list[str]) -> None:
+    try:
+        await conn.execute(
+            f"INSERT INTO {MARKER_TABLE} (message_id, state)"
+            " SELECT unnest($1::text[]), 'committed'",
+            ids,
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise Fenced(
+            f"a check-back already decided messages {ids} rolled back; "
+            "this transaction is rolled back too"
+        ) from exc
+
+
+async def check_back(pool: asyncpg.Pool, id: str, *, lock_timeout: float = 2.0) -> str:
+    """The answer to a check-back for message ``id``: committed, rolled_back or unknown."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
+        try:
+            fenced = await conn.fetchval(
+                f"INSERT INTO {MARKER_TABLE} (message_id, state) VALUES ($1, 'rolled_back')"
+                " ON CONFLICT (message_id) DO NOTHING RETURNING state",
+                id,
+            )
+        except asyncpg.LockNotAvailableError:
+            return "unknown"
+        if fenced:
+            return "rolled_back"
+        # A new statement, so a new snapshot: it sees a marker committed while we waited.
+        state: str | None = await conn.fetchval(
+            f"SELECT state FROM {MARKER_TABLE} WHERE message_id = $1", id
+        )
+    return state or "unknown"
+
+
+def check_back_router(
+    pool: asyncpg.Pool, token: str, *, path: str = "/rmsg/check-back", lock_timeout: float = 2.0
+) -> APIRouter:
+    """A FastAPI router answering the service's check-back from the marker table.
+
+    Mount it in the producer's app and declare its URL as the producer's ``check_url``.
+    Only a request carrying the producer's own token is answered.
+    """
+    router = APIRouter()
+    expected = hashlib.sha256(token.encode()).digest()
+
+    @router.post(path, response_model=CheckBackAnswer)
+    async def answer(
+        body: CheckBackQuestion, authorization: Annotated[str | None, Header()] = None
+    ) -> CheckBackAnswer:
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), expected):
+            raise HTTPException(401, "unknown token")
+        return CheckBackAnswer(status=await check_back(pool, body.id, lock_timeout=lock_timeout))
+
+    return router
+
+
+class CheckBackQuestion(BaseModel):
+    id: str
+    topic: str
+    created_at: str
+
+
+class CheckBackAnswer(BaseModel):
+    status: Literal["committed", "rolled_back", "unknown"]
