@@ -8,7 +8,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
@@ -22,12 +22,14 @@ from .auth import Principal, Role
 from .errors import BadRequest, PayloadTooLarge, ReliableMsgError, Unprocessable
 from .message import Message as DomainMessage
 from .message import NewMessage
+from .policy import ID_RE
 from .runtime import Runtime
 from .schemas import (
     AckOut,
     BatchOut,
     ErrorBody,
     ErrorOut,
+    GroupName,
     HealthOut,
     IdsIn,
     ItemOut,
@@ -195,7 +197,7 @@ def _routes() -> Any:  # noqa: C901 - a flat list of small route functions
         service: Service,
         status: MessageStatus | None = None,
         topic: Topic | None = None,
-        group: str | None = None,
+        group: GroupName | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: str | None = None,
     ) -> PageOut:
@@ -217,7 +219,7 @@ def _routes() -> Any:  # noqa: C901 - a flat list of small route functions
         service: Service,
         request: Request,
         topic: Topic | None = None,
-        group: str | None = None,
+        group: GroupName | None = None,
     ) -> RequeuedOut:
         if group is not None and group not in _runtime(request).settings.groups:
             raise Unprocessable(f"no consumer group {group!r}", code="unknown_group")
@@ -297,8 +299,11 @@ def _decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         at, id = json.loads(base64.urlsafe_b64decode(padded))
-        return datetime.fromisoformat(at), str(id)
-    except (ValueError, TypeError) as exc:
+        if not isinstance(id, str) or not ID_RE.fullmatch(id):
+            raise ValueError("not a message id")
+        # in UTC here, so that a date out of range fails here rather than in asyncpg
+        return datetime.fromisoformat(at).astimezone(UTC), id
+    except (ValueError, TypeError, OverflowError) as exc:
         raise BadRequest("cursor is not one this service handed out", code="bad_cursor") from exc
 
 
@@ -307,6 +312,8 @@ def _decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
     headers = {"Retry-After": "1"} if status == 503 else None
+    # the message may quote the request; a lone surrogate in it would not encode
+    message = message.encode("utf-8", "backslashreplace").decode()
     return JSONResponse(
         {"error": {"code": code, "message": message}}, status_code=status, headers=headers
     )
@@ -327,6 +334,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        cause = exc.__cause__
+        if isinstance(cause, ReliableMsgError):  # BodyLimit, raised while FastAPI read the body
+            return error_response(cause.status, cause.code, cause.message)
+        if exc.status_code == 400:  # FastAPI could not read the body: not UTF-8, too deep
+            return error_response(400, "invalid_json", "the request body is not valid JSON")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
 

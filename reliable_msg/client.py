@@ -117,7 +117,9 @@ class ServiceClient:
         policy = self._retry
         retrying = AsyncRetrying(
             stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.deadline),
-            wait=wait_exponential_jitter(initial=policy.initial, max=policy.max_wait),
+            wait=wait_exponential_jitter(
+                multiplier=policy.initial, max=policy.max_wait, jitter=policy.initial
+            ),
             retry=retry_if_exception_type(TRANSIENT),
             reraise=True,
         )

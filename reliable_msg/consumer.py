@@ -25,7 +25,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import asyncpg
@@ -72,7 +72,8 @@ class Received:
     producer: str | None = None
 
 
-Handler = Callable[[Conn, Received], Awaitable[None]]
+#: A message handler: the asyncpg connection of the transaction, and the message.
+Handler = Callable[[asyncpg.Connection, Received], Awaitable[None]]
 
 
 class Poison(ValueError):
@@ -236,7 +237,7 @@ class Consumer:
             if not fresh:
                 log.info("consumer %s: message %s already handled", self.group, received.id)
                 return False
-            await handler(conn, received)
+            await handler(cast(asyncpg.Connection, conn), received)
         return True
 
 

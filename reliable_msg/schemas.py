@@ -3,15 +3,52 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    field_validator,
+)
 
 from . import constants
 from .message import Delivery, HeaderValue, Message
-from .policy import ID_RE, TOPIC_RE
+from .policy import ID_RE, NAME_RE, TOPIC_RE
 from .states import DeliveryStatus, MessageStatus
+
+V = TypeVar("V")
+
+#: What an AMQP field table holds as a signed 64-bit integer, the widest it has.
+_INT64 = range(-(2**63), 2**63)
+
+
+def _storable(value: V) -> V:
+    """Refuse, as bad input, what PostgreSQL or AMQP would fail on later: NUL characters
+    and lone surrogates in strings, NaN and infinities, integers over 64 bits."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("NUL characters are not allowed")
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            raise ValueError("strings must be valid Unicode: no lone surrogates") from exc
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("NaN and infinities are not JSON")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _storable(k)
+            _storable(v)
+    elif isinstance(value, list):
+        for v in value:
+            _storable(v)
+    return value
+
 
 MessageId = Annotated[
     str,
@@ -24,6 +61,7 @@ Topic = Annotated[
     ),
 ]
 HeaderName = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+GroupName = Annotated[str, StringConstraints(pattern=NAME_RE.pattern)]
 
 
 class _In(BaseModel):
@@ -33,9 +71,18 @@ class _In(BaseModel):
 class MessageIn(_In):
     id: MessageId | None = Field(default=None, description="Client-chosen id; generated if absent")
     topic: Topic
-    payload: JsonValue = Field(description="Any JSON value; sent as the AMQP body")
-    headers: dict[HeaderName, HeaderValue] = {}
-    key: Annotated[str, StringConstraints(max_length=constants.MAX_KEY_LENGTH)] | None = None
+    payload: Annotated[JsonValue, AfterValidator(_storable)] = Field(
+        description="Any JSON value; sent as the AMQP body"
+    )
+    headers: Annotated[dict[HeaderName, HeaderValue], AfterValidator(_storable)] = {}
+    key: (
+        Annotated[
+            str,
+            StringConstraints(max_length=constants.MAX_KEY_LENGTH),
+            AfterValidator(_storable),
+        ]
+        | None
+    ) = None
 
     @field_validator("headers")
     @classmethod
@@ -43,6 +90,9 @@ class MessageIn(_In):
         reserved = [h for h in headers if h.lower().startswith(constants.RESERVED_HEADER_PREFIX)]
         if reserved:
             raise ValueError(f"header names starting with x-rmsg- are reserved: {reserved}")
+        too_wide = [h for h, v in headers.items() if isinstance(v, int) and v not in _INT64]
+        if too_wide:
+            raise ValueError(f"header values over 64 bits cannot go on AMQP: {too_wide}")
         return headers
 
 

@@ -1,0 +1,347 @@
+"""The producer and consumer SDKs end to end, over real HTTP, PostgreSQL and RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import asyncpg
+import pytest
+from fastapi import FastAPI
+
+from reliable_msg import consumer as consumer_sdk
+from reliable_msg import producer as producer_sdk
+from reliable_msg.api import create_app
+from reliable_msg.client import RetryPolicy
+from reliable_msg.consumer import Consumer, Received
+from reliable_msg.errors import Unprocessable
+from reliable_msg.producer import Outgoing, Producer, check_back_router
+from reliable_msg.runtime import Runtime
+from reliable_msg.settings import Settings
+from tests.conftest import AMQP_URL, GROUP_TOKENS, PRODUCER
+from tests.helpers.processes import free_port
+from tests.helpers.servers import serving_app
+from tests.helpers.waiting import wait_until
+
+FAST = RetryPolicy(attempts=3, initial=0.05, max_wait=0.2, deadline=2.0)
+
+
+@pytest.fixture
+async def sdk_db(db: asyncpg.Connection) -> asyncpg.Connection:
+    """The producer's and the consumers' tables, empty."""
+    await producer_sdk.install(db)
+    await consumer_sdk.install(db)
+    await db.execute(
+        """
+        CREATE TABLE IF NOT EXISTS sdk_orders (id text PRIMARY KEY);
+        CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text);
+        TRUNCATE sdk_orders, sdk_effects, rmsg_inbox, rmsg_producer_marker;
+        """
+    )
+    return db
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def check_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings], check_port: int) -> Settings:
+    url = f"http://127.0.0.1:{check_port}/rmsg/check-back"
+    return make_settings(producers={"order": {"check_url": url, "token": PRODUCER}})
+
+
+@pytest.fixture
+async def service_url(runtime: Runtime) -> AsyncIterator[str]:
+    async with serving_app(create_app(runtime)) as url:
+        yield url
+
+
+@pytest.fixture
+async def producer(service_url: str) -> AsyncIterator[Producer]:
+    async with Producer(service_url, PRODUCER, retry=FAST) as p:
+        yield p
+
+
+@asynccontextmanager
+async def consuming(
+    consumer: Consumer,
+) -> AsyncIterator[Consumer]:
+    task = asyncio.create_task(consumer.run(handle_signals=False))
+    try:
+        yield consumer
+    finally:
+        consumer.request_stop()
+        await asyncio.wait_for(task, 10)
+
+
+def inventory_consumer(
+    service_url: str, settings: Settings, pool: asyncpg.Pool, **options: object
+) -> Consumer:
+    return Consumer(
+        "inventory",
+        service_url=service_url,
+        token=GROUP_TOKENS["inventory"],
+        amqp_url=AMQP_URL,
+        pool=pool,
+        queue=settings.queue_name("inventory"),
+        retry=FAST,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def record_effect(conn: asyncpg.Connection, message: Received) -> None:
+    await conn.execute(
+        "INSERT INTO sdk_effects (group_name, message_id) VALUES ('inventory', $1)", message.id
+    )
+
+
+async def effects(db: asyncpg.Connection, id: str) -> int:
+    count: int = await db.fetchval("SELECT count(*) FROM sdk_effects WHERE message_id = $1", id)
+    return count
+
+
+async def delivery(db: asyncpg.Connection, id: str, group: str = "inventory") -> str | None:
+    status: str | None = await db.fetchval(
+        "SELECT status FROM rmsg_delivery WHERE message_id = $1 AND group_name = $2", id, group
+    )
+    return status
+
+
+async def test_committed_transaction_is_delivered_and_handled_once(
+    producer: Producer,
+    service_url: str,
+    settings: Settings,
+    pool: asyncpg.Pool,
+    sdk_db: asyncpg.Connection,
+) -> None:
+    async with pool.acquire() as conn:
+        async with producer.transaction(conn, "order.paid", {"order": 1}) as sent:
+            await conn.execute("INSERT INTO sdk_orders (id) VALUES ('o-1')")
+    assert sent.confirmed
+    [id] = sent.ids
+    marker = await sdk_db.fetchval("SELECT state FROM rmsg_producer_marker")
+    assert marker == "committed"
+
+    consumer = inventory_consumer(service_url, settings, pool)
+    consumer.add_handler("order.paid", record_effect)
+    async with consuming(consumer):
+        await wait_until(lambda: _done(sdk_db, id), within=10)
+    assert await effects(sdk_db, id) == 1
+
+
+async def _done(db: asyncpg.Connection, id: str) -> bool:
+    return await delivery(db, id) == "done"
+
+
+async def test_raising_transaction_cancels_the_message(
+    producer: Producer, pool: asyncpg.Pool, sdk_db: asyncpg.Connection
+) -> None:
+    with pytest.raises(RuntimeError, match="payment declined"):
+        async with pool.acquire() as conn:
+            async with producer.transaction(conn, "order.paid", {"order": 2}, id="o-2"):
+                await conn.execute("INSERT INTO sdk_orders (id) VALUES ('o-2')")
+                raise RuntimeError("payment declined")
+    assert await sdk_db.fetchval("SELECT status FROM rmsg_message WHERE id = 'o-2'") == (
+        "cancelled"
+    )
+    assert await sdk_db.fetchval("SELECT count(*) FROM sdk_orders") == 0
+    assert await sdk_db.fetchval("SELECT count(*) FROM rmsg_producer_marker") == 0
+
+
+async def test_prepare_error_is_typed_and_nothing_runs(
+    producer: Producer, pool: asyncpg.Pool, sdk_db: asyncpg.Connection
+) -> None:
+    ran = False
+    with pytest.raises(Unprocessable, match="no consumer group"):
+        async with pool.acquire() as conn:
+            async with producer.transaction(conn, "nobody.listens", {}):
+                ran = True
+    assert not ran
+
+
+async def test_producer_killed_between_commit_and_confirm_is_delivered_by_check_back(
+    runtime: Runtime,
+    service_url: str,
+    settings: Settings,
+    check_port: int,
+    pool: asyncpg.Pool,
+    sdk_db: asyncpg.Connection,
+    database_url: str,
+) -> None:
+    env = {**os.environ, "DB": database_url, "SERVICE": service_url, "TOKEN": PRODUCER}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.helpers.sdk_process", "produce-and-die", "o-3", env=env
+    )
+    assert await proc.wait() == -signal.SIGKILL
+    assert await sdk_db.fetchval("SELECT count(*) FROM sdk_orders WHERE id = 'o-3'") == 1
+    assert await sdk_db.fetchval("SELECT status FROM rmsg_message WHERE id = 'o-3'") == "pending"
+
+    app = FastAPI()
+    app.include_router(check_back_router(pool, PRODUCER))
+    async with serving_app(app, port=check_port):
+        await asyncio.sleep(settings.checkback.after)
+
+        async def sent() -> bool:
+            await runtime.checkback.run_once()
+            status = await sdk_db.fetchval("SELECT status FROM rmsg_message WHERE id = 'o-3'")
+            return bool(status == "sent")
+
+        await wait_until(sent, within=10)
+
+    consumer = inventory_consumer(service_url, settings, pool)
+    consumer.add_handler("order.paid", record_effect)
+    async with consuming(consumer):
+        await wait_until(lambda: _done(sdk_db, "o-3"), within=10)
+    assert await effects(sdk_db, "o-3") == 1
+
+
+async def test_check_back_fences_a_transaction_that_never_committed(
+    producer: Producer, pool: asyncpg.Pool, sdk_db: asyncpg.Connection
+) -> None:
+    assert await producer_sdk.check_back(pool, "never") == "rolled_back"
+    # The producer's transaction arriving late cannot commit any more.
+    async with pool.acquire() as conn:
+        with pytest.raises(Exception, match="rolled back"):
+            async with conn.transaction():
+                await producer_sdk._write_markers(conn, ["never"])
+    assert await producer_sdk.check_back(pool, "never") == "rolled_back"
+
+
+async def test_check_back_waits_for_an_open_transaction(
+    pool: asyncpg.Pool, sdk_db: asyncpg.Connection
+) -> None:
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await producer_sdk._write_markers(conn, ["open"])
+        # While the transaction is open the answer is unknown, never rolled back.
+        assert await producer_sdk.check_back(pool, "open", lock_timeout=0.2) == "unknown"
+        answer = asyncio.create_task(producer_sdk.check_back(pool, "open", lock_timeout=5))
+        await asyncio.sleep(0.2)
+        await tx.commit()
+    assert await answer == "committed"
+
+
+async def test_consumer_killed_after_effect_before_ack_applies_once(
+    runtime: Runtime,
+    service_url: str,
+    settings: Settings,
+    producer: Producer,
+    pool: asyncpg.Pool,
+    sdk_db: asyncpg.Connection,
+    database_url: str,
+) -> None:
+    async with pool.acquire() as conn:
+        async with producer.transaction(conn, "order.paid", {"order": 4}, id="o-4"):
+            pass
+    env = {
+        **os.environ,
+        "DB": database_url,
+        "SERVICE": service_url,
+        "TOKEN": GROUP_TOKENS["inventory"],
+        "AMQP": AMQP_URL,
+        "QUEUE": settings.queue_name("inventory"),
+    }
+    crashing = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.helpers.sdk_process", "consume", "inventory", "o-4", env=env
+    )
+    try:
+        assert await asyncio.wait_for(crashing.wait(), 20) == -signal.SIGKILL
+    finally:
+        if crashing.returncode is None:
+            crashing.kill()
+    assert await effects(sdk_db, "o-4") == 1
+    assert await delivery(sdk_db, "o-4") == "sent"  # the ack never left
+
+    restarted = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.helpers.sdk_process", "consume", "inventory", env=env
+    )
+    try:
+        await wait_until(lambda: _done(sdk_db, "o-4"), within=20)
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(restarted.wait(), 15) == 0
+    assert await effects(sdk_db, "o-4") == 1
+
+
+async def test_handler_failing_three_times_then_succeeding_has_one_effect(
+    runtime: Runtime,
+    service_url: str,
+    settings: Settings,
+    producer: Producer,
+    pool: asyncpg.Pool,
+    sdk_db: asyncpg.Connection,
+) -> None:
+    calls = 0
+
+    async def flaky(conn: asyncpg.Connection, message: Received) -> None:
+        nonlocal calls
+        calls += 1
+        await record_effect(conn, message)  # rolled back when we raise below
+        if calls <= 3:
+            raise RuntimeError(f"flaky failure {calls}")
+
+    consumer = inventory_consumer(service_url, settings, pool)
+    consumer.add_handler("order.paid", flaky)
+    async with pool.acquire() as conn:
+        async with producer.transaction(conn, "order.paid", {"order": 5}, id="o-5"):
+            pass
+    async with consuming(consumer):
+
+        async def done() -> bool:
+            await runtime.redelivery.run_once()
+            return await _done(sdk_db, "o-5")
+
+        await wait_until(done, within=30, every=0.1)
+    assert calls == 4
+    assert await effects(sdk_db, "o-5") == 1
+    attempts = await sdk_db.fetchval(
+        "SELECT attempts FROM rmsg_delivery WHERE message_id = 'o-5' AND group_name = 'inventory'"
+    )
+    assert attempts == 4
+
+
+async def test_batch_produce_and_batched_acks(
+    service_url: str,
+    settings: Settings,
+    producer: Producer,
+    pool: asyncpg.Pool,
+    sdk_db: asyncpg.Connection,
+) -> None:
+    messages = [Outgoing("order.paid", {"order": i}, key=f"m{i % 7}") for i in range(60)]
+    async with pool.acquire() as conn:
+        async with producer.transaction_many(conn, messages) as sent:
+            await conn.execute(
+                "INSERT INTO sdk_orders (id) SELECT unnest($1::text[])", [m.id for m in messages]
+            )
+    assert sent.confirmed and len(sent.ids) == 60
+    assert await sdk_db.fetchval("SELECT count(*) FROM rmsg_producer_marker") == 60
+
+    consumer = inventory_consumer(service_url, settings, pool, ack_interval=0.2)
+    consumer.add_handler("order.paid", record_effect)
+    async with consuming(consumer):
+
+        async def all_done() -> bool:
+            n = await sdk_db.fetchval(
+                "SELECT count(*) FROM rmsg_delivery WHERE group_name = 'inventory'"
+                " AND status = 'done'"
+            )
+            return bool(n == 60)
+
+        await wait_until(all_done, within=20)
+    assert await sdk_db.fetchval("SELECT count(DISTINCT message_id) FROM sdk_effects") == 60
+    assert await sdk_db.fetchval("SELECT count(*) FROM sdk_effects") == 60
+    assert 1 <= consumer.acks.batches < 60, "acks were not batched"
