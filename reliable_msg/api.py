@@ -226,8 +226,10 @@ def _routes() -> Any:  # noqa: C901 - a flat list of small route functions
         return RequeuedOut(requeued=await service.requeue_all(topic, group))
 
     @router.get("/v1/stats")
-    async def stats(_: Admin, service: Service) -> dict[str, Any]:
-        return await service.stats()
+    async def stats(_: Admin, service: Service, request: Request) -> dict[str, Any]:
+        stats = await service.stats()
+        stats["broker"] = await _runtime(request).broker_report()
+        return stats
 
     @router.get("/healthz", response_model=HealthOut)
     async def healthz() -> HealthOut:
@@ -236,7 +238,9 @@ def _routes() -> Any:  # noqa: C901 - a flat list of small route functions
     @router.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
     async def readyz(request: Request) -> JSONResponse:
         report = await _runtime(request).readiness()
-        ready = report["postgres"] == "ok" and report["rabbitmq"] == "ok"
+        # Degraded, the service works without RabbitMQ as long as Redis answers.
+        path = report["redis"] if report["mode"] == "degraded" else report["rabbitmq"]
+        ready = report["postgres"] == "ok" and path == "ok"
         report["status"] = "ready" if ready else "not_ready"
         return JSONResponse(ReadyOut(**report).model_dump(), status_code=200 if ready else 503)
 
@@ -312,8 +316,6 @@ def _decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
     headers = {"Retry-After": "1"} if status == 503 else None
-    # the message may quote the request; a lone surrogate in it would not encode
-    message = message.encode("utf-8", "backslashreplace").decode()
     return JSONResponse(
         {"error": {"code": code, "message": message}}, status_code=status, headers=headers
     )

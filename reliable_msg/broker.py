@@ -149,6 +149,21 @@ class RabbitBroker:
             raise BrokerUnavailable(f"publish failed: {exc!r}") from exc
         PUBLISH_SECONDS.observe(time.perf_counter() - started)
 
+    @property
+    def publish_timeout(self) -> float:
+        return self._settings.publish_timeout
+
+    async def probe(self) -> None:
+        """Publish a confirmed probe message to the probe queue; raise if not taken."""
+        if self._default is None or not self.connected:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        message = aio_pika.Message(b"probe", delivery_mode=DeliveryMode.PERSISTENT)
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout):
+                await self._default.publish(message, self._settings.probe_queue, mandatory=True)
+        except TRANSIENT_ERRORS as exc:
+            raise BrokerUnavailable(f"probe failed: {exc!r}") from exc
+
     async def publish_many(self, outs: list[Outgoing]) -> dict[str, BrokerError]:
         """Publish concurrently; return the ids not taken, with the error."""
         results = await asyncio.gather(*(self.publish(o) for o in outs), return_exceptions=True)
@@ -169,6 +184,11 @@ async def declare_topology(connection: aio_pika.abc.AbstractConnection, settings
         )
         dlx = await channel.declare_exchange(
             settings.dead_letter_exchange, ExchangeType.DIRECT, durable=True
+        )
+        await channel.declare_queue(
+            settings.probe_queue,
+            durable=True,
+            arguments={"x-max-length": 10, "x-overflow": "drop-head"},
         )
         for name, group in settings.groups.items():
             queue = await channel.declare_queue(

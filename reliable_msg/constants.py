@@ -29,3 +29,19 @@ MIGRATION_LOCK_NAME = "reliable_msg.migrate"
 MIGRATION_TABLE = "rmsg_schema_migrations"
 #: AMQP header carrying the message's ordering / sharding key, when it has one.
 HEADER_KEY = "x-rmsg-key"
+
+#: Namespace of every Redis key of a deployment (``fallback.namespace``).
+REDIS_NAMESPACE = "rmsg"
+#: Hash of the degradation switch: mode, by, at, reason. The ``{<ns>}`` hash tag keeps
+#: the switch's keys in one Redis Cluster slot.
+SWITCH_KEY = "{{{ns}}}:switch"
+#: List of the latest switch changes, newest first (JSON each).
+SWITCH_HISTORY_KEY = "{{{ns}}}:switch:history"
+#: Pub/sub channel announcing each switch change.
+SWITCH_CHANNEL = "{{{ns}}}:switch:events"
+#: How many switch changes the history keeps.
+SWITCH_HISTORY_LENGTH = 100
+#: Stream of one fallback shard; the hash tag is the shard, so shards spread over a cluster.
+FALLBACK_KEY = "{ns}:fb:{{{group}:{shard}}}"
+#: Consumer group of every fallback stream (each stream belongs to one consumer group).
+FALLBACK_READERS = "rmsg"

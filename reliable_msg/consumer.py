@@ -22,18 +22,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
+import socket
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import aio_pika
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractIncomingMessage
 
 from . import constants
 from .client import RetryPolicy, ServiceClient
 from .errors import ReliableMsgError
+from .fallback import REDIS_ERRORS, Entry, FallbackReader
+from .switch import Mode, Switch
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +87,15 @@ class Poison(ValueError):
 
 
 class Consumer:
-    """Consumes one group's queue and hands each message to the handler of its topic."""
+    """Consumes one group's messages and hands each to the handler of its topic.
+
+    Normally from the group's RabbitMQ queue. With ``redis_url`` it also follows the
+    degradation switch (DESIGN §6): when the switch is on it keeps its RabbitMQ consumer
+    while that still works, and starts ``redis_workers`` workers over the group's
+    fallback shards; after the switch clears, the workers drain the shards until they are
+    empty, and only then does the consumer go back to RabbitMQ alone (reconnecting to it
+    if it had lost it). Every path uses the same handler, inbox and acks.
+    """
 
     def __init__(
         self,
@@ -97,6 +111,12 @@ class Consumer:
         ack_batch: int = 200,
         ack_interval: float = 0.05,
         retry: RetryPolicy | None = None,
+        redis_url: str | None = None,
+        namespace: str = constants.REDIS_NAMESPACE,
+        shards: int = 128,
+        redis_workers: int = 8,
+        poll_interval: float = 1.0,
+        claim_idle: float = 30.0,
     ) -> None:
         self.group = group
         self.queue = queue or f"{constants.QUEUE_PREFIX}{group}"
@@ -109,6 +129,21 @@ class Consumer:
         self.acks = AckBatcher(self._client, ack_batch, ack_interval)
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
+        self.mode = Mode.NORMAL  #: DEGRADED while the fallback workers run
+        self._mode_changed = asyncio.Event()
+        self._fallback = (
+            FallbackDrain(
+                self,
+                aioredis.Redis.from_url(redis_url),
+                namespace=namespace,
+                shards=shards,
+                workers=redis_workers,
+                poll_interval=poll_interval,
+                claim_idle=claim_idle,
+            )
+            if redis_url
+            else None
+        )
 
     def handler(self, topic: str) -> Callable[[Handler], Handler]:
         """Register the decorated coroutine as the handler of ``topic``."""
@@ -128,43 +163,90 @@ class Consumer:
         """Ask :meth:`run` to stop: no new messages; in-flight ones finish and are acked."""
         self._stopping.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def set_mode(self, mode: Mode) -> None:
+        if mode is not self.mode:
+            log.warning("consumer %s: now consuming %s", self.group, _SOURCE[mode])
+            self.mode = mode
+            self._mode_changed.set()
+
     async def run(self, *, handle_signals: bool = True) -> None:
         """Consume until :meth:`request_stop` (or SIGTERM / SIGINT)."""
         if handle_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
-        connection = await self._connect()
         acks = asyncio.create_task(self.acks.run())
+        tasks = [asyncio.create_task(self._amqp_loop())]
+        if self._fallback is not None:
+            tasks.append(asyncio.create_task(self._fallback.run()))
+        try:
+            await self._stopping.wait()
+            await asyncio.gather(*tasks)
+            if self._in_flight:
+                await asyncio.wait(set(self._in_flight))
+            await self.acks.close()
+            await acks
+        finally:
+            for task in (*tasks, acks):
+                task.cancel()
+            await asyncio.gather(*tasks, acks, return_exceptions=True)
+            if self._fallback is not None:
+                await self._fallback.close()
+            await self._client.close()
+        log.info("consumer %s: stopped", self.group)
+
+    # -- RabbitMQ ----------------------------------------------------------------------
+
+    async def _amqp_loop(self) -> None:
+        """Stay attached to the queue; after a loss while degraded, wait for normal mode."""
+        delay = 0.2
+        while not self.stopping:
+            if self.mode is Mode.DEGRADED and not await self._wait_for_normal():
+                return
+            try:
+                await self._consume_amqp()
+                delay = 0.2
+            except (OSError, aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+                log.warning("consumer %s: RabbitMQ unavailable (%s)", self.group, exc)
+            if not self.stopping:
+                await self._sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _wait_for_normal(self) -> bool:
+        """Wait until the mode is normal again; False if stopping first."""
+        while self.mode is Mode.DEGRADED and not self.stopping:
+            self._mode_changed.clear()
+            await _first(self._stopping.wait(), self._mode_changed.wait())
+        return not self.stopping
+
+    async def _consume_amqp(self) -> None:
+        connection = await aio_pika.connect(self._amqp_url, timeout=10)
+        lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: lost.set())
         try:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=self._prefetch)
             queue = await channel.get_queue(self.queue, ensure=True)
             tag = await queue.consume(self._on_message)
             log.info("consumer %s: consuming %s", self.group, self.queue)
-            await self._stopping.wait()
-            await queue.cancel(tag)
-            if self._in_flight:
-                await asyncio.wait(set(self._in_flight))
-            await self.acks.close()
-            await acks
+            await _first(self._stopping.wait(), lost.wait())
+            if not lost.is_set():
+                await queue.cancel(tag)
+                if self._in_flight:  # let them ack on this channel before it closes
+                    await asyncio.wait(set(self._in_flight))
+                    await self.acks.flush_now()
         finally:
-            acks.cancel()
             await connection.close()
-            await self._client.close()
-        log.info("consumer %s: stopped", self.group)
 
-    async def _connect(self) -> AbstractRobustConnection:
-        delay = 0.2
-        while True:
-            try:
-                return await aio_pika.connect_robust(self._amqp_url)
-            except (OSError, aio_pika.exceptions.AMQPError) as exc:
-                if self._stopping.is_set():
-                    raise
-                log.warning("consumer %s: RabbitMQ unreachable (%s); retrying", self.group, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
@@ -172,31 +254,18 @@ class Consumer:
         self._in_flight.add(task)
         try:
             async with self._limit:
-                await self._process(message)
+                await self._process_amqp(message)
         finally:
             self._in_flight.discard(task)
 
-    async def _process(self, message: AbstractIncomingMessage) -> None:
+    async def _process_amqp(self, message: AbstractIncomingMessage) -> None:
         try:
             received = self._decode(message)
         except Poison as exc:
             log.error("consumer %s: rejected delivery %s: %s", self.group, message.message_id, exc)
             await message.reject(requeue=False)
             return
-        try:
-            await self.handle(received)
-        except Exception:
-            log.exception(
-                "consumer %s: handler of %s failed for message %s (attempt %d); "
-                "the service will redeliver it",
-                self.group,
-                received.topic,
-                received.id,
-                received.attempt,
-            )
-            await message.ack()  # the service, not RabbitMQ, owns the retry and its backoff
-            return
-        self.acks.add(received.id, message)
+        await self.process(received, _amqp_ack(message))
 
     def _decode(self, message: AbstractIncomingMessage) -> Received:
         if not message.message_id:
@@ -222,6 +291,29 @@ class Consumer:
             producer=str(producer) if producer is not None else None,
         )
 
+    # -- both paths --------------------------------------------------------------------
+
+    async def process(self, received: Received, finish: Finish) -> None:
+        """Handle one message; ``finish`` releases it at its source (AMQP ack or stream
+        delete) once the service has the ack, or at once when the handler failed."""
+        try:
+            await self.handle(received)
+        except Exception:
+            log.exception(
+                "consumer %s: handler of %s failed for message %s (attempt %d); "
+                "the service will redeliver it",
+                self.group,
+                received.topic,
+                received.id,
+                received.attempt,
+            )
+            await finish()  # the service, not the transport, owns the retry and its backoff
+            return
+        self.acks.add(received.id, finish)
+
+    def knows(self, topic: str) -> bool:
+        return topic in self._handlers
+
     async def handle(self, received: Received) -> bool:
         """Run the handler with the inbox row in one transaction; False if it was a
         duplicate (already handled, nothing done)."""
@@ -240,6 +332,182 @@ class Consumer:
             await handler(cast(asyncpg.Connection, conn), received)
         return True
 
+    @property
+    def limit(self) -> asyncio.Semaphore:
+        return self._limit
+
+
+_SOURCE = {Mode.NORMAL: "RabbitMQ", Mode.DEGRADED: "the Redis fallback shards"}
+
+#: Releases a handled message at its source.
+Finish = Callable[[], Awaitable[None]]
+
+
+def _amqp_ack(message: AbstractIncomingMessage) -> Finish:
+    async def finish() -> None:
+        await message.ack()
+
+    return finish
+
+
+async def _first(*waits: Awaitable[Any]) -> None:
+    """Wait until the first of ``waits`` completes; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class FallbackDrain:
+    """A consumer's workers over its group's Redis fallback shards."""
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        redis: aioredis.Redis,
+        *,
+        namespace: str,
+        shards: int,
+        workers: int,
+        poll_interval: float,
+        claim_idle: float,
+    ) -> None:
+        self._consumer = consumer
+        self._redis = redis
+        name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.reader = FallbackReader(
+            redis, namespace=namespace, group=consumer.group, shards=shards, consumer=name
+        )
+        self.switch = Switch(
+            redis,
+            who=f"consumer {consumer.group} {name}",
+            namespace=namespace,
+            poll_interval=poll_interval,
+        )
+        self._workers = max(1, min(workers, shards))
+        self._poll = poll_interval
+        self._claim_idle = claim_idle
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def run(self) -> None:
+        """Follow the switch; drain the shards while degraded and until they are empty."""
+        watch = asyncio.create_task(self.switch.watch())
+        try:
+            while not self._consumer.stopping:
+                if await self._needed():
+                    await self._drain()
+                else:
+                    await self._pause()
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+
+    async def _needed(self) -> bool:
+        try:
+            return self.switch.degraded or await self.reader.depth() > 0
+        except REDIS_ERRORS:
+            return self.switch.degraded
+
+    async def _pause(self) -> None:
+        waiter = asyncio.ensure_future(self.switch.changed())
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self._poll)
+        except TimeoutError:
+            pass
+        finally:
+            waiter.cancel()
+
+    async def _drain(self) -> None:
+        consumer = self._consumer
+        consumer.set_mode(Mode.DEGRADED)
+        await self._retrying(self.reader.prepare)
+        keys = self.reader.keys
+        parts = [keys[i :: self._workers] for i in range(self._workers)]
+        workers = [asyncio.create_task(self._work(part)) for part in parts]
+        try:
+            while not consumer.stopping:
+                await self._sleep(self._poll)
+                if not self.switch.degraded and await self._empty():
+                    break
+        finally:
+            self._stop_workers = True
+            await asyncio.gather(*workers, return_exceptions=True)
+            self._stop_workers = False
+        if not consumer.stopping:
+            log.warning("consumer %s: fallback shards drained", consumer.group)
+            consumer.set_mode(Mode.NORMAL)
+
+    _stop_workers = False
+
+    async def _empty(self) -> bool:
+        try:
+            return await self.reader.depth() == 0
+        except REDIS_ERRORS:
+            return False
+
+    async def _work(self, keys: list[str]) -> None:
+        """Read new entries of ``keys`` (and reclaim stale ones) until told to stop."""
+        last_claim = 0.0
+        loop = asyncio.get_running_loop()
+        while not self._stop_workers and not self._consumer.stopping:
+            try:
+                entries = await self.reader.read(keys, count=16)
+                if loop.time() - last_claim > self._claim_idle / 2:
+                    entries += await self.reader.reclaim(keys, self._claim_idle, count=16)
+                    last_claim = loop.time()
+            except REDIS_ERRORS as exc:
+                log.warning("consumer %s: Redis unavailable (%s)", self._consumer.group, exc)
+                await self._sleep(self._poll)
+                continue
+            if not entries:
+                await self._sleep(0.05)
+                continue
+            await asyncio.gather(*(self._one(e) for e in entries))
+
+    async def _one(self, entry: Entry) -> None:
+        consumer = self._consumer
+
+        async def finish() -> None:
+            await self.reader.done(entry)
+
+        if not consumer.knows(entry.topic):
+            log.error(
+                "consumer %s: no handler for topic %r; dropped %s from Redis",
+                consumer.group,
+                entry.topic,
+                entry.id,
+            )
+            await finish()
+            return
+        received = Received(
+            id=entry.id,
+            topic=entry.topic,
+            payload=json.loads(entry.payload),
+            headers=entry.headers,
+            key=entry.key,
+            attempt=entry.attempt,
+            producer=entry.producer,
+        )
+        async with consumer.limit:
+            await consumer.process(received, finish)
+
+    async def _retrying(self, action: Callable[[], Awaitable[None]]) -> None:
+        while not self._consumer.stopping:
+            try:
+                await action()
+                return
+            except REDIS_ERRORS as exc:
+                log.warning("consumer %s: Redis unavailable (%s)", self._consumer.group, exc)
+                await self._sleep(self._poll)
+
+    async def _sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
 
 class AckBatcher:
     """Acks handled messages to the service in batches, then each to RabbitMQ."""
@@ -248,14 +516,15 @@ class AckBatcher:
         self._client = client
         self._size = size
         self._interval = interval
-        self._pending: list[tuple[str, AbstractIncomingMessage]] = []
+        self._pending: list[tuple[str, Finish]] = []
         self._wake = asyncio.Event()
         self._closing = False
         #: Batches acked to the service so far.
         self.batches = 0
 
-    def add(self, id: str, message: AbstractIncomingMessage) -> None:
-        self._pending.append((id, message))
+    def add(self, id: str, finish: Finish) -> None:
+        """Ack ``id`` to the service with the next batch, then call ``finish``."""
+        self._pending.append((id, finish))
         if len(self._pending) >= self._size:
             self._wake.set()
 
@@ -271,13 +540,17 @@ class AckBatcher:
             except TimeoutError:
                 pass
             self._wake.clear()
-            while self._pending:
-                batch, self._pending = self._pending[: self._size], self._pending[self._size :]
-                await self._flush(batch)
+            await self.flush_now()
             if self._closing:
                 return
 
-    async def _flush(self, batch: list[tuple[str, AbstractIncomingMessage]]) -> None:
+    async def flush_now(self) -> None:
+        """Ack everything pending now."""
+        while self._pending:
+            batch, self._pending = self._pending[: self._size], self._pending[self._size :]
+            await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[str, Finish]]) -> None:
         delay = 0.2
         while True:
             try:
@@ -296,8 +569,8 @@ class AckBatcher:
             if result.error is not None:
                 # Handled and in the inbox: a requeue or republish will be absorbed.
                 log.warning("ack of %s: %s", result.id, result.error)
-        for id, message in batch:
+        for id, finish in batch:
             try:
-                await message.ack()
-            except Exception as exc:  # the channel went away: RabbitMQ redelivers; inbox absorbs
-                log.info("AMQP ack of %s lost (%s)", id, exc)
+                await finish()
+            except Exception as exc:  # the source went away: it delivers again; inbox absorbs
+                log.info("release of %s at its source lost (%s)", id, exc)

@@ -78,7 +78,10 @@ class Outgoing:
     key: str | None
     created_at: datetime
     attempt: int
+    #: The one group of a redelivery; None for the first publish, to every group.
     group: str | None = None
+    #: The groups subscribed at prepare time (where a fallback write goes).
+    groups: tuple[str, ...] = ()
 
     @classmethod
     def first(cls, message: Message) -> Outgoing:
@@ -92,7 +95,12 @@ class Outgoing:
             key=message.key,
             created_at=message.created_at,
             attempt=1,
+            groups=message.groups,
         )
+
+    def targets(self) -> tuple[str, ...]:
+        """The groups this publish is for."""
+        return (self.group,) if self.group is not None else self.groups
 
 
 @dataclass(frozen=True, slots=True)

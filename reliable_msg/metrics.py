@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 TRANSITIONS = Counter("rmsg_transitions_total", "Messages moved into a status", ["status"])
 PUBLISH_SECONDS = Histogram(
@@ -16,3 +16,12 @@ CHECKBACKS = Counter(
 REDELIVERIES = Counter("rmsg_redeliveries_total", "Deliveries republished", ["group"])
 DEAD = Counter("rmsg_dead_total", "Messages or deliveries that went dead", ["reason"])
 SCANNER_ERRORS = Counter("rmsg_scanner_errors_total", "Scanner passes that failed", ["job"])
+MODE = Gauge("rmsg_degraded", "1 while this instance sees the switch degraded, else 0")
+MODE_CHANGES = Counter("rmsg_mode_changes_total", "Switch flips made by this instance", ["mode"])
+FALLBACK_WRITES = Counter(
+    "rmsg_fallback_writes_total", "Entries written to the Redis fallback", ["group"]
+)
+FALLBACK_DEPTH = Gauge("rmsg_fallback_depth", "Entries in a group's fallback shards", ["group"])
+SHARD_ALARMS = Counter(
+    "rmsg_fallback_shard_alarms_total", "Writes that found a shard over the alarm", ["group"]
+)

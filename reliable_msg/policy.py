@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import zlib
 
 _WORD = r"[A-Za-z0-9_\-]+"
 #: A message topic: dot-separated words, e.g. ``order.paid``.
@@ -54,3 +55,8 @@ def _match(pattern: list[str], words: list[str]) -> bool:
     if not words:
         return False
     return (head == "*" or head == words[0]) and _match(rest, words[1:])
+
+
+def shard_of(key: str, shards: int) -> int:
+    """The fallback shard of a message key (or id): stable across processes and hosts."""
+    return zlib.crc32(key.encode()) % shards

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -13,12 +15,22 @@ from .auth import Authenticator
 from .broker import RabbitBroker
 from .checkback import CheckBackClient
 from .errors import ReliableMsgError
+from .fallback import REDIS_ERRORS, FallbackWriter
+from .metrics import FALLBACK_DEPTH
+from .publisher import SwitchingPublisher
 from .scanners import CheckBackScanner, Purger, RedeliveryScanner, Scanners
 from .service import MessageService
 from .settings import Settings
 from .store import PgStore
+from .switch import Mode, Switch
 
 log = logging.getLogger(__name__)
+
+
+def instance_name() -> str:
+    """Who flips the switch, in its history: host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
 
 #: How long a readiness probe waits for each dependency.
 PROBE_TIMEOUT = 2.0
@@ -31,7 +43,7 @@ class Runtime:
         self,
         settings: Settings,
         store: PgStore,
-        broker: RabbitBroker,
+        rabbit: RabbitBroker,
         checkback: CheckBackClient,
         redis: aioredis.Redis,
         *,
@@ -39,30 +51,67 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.broker = broker
         self.redis = redis
         self.auth = Authenticator(settings)
-        self.service = MessageService(settings, store, broker)
+        fb = settings.fallback
+        self.switch = (
+            Switch(
+                redis, who=instance_name(), namespace=fb.namespace, poll_interval=fb.poll_interval
+            )
+            if fb.enabled
+            else None
+        )
+        self.fallback = (
+            FallbackWriter(
+                redis,
+                {name: settings.shards(name) for name in settings.groups},
+                namespace=fb.namespace,
+                default_shards=fb.shards,
+                alarm=fb.shard_alarm,
+            )
+            if fb.enabled
+            else None
+        )
+        self.broker = SwitchingPublisher(
+            rabbit, self.fallback, self.switch, failure_threshold=fb.failure_threshold
+        )
+        self.service = MessageService(settings, store, self.broker)
         self.checkback_client = checkback
         self.checkback = CheckBackScanner(settings, store, self.service, checkback)
-        self.redelivery = RedeliveryScanner(settings, store, broker)
+        self.redelivery = RedeliveryScanner(settings, store, self.broker)
         self.purger = Purger(settings, store)
         self.scanners = (
-            Scanners(settings, self.checkback, self.redelivery, self.purger) if scanners else None
+            Scanners(
+                settings,
+                self.checkback,
+                self.redelivery,
+                self.purger,
+                self.broker,
+                self.broker_report,
+            )
+            if scanners
+            else None
         )
+        self._watch: asyncio.Task[None] | None = None
 
     @classmethod
     async def create(cls, settings: Settings, *, scanners: bool | None = None) -> Runtime:
         """Connect to PostgreSQL (must answer) and RabbitMQ (may come later)."""
         store = await PgStore.connect(settings.database_url, pool_size=settings.db_pool_size)
-        broker = RabbitBroker(settings)
+        rabbit = RabbitBroker(settings)
         client = CheckBackClient(settings.checkback)
         redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=PROBE_TIMEOUT)
         run_scanners = settings.scanner.enabled if scanners is None else scanners
-        return cls(settings, store, broker, client, redis, scanners=run_scanners)
+        return cls(settings, store, rabbit, client, redis, scanners=run_scanners)
 
     async def start(self) -> None:
-        await self.broker.start()
+        if self.switch is not None:
+            try:
+                await self.switch.refresh()
+            except REDIS_ERRORS as exc:
+                log.warning("Redis unreachable at start-up (%s); switch assumed normal", exc)
+            self._watch = asyncio.create_task(self.switch.watch())
+        await self.broker.rabbit.start()
         await self.checkback_client.start()
         if self.scanners is not None:
             self.scanners.start()
@@ -70,8 +119,11 @@ class Runtime:
     async def stop(self) -> None:
         if self.scanners is not None:
             await self.scanners.stop()
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
         await self.checkback_client.close()
-        await self.broker.close()
+        await self.broker.rabbit.close()
         await self.redis.aclose()
         await self.store.close()
 
@@ -79,11 +131,36 @@ class Runtime:
         """Each dependency's state, as ``ok`` or a short reason."""
         postgres, redis = await asyncio.gather(self._probe_postgres(), self._probe_redis())
         return {
-            "mode": "normal",
+            "mode": self.mode,
             "postgres": postgres,
             "rabbitmq": "ok" if self.broker.connected else "disconnected",
             "redis": redis,
         }
+
+    @property
+    def mode(self) -> str:
+        return self.switch.state.mode.value if self.switch is not None else Mode.NORMAL.value
+
+    async def broker_report(self) -> dict[str, Any]:
+        """Mode, switch history and fallback depth per group, for stats and dashboards."""
+        report: dict[str, Any] = {
+            "mode": self.mode,
+            "connected": self.broker.connected,
+            "consecutive_failures": self.broker.failures,
+        }
+        if self.switch is None or self.fallback is None:
+            return report
+        report["switch"] = self.switch.state.as_dict()
+        try:
+            report["history"] = await self.switch.history()
+            depths = {g: await self.fallback.depth(g) for g in self.settings.groups}
+        except REDIS_ERRORS as exc:
+            report["fallback_error"] = str(exc)
+            return report
+        for group, depth in depths.items():
+            FALLBACK_DEPTH.labels(group).set(depth)
+        report["fallback_depth"] = depths
+        return report
 
     async def _probe_postgres(self) -> str:
         try:

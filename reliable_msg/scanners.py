@@ -21,11 +21,15 @@ from .message import DeliveryUpdate, DueCheck, Outgoing
 from .metrics import CHECKBACKS, DEAD, REDELIVERIES, SCANNER_ERRORS, TRANSITIONS
 from .policy import backoff
 from .ports import Publisher, Store
+from .publisher import SwitchingPublisher
 from .service import MessageService
 from .settings import Settings
 from .states import D, M
 
 log = logging.getLogger(__name__)
+
+#: Seconds between refreshes of the gauges that need a look at Redis (fallback depth).
+REPORT_INTERVAL = 5.0
 
 
 class CheckBackScanner:
@@ -181,7 +185,8 @@ class Purger:
 
 
 class Scanners:
-    """One APScheduler scheduler per instance running the three jobs."""
+    """One APScheduler scheduler per instance running the jobs: check-back, redelivery,
+    purge, and the recovery probe (which does nothing unless degraded)."""
 
     def __init__(
         self,
@@ -189,6 +194,8 @@ class Scanners:
         checkback: CheckBackScanner,
         redelivery: RedeliveryScanner,
         purger: Purger,
+        publisher: SwitchingPublisher,
+        report: Callable[[], Awaitable[object]],
     ) -> None:
         self._settings = settings
         self._scheduler = AsyncIOScheduler(timezone=UTC)
@@ -197,6 +204,8 @@ class Scanners:
             "checkback": checkback.run_once,
             "redelivery": redelivery.run_once,
             "purge": purger.run_once,
+            "probe": lambda: _as_count(publisher.probe()),
+            "report": lambda: _as_count(report()),
         }
 
     def start(self) -> None:
@@ -205,6 +214,8 @@ class Scanners:
         for name in ("checkback", "redelivery"):
             self._add(name, cfg.interval, now)
         self._add("purge", cfg.purge_interval, now)
+        self._add("probe", self._settings.fallback.probe_interval, now)
+        self._add("report", REPORT_INTERVAL, now)
         self._scheduler.start()
 
     def _add(self, name: str, interval: float, first: datetime) -> None:
@@ -238,3 +249,7 @@ class Scanners:
             self._scheduler.shutdown(wait=False)
         if self._running:
             await asyncio.wait(set(self._running), timeout=grace)
+
+
+async def _as_count(result: Awaitable[object]) -> int:
+    return int(bool(await result))

@@ -199,9 +199,8 @@ class MessageService:
         )
 
     async def stats(self) -> dict[str, Any]:
-        stats = await self._store.stats()
-        stats["broker"] = {"mode": "normal", "connected": self._broker.connected}
-        return stats
+        """Counts per status, per topic and per group."""
+        return await self._store.stats()
 
     # -- admin -----------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ class GroupSettings(_Section):
     token: SecretStr | None = None
     queue: str | None = None
     max_attempts: int | None = Field(default=None, ge=1)
+    shards: int | None = Field(default=None, ge=1, le=16384)  #: fallback shards of this group
 
     @field_validator("topics")
     @classmethod
@@ -82,6 +83,18 @@ class RedeliverySettings(_Section):
     jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
     max_attempts: int = Field(default=16, ge=1)  #: then the delivery is dead
     retry_after_failure: Seconds = 5.0  #: when the broker refused a redelivery
+
+
+class FallbackSettings(_Section):
+    """Degradation to Redis while RabbitMQ is down (DESIGN §6)."""
+
+    enabled: bool = True
+    namespace: str = Field(default=constants.REDIS_NAMESPACE, pattern=r"^[A-Za-z0-9_.\-]+$")
+    failure_threshold: int = Field(default=10, ge=1)  #: consecutive failed publishes trip it
+    shards: int = Field(default=128, ge=1, le=16384)  #: streams per group, unless the group says
+    poll_interval: Seconds = 1.0  #: every instance re-reads the switch this often
+    probe_interval: Seconds = 2.0  #: while degraded, a probe publish is tried this often
+    shard_alarm: int = Field(default=10_000, ge=1)  #: a shard longer than this is alarmed
 
 
 class ScannerSettings(_Section):
@@ -124,6 +137,7 @@ class Settings(BaseSettings):
     checkback: CheckBackSettings = CheckBackSettings()
     redelivery: RedeliverySettings = RedeliverySettings()
     scanner: ScannerSettings = ScannerSettings()
+    fallback: FallbackSettings = FallbackSettings()
 
     producers: dict[str, ProducerSettings] = {}
     groups: dict[str, GroupSettings] = {}
@@ -165,6 +179,11 @@ class Settings(BaseSettings):
         settings = self.groups.get(group)
         return (settings.queue if settings else None) or f"{self.queue_prefix}{group}"
 
+    @property
+    def probe_queue(self) -> str:
+        """The queue the recovery probe publishes to (no group name can produce it)."""
+        return f"{self.queue_prefix}_probe"
+
     def dead_letter_queue(self, group: str) -> str:
         return self.queue_name(group) + constants.DEAD_LETTER_SUFFIX
 
@@ -173,6 +192,13 @@ class Settings(BaseSettings):
         if settings is not None and settings.max_attempts is not None:
             return settings.max_attempts
         return self.redelivery.max_attempts
+
+    def shards(self, group: str) -> int:
+        """How many fallback shards ``group`` has."""
+        settings = self.groups.get(group)
+        if settings is not None and settings.shards is not None:
+            return settings.shards
+        return self.fallback.shards
 
     def subscribers(self, topic: str) -> list[str]:
         """Groups whose topic patterns match ``topic``, in a stable order."""

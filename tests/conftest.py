@@ -16,12 +16,13 @@ import aio_pika
 import asyncpg
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from reliable_msg.api import create_app
 from reliable_msg.migrate import migrate
 from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings, load_settings
-from tests.helpers import rabbit
+from tests.helpers import rabbit, redis_ctl
 
 ADMIN = "admin-token"
 PRODUCER = "order-token"
@@ -65,9 +66,10 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture(autouse=True)
-def _rabbit_back() -> Iterator[None]:
-    """Whatever a test did to RabbitMQ, it is running again after it."""
+def _services_back() -> Iterator[None]:
+    """Whatever a test did to RabbitMQ or Redis, they are running again after it."""
     yield
+    redis_ctl.ensure_running()
     rabbit.ensure_running()
 
 
@@ -76,6 +78,12 @@ def names() -> dict[str, str]:
     """Exchange and queue names of this test alone."""
     tag = f"rmsgtest.{uuid.uuid4().hex[:8]}"
     return {"exchange": tag, "dead_letter_exchange": f"{tag}.dlx", "queue_prefix": f"{tag}."}
+
+
+@pytest.fixture
+def namespace(names: dict[str, str]) -> str:
+    """The Redis namespace of this test alone."""
+    return names["exchange"]
 
 
 @pytest.fixture
@@ -102,6 +110,7 @@ def make_settings(database_url: str, names: dict[str, str]) -> Callable[..., Set
             "checkback": {"after": 0.2, "backoff_base": 0.1, "backoff_cap": 0.5, "timeout": 1.0},
             "redelivery": {"ack_timeout": 0.3, "backoff_cap": 2.0, "max_attempts": 4},
             "scanner": {"interval": 0.1},
+            "fallback": {"namespace": names["exchange"], "shards": 8, "probe_interval": 0.2},
         }
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(data.get(key), dict):
@@ -126,6 +135,19 @@ async def runtime(settings: Settings, db: asyncpg.Connection) -> AsyncIterator[R
     yield rt
     await rt.stop()
     await rabbit.delete_topology(AMQP_URL, settings)
+    await _delete_redis_keys(settings)
+
+
+async def _delete_redis_keys(settings: Settings) -> None:
+    ns = settings.fallback.namespace
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        for pattern in (f"{{{ns}}}:*", f"{ns}:fb:*"):
+            keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
+            if keys:
+                await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

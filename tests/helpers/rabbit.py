@@ -30,7 +30,8 @@ def ensure_running() -> None:
         return
     try:
         _ctl("start_app")
-    except subprocess.CalledProcessError:
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        # The node itself is gone: start it again.
         subprocess.run(["rabbitmq-server", "-detached"], check=True, timeout=60)
     deadline = time.monotonic() + 120
     while not port_open():
@@ -44,6 +45,19 @@ def ensure_running() -> None:
 def stopped() -> Iterator[None]:
     """RabbitMQ's application stopped for the block, started again whatever happens."""
     _ctl("stop_app")
+    try:
+        yield
+    finally:
+        ensure_running()
+
+
+@contextlib.contextmanager
+def killed() -> Iterator[None]:
+    """The whole RabbitMQ node killed with SIGKILL for the block, started again after."""
+    subprocess.run(["pkill", "-KILL", "-f", "beam.smp.*rabbit"], timeout=30)
+    deadline = time.monotonic() + 30
+    while port_open() and time.monotonic() < deadline:
+        time.sleep(0.1)
     try:
         yield
     finally:

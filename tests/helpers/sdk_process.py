@@ -54,6 +54,11 @@ async def consume(group: str, crash_id: str | None) -> None:
         amqp_url=os.environ["AMQP"],
         pool=pool,
         queue=os.environ["QUEUE"],
+        redis_url=os.environ.get("REDIS"),
+        namespace=os.environ.get("NAMESPACE", "rmsg"),
+        shards=int(os.environ.get("SHARDS", "128")),
+        poll_interval=0.2,
+        claim_idle=1.0,
     )
     consumer.crash_id = crash_id
 

@@ -1,0 +1,218 @@
+"""The Redis fallback: per consumer group, a fixed set of shard streams.
+
+A message for a group goes to shard ``crc32(key or id) % shards`` of that group, a
+Redis Stream ``rmsg:fb:{<group>:<shard>}`` (its own hash tag, so shards spread over a
+Redis Cluster and no key is hot or big). Consumers read with one stream consumer group
+per stream (``XREADGROUP``), so an entry read but not acked stays in the pending list
+and is reclaimed (``XAUTOCLAIM``) from a consumer that died; an entry is deleted once
+handled and acked to the service. A shard longer than ``shard_alarm`` raises an alarm
+(log and metric) at each write that finds it so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from . import constants
+from .errors import BrokerUnavailable
+from .message import Outgoing
+from .metrics import FALLBACK_WRITES, SHARD_ALARMS
+from .policy import shard_of
+
+log = logging.getLogger(__name__)
+
+#: Redis failures: the fallback is unavailable.
+REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+def shard_key(namespace: str, group: str, shard: int) -> str:
+    return constants.FALLBACK_KEY.format(ns=namespace, group=group, shard=shard)
+
+
+def shard_keys(namespace: str, group: str, shards: int) -> list[str]:
+    return [shard_key(namespace, group, i) for i in range(shards)]
+
+
+def entry_fields(out: Outgoing) -> dict[str, str]:
+    return {
+        "id": out.id,
+        "topic": out.topic,
+        "producer": out.producer,
+        "payload": out.payload,
+        "headers": json.dumps(out.headers),
+        "key": out.key or "",
+        "attempt": str(out.attempt),
+        "created_at": out.created_at.isoformat(),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One fallback entry as a consumer reads it."""
+
+    stream: str
+    entry_id: str
+    id: str
+    topic: str
+    producer: str
+    payload: str
+    headers: dict[str, Any]
+    key: str | None
+    attempt: int
+    created_at: datetime
+
+    @classmethod
+    def parse(cls, stream: str, entry_id: str, fields: dict[str, str]) -> Entry:
+        return cls(
+            stream=stream,
+            entry_id=entry_id,
+            id=fields["id"],
+            topic=fields["topic"],
+            producer=fields["producer"],
+            payload=fields["payload"],
+            headers=json.loads(fields.get("headers") or "{}"),
+            key=fields.get("key") or None,
+            attempt=int(fields.get("attempt", "1")),
+            created_at=datetime.fromisoformat(fields["created_at"]),
+        )
+
+
+class FallbackWriter:
+    """Writes messages to their groups' shards (the service side)."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        shards: dict[str, int],
+        *,
+        namespace: str,
+        default_shards: int,
+        alarm: int,
+    ) -> None:
+        self._redis = redis
+        self._ns = namespace
+        self._shards = shards
+        self._default = default_shards
+        self._alarm = alarm
+
+    def key_for(self, group: str, out: Outgoing) -> str:
+        shards = self._shards.get(group, self._default)
+        return shard_key(self._ns, group, shard_of(out.key or out.id, shards))
+
+    async def write(self, outs: Sequence[Outgoing]) -> None:
+        """Append each message to the shard of each of its groups; return once Redis has
+        them all. Raises :class:`BrokerUnavailable` when Redis does not answer."""
+        writes = [(group, self.key_for(group, out), out) for out in outs for group in out.targets()]
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for _, key, out in writes:
+                    pipe.xadd(key, entry_fields(out))  # type: ignore[arg-type]
+                    pipe.xlen(key)
+                replies = await pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise BrokerUnavailable(
+                f"RabbitMQ is down and so is the Redis fallback: {exc}"
+            ) from exc
+        for (group, key, out), length in zip(writes, replies[1::2], strict=True):
+            FALLBACK_WRITES.labels(group).inc()
+            if length > self._alarm:
+                SHARD_ALARMS.labels(group).inc()
+                log.warning(
+                    "fallback shard %s holds %d entries (alarm at %d); message %s",
+                    key,
+                    length,
+                    self._alarm,
+                    out.id,
+                )
+
+    async def depth(self, group: str) -> int:
+        """Entries waiting in all shards of ``group``."""
+        keys = shard_keys(self._ns, group, self._shards.get(group, self._default))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.xlen(key)
+            lengths = await pipe.execute()
+        return int(sum(lengths))
+
+
+class FallbackReader:
+    """Reads a group's shards as one consumer (the consumer SDK side)."""
+
+    def __init__(
+        self, redis: aioredis.Redis, *, namespace: str, group: str, shards: int, consumer: str
+    ) -> None:
+        self._redis = redis
+        self.keys = shard_keys(namespace, group, shards)
+        self._consumer = consumer
+
+    async def prepare(self) -> None:
+        """Create each shard's stream consumer group, from the start of the stream."""
+        for key in self.keys:
+            try:
+                await self._redis.xgroup_create(key, constants.FALLBACK_READERS, "0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def read(self, keys: Sequence[str], count: int) -> list[Entry]:
+        """New entries of ``keys``, up to ``count`` per key; one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.xreadgroup(constants.FALLBACK_READERS, self._consumer, {key: ">"}, count=count)
+            replies = await pipe.execute()
+        return [entry for reply in replies for entry in _entries(reply)]
+
+    async def reclaim(self, keys: Sequence[str], idle: float, count: int) -> list[Entry]:
+        """Entries read by another consumer and not acked for ``idle`` seconds."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.xautoclaim(
+                    key,
+                    constants.FALLBACK_READERS,
+                    self._consumer,
+                    min_idle_time=int(idle * 1000),
+                    count=count,
+                )
+            replies = await pipe.execute()
+        found: list[Entry] = []
+        for key, reply in zip(keys, replies, strict=True):
+            found.extend(Entry.parse(key, _text(i), _fields(f)) for i, f in reply[1] if f)
+        return found
+
+    async def done(self, entry: Entry) -> None:
+        """Acknowledge and delete a handled entry."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(entry.stream, constants.FALLBACK_READERS, entry.entry_id)
+            pipe.xdel(entry.stream, entry.entry_id)
+            await pipe.execute()
+
+    async def depth(self) -> int:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in self.keys:
+                pipe.xlen(key)
+            return int(sum(await pipe.execute()))
+
+
+def _entries(reply: Any) -> list[Entry]:
+    entries = []
+    for stream, items in reply or []:
+        for entry_id, fields in items:
+            if fields:
+                entries.append(Entry.parse(_text(stream), _text(entry_id), _fields(fields)))
+    return entries
+
+
+def _fields(raw: dict[Any, Any]) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in raw.items()}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
