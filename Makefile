@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export RMSG_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/reliable_msg
 
-.PHONY: install services migrate check test serve clean
+.PHONY: install services migrate check test demo serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,10 +24,13 @@ migrate: install services
 check: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy reliable_msg tests
+	$(BIN)/mypy reliable_msg tests upstream_demo downstream_demo demo
 
 test: install services
 	$(BIN)/pytest -q
+
+demo: install services
+	$(BIN)/python -m demo
 
 serve: migrate
 	$(BIN)/reliable-msg serve

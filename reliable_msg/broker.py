@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from typing import Any
 
@@ -38,6 +39,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     RuntimeError,
     TimeoutError,
 )
+
+
+#: What the AMQP encoder raises for a value it cannot put on the wire: never transient.
+UNENCODABLE: tuple[type[BaseException], ...] = (ValueError, TypeError, OverflowError, struct.error)
 
 
 def amqp_message(out: Outgoing) -> aio_pika.Message:
@@ -133,12 +138,15 @@ class RabbitBroker:
             exchange, routing_key = self._exchange, out.topic
         else:
             exchange, routing_key = self._default, self._settings.queue_name(out.group)
+        wire = amqp_message(out)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._settings.publish_timeout):
-                await exchange.publish(amqp_message(out), routing_key, mandatory=True)
+                await exchange.publish(wire, routing_key, mandatory=True)
         except aiormq.exceptions.PublishError as exc:
             raise Unroutable(f"no queue is bound for {routing_key!r}") from exc
+        except UNENCODABLE as exc:
+            raise Unroutable(f"message {out.id} cannot be encoded for AMQP: {exc!r}") from exc
         except aiormq.exceptions.DeliveryError as exc:
             raise BrokerUnavailable(f"broker refused the message: {exc}") from exc
         except TimeoutError as exc:

@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
 
 from . import constants
+from .aio import first_of, stop_task
 from .client import RetryPolicy, ServiceClient
 from .errors import ReliableMsgError
 from .fallback import REDIS_ERRORS, Entry, FallbackReader
@@ -220,11 +221,17 @@ class Consumer:
         """Wait until the mode is normal again; False if stopping first."""
         while self.mode is Mode.DEGRADED and not self.stopping:
             self._mode_changed.clear()
-            await _first(self._stopping.wait(), self._mode_changed.wait())
+            await first_of(self._stopping.wait(), self._mode_changed.wait())
         return not self.stopping
 
     async def _consume_amqp(self) -> None:
-        connection = await aio_pika.connect(self._amqp_url, timeout=10)
+        connecting = asyncio.ensure_future(aio_pika.connect(self._amqp_url, timeout=10))
+        await first_of(asyncio.shield(connecting), self._stopping.wait())
+        if not connecting.done():  # asked to stop while connecting
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+            return
+        connection = connecting.result()
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         try:
@@ -233,7 +240,7 @@ class Consumer:
             queue = await channel.get_queue(self.queue, ensure=True)
             tag = await queue.consume(self._on_message)
             log.info("consumer %s: consuming %s", self.group, self.queue)
-            await _first(self._stopping.wait(), lost.wait())
+            await first_of(self._stopping.wait(), lost.wait())
             if not lost.is_set():
                 await queue.cancel(tag)
                 if self._in_flight:  # let them ack on this channel before it closes
@@ -350,17 +357,6 @@ def _amqp_ack(message: AbstractIncomingMessage) -> Finish:
     return finish
 
 
-async def _first(*waits: Awaitable[Any]) -> None:
-    """Wait until the first of ``waits`` completes; cancel the others."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 class FallbackDrain:
     """A consumer's workers over its group's Redis fallback shards."""
 
@@ -404,8 +400,8 @@ class FallbackDrain:
                 else:
                     await self._pause()
         finally:
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
+            self.switch.stop()
+            await stop_task(watch, within=self._poll + 2)
 
     async def _needed(self) -> bool:
         try:

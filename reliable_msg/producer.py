@@ -36,8 +36,8 @@ import asyncpg
 from fastapi import APIRouter, Header, HTTPException
 from pydantic import BaseModel
 
-from .client import RetryPolicy, ServiceClient
-from .errors import Fenced, ReliableMsgError
+from .client import TRANSIENT, RetryPolicy, ServiceClient
+from .errors import Conflict, Fenced, ReliableMsgError
 from .message import HeaderValue
 
 log = logging.getLogger(__name__)
@@ -100,13 +100,17 @@ class Producer:
 
     def __init__(
         self,
-        base_url: str,
-        token: str,
+        base_url: str | None = None,
+        token: str | None = None,
         *,
         retry: RetryPolicy | None = None,
         client: ServiceClient | None = None,
     ) -> None:
-        self.client = client or ServiceClient(base_url, token, retry=retry)
+        if client is None:
+            if base_url is None or token is None:
+                raise ValueError("Producer needs base_url and token, or a client")
+            client = ServiceClient(base_url, token, retry=retry)
+        self.client = client
 
     async def __aenter__(self) -> Producer:
         return self
@@ -137,18 +141,49 @@ class Producer:
     async def transaction_many(
         self, conn: Conn, messages: Sequence[Outgoing]
     ) -> AsyncIterator[Sent]:
-        """Run the block in ``conn``'s transaction with several messages, batched."""
+        """Run the block in ``conn``'s transaction with several messages, batched.
+
+        ``conn`` must not be in a transaction already: the confirm has to follow the
+        real commit, not a savepoint's.
+        """
+        if conn.is_in_transaction():
+            raise RuntimeError("Producer.transaction needs a connection outside a transaction")
         ids = [m.id for m in messages]
         await self._prepare(messages)
         sent = Sent(ids)
+        tx = conn.transaction()
+        await tx.start()
         try:
-            async with conn.transaction():
-                await _write_markers(conn, ids)
-                yield sent
-        except BaseException:
+            await _write_markers(conn, ids)
+            yield sent
+        except BaseException as exc:
+            await _rollback(tx)
+            if isinstance(exc, _MarkerTaken):
+                raise await self._marker_conflict(conn, ids) from exc
             await self._cancel_quietly(ids)
             raise
+        # A failed COMMIT has an unknown outcome: no cancel; check-back finds the facts.
+        await tx.commit()
         sent.confirmed = await self._confirm(ids)
+
+    async def _marker_conflict(self, conn: Conn, ids: list[str]) -> ReliableMsgError:
+        """Explain a marker that was already there when this transaction wrote its own."""
+        states = await conn.fetch(
+            f"SELECT message_id, state FROM {MARKER_TABLE} WHERE message_id = ANY($1::text[])",
+            ids,
+        )
+        committed = [r["message_id"] for r in states if r["state"] == "committed"]
+        if committed:
+            # Another transaction committed these messages: they are its, not ours to cancel.
+            return Conflict(
+                f"messages {committed} were already committed by another transaction",
+                code="duplicate_transaction",
+            )
+        await self._cancel_quietly(ids)
+        return Fenced(
+            f"a check-back already decided messages {ids} rolled back; "
+            "this transaction is rolled back too"
+        )
 
     async def _prepare(self, messages: Sequence[Outgoing]) -> None:
         if len(messages) == 1:
@@ -164,10 +199,10 @@ class Producer:
             if len(ids) == 1:
                 await self.client.confirm(ids[0])
             else:
-                failed = [i for i in await self.client.confirm_many(ids) if i.error]
+                failed = [i.error for i in await self.client.confirm_many(ids) if i.error]
                 if failed:
-                    raise failed[0].error  # type: ignore[misc]
-        except ReliableMsgError as exc:
+                    raise failed[0]
+        except TRANSIENT as exc:
             log.warning(
                 "messages %s committed but not confirmed (%s); check-back will deliver them",
                 ",".join(ids),
@@ -187,6 +222,10 @@ class Producer:
             log.warning("could not cancel %s (%s); check-back will", ",".join(ids), exc)
 
 
+class _MarkerTaken(Exception):
+    """A marker with one of this transaction's ids exists already."""
+
+
 async def _write_markers(conn: Conn, ids: list[str]) -> None:
     try:
         await conn.execute(
@@ -195,10 +234,15 @@ async def _write_markers(conn: Conn, ids: list[str]) -> None:
             ids,
         )
     except asyncpg.UniqueViolationError as exc:
-        raise Fenced(
-            f"a check-back already decided messages {ids} rolled back; "
-            "this transaction is rolled back too"
-        ) from exc
+        raise _MarkerTaken(ids) from exc
+
+
+async def _rollback(tx: asyncpg.transaction.Transaction) -> None:
+    try:
+        await tx.rollback()
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        # The connection is gone; the server rolls the transaction back by itself.
+        log.warning("rollback failed: %s", exc)
 
 
 async def check_back(pool: asyncpg.Pool, id: str, *, lock_timeout: float = 2.0) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from .aio import stop_task
 from .auth import Authenticator
 from .broker import RabbitBroker
 from .checkback import CheckBackClient
@@ -119,9 +120,9 @@ class Runtime:
     async def stop(self) -> None:
         if self.scanners is not None:
             await self.scanners.stop()
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
+        if self._watch is not None and self.switch is not None:
+            self.switch.stop()
+            await stop_task(self._watch, within=self.settings.fallback.poll_interval + 2)
         await self.checkback_client.close()
         await self.broker.rabbit.close()
         await self.redis.aclose()

@@ -26,6 +26,8 @@ V = TypeVar("V")
 
 #: What an AMQP field table holds as a signed 64-bit integer, the widest it has.
 _INT64 = range(-(2**63), 2**63)
+#: AMQP field-table names are short strings: at most 128 bytes.
+MAX_HEADER_NAME_BYTES = 128
 
 
 def _storable(value: V) -> V:
@@ -90,6 +92,11 @@ class MessageIn(_In):
         reserved = [h for h in headers if h.lower().startswith(constants.RESERVED_HEADER_PREFIX)]
         if reserved:
             raise ValueError(f"header names starting with x-rmsg- are reserved: {reserved}")
+        too_long = [h for h in headers if len(h.encode()) > MAX_HEADER_NAME_BYTES]
+        if too_long:
+            raise ValueError(
+                f"header names over {MAX_HEADER_NAME_BYTES} bytes cannot go on AMQP: {too_long}"
+            )
         too_wide = [h for h, v in headers.items() if isinstance(v, int) and v not in _INT64]
         if too_wide:
             raise ValueError(f"header values over 64 bits cannot go on AMQP: {too_wide}")

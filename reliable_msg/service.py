@@ -206,12 +206,12 @@ class MessageService:
 
     async def requeue(self, id: str) -> Message:
         """Bring one ``dead`` message back (see :meth:`PgStore.requeue`)."""
-        await self._requeue_batch(ids=[id], topic=None, group=None)
+        moved = await self._requeue_batch(ids=[id], topic=None, group=None)
         m = await self._store.get(id)
         if m is None:
             raise _unknown(id)
-        if m.status is M.DEAD:
-            raise Conflict(f"message {id!r} could not be requeued", code="requeue_failed")
+        if not moved:
+            raise Conflict(f"message {id!r} is {m.status}, not dead", code="not_dead")
         return m
 
     async def requeue_all(self, topic: str | None, group: str | None) -> int:

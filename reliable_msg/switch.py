@@ -9,6 +9,7 @@ the hash every ``poll_interval`` seconds, so a missed notice costs at most that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -77,6 +78,7 @@ class Switch:
         self._state = SwitchState(Mode.NORMAL)
         self._flip = redis.register_script(_FLIP)
         self._changed = asyncio.Event()
+        self._stopping = asyncio.Event()
 
     @property
     def state(self) -> SwitchState:
@@ -142,17 +144,26 @@ class Switch:
         return [json.loads(item) for item in items]
 
     async def watch(self) -> None:
-        """Follow the switch until cancelled: pub/sub notices plus periodic re-reads.
+        """Follow the switch until :meth:`stop`: pub/sub notices plus periodic re-reads.
 
         Survives Redis going away and coming back; while Redis is unreachable the last
-        known state holds.
+        known state holds. Stopping is a flag checked at least every ``poll_interval``,
+        not a task cancellation, which a read inside the Redis client could swallow.
         """
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self._follow()
             except (RedisError, OSError) as exc:
                 log.debug("switch watch: Redis unavailable (%s)", exc)
-                await asyncio.sleep(self._poll)
+                await self._pause(self._poll)
+
+    def stop(self) -> None:
+        """End :meth:`watch` within one poll interval."""
+        self._stopping.set()
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _follow(self) -> None:
         pubsub = self._redis.pubsub()
@@ -160,7 +171,7 @@ class Switch:
             await pubsub.subscribe(self._channel)
             await self.refresh()
             next_poll = time.monotonic() + self._poll
-            while True:
+            while not self._stopping.is_set():
                 timeout = max(0.0, next_poll - time.monotonic())
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
                 if message is not None:
@@ -169,7 +180,9 @@ class Switch:
                     await self.refresh()
                     next_poll = time.monotonic() + self._poll
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 def _state(raw: dict[Any, Any]) -> SwitchState:

@@ -31,7 +31,8 @@ if ! answers 127.0.0.1 6379; then
 fi
 
 if ! answers 127.0.0.1 5672; then
-  if command -v rabbitmqctl >/dev/null && rabbitmqctl -q status >/dev/null 2>&1; then
+  # `ping` answers while the node runs, even with its application stopped.
+  if command -v rabbitmq-diagnostics >/dev/null && rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
     echo "services: starting the RabbitMQ application"
     rabbitmqctl -q start_app
   else

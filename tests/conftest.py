@@ -32,6 +32,8 @@ GROUP_TOKENS = {"inventory": "inventory-token", "credit": "credit-token", "wms":
 #: The PostgreSQL server the tests use; each test run makes a database of its own there.
 SERVER_URL = os.environ.get("RMSG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
 DATABASE_URL = f"{SERVER_URL}/rmsg_test_{os.getpid()}"
+#: Prefix of every RabbitMQ name and Redis namespace the tests make.
+TEST_PREFIX = "rmsgtest."
 AMQP_URL = os.environ.get("RMSG_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
@@ -52,6 +54,7 @@ def database_url() -> Iterator[str]:
         await migrate(DATABASE_URL)
 
     asyncio.run(fresh())
+    rabbit.remove_stale(TEST_PREFIX)
     yield DATABASE_URL
     asyncio.run(_drop_database(DATABASE_URL))
 
@@ -76,7 +79,7 @@ def _services_back() -> Iterator[None]:
 @pytest.fixture
 def names() -> dict[str, str]:
     """Exchange and queue names of this test alone."""
-    tag = f"rmsgtest.{uuid.uuid4().hex[:8]}"
+    tag = f"{TEST_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:8]}"
     return {"exchange": tag, "dead_letter_exchange": f"{tag}.dlx", "queue_prefix": f"{tag}."}
 
 
@@ -94,6 +97,9 @@ def make_settings(database_url: str, names: dict[str, str]) -> Callable[..., Set
             "amqp_url": AMQP_URL,
             "admin_token": ADMIN,
             "publish_timeout": 2.0,
+            # Classic queues are far cheaper to declare and delete than quorum queues;
+            # the wire-format test declares quorum ones.
+            "queue_type": "classic",
             "max_payload_bytes": 1024,
             "max_request_bytes": 64 * 1024,
             "max_batch": 100,

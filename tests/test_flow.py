@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 import aio_pika
 import asyncpg
 import httpx
+import pytest
 
 from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings
@@ -32,12 +34,31 @@ async def status_of(db: asyncpg.Connection, id: str) -> str:
     return status
 
 
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings], request: pytest.FixtureRequest) -> Settings:
+    # The wire-format test runs on the production default, quorum queues.
+    quorum = request.node.name.startswith("test_confirmed_message_reaches")
+    return make_settings(queue_type="quorum" if quorum else "classic")
+
+
 async def test_confirmed_message_reaches_every_group_queue_with_wire_properties(
     client: httpx.AsyncClient,
     settings: Settings,
     amqp: aio_pika.abc.AbstractConnection,
     db: asyncpg.Connection,
 ) -> None:
+    async with amqp.channel() as channel:
+        # A passive declare with another queue type would fail: these are quorum queues.
+        for group in ("inventory", "credit", "wms"):
+            await channel.declare_queue(
+                settings.queue_name(group),
+                durable=True,
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-dead-letter-exchange": settings.dead_letter_exchange,
+                    "x-dead-letter-routing-key": group,
+                },
+            )
     r = await prepare(client, "m-1", headers={"trace": "abc"}, key="member-7")
     assert r.status_code == 201, r.text
     assert r.json()["status"] == "pending"

@@ -18,7 +18,7 @@ from reliable_msg import producer as producer_sdk
 from reliable_msg.api import create_app
 from reliable_msg.client import RetryPolicy
 from reliable_msg.consumer import Consumer, Received
-from reliable_msg.errors import Unprocessable
+from reliable_msg.errors import Conflict, Fenced, Unprocessable
 from reliable_msg.producer import Outgoing, Producer, check_back_router
 from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings
@@ -213,11 +213,60 @@ async def test_check_back_fences_a_transaction_that_never_committed(
 ) -> None:
     assert await producer_sdk.check_back(pool, "never") == "rolled_back"
     # The producer's transaction arriving late cannot commit any more.
-    async with pool.acquire() as conn:
-        with pytest.raises(Exception, match="rolled back"):
-            async with conn.transaction():
-                await producer_sdk._write_markers(conn, ["never"])
+    ran = False
+    with pytest.raises(Fenced):
+        async with pool.acquire() as conn:
+            async with producer.transaction(conn, "order.paid", {}, id="never"):
+                ran = True
+    assert not ran
     assert await producer_sdk.check_back(pool, "never") == "rolled_back"
+    assert await sdk_db.fetchval("SELECT status FROM rmsg_message WHERE id = 'never'") == (
+        "cancelled"
+    )
+
+
+async def test_a_second_transaction_with_the_same_id_never_cancels_the_first(
+    producer: Producer, pool: asyncpg.Pool, sdk_db: asyncpg.Connection
+) -> None:
+    first_in = asyncio.Event()
+    release = asyncio.Event()
+
+    async def first() -> None:
+        async with pool.acquire() as conn:
+            async with producer.transaction(conn, "order.paid", {"n": 1}, id="twice") as sent:
+                await conn.execute("INSERT INTO sdk_orders (id) VALUES ('first')")
+                first_in.set()
+                await release.wait()
+        assert sent.confirmed
+
+    async def second() -> None:
+        await first_in.wait()
+        async with pool.acquire() as conn:
+            async with producer.transaction(conn, "order.paid", {"n": 1}, id="twice"):
+                await conn.execute("INSERT INTO sdk_orders (id) VALUES ('second')")
+
+    one = asyncio.create_task(first())
+    two = asyncio.create_task(second())
+    await first_in.wait()
+    await asyncio.sleep(0.3)  # the second transaction now waits on the first one's marker
+    release.set()
+    await one
+    with pytest.raises(Conflict) as raised:
+        await two
+    assert raised.value.code == "duplicate_transaction"
+    assert await sdk_db.fetchval("SELECT status FROM rmsg_message WHERE id = 'twice'") == "sent"
+    orders = await sdk_db.fetch("SELECT id FROM sdk_orders")
+    assert [r["id"] for r in orders] == ["first"]
+
+
+async def test_a_connection_already_in_a_transaction_is_refused(
+    producer: Producer, pool: asyncpg.Pool, sdk_db: asyncpg.Connection
+) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        with pytest.raises(RuntimeError, match="outside a transaction"):
+            async with producer.transaction(conn, "order.paid", {}):
+                pass
+    assert await sdk_db.fetchval("SELECT count(*) FROM rmsg_message") == 0
 
 
 async def test_check_back_waits_for_an_open_transaction(

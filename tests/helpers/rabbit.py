@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import subprocess
 import time
@@ -88,12 +89,35 @@ async def delete_topology(url: str, settings: Settings) -> None:
     """Remove the exchanges and queues a test declared."""
     connection = await aio_pika.connect(url)
     try:
+        queues = [settings.probe_queue]
         for group in settings.groups:
-            for queue in (settings.queue_name(group), settings.dead_letter_queue(group)):
-                async with connection.channel() as channel:
-                    await channel.queue_delete(queue)
+            queues += [settings.queue_name(group), settings.dead_letter_queue(group)]
+        for queue in queues:
+            async with connection.channel() as channel:
+                await channel.queue_delete(queue)
         for exchange in (settings.exchange, settings.dead_letter_exchange):
             async with connection.channel() as channel:
                 await channel.exchange_delete(exchange)
     finally:
         await connection.close()
+
+
+def remove_stale(prefix: str) -> None:
+    """Delete queues named ``<prefix><pid>.…`` whose test run is gone (a killed run
+    leaves its queues behind, and a node with thousands of them restarts slowly)."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    for name in listed.stdout.split():
+        if name.startswith(prefix) and not _alive(name[len(prefix) :].split(".")[0]):
+            subprocess.run(
+                ["rabbitmqctl", "-q", "delete_queue", name], timeout=60, capture_output=True
+            )
+
+
+def _alive(pid: str) -> bool:
+    return pid.isdigit() and os.path.exists(f"/proc/{pid}")

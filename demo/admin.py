@@ -1,0 +1,43 @@
+"""The reliable-msg service as its admin sees it: readiness, stats and messages."""
+
+from __future__ import annotations
+
+from reliable_msg.client import RetryPolicy, ServiceClient
+from reliable_msg.errors import ReliableMsgError
+
+#: Admin calls are polled; a failure is tried again at the next poll.
+QUICK = RetryPolicy(attempts=2, initial=0.1, max_wait=0.2, deadline=2.0)
+#: The largest page ``GET /v1/messages`` gives.
+PAGE = 1000
+
+
+class ServiceAdmin:
+    def __init__(self, base_url: str, token: str) -> None:
+        self._client = ServiceClient(base_url, token, retry=QUICK, timeout=5.0)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def ready(self) -> bool:
+        try:
+            answer = await self._client.call("GET", "/readyz")
+        except ReliableMsgError:
+            return False
+        return answer.get("status") == "ready"
+
+    async def message_counts(self) -> dict[str, int]:
+        """Messages per status, from ``GET /v1/stats``."""
+        stats = await self._client.call("GET", "/v1/stats")
+        return {str(k): int(v) for k, v in stats.get("messages", {}).items()}
+
+    async def message_statuses(self) -> dict[str, str]:
+        """Every message's status by id, from ``GET /v1/messages`` page by page."""
+        statuses: dict[str, str] = {}
+        cursor: str | None = None
+        while True:
+            path = f"/v1/messages?limit={PAGE}" + (f"&cursor={cursor}" if cursor else "")
+            page = await self._client.call("GET", path)
+            statuses.update((m["id"], m["status"]) for m in page["messages"])
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return statuses

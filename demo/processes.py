@@ -1,0 +1,131 @@
+"""The demo's processes: started with their logs in the run directory, restarted when
+they die (the injected crashes kill them), and stopped whatever happens."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DemoError
+
+#: How often the supervisor looks for dead processes.
+POLL = 0.1
+#: Seconds a process gets to stop after SIGTERM before SIGKILL.
+GRACE = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Child:
+    """One process of the demo, as a command line, an environment and a log file."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    max_restarts: int = 0  #: the crashes planned for it; one more is a failure
+    tier: int = 1  #: children of a higher tier depend on those of lower ones and stop first
+    restarts: int = 0
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            out.write(f"--- {time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
+
+    def exit_code(self) -> int | None:
+        """None while it runs (or was never started)."""
+        return self.proc.poll() if self.proc is not None else None
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def reap(self, deadline: float) -> None:
+        """Wait until ``deadline`` (monotonic) for it to exit, then SIGKILL it."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"
+
+
+class Supervisor:
+    """Restarts a child that dies, up to its ``max_restarts``; stops all at the end."""
+
+    def __init__(self, on_event: Callable[[str], None]) -> None:
+        self.children: dict[str, Child] = {}
+        self._on_event = on_event
+        self._stopping = False
+
+    def start(self, child: Child) -> Child:
+        self.children[child.name] = child
+        child.start()
+        return child
+
+    async def watch(self) -> None:
+        """Run until cancelled; raise :class:`DemoError` when a child dies too often."""
+        while not self._stopping:
+            for child in list(self.children.values()):
+                code = child.exit_code()
+                if code is not None and not self._stopping:
+                    self._restart(child, code)
+            await asyncio.sleep(POLL)
+
+    def _restart(self, child: Child, code: int) -> None:
+        if child.restarts >= child.max_restarts:
+            raise DemoError(
+                f"{child.name} {describe_exit(code)} (restarted {child.restarts} times already);"
+                f" its log {child.log} ends with:\n{child.tail()}"
+            )
+        child.restarts += 1
+        self._on_event(f"{child.name} {describe_exit(code)}: restarting it (#{child.restarts})")
+        child.start()
+
+    def stop_restarting(self) -> None:
+        self._stopping = True
+
+    def stop_all(self, grace: float = GRACE) -> None:
+        """Stop every child, tier by tier from the highest: SIGTERM to the tier, then
+        SIGKILL to any still there after ``grace`` seconds."""
+        self._stopping = True
+        for tier in sorted({c.tier for c in self.children.values()}, reverse=True):
+            children = [c for c in self.children.values() if c.tier == tier]
+            for child in children:
+                child.terminate()
+            deadline = time.monotonic() + grace
+            for child in children:
+                child.reap(deadline)

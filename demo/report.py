@@ -1,0 +1,49 @@
+"""The run's outcome as a table (rich) and a verdict line."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .verdict import CONSISTENCY, Outcome
+
+
+def table(outcome: Outcome, title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column("area", style="bold")
+    t.add_column("check")
+    t.add_column("found", justify="right")
+    t.add_column("expected", justify="right")
+    t.add_column("", justify="center")
+    checks = outcome.checks
+    for i, check in enumerate(checks):
+        first = i == 0 or checks[i - 1].area != check.area
+        last = i == len(checks) - 1 or checks[i + 1].area != check.area
+        t.add_row(
+            check.area if first else "",
+            check.what,
+            str(check.found),
+            str(check.expected),
+            "[green]ok[/]" if check.ok else "[bold red]FAIL[/]",
+            end_section=last,
+        )
+    return t
+
+
+def verdict(console: Console, outcome: Outcome, timed_out: bool) -> None:
+    if outcome.balanced:
+        console.print(
+            "[bold green]verdict: BALANCED[/] - every paid order has exactly one effect in"
+            " inventory, credit and wms, and every unpaid order has none",
+            soft_wrap=True,
+        )
+    else:
+        failed = [c.what for c in outcome.checks if c.area == CONSISTENCY and not c.ok]
+        console.print(f"[bold red]verdict: NOT BALANCED[/] - {'; '.join(failed)}", soft_wrap=True)
+    if timed_out:
+        console.print("[bold red]timed out[/] waiting for every message to be settled")
+    elif outcome.as_planned:
+        console.print("every injected failure happened and healed as planned", soft_wrap=True)
+    else:
+        failed = [f"{c.area}: {c.what}" for c in outcome.checks if not c.ok]
+        console.print(f"[bold red]not as planned[/]: {'; '.join(failed)}", soft_wrap=True)

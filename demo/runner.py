@@ -1,0 +1,470 @@
+"""One run of the demo, from a clean slate to the verdict.
+
+1. Reset: the demo's RabbitMQ objects and service database are removed, the service
+   database migrated afresh, the demo schemas emptied and seeded.
+2. Start the service and the order service; create the orders over HTTP.
+3. Plan the failures over the order ids (:mod:`demo.plan`); start the three consumers,
+   told which orders to die after.
+4. Pay every order over HTTP, in waves, with the planned failures; the supervisor
+   restarts whatever dies.
+5. Wait until the service reports every message ``done`` or ``cancelled``, then read the
+   books and judge them (:mod:`demo.verdict`).
+
+Every process started is stopped at the end, whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import aio_pika
+import aiohttp
+import asyncpg
+import redis
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from downstream_demo.worker import crash_marker
+from reliable_msg.errors import ReliableMsgError
+
+from . import books, rabbit, redis_keys, report
+from .admin import ServiceAdmin
+from .errors import DemoError
+from .options import Options
+from .plan import Plan, make_plan, waves
+from .processes import Child, Supervisor, free_port
+from .shop import Answer, Shop
+from .verdict import Facts, Outcome, judge
+
+#: Seconds a process gets to become ready.
+STARTUP = 30.0
+#: Seconds to wait for the consumers to drain their queues once every message settled.
+DRAIN = 10.0
+#: The producer the demo config declares for the order service.
+PRODUCER = "order"
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """Every token of the run, generated at start; they reach the processes by env."""
+
+    admin: str
+    order: str
+    groups: dict[str, str]
+
+    @classmethod
+    def generate(cls, groups: Sequence[str]) -> Tokens:
+        return cls(
+            admin=secrets.token_urlsafe(24),
+            order=secrets.token_urlsafe(24),
+            groups={g: secrets.token_urlsafe(24) for g in groups},
+        )
+
+
+class Run:
+    def __init__(self, options: Options, console: Console) -> None:
+        self.options = options
+        self.console = console
+        self.tokens = Tokens.generate(options.groups)
+        self.service_port = free_port()
+        self.order_port = free_port()
+        self.logs = options.run_dir / "logs"
+        self.state = options.run_dir / "state"
+        self.supervisor = Supervisor(self._event)
+        #: The signal that interrupted the run, if one did.
+        self.interrupted: signal.Signals | None = None
+
+    @property
+    def service_url(self) -> str:
+        return f"http://127.0.0.1:{self.service_port}"
+
+    @property
+    def order_url(self) -> str:
+        return f"http://127.0.0.1:{self.order_port}"
+
+    async def main(self) -> int:
+        """Run the demo; the exit status: 0 balanced and as planned, 1 not, 2 timed out,
+        128 + the signal number when interrupted by SIGINT or SIGTERM."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.console.rule(f"reliable-msg e-commerce demo: {self.options.orders} orders")
+        self.console.print(f"logs, state and report in {self.options.run_dir}")
+        self._handle_signals()
+        try:
+            await self._reset()
+            return await self._supervised(self._scenario())
+        except asyncio.CancelledError:
+            if self.interrupted is None:
+                raise
+            self.console.print(f"interrupted by {self.interrupted.name}")
+            return 128 + self.interrupted.value
+        finally:
+            self.supervisor.stop_all()
+            self.console.print("every process the demo started is stopped")
+
+    def _handle_signals(self) -> None:
+        """On SIGINT or SIGTERM: no more restarts (a terminal's Ctrl-C reaches the
+        children too) and cancel the run, so that :meth:`main` stops every process."""
+        main = asyncio.current_task()
+        assert main is not None
+
+        def interrupt(sig: signal.Signals) -> None:
+            self.supervisor.stop_restarting()
+            if self.interrupted is None:
+                self.interrupted = sig
+                main.cancel()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, interrupt, sig)
+
+    async def _supervised(self, scenario: Coroutine[Any, Any, int]) -> int:
+        """Run ``scenario`` while the supervisor restarts the processes that die; a
+        process that dies more often than planned ends the scenario with its error."""
+        watcher = asyncio.create_task(self.supervisor.watch())
+        work = asyncio.create_task(scenario)
+        try:
+            await asyncio.wait({watcher, work}, return_when=asyncio.FIRST_COMPLETED)
+            if watcher.done():
+                watcher.result()
+            return await work
+        finally:
+            for task in (watcher, work):
+                task.cancel()
+            await asyncio.gather(watcher, work, return_exceptions=True)
+
+    # -- 1. reset ------------------------------------------------------------------------
+
+    async def _reset(self) -> None:
+        o = self.options
+        with self.console.status("resetting the demo's databases and queues"):
+            try:
+                await rabbit.reset(o.amqp_url, o.names, o.groups)
+                await redis_keys.reset(o.redis_url, o.names.namespace)
+                await books.drop_database(o.service_database_url)
+                await self._migrate()
+                await books.reset(o.database_url, o.orders)
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                aio_pika.exceptions.AMQPError,
+                redis.RedisError,
+            ) as exc:
+                raise DemoError(f"cannot reset the demo: {exc!r}") from exc
+        self.console.print(
+            f"reset: {o.orders} products at {books.STOCK} and {o.orders} members at"
+            f" {books.POINTS} points in {o.database_url}; service database"
+            f" {o.service_database_url} migrated; RabbitMQ names {o.names.exchange}*,"
+            f" Redis namespace {o.names.namespace}"
+        )
+
+    async def _migrate(self) -> None:
+        log = self.logs / "migrate.log"
+        with log.open("ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *self._reliable_msg("migrate"),
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self._service_env(),
+            )
+            code = await proc.wait()
+        if code != 0:
+            raise DemoError(f"reliable-msg migrate failed; see {log}:\n{log.read_text()[-2000:]}")
+
+    # -- 2.-5. the scenario --------------------------------------------------------------
+
+    async def _scenario(self) -> int:
+        admin = ServiceAdmin(self.service_url, self.tokens.admin)
+        connector = aiohttp.TCPConnector(force_close=True)  # no stale keep-alive after a kill
+        timeout = aiohttp.ClientTimeout(total=30)
+        try:
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+                shop = Shop(self.order_url, session)
+                await self._start_service(admin)
+                await self._start_order_service(shop)
+                with self._progress() as progress:
+                    ids = await self._create_orders(shop, progress)
+                    plan = make_plan(ids, self.options.groups, self.options.seed)
+                    self._announce(plan)
+                    await self._start_consumers(plan)
+                    unexpected = await self._pay(shop, ids, plan, progress)
+                    settled = await self._settle(admin, len(ids), progress)
+                if settled:
+                    await self._drain()
+                facts = await self._facts(admin, plan, unexpected)
+        finally:
+            await admin.close()
+        outcome = judge(facts)
+        self._report(outcome, facts, timed_out=not settled)
+        if not settled:
+            return 2
+        return 0 if outcome.balanced and outcome.as_planned else 1
+
+    async def _start_service(self, admin: ServiceAdmin) -> None:
+        argv = self._reliable_msg("serve", "--port", str(self.service_port))
+        self._start("service", argv, self._service_env(), tier=0)
+        await _until(admin.ready, STARTUP, f"the service at {self.service_url} is not ready")
+        self._event(f"service ready at {self.service_url}")
+
+    async def _start_order_service(self, shop: Shop) -> None:
+        env = {
+            **_base_env(),
+            "DEMO_DATABASE_URL": self.options.database_url,
+            "DEMO_SERVICE_URL": self.service_url,
+            "DEMO_ORDER_TOKEN": self.tokens.order,
+        }
+        argv = [sys.executable, "-m", "upstream_demo", "--port", str(self.order_port)]
+        self._start(PRODUCER, argv, env)
+        await shop.wait_healthy(STARTUP)
+        self._event(f"order service ready at {self.order_url}")
+
+    async def _start_consumers(self, plan: Plan) -> None:
+        o = self.options
+        for group in o.groups:
+            env = {
+                **_base_env(),
+                "DEMO_DATABASE_URL": o.database_url,
+                "DEMO_SERVICE_URL": self.service_url,
+                f"DEMO_{group.upper()}_TOKEN": self.tokens.groups[group],
+                "DEMO_AMQP_URL": o.amqp_url,
+                "DEMO_QUEUE_PREFIX": o.names.queue_prefix,
+                "DEMO_REDIS_URL": o.redis_url,
+                "DEMO_NAMESPACE": o.names.namespace,
+                "DEMO_SHARDS": str(o.shards),
+                "DEMO_STATE_DIR": str(self.state),
+                "DEMO_CRASH_AFTER_EFFECT": ",".join(map(str, sorted(plan.consumer_crashes[group]))),
+            }
+            argv = [sys.executable, "-m", "downstream_demo", group]
+            self._start(group, argv, env, restarts=len(plan.consumer_crashes[group]))
+
+        async def consuming() -> bool:
+            states = await rabbit.queue_states(o.amqp_url, o.names, o.groups)
+            return all(s.consumers > 0 for s in states.values())
+
+        await _until(consuming, STARTUP, "the consumers did not start consuming")
+        self._event(f"consumers {', '.join(o.groups)} consuming")
+
+    async def _create_orders(self, shop: Shop, progress: Progress) -> list[int]:
+        task = progress.add_task("creating orders", total=self.options.orders)
+        limit = asyncio.Semaphore(self.options.concurrency)
+
+        async def create(i: int) -> int:
+            async with limit:
+                order_id = await shop.create(i, books.sku(i), books.QTY, books.PRICE * books.QTY)
+            progress.advance(task)
+            return order_id
+
+        return list(await asyncio.gather(*(create(i) for i in range(1, self.options.orders + 1))))
+
+    def _announce(self, plan: Plan) -> None:
+        self.supervisor.children[PRODUCER].max_restarts = len(plan.upstream_crashes)
+        self._event(f"local transaction fails for orders {_ids(plan.local_failures)}")
+        self._event(f"order service dies after commit for orders {_ids(plan.upstream_crashes)}")
+        for group, ids in plan.consumer_crashes.items():
+            self._event(f"{group} dies after its effect for orders {_ids(ids)}")
+
+    async def _pay(self, shop: Shop, ids: list[int], plan: Plan, progress: Progress) -> int:
+        """Pay every order; return how many answers were not the planned ones."""
+        task = progress.add_task("paying orders", total=len(ids))
+        limit = asyncio.Semaphore(self.options.concurrency)
+        unexpected = 0
+
+        async def pay(order_id: int) -> bool:
+            async with limit:
+                answer = await shop.pay(order_id, plan.query(order_id))
+            progress.advance(task)
+            return self._as_planned(plan, order_id, answer)
+
+        for wave in waves(ids, plan):
+            if wave[0] in plan.upstream_crashes:
+                unexpected += not await self._pay_and_crash(shop, wave[0])
+                progress.advance(task)
+            else:
+                unexpected += sum(not ok for ok in await asyncio.gather(*map(pay, wave)))
+        return unexpected
+
+    def _as_planned(self, plan: Plan, order_id: int, answer: Answer) -> bool:
+        if order_id in plan.local_failures:
+            ok = answer.status == 500 and answer.code == "payment_failed"
+        else:
+            ok = answer.status == 200 and answer.body.get("status") == "paid"
+        if not ok:
+            self._event(f"[red]order {order_id}: unplanned answer {answer.summary}[/]")
+        return ok
+
+    async def _pay_and_crash(self, shop: Shop, order_id: int) -> bool:
+        answer = await shop.pay(order_id, {"crash": "after_commit"})
+        if answer.status is not None:
+            self._event(f"[red]order {order_id}: the order service answered {answer.summary}[/]")
+            return False
+        await shop.wait_healthy(STARTUP)
+        after = await shop.get(order_id)
+        self._event(
+            f"order {order_id}: the order service died after its commit, before the confirm;"
+            f" after the restart the order is {after.body.get('status')}: check-back will send"
+            " order.paid"
+        )
+        return after.body.get("status") == "paid"
+
+    async def _settle(self, admin: ServiceAdmin, total: int, progress: Progress) -> bool:
+        """Wait until no message is pending or sent; False on time-out."""
+        task = progress.add_task("messages done or cancelled", total=total)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.timeout
+        while loop.time() < deadline:
+            try:
+                counts = await admin.message_counts()
+            except ReliableMsgError as exc:
+                self._event(f"[yellow]GET /v1/stats failed ({exc}); asking again[/]")
+            else:
+                done = counts.get("done", 0) + counts.get("cancelled", 0)
+                progress.update(task, completed=done)
+                if counts and counts.get("pending", 0) == 0 and counts.get("sent", 0) == 0:
+                    return True
+            await asyncio.sleep(0.25)
+        return False
+
+    async def _drain(self) -> None:
+        """Let the consumers take what is still queued (duplicates, by now), so that a
+        double effect would be in the books before they are read."""
+        o = self.options
+
+        async def drained() -> bool:
+            states = await rabbit.queue_states(o.amqp_url, o.names, o.groups)
+            return all(s.ready == 0 for s in states.values())
+
+        await _until(drained, DRAIN, "the consumers did not drain their queues")
+        await asyncio.sleep(0.5)
+
+    async def _facts(self, admin: ServiceAdmin, plan: Plan, unexpected: int) -> Facts:
+        o = self.options
+        crashes = {
+            g: sum((self.state / crash_marker(g, i)).exists() for i in plan.consumer_crashes[g])
+            for g in o.groups
+        }
+        return Facts(
+            groups=o.groups,
+            plan=plan,
+            books=await books.read(o.database_url, o.groups),
+            messages=await admin.message_statuses(),
+            counts=await admin.message_counts(),
+            crashes=crashes,
+            restarts={name: c.restarts for name, c in self.supervisor.children.items()},
+            unexpected_answers=unexpected,
+        )
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def _report(self, outcome: Outcome, facts: Facts, *, timed_out: bool) -> None:
+        title = f"E-commerce demo: {self.options.orders} orders, seed {self.options.seed}"
+        self.console.print(report.table(outcome, title))
+        report.verdict(self.console, outcome, timed_out)
+        summary = {
+            "balanced": outcome.balanced,
+            "as_planned": outcome.as_planned,
+            "timed_out": timed_out,
+            "plan": {
+                "local_failures": sorted(facts.plan.local_failures),
+                "upstream_crashes": sorted(facts.plan.upstream_crashes),
+                "consumer_crashes": {g: sorted(i) for g, i in facts.plan.consumer_crashes.items()},
+            },
+            "restarts": facts.restarts,
+            "checks": [asdict(c) | {"ok": c.ok} for c in outcome.checks],
+        }
+        run_dir = self.options.run_dir
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.console.save_text(str(run_dir / "report.txt"), clear=False)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("{task.description:<28}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+        )
+
+    def _event(self, text: str) -> None:
+        self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {text}", highlight=False)
+
+    def _start(
+        self, name: str, argv: list[str], env: dict[str, str], *, restarts: int = 0, tier: int = 1
+    ) -> None:
+        log = self.logs / f"{name}.log"
+        self.supervisor.start(Child(name, argv, env, log, max_restarts=restarts, tier=tier))
+
+    def _reliable_msg(self, *command: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "reliable_msg",
+            "--config",
+            str(self.options.config),
+            *command,
+        ]
+
+    def _service_env(self) -> dict[str, str]:
+        o = self.options
+        check_url = f"{self.order_url}/rmsg/check-back"
+        return {
+            **_base_env(),
+            "RMSG_DATABASE_URL": o.service_database_url,
+            "RMSG_AMQP_URL": o.amqp_url,
+            "RMSG_PORT": str(self.service_port),
+            "RMSG_EXCHANGE": o.names.exchange,
+            "RMSG_DEAD_LETTER_EXCHANGE": o.names.dead_letter_exchange,
+            "RMSG_QUEUE_PREFIX": o.names.queue_prefix,
+            "RMSG_REDIS_URL": o.redis_url,
+            "RMSG_FALLBACK__NAMESPACE": o.names.namespace,
+            "RMSG_LOG_LEVEL": "info",
+            "RMSG_ADMIN_TOKEN": self.tokens.admin,
+            f"RMSG_PRODUCERS__{PRODUCER.upper()}__TOKEN": self.tokens.order,
+            f"RMSG_PRODUCERS__{PRODUCER.upper()}__CHECK_URL": check_url,
+            **{f"RMSG_GROUPS__{g.upper()}__TOKEN": t for g, t in self.tokens.groups.items()},
+        }
+
+
+def _base_env() -> dict[str, str]:
+    """This process's environment without any RMSG_* or DEMO_* setting of the caller's
+    (the Makefile exports RMSG_DATABASE_URL, for one), so each process gets only ours."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("RMSG_", "DEMO_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+async def _until(
+    predicate: Callable[[], Awaitable[bool]], within: float, failure: str, every: float = 0.2
+) -> None:
+    """Poll the async ``predicate`` until it is true; :class:`DemoError` after ``within``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        try:
+            if await predicate():
+                return
+        except (OSError, aio_pika.exceptions.AMQPError, ReliableMsgError):
+            pass
+        if loop.time() > deadline:
+            raise DemoError(failure)
+        await asyncio.sleep(every)
+
+
+def _ids(ids: frozenset[int]) -> str:
+    return ", ".join(map(str, sorted(ids)))

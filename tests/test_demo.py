@@ -1,0 +1,146 @@
+"""The e-commerce demo end to end: ``python -m demo`` as a process of its own, which runs
+the service, the order service and the three consumers as processes and drives them over
+HTTP; then this test reads the books itself.
+
+The run uses databases and RabbitMQ names of its own, removed afterwards, so it neither
+sees nor disturbs a ``make demo`` run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from demo import books, rabbit, redis_keys
+from demo.options import Names
+from tests.conftest import AMQP_URL, SERVER_URL
+
+ORDERS = 20
+GROUPS = ("inventory", "credit", "wms")
+REDIS_URL = "redis://127.0.0.1:6379/0"
+#: The runner's own budget; the test kills it (and its process group) after more.
+RUNNER_TIMEOUT = 60
+TEST_TIMEOUT = 90
+
+pytestmark = pytest.mark.timeout(TEST_TIMEOUT + 30)
+
+
+@pytest.fixture
+def tag() -> Iterator[str]:
+    """Names of this run's databases, RabbitMQ objects and Redis keys; all removed
+    afterwards."""
+    tag = f"rmsgdemotest_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    yield tag
+
+    async def remove() -> None:
+        await rabbit.reset(AMQP_URL, Names.of_prefix(tag), GROUPS)
+        await redis_keys.reset(REDIS_URL, tag)
+        for name in (tag, f"{tag}_service"):
+            await books.drop_database(f"{SERVER_URL}/{name}")
+
+    asyncio.run(remove())
+
+
+def run_demo(tag: str, run_dir: Path) -> tuple[int, str]:
+    """Run the demo in a process group of its own; kill the whole group if it hangs, so
+    that no process it started outlives the test."""
+    argv = [
+        *(sys.executable, "-m", "demo", "--orders", str(ORDERS)),
+        *("--run-dir", str(run_dir), "--timeout", str(RUNNER_TIMEOUT)),
+        *("--database-url", f"{SERVER_URL}/{tag}"),
+        *("--service-database-url", f"{SERVER_URL}/{tag}_service"),
+        *("--amqp-url", AMQP_URL, "--redis-url", REDIS_URL, "--prefix", tag),
+    ]
+    env = {**os.environ, "COLUMNS": "120"}
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=TEST_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out.decode(errors="replace")
+
+
+def processes_of(tag: str) -> list[int]:
+    """Live processes whose environment or command line names this run."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            seen = (entry / "environ").read_bytes() + (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if tag.encode() in seen:
+            found.append(int(entry.name))
+    return found
+
+
+async def read_orders(dsn: str) -> list[dict[str, Any]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            """
+            SELECT o.id, o.status, p.available, p.sold, m.points,
+                (SELECT count(*) FROM wms.delivery_orders d WHERE d.order_id = o.id) AS wms,
+                (SELECT count(*) FROM inventory.rmsg_inbox i
+                  WHERE i.message_id = 'order-' || o.id || '-paid') AS inventory_inbox,
+                (SELECT count(*) FROM credit.rmsg_inbox i
+                  WHERE i.message_id = 'order-' || o.id || '-paid') AS credit_inbox,
+                (SELECT count(*) FROM wms.rmsg_inbox i
+                  WHERE i.message_id = 'order-' || o.id || '-paid') AS wms_inbox
+            FROM orders.orders o
+            JOIN inventory.products p ON p.sku = o.sku
+            JOIN credit.members m ON m.id = o.member_id
+            ORDER BY o.id
+            """
+        )
+    finally:
+        await conn.close()
+    return [dict(r) for r in rows]
+
+
+def test_demo_balances_the_books_through_every_injected_failure(tag: str, tmp_path: Path) -> None:
+    code, out = run_demo(tag, tmp_path / "run")
+
+    assert code == 0, out
+    assert "verdict: BALANCED" in out, out
+    assert processes_of(tag) == [], "the demo left processes behind"
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    plan = summary["plan"]
+    assert len(plan["local_failures"]) >= 1
+    assert len(plan["upstream_crashes"]) >= 1
+    assert all(len(plan["consumer_crashes"][g]) >= 1 for g in GROUPS)
+    assert summary["restarts"] == {
+        "service": 0,
+        "order": len(plan["upstream_crashes"]),
+        **{g: len(plan["consumer_crashes"][g]) for g in GROUPS},
+    }
+
+    orders = asyncio.run(read_orders(f"{SERVER_URL}/{tag}"))
+    assert len(orders) == ORDERS
+    paid = [o for o in orders if o["status"] == "paid"]
+    unpaid = [o for o in orders if o["status"] != "paid"]
+    assert {o["id"] for o in unpaid} == set(plan["local_failures"])
+    assert set(plan["upstream_crashes"]) <= {o["id"] for o in paid}
+    for o in paid:  # exactly one effect in each book, however often the message came
+        assert (o["available"], o["sold"], o["points"], o["wms"]) == (98, 2, 1200, 1), o
+        assert (o["inventory_inbox"], o["credit_inbox"], o["wms_inbox"]) == (1, 1, 1), o
+    for o in unpaid:  # no effect at all
+        assert (o["available"], o["sold"], o["points"], o["wms"]) == (100, 0, 1190, 0), o
+        assert (o["inventory_inbox"], o["credit_inbox"], o["wms_inbox"]) == (0, 0, 0), o
