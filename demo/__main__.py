@@ -2,7 +2,8 @@
 
 Exit status: 0 the books balance and every injected failure healed as planned; 1 they
 do not; 2 the messages did not settle in time; 3 the demo could not run; 130 / 143
-interrupted by SIGINT / SIGTERM (every process it started is stopped in all cases).
+interrupted by SIGINT / SIGTERM. In all cases every process it started is stopped, and
+RabbitMQ, if the outage phase stopped it, is started again and answers before it exits.
 """
 
 from __future__ import annotations

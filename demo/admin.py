@@ -1,6 +1,10 @@
-"""The reliable-msg service as its admin sees it: readiness, stats and messages."""
+"""The reliable-msg service as its admin sees it: readiness, stats, messages, metrics."""
 
 from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
 
 from reliable_msg.client import RetryPolicy, ServiceClient
 from reliable_msg.errors import ReliableMsgError
@@ -14,6 +18,7 @@ PAGE = 1000
 class ServiceAdmin:
     def __init__(self, base_url: str, token: str) -> None:
         self._client = ServiceClient(base_url, token, retry=QUICK, timeout=5.0)
+        self._base = base_url.rstrip("/")
 
     async def close(self) -> None:
         await self._client.close()
@@ -29,6 +34,23 @@ class ServiceAdmin:
         """Messages per status, from ``GET /v1/stats``."""
         stats = await self._client.call("GET", "/v1/stats")
         return {str(k): int(v) for k, v in stats.get("messages", {}).items()}
+
+    async def broker(self) -> dict[str, Any]:
+        """Mode, switch history and fallback depth: ``broker`` of ``GET /v1/stats``."""
+        stats = await self._client.call("GET", "/v1/stats")
+        broker = stats.get("broker")
+        return broker if isinstance(broker, dict) else {}
+
+    async def metrics(self) -> str:
+        """The Prometheus text of ``GET /metrics``; empty if it does not answer."""
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                session.get(f"{self._base}/metrics") as response,
+            ):
+                return await response.text() if response.status == 200 else ""
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return ""
 
     async def message_statuses(self) -> dict[str, str]:
         """Every message's status by id, from ``GET /v1/messages`` page by page."""

@@ -11,6 +11,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from reliable_msg.settings import FallbackSettings
+
 #: The service configuration the demo runs with.
 CONFIG = Path(__file__).with_name("config.toml")
 #: The demo services' database: schemas orders, inventory, credit and wms.
@@ -68,6 +70,8 @@ class Options:
     amqp_url: str
     redis_url: str
     shards: int  #: fallback shards per group
+    poll_interval: float  #: how often the consumers re-read the degradation switch
+    outage: bool  #: stop RabbitMQ mid-run and start it again
     names: Names
     groups: tuple[str, ...]  #: the consumer groups the config declares
 
@@ -91,6 +95,8 @@ def parse(argv: list[str] | None = None) -> Options:
         amqp_url=args.amqp_url or config["amqp_url"],
         redis_url=args.redis_url or config["redis_url"],
         shards=config["fallback"]["shards"],
+        poll_interval=config["fallback"].get("poll_interval", FallbackSettings().poll_interval),
+        outage=args.outage,
         names=names,
         groups=tuple(config["groups"]),
     )
@@ -111,6 +117,13 @@ def _parser() -> argparse.ArgumentParser:
         " cancelled (default 180)",
     )
     p.add_argument("--concurrency", type=_at_least(1), default=8, help="requests in flight (8)")
+    p.add_argument(
+        "--no-outage",
+        dest="outage",
+        action="store_false",
+        help="do not stop RabbitMQ (rabbitmqctl stop_app) while the middle third of the"
+        " orders is paid",
+    )
     p.add_argument("--run-dir", help=f"logs and report (default {ARTIFACTS}/run-<time>)")
     p.add_argument("--config", default=str(CONFIG), help="the service's TOML configuration")
     p.add_argument(

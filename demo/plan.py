@@ -5,6 +5,10 @@
   confirm (-> check-back);
 - for each consumer group, a few (at least 2) of the other orders: the consumer is
   killed after its effect committed and before its ack (-> redelivery, no double effect).
+
+With the outage, the orders are paid in three phases: the first third with RabbitMQ up,
+the second third with it stopped (-> degradation to Redis), the rest once it is started
+again (-> recovery). The failures above fall in any phase, the outage included.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ MIN_CRASHES = 2
 ORDERS_PER_CRASH = 33
 #: Fewest orders a plan can place every failure in.
 MIN_ORDERS = 5
+#: RabbitMQ is stopped once this share of the orders is paid...
+OUTAGE_FROM = 1 / 3
+#: ...and started again once this share more is paid.
+OUTAGE_SHARE = 1 / 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +47,30 @@ class Plan:
 
     def expected_paid(self, order_ids: Sequence[int]) -> set[int]:
         return set(order_ids) - self.local_failures
+
+
+@dataclass(frozen=True, slots=True)
+class Phases:
+    """The orders in the order they are paid, split around the outage."""
+
+    before: list[int]  #: paid with RabbitMQ up
+    during: list[int]  #: paid while RabbitMQ is stopped
+    after: list[int]  #: paid once it is started again
+
+    @property
+    def orders(self) -> int:
+        return len(self.before) + len(self.during) + len(self.after)
+
+
+def phases(order_ids: Sequence[int], *, outage: bool) -> Phases:
+    """The orders by id; without the outage all are paid ``before``, with it the middle
+    third (at least one order) is paid ``during``."""
+    ids = sorted(order_ids)
+    if not outage:
+        return Phases(ids, [], [])
+    start = round(len(ids) * OUTAGE_FROM)
+    end = start + max(1, round(len(ids) * OUTAGE_SHARE))
+    return Phases(ids[:start], ids[start:end], ids[end:])
 
 
 def make_plan(order_ids: Sequence[int], groups: Sequence[str], seed: int) -> Plan:

@@ -18,6 +18,8 @@ from .errors import DemoError
 POLL = 0.1
 #: Seconds a process gets to stop after SIGTERM before SIGKILL.
 GRACE = 10.0
+#: How each start of a process begins in its log.
+START_MARK = "--- "
 
 
 def free_port() -> int:
@@ -42,7 +44,8 @@ class Child:
 
     def start(self) -> None:
         with self.log.open("ab") as out:
-            out.write(f"--- {time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
+            stamp = time.strftime("%H:%M:%S")
+            out.write(f"{START_MARK}{stamp} start: {' '.join(self.argv)}\n".encode())
             out.flush()
             self.proc = subprocess.Popen(
                 self.argv,

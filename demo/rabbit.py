@@ -1,14 +1,24 @@
-"""The demo's own RabbitMQ objects: removed before a run, watched during it."""
+"""RabbitMQ as the demo sees it: its own objects, removed before a run and watched during
+it, and the broker's application, stopped and started again for the outage."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import aio_pika
 import aiormq
 
+from .errors import DemoError
 from .options import Names
+
+#: Seconds ``rabbitmqctl stop_app`` / ``start_app`` may take.
+CTL_TIMEOUT = 120.0
+#: Seconds RabbitMQ gets to answer again after ``start_app``.
+COMEBACK = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,3 +63,76 @@ async def _state(connection: aio_pika.abc.AbstractConnection, queue: str) -> Que
     result = declared.declaration_result
     await channel.close()
     return QueueState(result.message_count or 0, result.consumer_count or 0)
+
+
+class Outage:
+    """RabbitMQ's application stopped (``rabbitmqctl stop_app``) and started again.
+
+    :attr:`down` is true from the moment :meth:`stop` is called until :meth:`restore`
+    saw RabbitMQ take a connection again, so a caller's ``finally`` knows whether it
+    still has to restore it. The times are monotonic seconds since ``started``.
+    """
+
+    def __init__(self, url: str, log: Path, started: float) -> None:
+        self._url = url
+        self._log = log
+        self._started = started
+        self.down = False
+        self.stopped_at: float | None = None
+        self.started_at: float | None = None
+        self.answering_at: float | None = None
+
+    async def stop(self) -> None:
+        self.down = True
+        await self._ctl("stop_app")
+        self.stopped_at = self._now()
+
+    async def restore(self) -> None:
+        """Start the application, then wait until RabbitMQ takes a connection again."""
+        await self._ctl("start_app")
+        self.started_at = self._now()
+        deadline = time.monotonic() + COMEBACK
+        while not await answers(self._url):
+            if time.monotonic() > deadline:
+                raise DemoError(f"RabbitMQ does not answer {COMEBACK:.0f} s after start_app")
+            await asyncio.sleep(0.2)
+        self.answering_at = self._now()
+        self.down = False
+
+    def _now(self) -> float:
+        return time.monotonic() - self._started
+
+    async def _ctl(self, command: str) -> None:
+        """Run ``rabbitmqctl command`` in a session of its own, so that a Ctrl-C in the
+        terminal does not kill it halfway."""
+        with self._log.open("ab") as out:
+            out.write(f"--- {time.strftime('%H:%M:%S')} rabbitmqctl {command}\n".encode())
+            out.flush()
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    "rabbitmqctl",
+                    command,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise DemoError(f"cannot run rabbitmqctl {command}: {exc}") from exc
+            # Shielded: a cancelled run still lets the command finish.
+            try:
+                code = await asyncio.wait_for(asyncio.shield(proc.wait()), CTL_TIMEOUT)
+            except TimeoutError as exc:
+                raise DemoError(f"rabbitmqctl {command} took over {CTL_TIMEOUT:.0f} s") from exc
+        if code != 0:
+            raise DemoError(f"rabbitmqctl {command} failed ({code}); see {self._log}")
+
+
+async def answers(url: str) -> bool:
+    """Whether RabbitMQ takes an AMQP connection now."""
+    try:
+        connection = await aio_pika.connect(url, timeout=2)
+    except (OSError, aio_pika.exceptions.AMQPError, TimeoutError):
+        return False
+    await connection.close()
+    return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .verdict import CONSISTENCY, Outcome
+from .verdict import CONSISTENCY, OUTAGE, Check, Outcome
 
 
 def table(outcome: Outcome, title: str) -> Table:
@@ -23,11 +23,17 @@ def table(outcome: Outcome, title: str) -> Table:
             check.area if first else "",
             check.what,
             str(check.found),
-            str(check.expected),
-            "[green]ok[/]" if check.ok else "[bold red]FAIL[/]",
+            check.expectation,
+            _mark(check),
             end_section=last,
         )
     return t
+
+
+def _mark(check: Check) -> str:
+    if check.expected is None:
+        return ""
+    return "[green]ok[/]" if check.ok else "[bold red]FAIL[/]"
 
 
 def verdict(console: Console, outcome: Outcome, timed_out: bool) -> None:
@@ -43,7 +49,11 @@ def verdict(console: Console, outcome: Outcome, timed_out: bool) -> None:
     if timed_out:
         console.print("[bold red]timed out[/] waiting for every message to be settled")
     elif outcome.as_planned:
-        console.print("every injected failure happened and healed as planned", soft_wrap=True)
+        outage = any(c.area == OUTAGE for c in outcome.checks)
+        also = ", RabbitMQ's outage included," if outage else ""
+        console.print(
+            f"every injected failure{also} happened and healed as planned", soft_wrap=True
+        )
     else:
         failed = [f"{c.area}: {c.what}" for c in outcome.checks if not c.ok]
         console.print(f"[bold red]not as planned[/]: {'; '.join(failed)}", soft_wrap=True)

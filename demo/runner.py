@@ -6,16 +6,22 @@
 3. Plan the failures over the order ids (:mod:`demo.plan`); start the three consumers,
    told which orders to die after.
 4. Pay every order over HTTP, in waves, with the planned failures; the supervisor
-   restarts whatever dies.
-5. Wait until the service reports every message ``done`` or ``cancelled``, then read the
-   books and judge them (:mod:`demo.verdict`).
+   restarts whatever dies. With the outage (the default), RabbitMQ is stopped once a
+   third of the orders is paid, the next third is paid while it is down, and it is
+   started again for the rest (:mod:`demo.plan`).
+5. Wait until the service reports every message ``done`` or ``cancelled``; after an
+   outage, also until the service's switch is back to normal, the Redis shards are empty
+   and every consumer is back on RabbitMQ. Then read the books and judge them
+   (:mod:`demo.verdict`).
 
-Every process started is stopped at the end, whatever happens.
+Every process started is stopped at the end, and RabbitMQ started again if the run
+stopped it, whatever happens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -35,6 +41,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
 )
@@ -46,7 +53,16 @@ from . import books, rabbit, redis_keys, report
 from .admin import ServiceAdmin
 from .errors import DemoError
 from .options import Options
-from .plan import Plan, make_plan, waves
+from .outage import (
+    FALLBACK_WRITES,
+    ConsumerPath,
+    OutageFacts,
+    Source,
+    consumer_path,
+    counter,
+    flips,
+)
+from .plan import Phases, Plan, make_plan, phases, waves
 from .processes import Child, Supervisor, free_port
 from .shop import Answer, Shop
 from .verdict import Facts, Outcome, judge
@@ -57,6 +73,19 @@ STARTUP = 30.0
 DRAIN = 10.0
 #: The producer the demo config declares for the order service.
 PRODUCER = "order"
+#: Seconds RabbitMQ stays down at most, waiting for the consumers to handle through
+#: Redis every message paid so far.
+OUTAGE_SETTLE = 30.0
+#: Seconds, after every message settled, for the outage to heal: the switch back to
+#: normal, the Redis shards empty, every consumer back on RabbitMQ.
+RECOVERY = 60.0
+#: Seconds before a consumer takes over a Redis entry read by a consumer that died.
+CLAIM_IDLE = 5.0
+#: How often the outage's progress is looked at.
+WATCH_EVERY = 0.25
+
+#: Each order's pay answer: True when it was the planned one.
+Answers = dict[int, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +117,13 @@ class Run:
         self.supervisor = Supervisor(self._event)
         #: The signal that interrupted the run, if one did.
         self.interrupted: signal.Signals | None = None
+        #: When the run started: monotonic, and epoch for the switch's history.
+        self.started = time.monotonic()
+        self.started_epoch = time.time()
+        self.outage = rabbit.Outage(options.amqp_url, self.logs / "rabbitmqctl.log", self.started)
+        self._watch: asyncio.Task[None] | None = None
+        #: Messages done or cancelled when RabbitMQ was started again.
+        self.settled_while_down = 0
 
     @property
     def service_url(self) -> str:
@@ -102,7 +138,8 @@ class Run:
         128 + the signal number when interrupted by SIGINT or SIGTERM."""
         self.logs.mkdir(parents=True, exist_ok=True)
         self.state.mkdir(parents=True, exist_ok=True)
-        self.console.rule(f"reliable-msg e-commerce demo: {self.options.orders} orders")
+        outage = ", RabbitMQ stopped mid-run" if self.options.outage else ""
+        self.console.rule(f"reliable-msg e-commerce demo: {self.options.orders} orders{outage}")
         self.console.print(f"logs, state and report in {self.options.run_dir}")
         self._handle_signals()
         try:
@@ -114,8 +151,20 @@ class Run:
             self.console.print(f"interrupted by {self.interrupted.name}")
             return 128 + self.interrupted.value
         finally:
-            self.supervisor.stop_all()
-            self.console.print("every process the demo started is stopped")
+            try:
+                await self._restore_rabbitmq()
+            finally:
+                self.supervisor.stop_all()
+                self.console.print("every process the demo started is stopped")
+
+    async def _restore_rabbitmq(self) -> None:
+        """Start RabbitMQ again if the run stopped it and did not start it (an error or a
+        signal in the outage phase); wait until it answers."""
+        if not self.outage.down:
+            return
+        self.console.print("starting RabbitMQ again (rabbitmqctl start_app)")
+        await self.outage.restore()
+        self.console.print("RabbitMQ answers again")
 
     def _handle_signals(self) -> None:
         """On SIGINT or SIGTERM: no more restarts (a terminal's Ctrl-C reaches the
@@ -200,14 +249,17 @@ class Run:
                 with self._progress() as progress:
                     ids = await self._create_orders(shop, progress)
                     plan = make_plan(ids, self.options.groups, self.options.seed)
-                    self._announce(plan)
+                    split = phases(ids, outage=self.options.outage)
+                    self._announce(plan, split)
                     await self._start_consumers(plan)
-                    unexpected = await self._pay(shop, ids, plan, progress)
+                    answers = await self._pay(shop, split, plan, admin, progress)
                     settled = await self._settle(admin, len(ids), progress)
-                if settled:
+                healed = settled and await self._recovered(admin, split)
+                if healed:
                     await self._drain()
-                facts = await self._facts(admin, plan, unexpected)
+                facts = await self._facts(admin, plan, split, answers)
         finally:
+            await self._stop_watching()
             await admin.close()
         outcome = judge(facts)
         self._report(outcome, facts, timed_out=not settled)
@@ -246,6 +298,8 @@ class Run:
                 "DEMO_REDIS_URL": o.redis_url,
                 "DEMO_NAMESPACE": o.names.namespace,
                 "DEMO_SHARDS": str(o.shards),
+                "DEMO_POLL_INTERVAL": str(o.poll_interval),
+                "DEMO_CLAIM_IDLE": str(CLAIM_IDLE),
                 "DEMO_STATE_DIR": str(self.state),
                 "DEMO_CRASH_AFTER_EFFECT": ",".join(map(str, sorted(plan.consumer_crashes[group]))),
             }
@@ -271,18 +325,47 @@ class Run:
 
         return list(await asyncio.gather(*(create(i) for i in range(1, self.options.orders + 1))))
 
-    def _announce(self, plan: Plan) -> None:
+    def _announce(self, plan: Plan, split: Phases) -> None:
         self.supervisor.children[PRODUCER].max_restarts = len(plan.upstream_crashes)
         self._event(f"local transaction fails for orders {_ids(plan.local_failures)}")
         self._event(f"order service dies after commit for orders {_ids(plan.upstream_crashes)}")
         for group, ids in plan.consumer_crashes.items():
             self._event(f"{group} dies after its effect for orders {_ids(ids)}")
+        if split.during:
+            during = split.during
+            self._event(
+                f"RabbitMQ is stopped while orders {during[0]}-{during[-1]} are paid"
+                f" ({len(during)} of {split.orders})"
+            )
 
-    async def _pay(self, shop: Shop, ids: list[int], plan: Plan, progress: Progress) -> int:
-        """Pay every order; return how many answers were not the planned ones."""
-        task = progress.add_task("paying orders", total=len(ids))
+    async def _pay(
+        self, shop: Shop, split: Phases, plan: Plan, admin: ServiceAdmin, progress: Progress
+    ) -> Answers:
+        """Pay every order, phase by phase; RabbitMQ is down during ``split.during``."""
+        task = progress.add_task("paying orders", total=split.orders)
+        answers = await self._pay_all(shop, split.before, plan, progress, task)
+        if split.during:
+            self._watch = asyncio.create_task(self._watch_outage(admin))
+            self._event(
+                f"{len(split.before)} orders paid: stopping RabbitMQ (rabbitmqctl stop_app)"
+            )
+            try:
+                await self.outage.stop()
+                self._event("RabbitMQ stopped: paying orders while it is down")
+                answers |= await self._pay_all(shop, split.during, plan, progress, task)
+                await self._settle_while_down(admin, split, progress)
+            finally:
+                self._event("starting RabbitMQ again (rabbitmqctl start_app)")
+                await self.outage.restore()
+                self._event(f"RabbitMQ answers again, after {self._downtime():.1f} s down")
+        answers |= await self._pay_all(shop, split.after, plan, progress, task)
+        return answers
+
+    async def _pay_all(
+        self, shop: Shop, ids: list[int], plan: Plan, progress: Progress, task: TaskID
+    ) -> Answers:
+        """Pay ``ids`` in waves; whether each answer was the planned one."""
         limit = asyncio.Semaphore(self.options.concurrency)
-        unexpected = 0
 
         async def pay(order_id: int) -> bool:
             async with limit:
@@ -290,13 +373,33 @@ class Run:
             progress.advance(task)
             return self._as_planned(plan, order_id, answer)
 
+        answers: Answers = {}
         for wave in waves(ids, plan):
             if wave[0] in plan.upstream_crashes:
-                unexpected += not await self._pay_and_crash(shop, wave[0])
+                answers[wave[0]] = await self._pay_and_crash(shop, wave[0])
                 progress.advance(task)
             else:
-                unexpected += sum(not ok for ok in await asyncio.gather(*map(pay, wave)))
-        return unexpected
+                answers.update(zip(wave, await asyncio.gather(*map(pay, wave)), strict=True))
+        return answers
+
+    async def _settle_while_down(
+        self, admin: ServiceAdmin, split: Phases, progress: Progress
+    ) -> None:
+        """Keep RabbitMQ down until the consumers handled every message so far through
+        Redis (a consumer killed meanwhile included), or for ``OUTAGE_SETTLE`` at most."""
+        total = len(split.before) + len(split.during)
+        label = "settled while RabbitMQ is down"
+        if not await self._settle(admin, total, progress, label, within=OUTAGE_SETTLE):
+            self._event(f"[red]messages still unsettled after {OUTAGE_SETTLE:.0f} s down[/]")
+        with contextlib.suppress(ReliableMsgError):
+            counts = await admin.message_counts()
+            self.settled_while_down = counts.get("done", 0) + counts.get("cancelled", 0)
+
+    def _downtime(self) -> float:
+        o = self.outage
+        if o.stopped_at is None or o.answering_at is None:
+            return 0.0
+        return o.answering_at - o.stopped_at
 
     def _as_planned(self, plan: Plan, order_id: int, answer: Answer) -> bool:
         if order_id in plan.local_failures:
@@ -321,11 +424,18 @@ class Run:
         )
         return after.body.get("status") == "paid"
 
-    async def _settle(self, admin: ServiceAdmin, total: int, progress: Progress) -> bool:
+    async def _settle(
+        self,
+        admin: ServiceAdmin,
+        total: int,
+        progress: Progress,
+        label: str = "messages done or cancelled",
+        within: float | None = None,
+    ) -> bool:
         """Wait until no message is pending or sent; False on time-out."""
-        task = progress.add_task("messages done or cancelled", total=total)
+        task = progress.add_task(label, total=total)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.timeout
+        deadline = loop.time() + (self.options.timeout if within is None else within)
         while loop.time() < deadline:
             try:
                 counts = await admin.message_counts()
@@ -339,6 +449,67 @@ class Run:
             await asyncio.sleep(0.25)
         return False
 
+    # -- the outage healing -----------------------------------------------------------
+
+    async def _watch_outage(self, admin: ServiceAdmin) -> None:
+        """Tell the service's switch flips and the consumers' moves as they happen."""
+        mode = "normal"
+        paths = {g: self._path(g) for g in self.options.groups}
+        while True:
+            await asyncio.sleep(WATCH_EVERY)
+            with contextlib.suppress(ReliableMsgError):
+                broker = await admin.broker()
+                if broker.get("mode", mode) != mode:
+                    mode = broker["mode"]
+                    reason = (broker.get("switch") or {}).get("reason")
+                    self._event(f"the service's switch is now [bold]{mode}[/] ({reason})")
+            for group, before in paths.items():
+                paths[group] = now = self._path(group)
+                if now.to_redis > before.to_redis:
+                    self._event(f"consumer {group} now consumes the Redis fallback shards")
+                if now.to_rabbitmq > before.to_rabbitmq:
+                    self._event(f"consumer {group} drained the Redis shards: back on RabbitMQ")
+
+    async def _stop_watching(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
+
+    async def _recovered(self, admin: ServiceAdmin, split: Phases) -> bool:
+        """After an outage, wait until it healed: the switch back to normal, the Redis
+        shards empty and every consumer back on its RabbitMQ queue. False on time-out."""
+        if not split.during:
+            return True
+        o = self.options
+
+        async def healed() -> bool:
+            broker = await admin.broker()
+            depth = broker.get("fallback_depth") or {}
+            if broker.get("mode") != "normal" or any(depth.get(g) != 0 for g in o.groups):
+                return False
+            if any(self._path(g).now is not Source.RABBITMQ for g in o.groups):
+                return False
+            states = await rabbit.queue_states(o.amqp_url, o.names, o.groups)
+            return all(s.consumers > 0 for s in states.values())
+
+        try:
+            await _until(healed, RECOVERY, "the outage did not heal", every=WATCH_EVERY)
+        except DemoError:
+            self._event(f"[red]the outage did not heal within {RECOVERY:.0f} s[/]")
+            return False
+        finally:
+            await self._stop_watching()
+        self._event("the outage healed: switch normal, Redis shards empty, consumers on RabbitMQ")
+        return True
+
+    def _path(self, group: str) -> ConsumerPath:
+        try:
+            log = (self.logs / f"{group}.log").read_text(errors="replace")
+        except OSError:
+            log = ""
+        return consumer_path(log, group)
+
     async def _drain(self) -> None:
         """Let the consumers take what is still queued (duplicates, by now), so that a
         double effect would be in the books before they are read."""
@@ -351,7 +522,9 @@ class Run:
         await _until(drained, DRAIN, "the consumers did not drain their queues")
         await asyncio.sleep(0.5)
 
-    async def _facts(self, admin: ServiceAdmin, plan: Plan, unexpected: int) -> Facts:
+    async def _facts(
+        self, admin: ServiceAdmin, plan: Plan, split: Phases, answers: Answers
+    ) -> Facts:
         o = self.options
         crashes = {
             g: sum((self.state / crash_marker(g, i)).exists() for i in plan.consumer_crashes[g])
@@ -365,13 +538,44 @@ class Run:
             counts=await admin.message_counts(),
             crashes=crashes,
             restarts={name: c.restarts for name, c in self.supervisor.children.items()},
-            unexpected_answers=unexpected,
+            unexpected_answers=sum(not ok for ok in answers.values()),
+            outage=await self._outage_facts(admin, plan, split, answers),
+        )
+
+    async def _outage_facts(
+        self, admin: ServiceAdmin, plan: Plan, split: Phases, answers: Answers
+    ) -> OutageFacts | None:
+        if not split.during:
+            return None
+        broker = await admin.broker()
+        service = self.supervisor.children["service"].proc
+        paid = [i for i in split.during if answers.get(i) and i not in plan.local_failures]
+        return OutageFacts(
+            stopped_at=self.outage.stopped_at,
+            started_at=self.outage.started_at,
+            answering_at=self.outage.answering_at,
+            planned_paid=len(plan.expected_paid(split.during)),
+            paid=len(paid),
+            settled=self.settled_while_down,
+            planned_settled=len(split.before) + len(split.during),
+            confirmed=len([i for i in paid if i not in plan.upstream_crashes]),
+            history=flips(
+                broker.get("history") or [],
+                since=self.started_epoch,
+                service_pid=service.pid if service is not None else None,
+            ),
+            mode=broker.get("mode"),
+            depth=broker.get("fallback_depth") or {},
+            writes=counter(await admin.metrics(), FALLBACK_WRITES, "group"),
+            paths={g: self._path(g) for g in self.options.groups},
         )
 
     # -- reporting -----------------------------------------------------------------------
 
     def _report(self, outcome: Outcome, facts: Facts, *, timed_out: bool) -> None:
         title = f"E-commerce demo: {self.options.orders} orders, seed {self.options.seed}"
+        if facts.outage is not None:
+            title += ", RabbitMQ stopped mid-run"
         self.console.print(report.table(outcome, title))
         report.verdict(self.console, outcome, timed_out)
         summary = {
@@ -384,6 +588,7 @@ class Run:
                 "consumer_crashes": {g: sorted(i) for g, i in facts.plan.consumer_crashes.items()},
             },
             "restarts": facts.restarts,
+            "outage": asdict(facts.outage) if facts.outage is not None else None,
             "checks": [asdict(c) | {"ok": c.ok} for c in outcome.checks],
         }
         run_dir = self.options.run_dir

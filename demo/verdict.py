@@ -3,7 +3,10 @@
 The books balance when every paid order has exactly one effect in each of inventory,
 credit and wms, every unpaid order has none, and the service agrees: a paid order's
 message is ``done``, an unpaid order's is ``cancelled`` (or was never prepared). The
-other checks say whether each injected failure happened and healed as planned.
+other checks say whether each injected failure happened and healed as planned, the
+outage included: the service's switch went degraded and back to normal, the orders paid
+meanwhile went through Redis, whose shards are empty at the end, and every consumer went
+to Redis and came back to RabbitMQ.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from dataclasses import dataclass
 from upstream_demo.store import POINTS_PER_ORDER, message_id
 
 from .books import POINTS, QTY, STOCK, Books, OrderRow
+from .outage import CAME_BACK, ConsumerPath, OutageFacts, Source
 from .plan import Plan
 
 #: The area of the checks that decide whether the books balance.
 CONSISTENCY = "consistency"
+#: The area of the outage phase's checks.
+OUTAGE = "outage"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,18 +38,33 @@ class Facts:
     crashes: dict[str, int]  #: injected consumer crashes that happened, per group
     restarts: dict[str, int]  #: restarts per process
     unexpected_answers: int  #: pay requests answered otherwise than planned
+    outage: OutageFacts | None = None  #: None when the run had no outage phase
 
 
 @dataclass(frozen=True, slots=True)
 class Check:
+    """``found`` must equal ``expected`` (or be at least it); no ``expected``: a fact
+    shown for information."""
+
     area: str
     what: str
-    found: int
-    expected: int
+    found: int | str
+    expected: int | str | None
+    at_least: bool = False
 
     @property
     def ok(self) -> bool:
+        if self.expected is None:
+            return True
+        if self.at_least and isinstance(self.found, int) and isinstance(self.expected, int):
+            return self.found >= self.expected
         return self.found == self.expected
+
+    @property
+    def expectation(self) -> str:
+        if self.expected is None:
+            return ""
+        return f">= {self.expected}" if self.at_least else str(self.expected)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +91,7 @@ def judge(facts: Facts) -> Outcome:
             *_inventory(facts, rows, paid),
             *_credit(facts, rows, paid),
             *_wms(facts, rows, paid),
+            *(_outage(facts.outage, facts.groups, len(rows)) if facts.outage else []),
             *_consistency(facts, rows),
         ]
     )
@@ -213,6 +235,67 @@ def _wms(facts: Facts, rows: list[OrderRow], paid: list[OrderRow]) -> list[Check
         ),
         Check("wms", "inbox rows", facts.books.inbox.get("wms", 0), len(paid)),
     ]
+
+
+def _outage(o: OutageFacts, groups: tuple[str, ...], orders: int) -> list[Check]:
+    share = f"{o.paid / orders:.0%}" if orders else "-"
+    checks = [
+        Check(OUTAGE, "RabbitMQ stopped: rabbitmqctl stop_app", _at(o.stopped_at), None),
+        Check(OUTAGE, "RabbitMQ started: rabbitmqctl start_app", _at(o.started_at), None),
+        Check(OUTAGE, f"orders paid while it was down ({share})", o.paid, o.planned_paid),
+        Check(
+            OUTAGE,
+            "messages done or cancelled while it was down",
+            o.settled,
+            o.planned_settled,
+        ),
+        *_switch(o),
+    ]
+    for group in groups:
+        path = o.paths.get(group, ConsumerPath(0, 0, 0, Source.RABBITMQ))
+        checks += [
+            Check(
+                OUTAGE,
+                f"{group}: entries written to its Redis shards",
+                o.writes.get(group, 0),
+                o.confirmed,
+                at_least=True,
+            ),
+            Check(OUTAGE, f"{group}: entries left in its Redis shards", _depth(o, group), 0),
+            Check(
+                OUTAGE,
+                f"{group}: consumer went to Redis and came back (logged {path.to_redis}x to"
+                f" Redis, {path.to_rabbitmq}x back)",
+                "yes" if path.summary == CAME_BACK else "no",
+                "yes",
+            ),
+        ]
+    return checks
+
+
+def _switch(o: OutageFacts) -> list[Check]:
+    """The history alternates from normal, so at least one flip of each mode and normal
+    at the end means degraded, then normal."""
+    checks = []
+    # The first trip and the last recovery, should it have flipped more than once.
+    for mode, words, pick in (
+        ("degraded", "switch set degraded", 0),
+        ("normal", "switch back to normal", -1),
+    ):
+        found = [f for f in o.history if f.mode == mode]
+        by = f" by {found[pick].by}, at {found[pick].at:.1f} s" if found else ""
+        checks.append(Check(OUTAGE, words + by, len(found), 1, at_least=True))
+    checks.append(Check(OUTAGE, "service mode at the end", o.mode or "unknown", "normal"))
+    return checks
+
+
+def _depth(o: OutageFacts, group: str) -> int | str:
+    return o.depth.get(group, "unknown")
+
+
+def _at(seconds: float | None) -> str:
+    """Seconds into the run."""
+    return f"{seconds:.1f} s" if seconds is not None else "never"
 
 
 def _consistency(facts: Facts, rows: list[OrderRow]) -> list[Check]:

@@ -10,6 +10,8 @@
 | ``DEMO_REDIS_URL`` | Redis, to follow the degradation switch | ``redis://127.0.0.1:6379/0`` |
 | ``DEMO_NAMESPACE`` | the service's ``fallback.namespace`` | ``rmsgdemo`` |
 | ``DEMO_SHARDS`` | the service's ``fallback.shards`` | ``16`` |
+| ``DEMO_POLL_INTERVAL`` | the service's ``fallback.poll_interval`` | ``0.5`` |
+| ``DEMO_CLAIM_IDLE`` | seconds before a dead consumer's Redis entry is taken over | ``5`` |
 | ``DEMO_STATE_DIR`` | where injected crashes are remembered | ``.artifacts/demo/state`` |
 | ``DEMO_CRASH_AFTER_EFFECT`` | order ids (``3,17``): die once after each one's effect | none |
 """
@@ -27,9 +29,14 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_QUEUE_PREFIX = "rmsgdemo."
 DEFAULT_STATE_DIR = ".artifacts/demo/state"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-#: The demo service's ``fallback.namespace`` and ``fallback.shards`` (demo/config.toml).
+#: The demo service's ``fallback.namespace``, ``fallback.shards`` and
+#: ``fallback.poll_interval`` (demo/config.toml).
 DEFAULT_NAMESPACE = "rmsgdemo"
 DEFAULT_SHARDS = 16
+DEFAULT_POLL_INTERVAL = 0.5
+#: Short, so that an entry of a consumer killed during the outage is handled within
+#: seconds; a handler takes milliseconds, so no live consumer's entry is taken over.
+DEFAULT_CLAIM_IDLE = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +50,8 @@ class Config:
     redis_url: str
     namespace: str
     shards: int
+    poll_interval: float
+    claim_idle: float
     state_dir: Path
     crash_after_effect: frozenset[int]
 
@@ -63,6 +72,8 @@ class Config:
             redis_url=env.get("DEMO_REDIS_URL", DEFAULT_REDIS_URL),
             namespace=env.get("DEMO_NAMESPACE", DEFAULT_NAMESPACE),
             shards=int(env.get("DEMO_SHARDS", DEFAULT_SHARDS)),
+            poll_interval=float(env.get("DEMO_POLL_INTERVAL", DEFAULT_POLL_INTERVAL)),
+            claim_idle=float(env.get("DEMO_CLAIM_IDLE", DEFAULT_CLAIM_IDLE)),
             state_dir=Path(env.get("DEMO_STATE_DIR", DEFAULT_STATE_DIR)),
             crash_after_effect=parse_ids(env.get("DEMO_CRASH_AFTER_EFFECT", "")),
         )

@@ -73,8 +73,9 @@ def _order_id(received: Received) -> int | None:
 
 
 async def run(group: Group, config: Config) -> None:
+    # Eight connections keep up with the demo, and leave room on a shared PostgreSQL.
     pool = await asyncpg.create_pool(
-        config.database_url, min_size=1, max_size=16, server_settings={"search_path": group.schema}
+        config.database_url, min_size=1, max_size=8, server_settings={"search_path": group.schema}
     )
     try:
         async with pool.acquire() as conn:
@@ -91,6 +92,8 @@ async def run(group: Group, config: Config) -> None:
             redis_url=config.redis_url,
             namespace=config.namespace,
             shards=config.shards,
+            poll_interval=config.poll_interval,
+            claim_idle=config.claim_idle,
         )
         consumer.add_handler(TOPIC, group.handler)
         await consumer.run()

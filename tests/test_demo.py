@@ -1,9 +1,12 @@
 """The e-commerce demo end to end: ``python -m demo`` as a process of its own, which runs
 the service, the order service and the three consumers as processes and drives them over
-HTTP; then this test reads the books itself.
+HTTP, and stops RabbitMQ (``rabbitmqctl stop_app``) while a third of the orders is paid;
+then this test reads the books itself.
 
-The run uses databases and RabbitMQ names of its own, removed afterwards, so it neither
-sees nor disturbs a ``make demo`` run.
+The run uses databases, RabbitMQ names and a Redis namespace of its own, removed
+afterwards, so it neither sees nor disturbs a ``make demo`` run; the outage stops the
+whole RabbitMQ application, though, as the degradation tests do, and the autouse fixture
+in conftest starts it again whatever happens.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ import pytest
 from demo import books, rabbit, redis_keys
 from demo.options import Names
 from tests.conftest import AMQP_URL, SERVER_URL
+from tests.helpers.rabbit import port_open
 
-ORDERS = 20
+ORDERS = 30
 GROUPS = ("inventory", "credit", "wms")
 REDIS_URL = "redis://127.0.0.1:6379/0"
 #: The runner's own budget; the test kills it (and its process group) after more.
 RUNNER_TIMEOUT = 60
-TEST_TIMEOUT = 90
+TEST_TIMEOUT = 110
 
 pytestmark = pytest.mark.timeout(TEST_TIMEOUT + 30)
 
@@ -114,14 +118,20 @@ async def read_orders(dsn: str) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-def test_demo_balances_the_books_through_every_injected_failure(tag: str, tmp_path: Path) -> None:
+def test_demo_balances_the_books_through_every_injected_failure_and_an_outage(
+    tag: str, tmp_path: Path
+) -> None:
     code, out = run_demo(tag, tmp_path / "run")
 
     assert code == 0, out
     assert "verdict: BALANCED" in out, out
     assert processes_of(tag) == [], "the demo left processes behind"
+    assert port_open(), "the demo left RabbitMQ stopped"
+    assert asyncio.run(rabbit.answers(AMQP_URL))
 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert_outage(summary["outage"], out)
+    assert all(c["ok"] for c in summary["checks"]), summary["checks"]
     plan = summary["plan"]
     assert len(plan["local_failures"]) >= 1
     assert len(plan["upstream_crashes"]) >= 1
@@ -144,3 +154,25 @@ def test_demo_balances_the_books_through_every_injected_failure(tag: str, tmp_pa
     for o in unpaid:  # no effect at all
         assert (o["available"], o["sold"], o["points"], o["wms"]) == (100, 0, 1190, 0), o
         assert (o["inventory_inbox"], o["credit_inbox"], o["wms_inbox"]) == (0, 0, 0), o
+
+
+def assert_outage(outage: dict[str, Any], out: str) -> None:
+    """RabbitMQ went down and came back; meanwhile orders were paid through Redis; the
+    switch flipped to degraded and back; every consumer went to Redis and came back."""
+    assert outage is not None
+    assert 0 < outage["stopped_at"] < outage["started_at"] <= outage["answering_at"]
+    assert outage["paid"] > 0
+    assert outage["paid"] == outage["planned_paid"]
+    assert outage["settled"] == outage["planned_settled"], "not handled through Redis while down"
+    assert [f["mode"] for f in outage["history"]][:2] == ["degraded", "normal"]
+    assert outage["history"][-1]["mode"] == "normal"
+    assert outage["history"][0]["by"].startswith("the service (")
+    assert outage["mode"] == "normal"
+    assert outage["depth"] == dict.fromkeys(GROUPS, 0)
+    for group in GROUPS:
+        assert outage["writes"][group] >= outage["confirmed"] > 0
+        path = outage["paths"][group]
+        assert path["to_redis"] >= 1 and path["to_rabbitmq"] >= 1, (group, path)
+        assert path["now"] == "RabbitMQ", (group, path)
+    for row in ("RabbitMQ stopped", "RabbitMQ started", "switch set degraded by the service"):
+        assert row in out, row
