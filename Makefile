@@ -3,9 +3,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-export RMSG_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/reliable_msg
 
-.PHONY: install services migrate check test demo serve clean
+.PHONY: install services browser migrate check test demo serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +17,10 @@ install: $(STAMP)
 services:
 	bash scripts/services.sh
 
+# Debian's chromium for the dashboard's browser test, installed only when missing.
+browser:
+	bash scripts/browser.sh
+
 migrate: install services
 	$(BIN)/reliable-msg migrate
 
@@ -26,7 +29,7 @@ check: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy reliable_msg tests upstream_demo downstream_demo demo
 
-test: install services
+test: install services browser
 	$(BIN)/pytest -q
 
 demo: install services
@@ -37,3 +40,6 @@ serve: migrate
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+
+bench: install services
+	$(BIN)/reliable-msg bench

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
+import orjson
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -18,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import dashboard
 from .auth import Principal, Role
 from .errors import BadRequest, PayloadTooLarge, ReliableMsgError, Unprocessable
 from .message import Message as DomainMessage
@@ -27,12 +29,10 @@ from .runtime import Runtime
 from .schemas import (
     AckOut,
     BatchOut,
-    ErrorBody,
     ErrorOut,
     GroupName,
     HealthOut,
     IdsIn,
-    ItemOut,
     MessageId,
     MessageIn,
     MessageOut,
@@ -76,6 +76,7 @@ def create_app(runtime: Runtime, *, manage: bool = False) -> FastAPI:
     app.add_middleware(BodyLimit, limit=runtime.settings.max_request_bytes)
     _install_error_handlers(app)
     app.include_router(_routes())
+    app.include_router(dashboard.router())
     return app
 
 
@@ -87,29 +88,33 @@ def _runtime(request: Request) -> Runtime:
     return runtime
 
 
-def _service(request: Request) -> MessageService:
+# Dependencies are coroutines on purpose: FastAPI runs plain functions in a thread pool,
+# a thread hop per dependency per request.
+
+
+async def _service(request: Request) -> MessageService:
     return _runtime(request).service
 
 
-def _principal(
+async def _principal(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
     return _runtime(request).auth.identify(authorization)
 
 
-def _producer(who: Annotated[Principal, Depends(_principal)]) -> Principal:
+async def _producer(who: Annotated[Principal, Depends(_principal)]) -> Principal:
     return who.require(Role.PRODUCER)
 
 
-def _group(who: Annotated[Principal, Depends(_principal)]) -> Principal:
+async def _group(who: Annotated[Principal, Depends(_principal)]) -> Principal:
     return who.require(Role.GROUP)
 
 
-def _admin(who: Annotated[Principal, Depends(_principal)]) -> Principal:
+async def _admin(who: Annotated[Principal, Depends(_principal)]) -> Principal:
     return who.require(Role.ADMIN)
 
 
-def _reader(who: Annotated[Principal, Depends(_principal)]) -> Principal:
+async def _reader(who: Annotated[Principal, Depends(_principal)]) -> Principal:
     return who.require(Role.PRODUCER, Role.ADMIN)
 
 
@@ -130,61 +135,54 @@ def _routes() -> Any:  # noqa: C901 - a flat list of small route functions
     router = APIRouter()
 
     @router.post("/v1/messages", status_code=201, response_model=MessageOut)
-    async def prepare(
-        body: MessageIn, response: Response, who: Producer, service: Service, request: Request
-    ) -> MessageOut:
+    async def prepare(body: MessageIn, who: Producer, service: Service) -> Response:
         [result] = await service.prepare(who.name, [_new(body)])
         prepared = _raise_or(result, Prepared)
-        if not prepared.created:
-            response.status_code = 200
-        return MessageOut.of(prepared.message)
+        return fast_json(message_json(prepared.message), 201 if prepared.created else 200)
 
     @router.post("/v1/messages/{id}/confirm", response_model=MessageOut)
-    async def confirm(id: PathId, who: Producer, service: Service) -> MessageOut:
+    async def confirm(id: PathId, who: Producer, service: Service) -> Response:
         [result] = await service.confirm(who.name, [id])
-        return MessageOut.of(_raise_or_message(result))
+        return fast_json(message_json(_raise_or_message(result)))
 
     @router.post("/v1/messages/{id}/cancel", response_model=MessageOut)
-    async def cancel(id: PathId, who: Producer, service: Service) -> MessageOut:
+    async def cancel(id: PathId, who: Producer, service: Service) -> Response:
         [result] = await service.cancel(who.name, [id])
-        return MessageOut.of(_raise_or_message(result))
+        return fast_json(message_json(_raise_or_message(result)))
 
     @router.post("/v1/messages/{id}/ack", response_model=AckOut)
-    async def ack(id: PathId, who: Group, service: Service) -> AckOut:
+    async def ack(id: PathId, who: Group, service: Service) -> Response:
         [result] = await service.ack(who.name, [id])
         acked = _raise_or(result, Acked)
-        return AckOut(id=acked.id, group=acked.group, status=DeliveryStatus.DONE)
+        return fast_json({"id": acked.id, "group": acked.group, "status": DeliveryStatus.DONE})
 
     @router.post("/v1/batch/prepare", response_model=BatchOut)
     async def prepare_batch(
         body: PrepareBatchIn, who: Producer, service: Service, request: Request
-    ) -> BatchOut:
+    ) -> Response:
         items = [_new(m) for m in body.messages]
         _check_batch(request, [n.id for n, _ in items])
         results = await service.prepare(who.name, items)
-        return BatchOut(results=[_item(n.id, r) for (n, _), r in zip(items, results, strict=True)])
+        return _batch([n.id for n, _ in items], results)
 
     @router.post("/v1/batch/confirm", response_model=BatchOut)
     async def confirm_batch(
         body: IdsIn, who: Producer, service: Service, request: Request
-    ) -> BatchOut:
+    ) -> Response:
         _check_batch(request, body.ids)
-        results = await service.confirm(who.name, body.ids)
-        return BatchOut(results=[_item(i, r) for i, r in zip(body.ids, results, strict=True)])
+        return _batch(body.ids, await service.confirm(who.name, body.ids))
 
     @router.post("/v1/batch/cancel", response_model=BatchOut)
     async def cancel_batch(
         body: IdsIn, who: Producer, service: Service, request: Request
-    ) -> BatchOut:
+    ) -> Response:
         _check_batch(request, body.ids)
-        results = await service.cancel(who.name, body.ids)
-        return BatchOut(results=[_item(i, r) for i, r in zip(body.ids, results, strict=True)])
+        return _batch(body.ids, await service.cancel(who.name, body.ids))
 
     @router.post("/v1/batch/ack", response_model=BatchOut)
-    async def ack_batch(body: IdsIn, who: Group, service: Service, request: Request) -> BatchOut:
+    async def ack_batch(body: IdsIn, who: Group, service: Service, request: Request) -> Response:
         _check_batch(request, body.ids)
-        results = await service.ack(who.name, body.ids)
-        return BatchOut(results=[_item(i, r) for i, r in zip(body.ids, results, strict=True)])
+        return _batch(body.ids, await service.ack(who.name, body.ids))
 
     @router.get("/v1/messages/{id}", response_model=MessageOut)
     async def get_message(id: PathId, who: Reader, service: Service) -> MessageOut:
@@ -280,14 +278,50 @@ def _raise_or_message(result: ReliableMsgError | DomainMessage) -> DomainMessage
     return _raise_or(result, DomainMessage)
 
 
-def _item(id: str, result: Any) -> ItemOut:
+def _item(id: str, result: Any) -> dict[str, Any]:
+    """One batch result, shaped as :class:`ItemOut`."""
     if isinstance(result, ReliableMsgError):
-        return ItemOut(id=id, ok=False, error=ErrorBody(code=result.code, message=result.message))
+        error = {"code": result.code, "message": result.message}
+        return {"id": id, "ok": False, "status": None, "created": None, "error": error}
     if isinstance(result, Prepared):
-        return ItemOut(id=id, ok=True, status=result.message.status, created=result.created)
-    if isinstance(result, Acked):
-        return ItemOut(id=id, ok=True, status=DeliveryStatus.DONE)
-    return ItemOut(id=id, ok=True, status=result.status)
+        status, created = result.message.status.value, result.created
+    elif isinstance(result, Acked):
+        status, created = DeliveryStatus.DONE.value, None
+    else:
+        status, created = result.status.value, None
+    return {"id": id, "ok": True, "status": status, "created": created, "error": None}
+
+
+def _batch(ids: Sequence[str], results: Sequence[Any]) -> Response:
+    return fast_json({"results": [_item(i, r) for i, r in zip(ids, results, strict=True)]})
+
+
+def message_json(m: DomainMessage) -> dict[str, Any]:
+    """A message shaped as :class:`MessageOut` (no deliveries), its payload spliced in as
+    the JSON text it is stored as rather than parsed and written again."""
+    return {
+        "id": m.id,
+        "topic": m.topic,
+        "producer": m.producer,
+        "status": m.status.value,
+        "payload": orjson.Fragment(m.payload),
+        "headers": m.headers,
+        "key": m.key,
+        "groups": list(m.groups),
+        "check_attempts": m.check_attempts,
+        "last_error": m.last_error,
+        "created_at": m.created_at,
+        "updated_at": m.updated_at,
+        "sent_at": m.sent_at,
+        "finished_at": m.finished_at,
+        "deliveries": None,
+    }
+
+
+def fast_json(content: Any, status: int = 200) -> Response:
+    """A JSON response written by orjson, skipping FastAPI's re-validation of a body the
+    route built itself (the route's ``response_model`` still documents it)."""
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
 def _encode_cursor(cursor: tuple[datetime, str] | None) -> str | None:

@@ -269,7 +269,13 @@ class Consumer:
         try:
             received = self._decode(message)
         except Poison as exc:
-            log.error("consumer %s: rejected delivery %s: %s", self.group, message.message_id, exc)
+            log.error(
+                "consumer %s: rejected delivery %s: %s",
+                self.group,
+                message.message_id,
+                exc,
+                extra={"message_id": message.message_id},
+            )
             await message.reject(requeue=False)
             return
         await self.process(received, _amqp_ack(message))
@@ -313,6 +319,7 @@ class Consumer:
                 received.topic,
                 received.id,
                 received.attempt,
+                extra={"message_id": received.id},
             )
             await finish()  # the service, not the transport, owns the retry and its backoff
             return
@@ -334,7 +341,12 @@ class Consumer:
                 received.topic,
             )
             if not fresh:
-                log.info("consumer %s: message %s already handled", self.group, received.id)
+                log.info(
+                    "consumer %s: message %s already handled",
+                    self.group,
+                    received.id,
+                    extra={"message_id": received.id},
+                )
                 return False
             await handler(cast(asyncpg.Connection, conn), received)
         return True
@@ -477,6 +489,7 @@ class FallbackDrain:
                 consumer.group,
                 entry.topic,
                 entry.id,
+                extra={"message_id": entry.id},
             )
             await finish()
             return
@@ -505,6 +518,14 @@ class FallbackDrain:
         await asyncio.sleep(seconds)
 
 
+#: Ack errors that mean "not yet": the message was published by a confirm that has not
+#: committed (or whose commit failed, until check-back confirms it again).
+ACK_AGAIN = frozenset({"not_sent", "busy"})
+#: Tries of such an ack, 0.2 s, 0.4 s, ... apart (about a minute in all), before the
+#: service's redelivery is left to bring the message again.
+MAX_ACK_TRIES = 25
+
+
 class AckBatcher:
     """Acks handled messages to the service in batches, then each to RabbitMQ."""
 
@@ -517,6 +538,7 @@ class AckBatcher:
         self._closing = False
         #: Batches acked to the service so far.
         self.batches = 0
+        self._tries: dict[str, int] = {}
 
     def add(self, id: str, finish: Finish) -> None:
         """Ack ``id`` to the service with the next batch, then call ``finish``."""
@@ -540,6 +562,14 @@ class AckBatcher:
             if self._closing:
                 return
 
+    def _again(self, id: str) -> bool:
+        """Count one more try of an ack the service could not take yet."""
+        tries = self._tries[id] = self._tries.get(id, 0) + 1
+        if tries > MAX_ACK_TRIES:
+            del self._tries[id]
+            return False
+        return True
+
     async def flush_now(self) -> None:
         """Ack everything pending now."""
         while self._pending:
@@ -561,12 +591,23 @@ class AckBatcher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self.batches += 1
+        retry = set()
         for result in results:
-            if result.error is not None:
+            if result.error is None:
+                self._tries.pop(result.id, None)
+            elif result.error.code in ACK_AGAIN and self._again(result.id):
+                retry.add(result.id)
+            else:
                 # Handled and in the inbox: a requeue or republish will be absorbed.
-                log.warning("ack of %s: %s", result.id, result.error)
+                log.warning(
+                    "ack of %s: %s", result.id, result.error, extra={"message_id": result.id}
+                )
+        loop = asyncio.get_running_loop()
         for id, finish in batch:
+            if id in retry:
+                loop.call_later(self._tries[id] * 0.2, self._pending.append, (id, finish))
+                continue
             try:
                 await finish()
             except Exception as exc:  # the source went away: it delivers again; inbox absorbs
-                log.info("release of %s at its source lost (%s)", id, exc)
+                log.info("release of %s at its source lost (%s)", id, exc, extra={"message_id": id})

@@ -131,6 +131,7 @@ class FallbackWriter:
                     length,
                     self._alarm,
                     out.id,
+                    extra={"message_id": out.id},
                 )
 
     async def depth(self, group: str) -> int:

@@ -124,3 +124,15 @@ class DeliveryUpdate:
     attempts: int
     next_in: float
     last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One recorded move of a message (``group_name`` None) or of one of its deliveries."""
+
+    group_name: str | None
+    #: None for the prepare that created the message.
+    from_status: str | None
+    to_status: str
+    at: datetime
+    reason: str | None

@@ -25,3 +25,19 @@ FALLBACK_DEPTH = Gauge("rmsg_fallback_depth", "Entries in a group's fallback sha
 SHARD_ALARMS = Counter(
     "rmsg_fallback_shard_alarms_total", "Writes that found a shard over the alarm", ["group"]
 )
+CONFIRM_SECONDS = Histogram(
+    "rmsg_confirm_seconds",
+    "Time of one confirm call (update, publish, commit), by who confirms",
+    ["caller"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+ACKS = Counter("rmsg_acks_total", "Deliveries acked by their consumer group", ["group"])
+MESSAGES = Gauge("rmsg_messages", "Messages by status, counted in the database", ["status"])
+DELIVERIES = Gauge(
+    "rmsg_deliveries",
+    "Deliveries by group and status, counted in the database",
+    ["group", "status"],
+)
+SCANNER_LAG = Gauge(
+    "rmsg_scanner_lag_seconds", "Age of the oldest row due to a scanner (0: none due)", ["scanner"]
+)

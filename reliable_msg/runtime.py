@@ -18,6 +18,7 @@ from .checkback import CheckBackClient
 from .errors import ReliableMsgError
 from .fallback import REDIS_ERRORS, FallbackWriter
 from .metrics import FALLBACK_DEPTH
+from .monitor import Monitor
 from .publisher import SwitchingPublisher
 from .scanners import CheckBackScanner, Purger, RedeliveryScanner, Scanners
 from .service import MessageService
@@ -81,6 +82,7 @@ class Runtime:
         self.checkback = CheckBackScanner(settings, store, self.service, checkback)
         self.redelivery = RedeliveryScanner(settings, store, self.broker)
         self.purger = Purger(settings, store)
+        self.monitor = Monitor(settings, store)
         self.scanners = (
             Scanners(
                 settings,
@@ -116,8 +118,10 @@ class Runtime:
         await self.checkback_client.start()
         if self.scanners is not None:
             self.scanners.start()
+        self.monitor.start()
 
     async def stop(self) -> None:
+        await self.monitor.stop()
         if self.scanners is not None:
             await self.scanners.stop()
         if self._watch is not None and self.switch is not None:

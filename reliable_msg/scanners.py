@@ -76,12 +76,23 @@ class CheckBackScanner:
             [result] = await self._service.confirm(None, [check.id])
             if isinstance(result, ReliableMsgError):
                 # The lease runs out and a later pass asks again.
-                log.warning("check-back of %s: committed, but %s", check.id, result.message)
+                log.warning(
+                    "check-back of %s: committed, but %s",
+                    check.id,
+                    result.message,
+                    extra={"message_id": check.id},
+                )
             else:
-                log.info("check-back of %s: committed; published", check.id)
+                log.info(
+                    "check-back of %s: committed; published",
+                    check.id,
+                    extra={"message_id": check.id},
+                )
         elif answer is Answer.ROLLED_BACK:
             await self._service.cancel(None, [check.id])
-            log.info("check-back of %s: rolled back; cancelled", check.id)
+            log.info(
+                "check-back of %s: rolled back; cancelled", check.id, extra={"message_id": check.id}
+            )
         else:
             await self._retry_or_die(check, "producer answered unknown")
 
@@ -97,13 +108,21 @@ class CheckBackScanner:
                     check.id,
                     tries,
                     error,
+                    extra={"message_id": check.id},
                 )
             return
         delay = backoff(
             tries, base=cfg.backoff_base, factor=cfg.backoff_factor, cap=cfg.backoff_cap
         )
         await self._store.check_failed(check, error, delay)
-        log.info("check-back of %s failed (%s); try %d in %.1fs", check.id, error, tries, delay)
+        log.info(
+            "check-back of %s failed (%s); try %d in %.1fs",
+            check.id,
+            error,
+            tries,
+            delay,
+            extra={"message_id": check.id},
+        )
 
 
 class RedeliveryScanner:
@@ -151,12 +170,24 @@ class RedeliveryScanner:
             cap=cfg.backoff_cap,
             jitter=cfg.jitter,
         )
-        log.info("redelivered %s to %s (attempt %d)", out.id, out.group, out.attempt)
+        log.info(
+            "redelivered %s to %s (attempt %d)",
+            out.id,
+            out.group,
+            out.attempt,
+            extra={"message_id": out.id, "group": out.group},
+        )
         return DeliveryUpdate(out.id, out.group, D.SENT, out.attempt, delay)
 
     def _refused(self, out: Outgoing, reason: str) -> DeliveryUpdate:
         assert out.group is not None
-        log.warning("redelivery of %s to %s failed: %s", out.id, out.group, reason)
+        log.warning(
+            "redelivery of %s to %s failed: %s",
+            out.id,
+            out.group,
+            reason,
+            extra={"message_id": out.id, "group": out.group},
+        )
         retry = self._settings.redelivery.retry_after_failure
         return DeliveryUpdate(out.id, out.group, D.SENT, out.attempt - 1, retry, reason)
 
@@ -165,7 +196,12 @@ class RedeliveryScanner:
         tries = out.attempt - 1
         reason = f"not acked by {out.group} after {tries} deliveries"
         DEAD.labels("redelivery").inc()
-        log.error("message %s is dead: %s", out.id, reason)
+        log.error(
+            "message %s is dead: %s",
+            out.id,
+            reason,
+            extra={"message_id": out.id, "group": out.group},
+        )
         return DeliveryUpdate(out.id, out.group, D.DEAD, tries, 0.0, reason)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,7 +27,7 @@ from .errors import (
     Unprocessable,
 )
 from .message import Message, NewMessage, Outgoing
-from .metrics import TRANSITIONS
+from .metrics import ACKS, CONFIRM_SECONDS, TRANSITIONS
 from .ports import Publisher, Store
 from .settings import Settings
 from .states import D, DeliveryStatus, M, MessageStatus
@@ -110,6 +111,7 @@ class MessageService:
 
         ``producer=None`` is the service itself (check-back) and skips the owner check.
         """
+        started = time.perf_counter()
         refusals: dict[str, BrokerError] = {}
 
         async def publish(outs: list[Outgoing]) -> dict[str, BrokerError]:
@@ -126,6 +128,8 @@ class MessageService:
         if rest:
             for m in await self._store.get_many(rest):
                 done[m.id] = self._explain_confirm(producer, m, refusals.get(m.id))
+        caller = "checkback" if producer is None else "producer"
+        CONFIRM_SECONDS.labels(caller).observe(time.perf_counter() - started)
         return [done.get(i) or _unknown(i) for i in ids]
 
     @staticmethod
@@ -168,6 +172,7 @@ class MessageService:
         """The group's delivery → ``done`` (idempotent), or an error per id."""
         unique = list(dict.fromkeys(ids))
         moved = set(await self._store.ack(group, unique))
+        ACKS.labels(group).inc(len(moved))
         rest = [i for i in unique if i not in moved]
         states = await self._store.delivery_states(group, rest) if rest else {}
         return [
@@ -235,9 +240,9 @@ class MessageService:
             publish=self._broker.publish_many,
         )
         for id in resent:
-            log.info("requeued message %s: deliveries republished", id)
+            log.info("requeued message %s: deliveries republished", id, extra={"message_id": id})
         for id in rechecked:
-            log.info("requeued message %s: check-back starts again", id)
+            log.info("requeued message %s: check-back starts again", id, extra={"message_id": id})
         return len(resent) + len(rechecked)
 
 

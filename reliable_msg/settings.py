@@ -105,6 +105,23 @@ class ScannerSettings(_Section):
     retention: Seconds = 7 * 24 * 3600.0  #: done and cancelled messages kept this long
 
 
+class MonitorSettings(_Section):
+    """Samples for the dashboard's chart and the gauges of ``/metrics`` (DESIGN §4)."""
+
+    interval: Seconds = 5.0  #: seconds between samples of the rates and the scanner lag
+    #: seconds between counts of messages per status and deliveries per group: each is a
+    #: full count of the tables, so keep it slow when they are big
+    counts_interval: Seconds = 15.0
+    samples: int = Field(default=720, ge=2, le=100_000)  #: samples kept for the chart
+
+
+class DashboardSettings(_Section):
+    """The operators' web dashboard at ``/dashboard`` (admin token login)."""
+
+    enabled: bool = True
+    session_ttl: Seconds = 12 * 3600.0  #: seconds a login lasts
+
+
 class Settings(BaseSettings):
     """Everything the service reads at start-up."""
 
@@ -138,6 +155,8 @@ class Settings(BaseSettings):
     redelivery: RedeliverySettings = RedeliverySettings()
     scanner: ScannerSettings = ScannerSettings()
     fallback: FallbackSettings = FallbackSettings()
+    monitor: MonitorSettings = MonitorSettings()
+    dashboard: DashboardSettings = DashboardSettings()
 
     producers: dict[str, ProducerSettings] = {}
     groups: dict[str, GroupSettings] = {}

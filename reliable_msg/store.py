@@ -19,7 +19,15 @@ from typing import Any, ParamSpec, TypeVar
 import asyncpg
 
 from .errors import BrokerError, StoreError
-from .message import Delivery, DeliveryUpdate, DueCheck, Message, NewMessage, Outgoing
+from .message import (
+    Delivery,
+    DeliveryUpdate,
+    DueCheck,
+    Message,
+    NewMessage,
+    Outgoing,
+    Transition,
+)
 from .states import D, DeliveryStatus, M, MessageStatus, delivery_move, message_move
 
 log = logging.getLogger(__name__)
@@ -57,6 +65,35 @@ CLAIM_DELIVERIES = """
     ORDER BY d.next_attempt_at
     LIMIT $2
     FOR UPDATE OF d SKIP LOCKED
+"""
+
+#: Head of the statement that records moves in the history, in the same statement as
+#: the move itself (as a CTE), so the history never disagrees with the state.
+_TRANSITION = """
+    INSERT INTO rmsg_transition (message_id, group_name, from_status, to_status, reason)
+"""
+
+#: Acks a group's deliveries and finishes messages whose last delivery this was.
+_ACK = f"""
+    WITH d AS (
+        UPDATE rmsg_delivery SET status = $2, done_at = now(), updated_at = now()
+        WHERE group_name = $4 AND status = $1 AND message_id = ANY($3::text[])
+        RETURNING message_id
+    ), m AS (
+        UPDATE rmsg_message AS m
+        SET remaining = m.remaining - 1, updated_at = now(),
+            status = CASE WHEN m.remaining = 1 AND m.status = $5 THEN $6 ELSE m.status END,
+            finished_at = CASE WHEN m.remaining = 1 AND m.status = $5 THEN now()
+                               ELSE m.finished_at END
+        FROM d WHERE m.id = d.message_id
+        RETURNING m.id, m.status
+    ), t AS (
+        {_TRANSITION}
+        SELECT message_id, $4, $1, $2, 'ack' FROM d
+        UNION ALL
+        SELECT id, NULL, $5, $6, 'last delivery acked' FROM m WHERE status = $6
+    )
+    SELECT message_id FROM d
 """
 
 #: PostgreSQL errors worth one more try of the same short transaction.
@@ -127,6 +164,7 @@ class PgStore:
                 dsn,
                 min_size=min(2, pool_size),
                 max_size=pool_size,
+                reset=_keep_session,
                 server_settings={
                     "application_name": "reliable-msg",
                     "statement_timeout": "30s",
@@ -159,14 +197,19 @@ class PgStore:
         """Insert new ``pending`` messages; return (inserted, already existing by id)."""
         rows = await self._pool.fetch(
             f"""
-            INSERT INTO rmsg_message
-                (id, topic, producer, payload, headers, key, status, groups, next_check_at)
-            SELECT u.id, u.topic, $1, u.payload::jsonb, u.headers::jsonb, u.key, $2,
-                   string_to_array(u.groups, ','), now() + make_interval(secs => $3)
-            FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[])
-                 AS u(id, topic, payload, headers, key, groups)
-            ON CONFLICT (id) DO NOTHING
-            RETURNING {_MESSAGE_COLUMNS}
+            WITH m AS (
+                INSERT INTO rmsg_message
+                    (id, topic, producer, payload, headers, key, status, groups, next_check_at)
+                SELECT u.id, u.topic, $1, u.payload::jsonb, u.headers::jsonb, u.key, $2,
+                       string_to_array(u.groups, ','), now() + make_interval(secs => $3)
+                FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                            $9::text[]) AS u(id, topic, payload, headers, key, groups)
+                ON CONFLICT (id) DO NOTHING
+                RETURNING {_MESSAGE_COLUMNS}
+            ), t AS (
+                {_TRANSITION} SELECT id, NULL, NULL, $2, 'prepare' FROM m
+            )
+            SELECT * FROM m
             """,
             producer,
             M.PENDING.value,
@@ -228,6 +271,11 @@ class PgStore:
                 INSERT INTO rmsg_delivery (message_id, group_name, status, next_attempt_at)
                 SELECT m.id, g, $5, now() + make_interval(secs => $6)
                 FROM m, unnest(m.groups) AS g
+            ), t AS (
+                {_TRANSITION}
+                SELECT m.id, NULL, $1, $2,
+                       CASE WHEN $4::text IS NULL THEN 'check-back: committed' ELSE 'confirm' END
+                FROM m
             )
             SELECT * FROM m
             """,
@@ -245,11 +293,20 @@ class PgStore:
         """Move ``pending`` → ``cancelled``; return the ids moved."""
         src, dst = message_move(M.PENDING, M.CANCELLED)
         rows = await self._pool.fetch(
-            """
-            UPDATE rmsg_message
-            SET status = $2, finished_at = now(), updated_at = now(), next_check_at = NULL
-            WHERE id = ANY($3::text[]) AND status = $1 AND ($4::text IS NULL OR producer = $4)
-            RETURNING id
+            f"""
+            WITH m AS (
+                UPDATE rmsg_message
+                SET status = $2, finished_at = now(), updated_at = now(), next_check_at = NULL
+                WHERE id = ANY($3::text[]) AND status = $1
+                  AND ($4::text IS NULL OR producer = $4)
+                RETURNING id
+            ), t AS (
+                {_TRANSITION}
+                SELECT id, NULL, $1, $2,
+                       CASE WHEN $4::text IS NULL THEN 'check-back: rolled back' ELSE 'cancel' END
+                FROM m
+            )
+            SELECT id FROM m
             """,
             src,
             dst,
@@ -272,38 +329,19 @@ class PgStore:
         """Move the group's deliveries ``sent`` → ``done``; return the ids moved.
 
         A message becomes ``done`` when its last delivery is acked. Message rows are
-        locked in id order first, so concurrent acks of several groups cannot deadlock.
+        locked in id order first, so concurrent acks of several groups cannot deadlock;
+        the lock also waits for a confirm still committing (a consumer can get the
+        message before the confirm's commit), and the update that follows, a statement
+        of its own, then sees the deliveries that confirm created.
         """
         src, dst = delivery_move(D.SENT, D.DONE)
         msg_src, msg_dst = message_move(M.SENT, M.DONE)
-        rows = await self._pool.fetch(
-            """
-            WITH locked AS (
-                SELECT id FROM rmsg_message WHERE id = ANY($3::text[]) ORDER BY id FOR UPDATE
-            ), d AS (
-                UPDATE rmsg_delivery SET status = $2, done_at = now(), updated_at = now()
-                WHERE group_name = $4 AND status = $1
-                  AND message_id IN (SELECT id FROM locked)
-                RETURNING message_id
-            ), m AS (
-                UPDATE rmsg_message AS m
-                SET remaining = m.remaining - 1, updated_at = now(),
-                    status = CASE WHEN m.remaining = 1 AND m.status = $5 THEN $6
-                                  ELSE m.status END,
-                    finished_at = CASE WHEN m.remaining = 1 AND m.status = $5 THEN now()
-                                       ELSE m.finished_at END
-                FROM d WHERE m.id = d.message_id
-                RETURNING m.id
+        async with self._tx() as conn:
+            await conn.execute(
+                "SELECT 1 FROM rmsg_message WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+                list(ids),
             )
-            SELECT message_id FROM d
-            """,
-            src,
-            dst,
-            list(ids),
-            group,
-            msg_src,
-            msg_dst,
-        )
+            rows = await conn.fetch(_ACK, src, dst, list(ids), group, msg_src, msg_dst)
         return [r["message_id"] for r in rows]
 
     @_translated
@@ -437,14 +475,21 @@ class PgStore:
             src, dst = message_move(M.PENDING, M.DEAD)
         else:
             src = dst = M.PENDING.value
-        result = await self._pool.execute(
-            """
-            UPDATE rmsg_message
-            SET check_attempts = check_attempts + 1, last_error = $4, updated_at = now(),
-                status = $2,
-                next_check_at = CASE WHEN $5::float8 IS NULL THEN NULL
-                                     ELSE now() + make_interval(secs => $5) END
-            WHERE id = $3 AND status = $1 AND check_attempts = $6
+        moved = await self._pool.fetchval(
+            f"""
+            WITH m AS (
+                UPDATE rmsg_message
+                SET check_attempts = check_attempts + 1, last_error = $4, updated_at = now(),
+                    status = $2,
+                    next_check_at = CASE WHEN $5::float8 IS NULL THEN NULL
+                                         ELSE now() + make_interval(secs => $5) END
+                WHERE id = $3 AND status = $1 AND check_attempts = $6
+                RETURNING id
+            ), t AS (
+                {_TRANSITION}
+                SELECT id, NULL, $1, $2, 'check-back exhausted: ' || $4 FROM m WHERE $1 <> $2
+            )
+            SELECT count(*) FROM m
             """,
             src,
             dst,
@@ -453,7 +498,7 @@ class PgStore:
             retry_in,
             check.check_attempts,
         )
-        return bool(result.endswith(" 1"))
+        return bool(moved == 1)
 
     # -- redelivery ------------------------------------------------------------------
 
@@ -483,15 +528,26 @@ class PgStore:
             return len(rows)
 
     async def _record_deliveries(self, conn: Conn, updates: list[DeliveryUpdate]) -> None:
+        # The history gets the redeliveries and the deaths, not the refused publishes.
         await conn.execute(
-            """
-            UPDATE rmsg_delivery AS d
-            SET status = u.status, attempts = u.attempts, last_error = u.last_error,
-                next_attempt_at = now() + make_interval(secs => u.next_in), updated_at = now()
-            FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::float8[], $6::text[])
-                 AS u(message_id, group_name, status, attempts, next_in, last_error)
-            WHERE d.message_id = u.message_id AND d.group_name = u.group_name
-              AND d.status = $7
+            f"""
+            WITH d AS (
+                UPDATE rmsg_delivery AS d
+                SET status = u.status, attempts = u.attempts, last_error = u.last_error,
+                    next_attempt_at = now() + make_interval(secs => u.next_in),
+                    updated_at = now()
+                FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::float8[],
+                            $6::text[]) AS u(message_id, group_name, status, attempts, next_in,
+                                             last_error)
+                WHERE d.message_id = u.message_id AND d.group_name = u.group_name
+                  AND d.status = $7
+                RETURNING d.message_id, d.group_name, d.status, d.attempts, d.last_error
+            )
+            {_TRANSITION}
+            SELECT message_id, group_name, $7, status,
+                   CASE WHEN status = $7 THEN 'redelivered, attempt ' || attempts
+                        ELSE last_error END
+            FROM d WHERE status <> $7 OR last_error IS NULL
             """,
             [u.message_id for u in updates],
             [u.group for u in updates],
@@ -505,10 +561,15 @@ class PgStore:
         if dead:
             src, dst = message_move(M.SENT, M.DEAD)
             await conn.execute(
-                """
-                UPDATE rmsg_message AS m SET status = $2, last_error = u.err, updated_at = now()
-                FROM unnest($3::text[], $4::text[]) AS u(id, err)
-                WHERE m.id = u.id AND m.status = $1
+                f"""
+                WITH m AS (
+                    UPDATE rmsg_message AS m
+                    SET status = $2, last_error = u.err, updated_at = now()
+                    FROM unnest($3::text[], $4::text[]) AS u(id, err)
+                    WHERE m.id = u.id AND m.status = $1
+                    RETURNING m.id, m.last_error
+                )
+                {_TRANSITION} SELECT id, NULL, $1, $2, last_error FROM m
                 """,
                 src,
                 dst,
@@ -563,10 +624,15 @@ class PgStore:
             unchecked = [m.id for m in messages if m.sent_at is None]
             if unchecked:
                 await conn.execute(
-                    """
-                    UPDATE rmsg_message SET status = $2, check_attempts = 0,
-                        next_check_at = now(), last_error = NULL, updated_at = now()
-                    WHERE id = ANY($3::text[]) AND status = $1
+                    f"""
+                    WITH m AS (
+                        UPDATE rmsg_message SET status = $2, check_attempts = 0,
+                            next_check_at = now(), last_error = NULL, updated_at = now()
+                        WHERE id = ANY($3::text[]) AND status = $1
+                        RETURNING id
+                    )
+                    {_TRANSITION}
+                    SELECT id, NULL, $1, $2, 'requeue: check-back starts again' FROM m
                     """,
                     *message_move(M.DEAD, M.PENDING),
                     unchecked,
@@ -586,12 +652,17 @@ class PgStore:
             return []
         d_src, d_dst = delivery_move(D.DEAD, D.SENT)
         rows = await conn.fetch(
-            """
-            UPDATE rmsg_delivery SET status = $2, attempts = 1, last_error = NULL,
-                next_attempt_at = now() + make_interval(secs => $5), updated_at = now()
-            WHERE message_id = ANY($3::text[]) AND status = $1
-              AND ($4::text IS NULL OR group_name = $4)
-            RETURNING message_id, group_name
+            f"""
+            WITH d AS (
+                UPDATE rmsg_delivery SET status = $2, attempts = 1, last_error = NULL,
+                    next_attempt_at = now() + make_interval(secs => $5), updated_at = now()
+                WHERE message_id = ANY($3::text[]) AND status = $1
+                  AND ($4::text IS NULL OR group_name = $4)
+                RETURNING message_id, group_name
+            ), t AS (
+                {_TRANSITION} SELECT message_id, group_name, $1, $2, 'requeue' FROM d
+            )
+            SELECT * FROM d
             """,
             d_src,
             d_dst,
@@ -611,12 +682,17 @@ class PgStore:
             )
         m_src, m_dst = message_move(M.DEAD, M.SENT)
         moved = await conn.fetch(
-            """
-            UPDATE rmsg_message m SET status = $2, last_error = NULL, updated_at = now()
-            WHERE id = ANY($3::text[]) AND status = $1
-              AND NOT EXISTS (SELECT 1 FROM rmsg_delivery d
-                              WHERE d.message_id = m.id AND d.status = $4)
-            RETURNING id
+            f"""
+            WITH m AS (
+                UPDATE rmsg_message m SET status = $2, last_error = NULL, updated_at = now()
+                WHERE id = ANY($3::text[]) AND status = $1
+                  AND NOT EXISTS (SELECT 1 FROM rmsg_delivery d
+                                  WHERE d.message_id = m.id AND d.status = $4)
+                RETURNING id
+            ), t AS (
+                {_TRANSITION} SELECT id, NULL, $1, $2, 'requeue' FROM m
+            )
+            SELECT id FROM m
             """,
             m_src,
             m_dst,
@@ -649,6 +725,46 @@ class PgStore:
             total += deleted
             if deleted < batch:
                 return total
+
+    # -- operators' reads ------------------------------------------------------------
+
+    @_translated
+    async def history(self, id: str) -> list[Transition]:
+        """Every recorded move of message ``id`` and of its deliveries, oldest first."""
+        rows = await self._pool.fetch(
+            """
+            SELECT group_name, from_status, to_status, at, reason FROM rmsg_transition
+            WHERE message_id = $1 ORDER BY seq
+            """,
+            id,
+        )
+        return [Transition(**dict(r)) for r in rows]
+
+    @_translated
+    async def scanner_lag(self) -> dict[str, float]:
+        """Per scanner, seconds since its oldest due row fell due (0 when none is due).
+
+        Each is the first entry of the scanner's partial index: cheap at any table size.
+        """
+        row = await self._pool.fetchrow(
+            """
+            SELECT
+                (SELECT extract(epoch FROM now() - min(next_check_at)) FROM rmsg_message
+                 WHERE status = $1 AND next_check_at <= now()) AS checkback,
+                (SELECT extract(epoch FROM now() - min(next_attempt_at)) FROM rmsg_delivery
+                 WHERE status = $2 AND next_attempt_at <= now()) AS redelivery
+            """,
+            M.PENDING.value,
+            D.SENT.value,
+        )
+        assert row is not None
+        return {name: float(row[name] or 0.0) for name in ("checkback", "redelivery")}
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Nothing to reset when a connection goes back to the pool: the service sets no
+    session state (asyncpg's default reset is a round trip per release; an open
+    transaction is still rolled back before this runs)."""
 
 
 def _message(row: asyncpg.Record, deliveries: tuple[Delivery, ...] = ()) -> Message:

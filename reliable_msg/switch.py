@@ -26,6 +26,10 @@ from .metrics import MODE, MODE_CHANGES
 log = logging.getLogger(__name__)
 
 
+#: Longest a watcher takes to notice stop().
+STOP_LATENCY = 0.1
+
+
 class Mode(StrEnum):
     #: Messages go through RabbitMQ.
     NORMAL = "normal"
@@ -172,7 +176,8 @@ class Switch:
             await self.refresh()
             next_poll = time.monotonic() + self._poll
             while not self._stopping.is_set():
-                timeout = max(0.0, next_poll - time.monotonic())
+                # Short waits, so that stop() takes effect quickly; they cost no traffic.
+                timeout = min(STOP_LATENCY, max(0.0, next_poll - time.monotonic()))
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
                 if message is not None:
                     self._apply(_state(json.loads(message["data"])))

@@ -29,6 +29,11 @@ PRODUCER = "order-token"
 OTHER_PRODUCER = "other-token"
 GROUP_TOKENS = {"inventory": "inventory-token", "credit": "credit-token", "wms": "wms-token"}
 
+# The tests configure the service themselves; settings a shell or make exported (env
+# wins over a configuration file) must not leak into them or their child processes.
+for _name in [n for n in os.environ if n.startswith("RMSG_") and not n.startswith("RMSG_TEST_")]:
+    del os.environ[_name]
+
 #: The PostgreSQL server the tests use; each test run makes a database of its own there.
 SERVER_URL = os.environ.get("RMSG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
 DATABASE_URL = f"{SERVER_URL}/rmsg_test_{os.getpid()}"

@@ -61,6 +61,7 @@ async def test_four_concurrent_migrates_create_and_migrate_once(fresh_database: 
         "rmsg_delivery",
         "rmsg_message",
         "rmsg_schema_migrations",
+        "rmsg_transition",
     ]
 
     again = await run_migrate(fresh_database)

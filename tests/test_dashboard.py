@@ -1,0 +1,257 @@
+"""The dashboard in a real browser: headless Chromium (Debian's ``chromium``, driven by
+Playwright's driver from PyPI, no browser download) against a real service process.
+
+It logs in, finds a dead message, requeues it behind the confirmation page, sees it
+``done`` once its groups ack, requeues a group's dead deliveries, logs out, and fails on
+any console error, page error, failed request or HTTP error the pages ran into.
+Screenshots of the pages go to ``.artifacts/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from playwright.async_api import Browser, ConsoleMessage, Page, Request, Response, async_playwright
+
+from reliable_msg.settings import Settings
+from tests.conftest import ADMIN, GROUP_TOKENS, PRODUCER, auth
+from tests.helpers.service import Instance, remove_traces, running, write_config
+from tests.helpers.waiting import wait_until
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOTS = Path(__file__).resolve().parents[1] / ".artifacts" / "screenshots"
+#: Dead after one delivery not acked within ack_timeout.
+ACK_TIMEOUT = 1.5
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings(
+        # Pending messages stay pending: nobody answers check-back here.
+        checkback={"after": 3600.0},
+        redelivery={"ack_timeout": ACK_TIMEOUT, "max_attempts": 1, "jitter": 0.0},
+        monitor={"interval": 0.5, "counts_interval": 0.5},
+    )
+
+
+@pytest.fixture
+async def service(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> AsyncIterator[Instance]:
+    config = write_config(settings, tmp_path / "config.toml")
+    try:
+        with running(config, tmp_path) as [instance]:
+            yield instance
+    finally:
+        await remove_traces(settings)
+
+
+@pytest.fixture(scope="module")
+def chromium_installed() -> None:
+    assert os.path.exists(CHROMIUM), "no /usr/bin/chromium: run scripts/browser.sh (make test does)"
+
+
+@pytest.fixture
+async def browser(chromium_installed: None) -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        chromium = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        await chromium.close()
+
+
+async def populate(api: httpx.AsyncClient) -> None:
+    """Done, pending, cancelled and soon-dead messages on two topics."""
+    producer = auth(PRODUCER)
+    for i in range(1, 7):
+        topic = "order.paid" if i % 3 else "order.refunded"
+        body = {"id": f"ord-{i}", "topic": topic, "payload": {"order": i, "amount": 10 * i}}
+        assert (await api.post("/v1/messages", json=body, headers=producer)).status_code == 201
+        assert (await api.post(f"/v1/messages/ord-{i}/confirm", headers=producer)).is_success
+        await ack_all(api, f"ord-{i}")
+    extra = {
+        "pending-1": "order.paid",
+        "cancelled-1": "order.paid",
+        "dead-1": "order.paid",
+        "dead-2": "order.paid",
+    }
+    for id, topic in extra.items():
+        body = {"id": id, "topic": topic, "payload": {"order": id}, "headers": {"trace": id}}
+        assert (await api.post("/v1/messages", json=body, headers=producer)).status_code == 201
+    assert (await api.post("/v1/messages/cancelled-1/cancel", headers=producer)).is_success
+    for id in ("dead-1", "dead-2"):
+        assert (await api.post(f"/v1/messages/{id}/confirm", headers=producer)).is_success
+
+
+async def ack_all(api: httpx.AsyncClient, id: str) -> None:
+    for token in GROUP_TOKENS.values():
+        r = await api.post(f"/v1/messages/{id}/ack", headers=auth(token))
+        assert r.status_code in (200, 404), r.text  # 404: the group does not take the topic
+
+
+class Problems:
+    """Everything that went wrong in the browser, as readable lines."""
+
+    def __init__(self, page: Page) -> None:
+        self.lines: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda error: self.lines.append(f"page error: {error}"))
+        page.on("requestfailed", self._failed)
+        page.on("response", self._response)
+
+    def _console(self, message: ConsoleMessage) -> None:
+        if message.type in ("error", "warning"):
+            self.lines.append(f"console {message.type}: {message.text}")
+
+    def _failed(self, request: Request) -> None:
+        # A poll still in flight when the page navigates away is aborted, not failed.
+        if request.failure != "net::ERR_ABORTED":
+            self.lines.append(f"request failed: {request.method} {request.url} {request.failure}")
+
+    def _response(self, response: Response) -> None:
+        if response.status >= 400:
+            self.lines.append(f"HTTP {response.status}: {response.url}")
+
+
+async def shot(page: Page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+async def status_of(db: asyncpg.Connection, id: str) -> str:
+    status: str = await db.fetchval("SELECT status FROM rmsg_message WHERE id = $1", id)
+    return status
+
+
+async def test_dashboard_requeues_a_dead_message_until_done(
+    service: Instance, browser: Browser, db: asyncpg.Connection
+) -> None:
+    async with httpx.AsyncClient(base_url=service.url, timeout=10) as api:
+        await populate(api)
+
+        async def both_dead() -> bool:
+            return {await status_of(db, "dead-1"), await status_of(db, "dead-2")} == {"dead"}
+
+        await wait_until(both_dead, within=ACK_TIMEOUT + 10)
+
+        context = await browser.new_context(viewport={"width": 1280, "height": 900})
+        page = await context.new_page()
+        problems = Problems(page)
+
+        # Nothing without a login: the overview sends the browser to the login form.
+        await page.goto(f"{service.url}/dashboard/")
+        assert "/dashboard/login" in page.url
+        await page.fill("#token", ADMIN)
+        await page.click("button[type=submit]")
+        await page.wait_for_url(re.compile(r".*/dashboard/$"))
+
+        # The overview: live counts, the chart drawn from samples, groups and topics.
+        await page.wait_for_function(
+            "document.querySelectorAll('#chart-flow polyline').length > 0", timeout=15_000
+        )
+        assert await page.text_content("#count-dead") == "2"
+        assert await page.text_content("#count-done") == "6"
+        assert await page.text_content("#broker-mode") == "normal"
+        assert "order.refunded" in (await page.text_content("#topics-body") or "")
+        await shot(page, "overview")
+
+        # The list, filtered on dead, then the detail of one of them.
+        await page.click("nav >> text=Dead")
+        await page.wait_for_url(re.compile(r".*/messages\?status=dead$"))
+        rows = await page.locator("table.messages tbody tr").all_text_contents()
+        assert len(rows) == 2 and all("dead" in row for row in rows), rows
+        await shot(page, "messages")
+        await page.click("a.mono >> text=dead-1")
+        await page.wait_for_url(re.compile(r".*/messages/dead-1$"))
+        history = await page.text_content("#history") or ""
+        assert "prepare" in history and "confirm" in history and "not acked by" in history
+        assert "trace" in (await page.content())
+        await shot(page, "message")
+
+        # Requeue behind the confirmation page; the message is sent again.
+        await page.click("#requeue")
+        await page.wait_for_url(re.compile(r".*/messages/dead-1/requeue$"))
+        await shot(page, "requeue-confirm")
+        await page.click("#confirm-requeue")
+        await page.wait_for_url(re.compile(r".*/messages/dead-1\?notice=requeued$"))
+        assert await status_of(db, "dead-1") == "sent"
+        # The consumers ack (through the HTTP API); the page follows the message to done.
+        await ack_all(api, "dead-1")
+        await page.wait_for_selector("h1 .status-done", timeout=15_000)
+        assert await status_of(db, "dead-1") == "done"
+        assert "requeue" in (await page.text_content("#history") or "")
+        await shot(page, "message-done")
+
+        # A group's dead deliveries, from the overview, behind the confirmation page.
+        await page.goto(f"{service.url}/dashboard/")
+        await page.click("#groups-body a.button[href$='/groups/inventory/requeue']")
+        await page.wait_for_url(re.compile(r".*/groups/inventory/requeue$"))
+        await page.click("#confirm-requeue")
+        await page.wait_for_url(re.compile(r".*/messages\?group=inventory.*"))
+        notice = await page.text_content(".notice") or ""
+        assert "Republished 1 dead delivery of group inventory" in notice, notice
+        moved = await db.fetchval(
+            "SELECT count(*) FROM rmsg_transition WHERE message_id = 'dead-2'"
+            " AND group_name = 'inventory' AND reason = 'requeue'"
+        )
+        assert moved == 1
+
+        # Keyset pages: every message once, in order, whatever the page size.
+        [session] = [c["value"] for c in await context.cookies() if c["name"] == "rmsg_session"]
+        cookie = {"Cookie": f"rmsg_session={session}"}
+        seen: list[str] = []
+        url: str | None = "/dashboard/messages?limit=4"
+        while url is not None:
+            listing = await api.get(url, headers=cookie)
+            assert listing.status_code == 200
+            seen += re.findall(r'class="mono" href="/dashboard/messages/([^"]+)"', listing.text)
+            found = re.search(r'id="next-page" href="([^"]+)"', listing.text)
+            url = found.group(1).replace("&amp;", "&") if found else None
+        assert len(seen) == len(set(seen)) == 10
+
+        # A form without the session's CSRF token is refused, even with the cookie.
+        forged = await api.post(
+            "/dashboard/messages/dead-2/requeue", data={"csrf": "forged"}, headers=cookie
+        )
+        assert forged.status_code == 403
+
+        await page.click("text=Log out")
+        await page.wait_for_url(re.compile(r".*/dashboard/login\?notice=logged_out$"))
+        await page.goto(f"{service.url}/dashboard/messages")
+        assert "/dashboard/login" in page.url
+        await context.close()
+
+    assert problems.lines == []
+
+
+async def test_dashboard_shows_nothing_without_the_admin_token(service: Instance) -> None:
+    async with httpx.AsyncClient(base_url=service.url, timeout=10) as api:
+        for path in ("/dashboard/", "/dashboard/messages", "/dashboard/messages/x"):
+            r = await api.get(path)
+            assert r.status_code == 303 and "/dashboard/login" in r.headers["location"]
+        assert (await api.get("/dashboard/api/overview")).status_code == 401
+        wrong = await api.post("/dashboard/login", data={"token": PRODUCER})
+        assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
+        forged = {"Cookie": "rmsg_session=9999999999.abc.def"}
+        assert (await api.get("/dashboard/api/overview", headers=forged)).status_code == 401
+        right = await api.post("/dashboard/login", data={"token": ADMIN})
+        assert right.status_code == 303
+        cookie = right.headers["set-cookie"]
+        assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+        assert "path=/dashboard" in cookie.lower()
+        session = {"Cookie": cookie.split(";")[0]}
+        assert (await api.get("/dashboard/api/overview", headers=session)).status_code == 200
