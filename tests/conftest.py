@@ -16,13 +16,13 @@ import aio_pika
 import asyncpg
 import httpx
 import pytest
-import redis.asyncio as aioredis
 
 from reliable_msg.api import create_app
 from reliable_msg.migrate import migrate
 from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings, load_settings
 from tests.helpers import rabbit, redis_ctl
+from tests.helpers.servers import serving_app
 
 ADMIN = "admin-token"
 PRODUCER = "order-token"
@@ -146,19 +146,22 @@ async def runtime(settings: Settings, db: asyncpg.Connection) -> AsyncIterator[R
     yield rt
     await rt.stop()
     await rabbit.delete_topology(AMQP_URL, settings)
-    await _delete_redis_keys(settings)
+    await redis_ctl.delete_namespace(settings.redis_url, settings.fallback.namespace)
 
 
-async def _delete_redis_keys(settings: Settings) -> None:
-    ns = settings.fallback.namespace
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        for pattern in (f"{{{ns}}}:*", f"{ns}:fb:*"):
-            keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
-            if keys:
-                await client.delete(*keys)
-    finally:
-        await client.aclose()
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on the test database, for the SDKs' own tables."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def service_url(runtime: Runtime) -> AsyncIterator[str]:
+    """The runtime's API served on a real localhost port."""
+    async with serving_app(create_app(runtime)) as url:
+        yield url
 
 
 @pytest.fixture

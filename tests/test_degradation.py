@@ -31,7 +31,6 @@ from reliable_msg.settings import Settings
 from reliable_msg.switch import Mode
 from tests.conftest import AMQP_URL, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit, redis_ctl
-from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
 
 SHARDS = 8
@@ -57,19 +56,6 @@ async def sdk_db(db: asyncpg.Connection) -> asyncpg.Connection:
         """
     )
     return db
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-async def service_url(runtime: Runtime) -> AsyncIterator[str]:
-    async with serving_app(create_app(runtime)) as url:
-        yield url
 
 
 @pytest.fixture

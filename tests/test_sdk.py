@@ -15,7 +15,6 @@ from fastapi import FastAPI
 
 from reliable_msg import consumer as consumer_sdk
 from reliable_msg import producer as producer_sdk
-from reliable_msg.api import create_app
 from reliable_msg.client import RetryPolicy
 from reliable_msg.consumer import Consumer, Received
 from reliable_msg.errors import Conflict, Fenced, Unprocessable
@@ -46,13 +45,6 @@ async def sdk_db(db: asyncpg.Connection) -> asyncpg.Connection:
 
 
 @pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
 def check_port() -> int:
     return free_port()
 
@@ -61,12 +53,6 @@ def check_port() -> int:
 def settings(make_settings: Callable[..., Settings], check_port: int) -> Settings:
     url = f"http://127.0.0.1:{check_port}/rmsg/check-back"
     return make_settings(producers={"order": {"check_url": url, "token": PRODUCER}})
-
-
-@pytest.fixture
-async def service_url(runtime: Runtime) -> AsyncIterator[str]:
-    async with serving_app(create_app(runtime)) as url:
-        yield url
 
 
 @pytest.fixture

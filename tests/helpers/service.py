@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from reliable_msg.settings import Settings
-from tests.helpers import rabbit
+from tests.helpers import rabbit, redis_ctl
 from tests.helpers.processes import _wait_ready, free_port, toml
 
 #: How many PostgreSQL connections each test instance may hold (the server has 100).
@@ -111,12 +109,4 @@ def running(
 async def remove_traces(settings: Settings) -> None:
     """Delete the exchanges, queues and Redis keys the instances declared."""
     await rabbit.delete_topology(settings.amqp_url, settings)
-    ns = settings.fallback.namespace
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        for pattern in (f"{{{ns}}}:*", f"{ns}:fb:*"):
-            keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
-            if keys:
-                await client.delete(*keys)
-    finally:
-        await client.aclose()
+    await redis_ctl.delete_namespace(settings.redis_url, settings.fallback.namespace)
