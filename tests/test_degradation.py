@@ -31,6 +31,7 @@ from reliable_msg.settings import Settings
 from reliable_msg.switch import Mode
 from tests.conftest import AMQP_URL, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit, redis_ctl
+from tests.helpers.processes import stop_gracefully
 from tests.helpers.waiting import wait_until
 
 SHARDS = 8
@@ -266,8 +267,7 @@ async def test_consumer_killed_while_reading_redis_loses_nothing(
     try:
         await wait_until(lambda: all_done(sdk_db, ids), within=30)
     finally:
-        restarted.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(restarted.wait(), 20)
+        assert await stop_gracefully(restarted) == 0, "no clean exit on SIGTERM"
     await assert_one_effect_each(sdk_db, ids)
 
 

@@ -22,7 +22,7 @@ from reliable_msg.producer import Outgoing, Producer, check_back_router
 from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings
 from tests.conftest import AMQP_URL, GROUP_TOKENS, PRODUCER
-from tests.helpers.processes import free_port
+from tests.helpers.processes import free_port, stop_gracefully
 from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
 
@@ -307,8 +307,7 @@ async def test_consumer_killed_after_effect_before_ack_applies_once(
     try:
         await wait_until(lambda: _done(sdk_db, "o-4"), within=20)
     finally:
-        restarted.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(restarted.wait(), 15) == 0
+        assert await stop_gracefully(restarted) == 0, "no clean exit on SIGTERM"
     assert await effects(sdk_db, "o-4") == 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -101,3 +102,16 @@ def _wait_ready(port: int, log: Path, within: float = 30.0) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError(f"service on port {port} not ready; log:\n{log.read_text()[-3000:]}")
+
+
+async def stop_gracefully(proc: asyncio.subprocess.Process, within: float = 20.0) -> int:
+    """SIGTERM, then SIGKILL if it has not exited ``within`` seconds; its exit code."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(proc.wait(), within)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode
