@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
@@ -91,6 +92,7 @@ async def service(
     """A fresh database and a ``reliable-msg serve`` process over it."""
     await _drop(service_db)
     await migrate(service_db)
+    await _drop_queues(amqp_url)
     port = _free_port()
     config = run_dir / "bench.toml"
     config.write_text(_config(port, service_db, amqp_url, redis_url))
@@ -153,6 +155,17 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+async def _drop_queues(amqp_url: str) -> None:
+    """Start from empty queues (and let a changed queue type take effect)."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        for queue in (f"{NAMES}.{GROUP}", f"{NAMES}.{GROUP}.dlq", f"{NAMES}._probe"):
+            async with connection.channel() as channel:
+                await channel.queue_delete(queue)
+    finally:
+        await connection.close()
 
 
 async def _drop(dsn: str) -> None:
