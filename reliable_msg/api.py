@@ -6,7 +6,7 @@ import base64
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
@@ -348,8 +348,12 @@ def _decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
 # -- errors ------------------------------------------------------------------------------
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    headers = dict(headers or {})
+    if status == 503:
+        headers["Retry-After"] = "1"
     return JSONResponse(
         {"error": {"code": code, "message": message}}, status_code=status, headers=headers
     )
@@ -376,7 +380,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400:  # FastAPI could not read the body: not UTF-8, too deep
             return error_response(400, "invalid_json", "the request body is not valid JSON")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        # Keep the exception's headers: a 405 must say what is Allowed (RFC 9110).
+        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:

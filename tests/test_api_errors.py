@@ -934,4 +934,6 @@ async def test_wrong_method_is_405(
     before = await snapshot(db)
     r = await send(client, method, path, ADMIN)
     assert_error(r, 405, "method_not_allowed")
+    assert r.headers.get("allow"), "a 405 must list the allowed methods"
+    assert method not in r.headers["allow"]
     assert await snapshot(db) == before
