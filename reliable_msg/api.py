@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import dashboard
@@ -75,7 +76,9 @@ def create_app(runtime: Runtime, *, manage: bool = False) -> FastAPI:
     app.state.runtime = runtime
     app.add_middleware(BodyLimit, limit=runtime.settings.max_request_bytes)
     _install_error_handlers(app)
-    app.include_router(_routes())
+    api = _routes()
+    app.state.api_routes = list(api.routes)  # for the Allow header of a 405
+    app.include_router(api)
     app.include_router(dashboard.router())
     return app
 
@@ -373,20 +376,33 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "invalid_request", problems)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         cause = exc.__cause__
         if isinstance(cause, ReliableMsgError):  # BodyLimit, raised while FastAPI read the body
             return error_response(cause.status, cause.code, cause.message)
         if exc.status_code == 400:  # FastAPI could not read the body: not UTF-8, too deep
             return error_response(400, "invalid_json", "the request body is not valid JSON")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        # Keep the exception's headers: a 405 must say what is Allowed (RFC 9110).
-        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Every method of the path, not just those of the first route that matched it.
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return error_response(exc.status_code, code, str(exc.detail), headers)
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return error_response(500, "internal", "internal error; see the service log")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods some route of the app accepts for this request's path (RFC 9110 Allow)."""
+    methods: set[str] = set()
+    for route in request.app.state.api_routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def _describe(error: Any) -> str:
