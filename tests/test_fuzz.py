@@ -85,6 +85,7 @@ def test_fuzzing_finds_no_server_error_and_no_schema_violation(
                 text=True,
                 timeout=300,
                 check=False,
+                cwd=tmp_path,  # schemathesis keeps a cache folder where it runs
             )
     finally:
         asyncio.run(remove_traces(settings))
