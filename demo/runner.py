@@ -48,8 +48,9 @@ from rich.progress import (
 
 from downstream_demo.worker import crash_marker
 from reliable_msg.errors import ReliableMsgError
+from reliable_msg.fallback import delete_namespace
 
-from . import books, rabbit, redis_keys, report
+from . import books, rabbit, report
 from .admin import ServiceAdmin
 from .errors import DemoError
 from .options import Options
@@ -204,7 +205,7 @@ class Run:
         with self.console.status("resetting the demo's databases and queues"):
             try:
                 await rabbit.reset(o.amqp_url, o.names, o.groups)
-                await redis_keys.reset(o.redis_url, o.names.namespace)
+                await delete_namespace(o.redis_url, o.names.namespace)
                 await books.drop_database(o.service_database_url)
                 await self._migrate()
                 await books.reset(o.database_url, o.orders)

@@ -43,5 +43,7 @@ SWITCH_CHANNEL = "{{{ns}}}:switch:events"
 SWITCH_HISTORY_LENGTH = 100
 #: Stream of one fallback shard; the hash tag is the shard, so shards spread over a cluster.
 FALLBACK_KEY = "{ns}:fb:{{{group}:{shard}}}"
+#: Glob patterns matching every key above of one namespace (switch keys, shards).
+NAMESPACE_PATTERNS = ("{{{ns}}}:*", "{ns}:fb:*")
 #: Consumer group of every fallback stream (each stream belongs to one consumer group).
 FALLBACK_READERS = "rmsg"

@@ -217,3 +217,17 @@ def _fields(raw: dict[Any, Any]) -> dict[str, str]:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def delete_namespace(redis_url: str, namespace: str) -> None:
+    """Delete every key of a deployment's namespace: its switch, switch history and
+    fallback shards. For tests and demos that start from nothing; never on a live system."""
+    patterns = [p.format(ns=namespace) for p in constants.NAMESPACE_PATTERNS]
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for pattern in patterns:
+            keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
+            if keys:
+                await client.delete(*keys)
+    finally:
+        await client.aclose()

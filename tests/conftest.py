@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from reliable_msg.api import create_app
+from reliable_msg.fallback import delete_namespace
 from reliable_msg.migrate import migrate
 from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings, load_settings
@@ -146,7 +147,7 @@ async def runtime(settings: Settings, db: asyncpg.Connection) -> AsyncIterator[R
     yield rt
     await rt.stop()
     await rabbit.delete_topology(AMQP_URL, settings)
-    await redis_ctl.delete_namespace(settings.redis_url, settings.fallback.namespace)
+    await delete_namespace(settings.redis_url, settings.fallback.namespace)
 
 
 @pytest.fixture

@@ -25,8 +25,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from demo import books, rabbit, redis_keys
+from demo import books, rabbit
 from demo.options import Names
+from reliable_msg.fallback import delete_namespace
 from tests.conftest import AMQP_URL, SERVER_URL
 from tests.helpers.rabbit import port_open
 
@@ -49,7 +50,7 @@ def tag() -> Iterator[str]:
 
     async def remove() -> None:
         await rabbit.reset(AMQP_URL, Names.of_prefix(tag), GROUPS)
-        await redis_keys.reset(REDIS_URL, tag)
+        await delete_namespace(REDIS_URL, tag)
         for name in (tag, f"{tag}_service"):
             await books.drop_database(f"{SERVER_URL}/{name}")
 

@@ -8,8 +8,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 
-import redis.asyncio as aioredis
-
 START = [
     "redis-server",
     "--daemonize",
@@ -60,15 +58,3 @@ def stopped() -> Iterator[None]:
         yield
     finally:
         ensure_running()
-
-
-async def delete_namespace(url: str, namespace: str) -> None:
-    """Delete every key of a deployment's Redis namespace (switch and fallback shards)."""
-    client = aioredis.Redis.from_url(url)
-    try:
-        for pattern in (f"{{{namespace}}}:*", f"{namespace}:fb:*"):
-            keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
-            if keys:
-                await client.delete(*keys)
-    finally:
-        await client.aclose()

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reliable_msg.fallback import delete_namespace
 from reliable_msg.settings import Settings
-from tests.helpers import rabbit, redis_ctl
+from tests.helpers import rabbit
 from tests.helpers.processes import _wait_ready, free_port, toml
 
 #: How many PostgreSQL connections each test instance may hold (the server has 100).
@@ -109,4 +110,4 @@ def running(
 async def remove_traces(settings: Settings) -> None:
     """Delete the exchanges, queues and Redis keys the instances declared."""
     await rabbit.delete_topology(settings.amqp_url, settings)
-    await redis_ctl.delete_namespace(settings.redis_url, settings.fallback.namespace)
+    await delete_namespace(settings.redis_url, settings.fallback.namespace)
