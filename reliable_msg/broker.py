@@ -45,6 +45,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 UNENCODABLE: tuple[type[BaseException], ...] = (ValueError, TypeError, OverflowError, struct.error)
 
 
+#: Channels a service instance publishes on, in turn.
+PUBLISH_CHANNELS = 4
+
+
 def amqp_message(out: Outgoing) -> aio_pika.Message:
     """The wire form of DESIGN §5: a plain AMQP client can read it without our SDK."""
     headers: dict[str, Any] = dict(out.headers)
@@ -69,9 +73,10 @@ class RabbitBroker:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._exchange: AbstractExchange | None = None
-        self._default: AbstractExchange | None = None
+        #: Publishing channels, used in turn: a channel is one process in the broker, and
+        #: one for every confirm serialises them there.
+        self._channels: list[tuple[AbstractChannel, AbstractExchange, AbstractExchange]] = []
+        self._turn = 0
         self._connecting: asyncio.Task[None] | None = None
 
     @property
@@ -79,8 +84,8 @@ class RabbitBroker:
         return (
             self._connection is not None
             and not self._connection.is_closed
-            and self._channel is not None
-            and not self._channel.is_closed
+            and bool(self._channels)
+            and not any(channel.is_closed for channel, _, _ in self._channels)
         )
 
     async def start(self) -> None:
@@ -112,13 +117,19 @@ class RabbitBroker:
         )
         try:
             await declare_topology(connection, self._settings)
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            self._exchange = await channel.get_exchange(self._settings.exchange, ensure=False)
-            self._default = channel.default_exchange
+            channels: list[tuple[AbstractChannel, AbstractExchange, AbstractExchange]] = []
+            for _ in range(PUBLISH_CHANNELS):
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                exchange = await channel.get_exchange(self._settings.exchange, ensure=False)
+                channels.append((channel, exchange, channel.default_exchange))
         except BaseException:
             await connection.close()
             raise
-        self._connection, self._channel = connection, channel
+        self._connection, self._channels = connection, channels
+
+    def _next_channel(self) -> tuple[AbstractChannel, AbstractExchange, AbstractExchange]:
+        self._turn = (self._turn + 1) % len(self._channels)
+        return self._channels[self._turn]
 
     async def close(self) -> None:
         if self._connecting is not None:
@@ -132,12 +143,13 @@ class RabbitBroker:
         Raises :class:`Unroutable` when no queue took it and :class:`BrokerUnavailable`
         on any other failure, a timeout included.
         """
-        if self._exchange is None or self._default is None or not self.connected:
+        if not self.connected:
             raise BrokerUnavailable("not connected to RabbitMQ")
+        _, topic_exchange, default = self._next_channel()
         if out.group is None:
-            exchange, routing_key = self._exchange, out.topic
+            exchange, routing_key = topic_exchange, out.topic
         else:
-            exchange, routing_key = self._default, self._settings.queue_name(out.group)
+            exchange, routing_key = default, self._settings.queue_name(out.group)
         wire = amqp_message(out)
         started = time.perf_counter()
         try:
@@ -163,12 +175,13 @@ class RabbitBroker:
 
     async def probe(self) -> None:
         """Publish a confirmed probe message to the probe queue; raise if not taken."""
-        if self._default is None or not self.connected:
+        if not self.connected:
             raise BrokerUnavailable("not connected to RabbitMQ")
+        _, _, default = self._next_channel()
         message = aio_pika.Message(b"probe", delivery_mode=DeliveryMode.PERSISTENT)
         try:
             async with asyncio.timeout(self._settings.publish_timeout):
-                await self._default.publish(message, self._settings.probe_queue, mandatory=True)
+                await default.publish(message, self._settings.probe_queue, mandatory=True)
         except TRANSIENT_ERRORS as exc:
             raise BrokerUnavailable(f"probe failed: {exc!r}") from exc
 
