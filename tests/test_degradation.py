@@ -31,6 +31,7 @@ from reliable_msg.settings import Settings
 from reliable_msg.switch import Mode
 from tests.conftest import AMQP_URL, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit, redis_ctl
+from tests.helpers.consumers import inventory_consumer
 from tests.helpers.processes import stop_gracefully
 from tests.helpers.waiting import wait_until
 
@@ -82,14 +83,12 @@ class WatchedConsumer(Consumer):
 async def consuming(
     service_url: str, settings: Settings, pool: asyncpg.Pool, depth: Callable[[], int]
 ) -> AsyncIterator[WatchedConsumer]:
-    consumer = WatchedConsumer(
-        "inventory",
-        service_url=service_url,
-        token=GROUP_TOKENS["inventory"],
-        amqp_url=AMQP_URL,
-        pool=pool,
-        queue=settings.queue_name("inventory"),
-        retry=RETRY,
+    consumer = inventory_consumer(
+        service_url,
+        settings,
+        pool,
+        RETRY,
+        WatchedConsumer,
         redis_url=settings.redis_url,
         namespace=settings.fallback.namespace,
         shards=SHARDS,

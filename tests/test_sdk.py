@@ -22,6 +22,7 @@ from reliable_msg.producer import Outgoing, Producer, check_back_router
 from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings
 from tests.conftest import AMQP_URL, GROUP_TOKENS, PRODUCER
+from tests.helpers.consumers import inventory_consumer
 from tests.helpers.processes import free_port, stop_gracefully
 from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
@@ -73,21 +74,6 @@ async def consuming(
         await asyncio.wait_for(task, 10)
 
 
-def inventory_consumer(
-    service_url: str, settings: Settings, pool: asyncpg.Pool, **options: object
-) -> Consumer:
-    return Consumer(
-        "inventory",
-        service_url=service_url,
-        token=GROUP_TOKENS["inventory"],
-        amqp_url=AMQP_URL,
-        pool=pool,
-        queue=settings.queue_name("inventory"),
-        retry=FAST,
-        **options,  # type: ignore[arg-type]
-    )
-
-
 async def record_effect(conn: asyncpg.Connection, message: Received) -> None:
     await conn.execute(
         "INSERT INTO sdk_effects (group_name, message_id) VALUES ('inventory', $1)", message.id
@@ -121,7 +107,7 @@ async def test_committed_transaction_is_delivered_and_handled_once(
     marker = await sdk_db.fetchval("SELECT state FROM rmsg_producer_marker")
     assert marker == "committed"
 
-    consumer = inventory_consumer(service_url, settings, pool)
+    consumer = inventory_consumer(service_url, settings, pool, FAST, Consumer)
     consumer.add_handler("order.paid", record_effect)
     async with consuming(consumer):
         await wait_until(lambda: _done(sdk_db, id), within=10)
@@ -187,7 +173,7 @@ async def test_producer_killed_between_commit_and_confirm_is_delivered_by_check_
 
         await wait_until(sent, within=10)
 
-    consumer = inventory_consumer(service_url, settings, pool)
+    consumer = inventory_consumer(service_url, settings, pool, FAST, Consumer)
     consumer.add_handler("order.paid", record_effect)
     async with consuming(consumer):
         await wait_until(lambda: _done(sdk_db, "o-3"), within=10)
@@ -328,7 +314,7 @@ async def test_handler_failing_three_times_then_succeeding_has_one_effect(
         if calls <= 3:
             raise RuntimeError(f"flaky failure {calls}")
 
-    consumer = inventory_consumer(service_url, settings, pool)
+    consumer = inventory_consumer(service_url, settings, pool, FAST, Consumer)
     consumer.add_handler("order.paid", flaky)
     async with pool.acquire() as conn:
         async with producer.transaction(conn, "order.paid", {"order": 5}, id="o-5"):
@@ -364,7 +350,7 @@ async def test_batch_produce_and_batched_acks(
     assert sent.confirmed and len(sent.ids) == 60
     assert await sdk_db.fetchval("SELECT count(*) FROM rmsg_producer_marker") == 60
 
-    consumer = inventory_consumer(service_url, settings, pool, ack_interval=0.2)
+    consumer = inventory_consumer(service_url, settings, pool, FAST, Consumer, ack_interval=0.2)
     consumer.add_handler("order.paid", record_effect)
     async with consuming(consumer):
 
