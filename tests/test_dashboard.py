@@ -160,8 +160,9 @@ async def test_dashboard_requeues_a_dead_message_until_done(
         await page.wait_for_url(re.compile(r".*/dashboard/$"))
 
         # The overview: live counts, the chart drawn from samples, groups and topics.
-        await page.wait_for_function(
-            "document.querySelectorAll('#chart-flow polyline').length > 0", timeout=15_000
+        # A locator, not wait_for_function: the page's CSP forbids evaluating strings.
+        await page.locator("#chart-flow polyline").first.wait_for(
+            state="attached", timeout=15_000
         )
         assert await page.text_content("#count-dead") == "2"
         assert await page.text_content("#count-done") == "6"
