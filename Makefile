@@ -27,7 +27,7 @@ migrate: install services
 check: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy reliable_msg tests upstream_demo downstream_demo demo
+	$(BIN)/mypy reliable_msg tests upstream_demo downstream_demo demo soak
 
 test: install services browser
 	$(BIN)/pytest -q
