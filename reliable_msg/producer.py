@@ -187,12 +187,16 @@ class Producer:
 
     async def _prepare(self, messages: Sequence[Outgoing]) -> None:
         if len(messages) == 1:
-            await self.client.prepare(messages[0].body())
+            answer = await self.client.prepare(messages[0].body())
+            _refuse_decided({messages[0].id: answer.get("status")})
             return
-        for item in await self.client.prepare_many([m.body() for m in messages]):
+        items = await self.client.prepare_many([m.body() for m in messages])
+        for item in items:
             if item.error is not None:
                 await self._cancel_quietly([m.id for m in messages])
                 raise item.error
+        # No cancel here: an earlier attempt may have committed them; check-back decides.
+        _refuse_decided({item.id: item.status for item in items})
 
     async def _confirm(self, ids: list[str]) -> bool:
         try:
@@ -220,6 +224,28 @@ class Producer:
         except ReliableMsgError as exc:
             # The message stays pending; check-back will find no marker and cancel it.
             log.warning("could not cancel %s (%s); check-back will", ",".join(ids), exc)
+
+
+def _refuse_decided(statuses: dict[str, Any]) -> None:
+    """Raise before the local transaction if a re-prepared id is no longer pending.
+
+    Preparing an id again returns the message as it is. If an earlier attempt's
+    transaction was decided, running this one would commit business data whose message
+    can never be sent (cancelled), or commit it a second time (sent or done).
+    """
+    cancelled = sorted(i for i, s in statuses.items() if s == "cancelled")
+    if cancelled:
+        raise Conflict(
+            f"messages {cancelled} were cancelled: an earlier transaction with these ids"
+            " rolled back; use new ids",
+            code="message_cancelled",
+        )
+    sent = sorted(i for i, s in statuses.items() if s not in ("pending", "cancelled"))
+    if sent:
+        raise Conflict(
+            f"messages {sent} were already committed by another transaction",
+            code="duplicate_transaction",
+        )
 
 
 class _MarkerTaken(Exception):

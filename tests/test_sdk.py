@@ -231,6 +231,53 @@ async def test_a_second_transaction_with_the_same_id_never_cancels_the_first(
     assert [r["id"] for r in orders] == ["first"]
 
 
+async def test_a_retry_after_a_rollback_cannot_reuse_the_cancelled_id(
+    producer: Producer, pool: asyncpg.Pool, sdk_db: asyncpg.Connection
+) -> None:
+    """The first attempt's block fails: rollback, message cancelled. A retry with the same
+    id is refused before its block runs, so no business row commits without a message."""
+    with pytest.raises(RuntimeError, match="database went away"):
+        async with pool.acquire() as conn:
+            async with producer.transaction(conn, "order.paid", {"n": 1}, id="retried"):
+                await conn.execute("INSERT INTO sdk_orders (id) VALUES ('attempt-1')")
+                raise RuntimeError("database went away")
+    assert await sdk_db.fetchval("SELECT status FROM rmsg_message WHERE id = 'retried'") == (
+        "cancelled"
+    )
+    ran = False
+    with pytest.raises(Conflict) as raised:
+        async with pool.acquire() as conn:
+            async with producer.transaction(conn, "order.paid", {"n": 1}, id="retried"):
+                ran = True
+                await conn.execute("INSERT INTO sdk_orders (id) VALUES ('attempt-2')")
+    assert raised.value.code == "message_cancelled"
+    assert not ran
+    assert await sdk_db.fetchval("SELECT count(*) FROM sdk_orders") == 0
+    assert (
+        await sdk_db.fetchval(
+            "SELECT count(*) FROM rmsg_producer_marker WHERE message_id = 'retried'"
+        )
+        == 0
+    )
+
+
+async def test_a_retry_after_a_commit_is_refused_before_its_block(
+    producer: Producer, pool: asyncpg.Pool, sdk_db: asyncpg.Connection
+) -> None:
+    async with pool.acquire() as conn:
+        async with producer.transaction(conn, "order.paid", {"n": 1}, id="once") as sent:
+            await conn.execute("INSERT INTO sdk_orders (id) VALUES ('once')")
+    assert sent.confirmed
+    ran = False
+    with pytest.raises(Conflict) as raised:
+        async with pool.acquire() as conn:
+            async with producer.transaction(conn, "order.paid", {"n": 1}, id="once"):
+                ran = True
+    assert raised.value.code == "duplicate_transaction"
+    assert not ran
+    assert await sdk_db.fetchval("SELECT status FROM rmsg_message WHERE id = 'once'") == "sent"
+
+
 async def test_a_connection_already_in_a_transaction_is_refused(
     producer: Producer, pool: asyncpg.Pool, sdk_db: asyncpg.Connection
 ) -> None:

@@ -29,7 +29,13 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from reliable_msg.errors import BrokerError, ReliableMsgError, ServiceUnavailable, StoreError
+from reliable_msg.errors import (
+    BrokerError,
+    Conflict,
+    ReliableMsgError,
+    ServiceUnavailable,
+    StoreError,
+)
 from reliable_msg.producer import Producer, check_back_router
 
 from . import store
@@ -151,6 +157,15 @@ class Payments:
             except LocalFailure as exc:
                 await store.mark_failed(conn, order.id)
                 raise OrderError(500, "payment_failed", str(exc)) from exc
+            except Conflict as exc:
+                if exc.code != "message_cancelled":
+                    raise _translated(exc) from exc
+                # An earlier attempt rolled back and its message was cancelled: the
+                # order's one message id is spent, so the order fails as that attempt did.
+                await store.mark_failed(conn, order.id)
+                raise OrderError(
+                    409, "not_payable", f"order {order_id}'s payment was rolled back earlier"
+                ) from exc
             except ReliableMsgError as exc:
                 raise _translated(exc) from exc
 
