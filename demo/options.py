@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m demo",
         description="Run the e-commerce demo of reliable-msg and prove the books balance.",
     )
-    p.add_argument("--orders", type=_at_least(5), default=100, help="orders to pay (default 100)")
+    p.add_argument("--orders", type=at_least(5), default=100, help="orders to pay (default 100)")
     p.add_argument("--seed", type=int, default=7, help="chooses the failing orders (default 7)")
     p.add_argument(
         "--timeout",
@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait, once every order is paid, for every message to be done or"
         " cancelled (default 180)",
     )
-    p.add_argument("--concurrency", type=_at_least(1), default=8, help="requests in flight (8)")
+    p.add_argument("--concurrency", type=at_least(1), default=8, help="requests in flight (8)")
     p.add_argument(
         "--no-outage",
         dest="outage",
@@ -142,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
+def at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:

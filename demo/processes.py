@@ -4,13 +4,18 @@ they die (the injected crashes kill them), and stopped whatever happens."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import aio_pika
+
+from reliable_msg.errors import ReliableMsgError
 
 from .errors import DemoError
 
@@ -132,3 +137,28 @@ class Supervisor:
             deadline = time.monotonic() + grace
             for child in children:
                 child.reap(deadline)
+
+
+def base_env() -> dict[str, str]:
+    """This process's environment without any RMSG_* or DEMO_* setting of the caller's
+    (the Makefile exports RMSG_DATABASE_URL, for one), so each process gets only ours."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("RMSG_", "DEMO_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+async def until(
+    predicate: Callable[[], Awaitable[bool]], within: float, failure: str, every: float = 0.2
+) -> None:
+    """Poll the async ``predicate`` until it is true; :class:`DemoError` after ``within``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        try:
+            if await predicate():
+                return
+        except (OSError, aio_pika.exceptions.AMQPError, ReliableMsgError):
+            pass
+        if loop.time() > deadline:
+            raise DemoError(failure)
+        await asyncio.sleep(every)

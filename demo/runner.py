@@ -23,12 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import secrets
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -64,7 +63,7 @@ from .outage import (
     flips,
 )
 from .plan import Phases, Plan, make_plan, phases, waves
-from .processes import Child, Supervisor, free_port
+from .processes import Child, Supervisor, base_env, free_port, until
 from .shop import Answer, Shop
 from .verdict import Facts, Outcome, judge
 
@@ -271,12 +270,12 @@ class Run:
     async def _start_service(self, admin: ServiceAdmin) -> None:
         argv = self._reliable_msg("serve", "--port", str(self.service_port))
         self._start("service", argv, self._service_env(), tier=0)
-        await _until(admin.ready, STARTUP, f"the service at {self.service_url} is not ready")
+        await until(admin.ready, STARTUP, f"the service at {self.service_url} is not ready")
         self._event(f"service ready at {self.service_url}")
 
     async def _start_order_service(self, shop: Shop) -> None:
         env = {
-            **_base_env(),
+            **base_env(),
             "DEMO_DATABASE_URL": self.options.database_url,
             "DEMO_SERVICE_URL": self.service_url,
             "DEMO_ORDER_TOKEN": self.tokens.order,
@@ -290,7 +289,7 @@ class Run:
         o = self.options
         for group in o.groups:
             env = {
-                **_base_env(),
+                **base_env(),
                 "DEMO_DATABASE_URL": o.database_url,
                 "DEMO_SERVICE_URL": self.service_url,
                 f"DEMO_{group.upper()}_TOKEN": self.tokens.groups[group],
@@ -311,7 +310,7 @@ class Run:
             states = await rabbit.queue_states(o.amqp_url, o.names, o.groups)
             return all(s.consumers > 0 for s in states.values())
 
-        await _until(consuming, STARTUP, "the consumers did not start consuming")
+        await until(consuming, STARTUP, "the consumers did not start consuming")
         self._event(f"consumers {', '.join(o.groups)} consuming")
 
     async def _create_orders(self, shop: Shop, progress: Progress) -> list[int]:
@@ -495,7 +494,7 @@ class Run:
             return all(s.consumers > 0 for s in states.values())
 
         try:
-            await _until(healed, RECOVERY, "the outage did not heal", every=WATCH_EVERY)
+            await until(healed, RECOVERY, "the outage did not heal", every=WATCH_EVERY)
         except DemoError:
             self._event(f"[red]the outage did not heal within {RECOVERY:.0f} s[/]")
             return False
@@ -520,7 +519,7 @@ class Run:
             states = await rabbit.queue_states(o.amqp_url, o.names, o.groups)
             return all(s.ready == 0 for s in states.values())
 
-        await _until(drained, DRAIN, "the consumers did not drain their queues")
+        await until(drained, DRAIN, "the consumers did not drain their queues")
         await asyncio.sleep(0.5)
 
     async def _facts(
@@ -630,7 +629,7 @@ class Run:
         o = self.options
         check_url = f"{self.order_url}/rmsg/check-back"
         return {
-            **_base_env(),
+            **base_env(),
             "RMSG_DATABASE_URL": o.service_database_url,
             "RMSG_AMQP_URL": o.amqp_url,
             "RMSG_PORT": str(self.service_port),
@@ -645,31 +644,6 @@ class Run:
             f"RMSG_PRODUCERS__{PRODUCER.upper()}__CHECK_URL": check_url,
             **{f"RMSG_GROUPS__{g.upper()}__TOKEN": t for g, t in self.tokens.groups.items()},
         }
-
-
-def _base_env() -> dict[str, str]:
-    """This process's environment without any RMSG_* or DEMO_* setting of the caller's
-    (the Makefile exports RMSG_DATABASE_URL, for one), so each process gets only ours."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("RMSG_", "DEMO_"))}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-async def _until(
-    predicate: Callable[[], Awaitable[bool]], within: float, failure: str, every: float = 0.2
-) -> None:
-    """Poll the async ``predicate`` until it is true; :class:`DemoError` after ``within``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        try:
-            if await predicate():
-                return
-        except (OSError, aio_pika.exceptions.AMQPError, ReliableMsgError):
-            pass
-        if loop.time() > deadline:
-            raise DemoError(failure)
-        await asyncio.sleep(every)
 
 
 def _ids(ids: frozenset[int]) -> str:

@@ -10,6 +10,9 @@ It forwards bytes both ways until told otherwise:
 - :meth:`FaultProxy.down` cuts and stops listening, so new connections are refused,
   until :meth:`FaultProxy.up` listens again on the same port: a server that is gone.
 
+Given several targets, it spreads connections over them in turn and skips a target
+that refuses: a load balancer in front of several instances.
+
 It runs in the caller's event loop; the tests and the soak run drive it directly.
 """
 
@@ -19,7 +22,7 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 #: Bytes read from one side before they are written to the other.
@@ -27,8 +30,16 @@ CHUNK = 64 * 1024
 
 
 class FaultProxy:
-    def __init__(self, target_host: str, target_port: int, *, port: int = 0) -> None:
-        self.target = (target_host, target_port)
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        port: int = 0,
+        more_targets: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        self.targets = [(target_host, target_port), *more_targets]
+        self._next = 0
         self.port = port
         self._server: asyncio.Server | None = None
         self._flowing = asyncio.Event()
@@ -108,10 +119,10 @@ class FaultProxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self._flowing.wait()
-            try:
-                up_reader, up_writer = await asyncio.open_connection(*self.target)
-            except OSError:
+            upstream = await self._connect()
+            if upstream is None:
                 return
+            up_reader, up_writer = upstream
             self._writers.add(up_writer)
             try:
                 await _first_done(self._pump(reader, up_writer), self._pump(up_reader, writer))
@@ -121,6 +132,17 @@ class FaultProxy:
         finally:
             _abort(writer)
             self._writers.discard(writer)
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """A connection to the next target that takes one; None if none does."""
+        for _ in self.targets:
+            target = self.targets[self._next % len(self.targets)]
+            self._next += 1
+            try:
+                return await asyncio.open_connection(*target)
+            except OSError:
+                continue
+        return None
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):

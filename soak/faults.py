@@ -1,0 +1,175 @@
+"""The environment faults of :mod:`soak.plan`, injected for real: processes killed with
+SIGKILL, RabbitMQ's connections closed and its application stopped, PostgreSQL's
+backends terminated and its server restarted, the network to RabbitMQ stalled and cut.
+
+:meth:`Injector.restore` undoes whatever a fault interrupted halfway (RabbitMQ stopped,
+PostgreSQL down, the proxy stalled); the runner calls it whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import asyncpg
+
+from demo import rabbit
+from demo.errors import DemoError
+from demo.processes import Child
+
+from .plan import Fault, Kind
+from .proxy import FaultProxy
+
+#: Seconds a ``rabbitmqctl`` or ``pg_ctlcluster`` command may take.
+CTL_TIMEOUT = 120.0
+#: Seconds PostgreSQL gets to take connections again after a restart.
+PG_COMEBACK = 60.0
+#: Where Debian's PostgreSQL clusters are configured (``/etc/postgresql/<version>/main``).
+PG_CLUSTERS = Path("/etc/postgresql")
+
+
+class Injector:
+    def __init__(
+        self,
+        *,
+        instances: Sequence[Child],
+        proxy: FaultProxy,
+        outage: rabbit.Outage,
+        admin_dsn: str,
+        databases: Sequence[str],
+        log: Path,
+    ) -> None:
+        self._instances = instances
+        self._proxy = proxy
+        self._outage = outage
+        self._admin_dsn = admin_dsn
+        self._databases = list(databases)
+        self._log = log
+        self._pg_down = False
+
+    async def inject(self, fault: Fault) -> str:
+        """Inject ``fault`` and wait until it is over (a stall resumed, a server back);
+        what happened, in words."""
+        match fault.kind:
+            case Kind.KILL_INSTANCE:
+                return self._kill(fault.target)
+            case Kind.CLOSE_CONNECTIONS:
+                await self._ctl("rabbitmqctl", "close_all_connections", "soak: injected fault")
+                return "RabbitMQ closed every AMQP connection"
+            case Kind.BROKER_RESTART:
+                await self._outage.stop()
+                await asyncio.sleep(fault.hold)
+                await self._outage.restore()
+                return f"RabbitMQ's application stopped for {fault.hold:.1f} s, started again"
+            case Kind.PG_TERMINATE:
+                return f"{await self._terminate()} PostgreSQL backends terminated"
+            case Kind.PG_RESTART:
+                seconds = await self._restart_postgres()
+                return f"PostgreSQL server restarted, answering again after {seconds:.1f} s"
+            case Kind.PROXY_STALL:
+                self._proxy.stall()
+                try:
+                    await asyncio.sleep(fault.hold)
+                finally:
+                    self._proxy.resume()
+                return f"the network to RabbitMQ stalled for {fault.hold:.1f} s"
+            case Kind.PROXY_CUT:
+                await self._proxy.cut()
+                return "the network to RabbitMQ reset every connection"
+
+    async def restore(self) -> None:
+        """Undo a fault interrupted halfway; wait until every dependency answers."""
+        self._proxy.resume()
+        if self._outage.down:
+            await self._outage.restore()
+        if self._pg_down or not await self._pg_answers():
+            await self._pg_ctl("start")
+            await self._pg_back()
+
+    def _kill(self, target: int) -> str:
+        child = self._instances[target % len(self._instances)]
+        proc = child.proc
+        if proc is None or proc.poll() is not None:
+            return f"{child.name} was not running (already being restarted)"
+        os.kill(proc.pid, signal.SIGKILL)
+        return f"{child.name} (pid {proc.pid}) killed with SIGKILL"
+
+    async def _terminate(self) -> int:
+        conn = await asyncpg.connect(self._admin_dsn)
+        try:
+            count: int = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = ANY($1::text[]) AND pid <> pg_backend_pid()",
+                self._databases,
+            )
+        finally:
+            await conn.close()
+        return count
+
+    async def _restart_postgres(self) -> float:
+        started = time.monotonic()
+        self._pg_down = True
+        await self._pg_ctl("restart")
+        await self._pg_back()
+        return time.monotonic() - started
+
+    async def _pg_back(self) -> None:
+        deadline = time.monotonic() + PG_COMEBACK
+        while not await self._pg_answers():
+            if time.monotonic() > deadline:
+                raise DemoError(f"PostgreSQL does not answer {PG_COMEBACK:.0f} s after a restart")
+            await asyncio.sleep(0.2)
+        self._pg_down = False
+
+    async def _pg_answers(self) -> bool:
+        try:
+            conn = await asyncpg.connect(self._admin_dsn, timeout=2)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            return False
+        await conn.close()
+        return True
+
+    async def _pg_ctl(self, action: str) -> None:
+        version = pg_version()
+        if version is None:
+            raise DemoError(f"cannot {action} PostgreSQL: no cluster under {PG_CLUSTERS}")
+        await self._ctl("pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action)
+
+    async def _ctl(self, *argv: str) -> None:
+        """Run a control command in a session of its own (a Ctrl-C does not cut it
+        halfway), shielded from cancellation; its output goes to the faults log."""
+        with self._log.open("ab") as out:
+            out.write(f"--- {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
+            out.flush()
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise DemoError(f"cannot run {argv[0]}: {exc}") from exc
+            try:
+                code = await asyncio.wait_for(asyncio.shield(proc.wait()), CTL_TIMEOUT)
+            except TimeoutError as exc:
+                raise DemoError(f"{' '.join(argv)} took over {CTL_TIMEOUT:.0f} s") from exc
+        if code != 0:
+            raise DemoError(f"{' '.join(argv)} failed ({code}); see {self._log}")
+
+
+def pg_version() -> str | None:
+    """The version of Debian's PostgreSQL cluster ``main``; None if there is none here."""
+    if not PG_CLUSTERS.is_dir():
+        return None
+    versions = sorted((p.name for p in PG_CLUSTERS.iterdir()), key=_numeric)
+    return versions[-1] if versions else None
+
+
+def _numeric(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".") if part.isdigit())

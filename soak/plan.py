@@ -1,0 +1,157 @@
+"""What the soak run injects, and when: a pure function of the order count, the fault
+count and a seed, so that a run can be repeated exactly.
+
+A moment is a position in the sequence of payments: fault ``i`` starts once ``at``
+payments have been started (and the fault before it has ended), so faults always land
+under load, whatever the machine's speed.
+
+Faults of two sorts:
+
+- per order, carried by the payment itself: the order service killed between its commit
+  and its confirm (``crash=after_commit``), a consumer killed between its effect and its
+  ack (the consumer is told the order ids at start); and about one payment in ten whose
+  local transaction fails (no fault: the message must be cancelled);
+- of the environment, started by the run at their moment: see :class:`Kind`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+#: Share of the orders whose local transaction fails.
+LOCAL_FAILURE_SHARE = 0.10
+#: Fewest orders a plan can place its faults among.
+MIN_ORDERS = 20
+
+
+class Kind(StrEnum):
+    """An environment fault."""
+
+    #: SIGKILL of one of the two service instances; the supervisor restarts it.
+    KILL_INSTANCE = "kill-instance"
+    #: ``rabbitmqctl close_all_connections``: every AMQP connection dropped by the broker.
+    CLOSE_CONNECTIONS = "close-connections"
+    #: ``rabbitmqctl stop_app``, a few seconds down, ``start_app``.
+    BROKER_RESTART = "broker-restart"
+    #: ``pg_terminate_backend`` of every connection to the service's and the demo's
+    #: databases.
+    PG_TERMINATE = "pg-terminate"
+    #: The PostgreSQL server restarted (once per run).
+    PG_RESTART = "pg-restart"
+    #: The proxy between the services and RabbitMQ stops forwarding for a few seconds.
+    PROXY_STALL = "proxy-stall"
+    #: The proxy between the services and RabbitMQ resets every connection.
+    PROXY_CUT = "proxy-cut"
+
+
+#: How often each kind comes up in a draw, after each has come up once. The server
+#: restart comes once only.
+WEIGHTS = {
+    Kind.KILL_INSTANCE: 3,
+    Kind.CLOSE_CONNECTIONS: 2,
+    Kind.BROKER_RESTART: 1,
+    Kind.PG_TERMINATE: 2,
+    Kind.PG_RESTART: 0,
+    Kind.PROXY_STALL: 2,
+    Kind.PROXY_CUT: 2,
+}
+#: Seconds a stall or a broker stop lasts: drawn between these.
+HOLD = (1.0, 6.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    at: int  #: started once this many payments have been started
+    kind: Kind
+    hold: float  #: seconds a stall or a broker stop lasts (other kinds: unused)
+    target: int  #: which service instance a kill hits (0 or 1)
+
+    @property
+    def label(self) -> str:
+        if self.kind in (Kind.PROXY_STALL, Kind.BROKER_RESTART):
+            return f"{self.kind} ({self.hold:.1f} s)"
+        if self.kind is Kind.KILL_INSTANCE:
+            return f"{self.kind} #{self.target}"
+        return str(self.kind)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    local_failures: frozenset[int]  #: ``fail=local``
+    upstream_crashes: frozenset[int]  #: ``crash=after_commit``
+    consumer_crashes: dict[str, frozenset[int]]  #: per group: die after the effect
+    faults: list[Fault]  #: the environment's, by ``at``
+
+    def query(self, order_id: int) -> dict[str, str]:
+        """The pay request's fault switches for ``order_id``."""
+        if order_id in self.local_failures:
+            return {"fail": "local"}
+        if order_id in self.upstream_crashes:
+            return {"crash": "after_commit"}
+        return {}
+
+    @property
+    def injected(self) -> int:
+        """Every fault the plan injects, of both sorts."""
+        crashes = sum(len(ids) for ids in self.consumer_crashes.values())
+        return len(self.faults) + len(self.upstream_crashes) + crashes
+
+
+def make_plan(
+    order_ids: Sequence[int],
+    groups: Sequence[str],
+    *,
+    faults: int,
+    crashes: int,
+    seed: int,
+    kinds: Sequence[Kind] = tuple(Kind),
+) -> Plan:
+    """``faults`` environment faults of ``kinds`` (each kind once before any twice, the
+    server restart once) spread evenly at random over the payments; ``crashes`` order
+    service crashes, and as many per consumer group, on orders that do not fail."""
+    if len(order_ids) < MIN_ORDERS:
+        raise ValueError(f"a soak plan needs at least {MIN_ORDERS} orders")
+    rng = random.Random(seed)
+    ids = sorted(order_ids)
+    local = set(rng.sample(ids, max(1, round(len(ids) * LOCAL_FAILURE_SHARE))))
+    clean = [i for i in ids if i not in local]
+    upstream = set(rng.sample(clean, min(crashes, len(clean))))
+    clean = [i for i in clean if i not in upstream]
+    return Plan(
+        local_failures=frozenset(local),
+        upstream_crashes=frozenset(upstream),
+        consumer_crashes={
+            g: frozenset(rng.sample(clean, min(crashes, len(clean)))) for g in groups
+        },
+        faults=_faults(rng, len(ids), faults, kinds),
+    )
+
+
+def _faults(rng: random.Random, orders: int, count: int, kinds: Sequence[Kind]) -> list[Fault]:
+    drawn = _kinds(rng, count, kinds)
+    # One fault per slice of the payments, at a random point of its slice, none in the
+    # first or last twentieth (the run is warming up, or the load is gone).
+    start, end = orders // 20, orders - orders // 20
+    width = max(1, (end - start) // max(1, count))
+    faults = []
+    for i, kind in enumerate(drawn):
+        at = min(end, start + i * width + rng.randrange(width))
+        faults.append(Fault(at, kind, round(rng.uniform(*HOLD), 1), rng.randrange(2)))
+    return faults
+
+
+def _kinds(rng: random.Random, count: int, kinds: Sequence[Kind]) -> list[Kind]:
+    """Every kind once (as far as ``count`` goes), then weighted draws; shuffled."""
+    first = list(kinds)[:count]
+    repeatable = [k for k in kinds if WEIGHTS[k] > 0]
+    rest = (
+        rng.choices(repeatable, weights=[WEIGHTS[k] for k in repeatable], k=count - len(first))
+        if repeatable
+        else []
+    )
+    drawn = first + rest
+    rng.shuffle(drawn)
+    return drawn
