@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install services browser migrate check test demo serve clean
+.PHONY: install services browser migrate check test demo soak serve clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: install services browser
 
 demo: install services
 	$(BIN)/python -m demo
+
+# The long fault-injection run: 5,000 messages, 24 environment faults and the crashes
+# (SOAK_ARGS="--messages 20000 --seed 3" to change it; --help for every option).
+soak: install services
+	$(BIN)/python -m soak $(SOAK_ARGS)
 
 serve: migrate
 	$(BIN)/reliable-msg serve

@@ -59,12 +59,12 @@ def parse(argv: list[str] | None = None) -> Options:
         run_dir=Path(args.run_dir) if args.run_dir else ARTIFACTS / f"run-{stamp}",
         config=Path(args.config),
         database_url=args.database_url,
-        service_database_url=config["database_url"],
-        amqp_url=config["amqp_url"],
-        redis_url=config["redis_url"],
+        service_database_url=args.service_database_url or config["database_url"],
+        amqp_url=args.amqp_url or config["amqp_url"],
+        redis_url=args.redis_url or config["redis_url"],
         shards=config["fallback"]["shards"],
         poll_interval=config["fallback"].get("poll_interval", FallbackSettings().poll_interval),
-        names=Names.of_config(config),
+        names=Names.of_prefix(args.prefix) if args.prefix else Names.of_config(config),
         groups=tuple(config["groups"]),
     )
     if args.short:
@@ -118,5 +118,13 @@ def _parser() -> argparse.ArgumentParser:
         "--database-url",
         default=os.environ.get("SOAK_DATABASE_URL", DEFAULT_DATABASE_URL),
         help="the demo services' database (default $SOAK_DATABASE_URL or rmsg_soak)",
+    )
+    p.add_argument("--service-database-url", help="the service's database (default: config)")
+    p.add_argument("--amqp-url", help="RabbitMQ (default: config)")
+    p.add_argument("--redis-url", help="Redis (default: config)")
+    p.add_argument(
+        "--prefix",
+        help="names of the run: exchange PREFIX, PREFIX.dlx, queues PREFIX.<group>,"
+        " Redis namespace PREFIX (default: config)",
     )
     return p

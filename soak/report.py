@@ -138,6 +138,15 @@ class Report:
         return sum(f.ok for f in self.faults)
 
     @property
+    def crashes(self) -> int:
+        """Kills of the order service and the consumers that happened as planned."""
+        return sum(
+            min(self.restarts.get(name, 0), kills)
+            for name, kills in self.planned_kills.items()
+            if not name.startswith("service-")
+        )
+
+    @property
     def passed(self) -> bool:
         return self.tally.passed and self.quiescence is not None
 
@@ -161,6 +170,7 @@ class Report:
             "broken": t.broken,
             "disagreements": t.disagreements,
             "faults_injected": self.injected,
+            "crashes_injected": self.crashes,
             "faults": [asdict(f) for f in self.faults],
             "restarts": self.restarts,
             "planned_kills": self.planned_kills,
@@ -224,6 +234,8 @@ class Report:
         row("dead", t.statuses.get("dead", 0))
         row("books in an impossible state", t.broken, 0)
         row("faults injected", f"{self.injected} of {len(self.faults)} environment faults")
+        row("crashes injected (between commit/confirm, effect/ack)", self.crashes)
+        row("faults in all", self.injected + self.crashes)
         for name in sorted(self.restarts):
             planned = self.planned_kills.get(name, 0)
             row(f"restarts of {name}", f"{self.restarts[name]} ({planned} planned kills)")

@@ -1,0 +1,109 @@
+"""The short soak run in full: ``python -m soak --short`` as a process of its own, with
+two service instances, the order service and three consumers, while it kills instances,
+closes RabbitMQ's connections, stops its application, terminates PostgreSQL backends,
+restarts the PostgreSQL server, and stalls and cuts the network to RabbitMQ. Then this
+test checks the run's report and reads the books itself.
+
+The run uses databases, RabbitMQ names and a Redis namespace of its own, removed
+afterwards. The faults hit the shared servers, though; the run gives back what it took
+and the autouse fixture in conftest checks RabbitMQ and Redis again whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from demo import books, rabbit
+from demo.options import Names
+from demo.verdict import EFFECTS
+from reliable_msg.fallback import delete_namespace
+from soak.options import SHORT_FAULTS
+from soak.plan import Kind
+from tests.conftest import AMQP_URL, SERVER_URL
+from tests.helpers.rabbit import port_open
+
+GROUPS = ("inventory", "credit", "wms")
+REDIS_URL = "redis://127.0.0.1:6379/0"
+#: The runner's own wait for quiescence; the test kills it (and its process group) after
+#: the test's budget.
+RUNNER_TIMEOUT = 120
+TEST_TIMEOUT = 300
+
+pytestmark = pytest.mark.timeout(TEST_TIMEOUT + 30)
+
+
+@pytest.fixture
+def tag() -> Iterator[str]:
+    tag = f"rmsgsoaktest_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    yield tag
+
+    async def remove() -> None:
+        await rabbit.reset(AMQP_URL, Names.of_prefix(tag), GROUPS)
+        await delete_namespace(REDIS_URL, tag)
+        for name in (tag, f"{tag}_service"):
+            await books.drop_database(f"{SERVER_URL}/{name}")
+
+    asyncio.run(remove())
+
+
+def run_soak(tag: str, run_dir: Path) -> tuple[int, str]:
+    argv = [
+        *(sys.executable, "-m", "soak", "--short", "--seed", "5"),
+        *("--run-dir", str(run_dir), "--timeout", str(RUNNER_TIMEOUT)),
+        *("--database-url", f"{SERVER_URL}/{tag}"),
+        *("--service-database-url", f"{SERVER_URL}/{tag}_service"),
+        *("--amqp-url", AMQP_URL, "--redis-url", REDIS_URL, "--prefix", tag),
+    ]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=TEST_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out.decode(errors="replace")
+
+
+def test_the_short_soak_loses_nothing_and_applies_nothing_twice(tag: str, tmp_path: Path) -> None:
+    code, out = run_soak(tag, tmp_path)
+    assert code == 0, out[-6000:]
+    assert "PASSED" in out
+    report: dict[str, Any] = json.loads((tmp_path / "report.json").read_text())
+
+    # Every fault of the environment was injected, each kind at least once.
+    assert report["faults_injected"] == SHORT_FAULTS, report["faults"]
+    kinds = {f["label"].split()[0] for f in report["faults"]}
+    assert kinds == {k.value for k in Kind}
+    # The planned kills happened: each process was restarted at least as often.
+    for name, kills in report["planned_kills"].items():
+        assert kills >= 1 or name.startswith("service-"), report["planned_kills"]
+        assert report["restarts"][name] >= kills, (name, report["restarts"])
+
+    assert report["lost"] == report["duplicated"] == report["phantom"] == 0
+    assert report["stuck"] == 0
+    assert report["committed"] > 0 and report["cancelled"] > 0
+    assert report["effects"] == {g: report["committed"] for g in GROUPS}
+
+    # The books, read here rather than trusted from the report.
+    held = asyncio.run(books.read(f"{SERVER_URL}/{tag}", GROUPS))
+    paid = [r for r in held.orders if r.status == "paid"]
+    assert len(paid) == report["committed"]
+    for row in held.orders:
+        expected = 1 if row.status == "paid" else 0
+        assert [EFFECTS[g](row) for g in GROUPS] == [expected] * 3, row
+
+    # Whatever the faults took away is back.
+    assert port_open(5672)
