@@ -2,12 +2,12 @@
 committed.
 
 It calls only the ``check_url`` declared for the producer in configuration (never a URL
-from a request), with the producer's token, a total timeout, and no redirects.
+from a request), with the producer's token, a total timeout, and no redirects. How many
+calls run at once is the check-back scanner's business (its slots).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from enum import StrEnum
 
@@ -34,7 +34,6 @@ MAX_ANSWER_BYTES = 4096
 class CheckBackClient:
     def __init__(self, settings: CheckBackSettings) -> None:
         self._settings = settings
-        self._limit = asyncio.Semaphore(settings.concurrency)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -56,15 +55,14 @@ class CheckBackClient:
         if producer.token is not None:
             headers["Authorization"] = f"Bearer {producer.token.get_secret_value()}"
         body = {"id": check.id, "topic": check.topic, "created_at": check.created_at.isoformat()}
-        async with self._limit:
-            try:
-                async with self._session.post(
-                    str(producer.check_url), json=body, headers=headers, allow_redirects=False
-                ) as response:
-                    raw = await response.content.read(MAX_ANSWER_BYTES)
-                    status = response.status
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                raise CheckBackError(f"check-back call failed: {exc!r}") from exc
+        try:
+            async with self._session.post(
+                str(producer.check_url), json=body, headers=headers, allow_redirects=False
+            ) as response:
+                raw = await response.content.read(MAX_ANSWER_BYTES)
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise CheckBackError(f"check-back call failed: {exc!r}") from exc
         if status != 200:
             raise CheckBackError(f"check-back answered HTTP {status}")
         return _parse(raw)

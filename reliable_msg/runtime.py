@@ -124,6 +124,8 @@ class Runtime:
         await self.monitor.stop()
         if self.scanners is not None:
             await self.scanners.stop()
+        else:  # passes run by hand (tests, tools) may have left calls in flight
+            await self.checkback.stop()
         if self._watch is not None and self.switch is not None:
             self.switch.stop()
             await stop_task(self._watch, within=self.settings.fallback.poll_interval + 2)

@@ -71,7 +71,22 @@ class CheckBackSettings(_Section):
     backoff_cap: Seconds = 600.0
     timeout: Seconds = 5.0  #: one check-back HTTP call, connect to last byte
     concurrency: int = Field(default=32, ge=1)  #: check-back calls in flight per instance
-    lease: Seconds = 60.0  #: how long a claimed message is hidden from other instances
+    #: calls in flight per instance to any one producer (at most ``concurrency``), so that
+    #: one producer's stalled endpoint cannot take every slot
+    per_producer: int = Field(default=8, ge=1)
+    #: how long a claimed message is hidden from other instances and passes: its call
+    #: must end well within it
+    lease: Seconds = 60.0
+
+    @model_validator(mode="after")
+    def _lease_outlasts_call(self) -> CheckBackSettings:
+        if self.lease <= self.timeout:
+            raise ValueError(
+                f"checkback.lease ({self.lease:g} s) must be longer than checkback.timeout "
+                f"({self.timeout:g} s): a message would be claimed and asked again while "
+                "its first call is still in flight"
+            )
+        return self
 
 
 class RedeliverySettings(_Section):

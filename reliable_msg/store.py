@@ -41,13 +41,14 @@ _MESSAGE_COLUMNS = """
     finished_at
 """
 
-#: Claims due pending messages for check-back by pushing their next check past a lease.
+#: Claims due pending messages for check-back by pushing their next check past a lease,
+#: skipping the producers named in $4 (those with no free call slot).
 #: The partial index on pending rows makes its cost that of the due rows alone.
 CLAIM_CHECKS = """
     UPDATE rmsg_message SET next_check_at = now() + make_interval(secs => $3)
     WHERE id IN (
         SELECT id FROM rmsg_message
-        WHERE status = $1 AND next_check_at <= now()
+        WHERE status = $1 AND next_check_at <= now() AND producer <> ALL($4::text[])
         ORDER BY next_check_at
         LIMIT $2
         FOR UPDATE SKIP LOCKED
@@ -458,15 +459,22 @@ class PgStore:
     # -- check-back ------------------------------------------------------------------
 
     @_translated
-    async def claim_checks(self, limit: int, lease: float) -> list[DueCheck]:
-        """Claim due ``pending`` messages by hiding them for ``lease`` seconds."""
-        rows = await self._pool.fetch(
-            CLAIM_CHECKS,
-            M.PENDING.value,
-            limit,
-            lease,
-        )
+    async def claim_checks(
+        self, limit: int, lease: float, skip: Sequence[str] = ()
+    ) -> list[DueCheck]:
+        """Claim due ``pending`` messages, none of producers in ``skip``, by hiding them
+        for ``lease`` seconds."""
+        rows = await self._pool.fetch(CLAIM_CHECKS, M.PENDING.value, limit, lease, list(skip))
         return [DueCheck(**dict(r)) for r in rows]
+
+    @_translated
+    async def release_checks(self, ids: Sequence[str]) -> None:
+        """Give claimed messages back before their lease ends: due again at once."""
+        await self._pool.execute(
+            "UPDATE rmsg_message SET next_check_at = now() WHERE id = ANY($1) AND status = $2",
+            list(ids),
+            M.PENDING.value,
+        )
 
     @_translated
     async def check_failed(self, check: DueCheck, error: str, retry_in: float | None) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -16,8 +18,9 @@ from aiohttp import web
 
 from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings
-from tests.conftest import PRODUCER, auth
+from tests.conftest import OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import rabbit
+from tests.helpers.service import remove_traces, running, write_config
 from tests.helpers.waiting import wait_until
 
 CHECK_MAX = 3
@@ -43,18 +46,51 @@ class ProducerEndpoint:
         return web.json_response({"status": answer})
 
 
-@pytest.fixture
-async def endpoint() -> AsyncIterator[tuple[ProducerEndpoint, int]]:
-    producer = ProducerEndpoint()
+class StalledEndpoint:
+    """A producer's check-back endpoint that reads each request and never answers: it
+    holds the connection open until the caller gives up (or ``release`` is set)."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.received = 0
+        self.holding = 0  #: requests whose caller still waits for the answer
+        self.ended = 0  #: requests the caller gave up on (or that were answered)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.received += 1
+        self.holding += 1
+        try:
+            await self.release.wait()
+        finally:  # also when the caller hung up: the handler is cancelled then
+            self.holding -= 1
+            self.ended += 1
+        return web.json_response({"status": "unknown"})
+
+
+@asynccontextmanager
+async def serving_endpoint(
+    handle: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[int]:
+    """``handle`` served at ``/check`` on a free localhost port; yields the port. A
+    handler is cancelled when its caller hangs up."""
     app = web.Application()
-    app.router.add_post("/check", producer.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    app.router.add_post("/check", handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = runner.addresses[0][1]
-    yield producer, port
-    await runner.cleanup()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[tuple[ProducerEndpoint, int]]:
+    producer = ProducerEndpoint()
+    async with serving_endpoint(producer.handle) as port:
+        yield producer, port
 
 
 @pytest.fixture
@@ -68,9 +104,9 @@ def settings(
     )
 
 
-async def prepare(client: httpx.AsyncClient, id: str) -> None:
+async def prepare(client: httpx.AsyncClient, id: str, token: str = PRODUCER) -> None:
     body = {"id": id, "topic": "order.paid", "payload": {"order_id": id}}
-    r = await client.post("/v1/messages", json=body, headers=auth(PRODUCER))
+    r = await client.post("/v1/messages", json=body, headers=auth(token))
     assert r.status_code == 201, r.text
 
 
@@ -150,8 +186,12 @@ async def test_check_back_waits_for_check_after(
     await prepare(client, "young")
     assert await runtime.checkback.run_once() == 0  # younger than checkback.after
     await asyncio.sleep(0.3)
-    assert await runtime.checkback.run_once() == 1
-    assert (await statuses(db))["young"] == "sent"
+    assert await runtime.checkback.run_once() == 1  # the pass started the call, and returned
+
+    async def sent() -> bool:
+        return (await statuses(db))["young"] == "sent"
+
+    await wait_until(sent, within=10, every=0.05)
 
 
 async def test_requeue_of_check_back_dead_message_asks_the_producer_again(
@@ -183,3 +223,66 @@ async def test_requeue_of_check_back_dead_message_asks_the_producer_again(
         return (await statuses(db))["late"] == "sent"
 
     await wait_until(sent, within=10, every=0.05)
+
+
+#: Check-back calls one instance holds open to one producer, in the stalled-endpoint test.
+PER_PRODUCER = 2
+
+
+async def test_a_stalled_check_back_endpoint_does_not_delay_other_producers(
+    make_settings: Callable[..., Settings], db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    stalled = StalledEndpoint()
+    healthy = ProducerEndpoint()
+    stalled_ids = [f"stalled-{i}" for i in range(5)]
+    healthy_ids = [f"healthy-{i}" for i in range(6)]
+    healthy.answers = dict.fromkeys(healthy_ids, "committed")
+
+    async def all_healthy_sent() -> bool:
+        current = await statuses(db)
+        return all(current.get(id) == "sent" for id in healthy_ids)
+
+    async with (
+        serving_endpoint(stalled.handle) as stalled_port,
+        serving_endpoint(healthy.handle) as healthy_port,
+    ):
+        settings = make_settings(
+            producers={
+                "order": {"check_url": f"http://127.0.0.1:{healthy_port}/check", "token": PRODUCER},
+                "other": {
+                    "check_url": f"http://127.0.0.1:{stalled_port}/check",
+                    "token": OTHER_PRODUCER,
+                },
+            },
+            checkback={"timeout": 30.0, "concurrency": 4, "per_producer": PER_PRODUCER},
+        )
+        config = write_config(settings, tmp_path / "config.toml")
+        try:
+            with running(config, tmp_path) as [instance]:
+                async with httpx.AsyncClient(base_url=instance.url) as client:
+                    for id in stalled_ids:
+                        await prepare(client, id, OTHER_PRODUCER)
+                    # A pass has claimed the stalled producer's messages; their calls hang.
+                    await wait_until(lambda: stalled.holding == PER_PRODUCER, within=20)
+                    for id in healthy_ids:
+                        await prepare(client, id, PRODUCER)
+                    await wait_until(all_healthy_sent, within=20)
+                    # Every healthy message was asked and published while the stalled
+                    # calls were still held open: none of them had ended yet.
+                    assert stalled.ended == 0
+                    assert stalled.holding == stalled.received == PER_PRODUCER
+                    assert all(healthy.calls[id] == 1 for id in healthy_ids)
+            # The instance stopped cleanly, hanging up on the calls still in flight.
+            log = instance.log.read_text()
+            assert "Application shutdown complete" in log, log[-3000:]
+            assert "Traceback" not in log, log[-3000:]
+            assert log.count("stopped at shutdown") == PER_PRODUCER, log[-3000:]
+        finally:
+            stalled.release.set()
+            await remove_traces(settings)
+
+    rows = await db.fetch("SELECT id, status, check_attempts FROM rmsg_message")
+    states = {r["id"]: (r["status"], r["check_attempts"]) for r in rows}
+    # A call cut short by shutdown is no try: the message waits for its lease, untouched.
+    assert {states[id] for id in stalled_ids} == {("pending", 0)}
+    assert {states[id][0] for id in healthy_ids} == {"sent"}

@@ -58,7 +58,7 @@ async def test_claims_use_the_partial_indexes_with_many_finished_rows(
     await db.execute("ANALYZE rmsg_message")
     await db.execute("ANALYZE rmsg_delivery")
 
-    checks = await plan_of(db, CLAIM_CHECKS, "pending", 500, 60.0)
+    checks = await plan_of(db, CLAIM_CHECKS, "pending", 500, 60.0, [])
     deliveries = await plan_of(db, CLAIM_DELIVERIES, "sent", 500)
 
     assert ("Index Scan", "rmsg_message", "rmsg_message_check_due") in checks, checks

@@ -77,7 +77,7 @@ async def pass_cost(dsn: str, repeats: int = 30) -> float:
             tx = conn.transaction()
             await tx.start()
             started = time.perf_counter()
-            checks = await conn.fetch(CLAIM_CHECKS, "pending", 500, 60.0)
+            checks = await conn.fetch(CLAIM_CHECKS, "pending", 500, 60.0, [])
             deliveries = await conn.fetch(CLAIM_DELIVERIES, "sent", 500)
             times.append((time.perf_counter() - started) * 1000)
             await tx.rollback()
