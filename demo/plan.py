@@ -73,13 +73,18 @@ def phases(order_ids: Sequence[int], *, outage: bool) -> Phases:
     return Phases(ids[:start], ids[start:end], ids[end:])
 
 
-def make_plan(order_ids: Sequence[int], groups: Sequence[str], seed: int) -> Plan:
-    """Spread the failures over ``order_ids``; the same inputs give the same plan."""
+def make_plan(
+    order_ids: Sequence[int], groups: Sequence[str], seed: int, *, crashes: int | None = None
+) -> Plan:
+    """Spread the failures over ``order_ids``; the same inputs give the same plan.
+    ``crashes`` of each kind; by default ``MIN_CRASHES``, one more per
+    ``ORDERS_PER_CRASH`` orders."""
     if len(order_ids) < MIN_ORDERS:
         raise ValueError(f"a plan needs at least {MIN_ORDERS} orders")
     rng = random.Random(seed)
     ids = sorted(order_ids)
-    crashes = max(MIN_CRASHES, len(ids) // ORDERS_PER_CRASH)
+    if crashes is None:
+        crashes = max(MIN_CRASHES, len(ids) // ORDERS_PER_CRASH)
     local = set(rng.sample(ids, max(1, round(len(ids) * LOCAL_FAILURE_SHARE))))
     upstream = set(rng.sample([i for i in ids if i not in local], crashes))
     clean = [i for i in ids if i not in local and i not in upstream]

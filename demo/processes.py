@@ -9,9 +9,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 
@@ -98,6 +99,40 @@ class Supervisor:
         self.children: dict[str, Child] = {}
         self._on_event = on_event
         self._stopping = False
+        #: The signal that interrupted the run, if one did.
+        self.interrupted: signal.Signals | None = None
+
+    def cancel_on_signals(self) -> None:
+        """On SIGINT or SIGTERM: no more restarts (a terminal's Ctrl-C reaches the
+        children too) and cancel the current task, so that its ``finally`` stops every
+        process."""
+        main = asyncio.current_task()
+        assert main is not None
+
+        def interrupt(sig: signal.Signals) -> None:
+            self.stop_restarting()
+            if self.interrupted is None:
+                self.interrupted = sig
+                main.cancel()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, interrupt, sig)
+
+    async def run(self, scenario: Coroutine[Any, Any, int]) -> int:
+        """Run ``scenario`` while restarting the processes that die; a process that dies
+        more often than allowed ends the scenario with its error."""
+        watcher = asyncio.create_task(self.watch())
+        work = asyncio.create_task(scenario)
+        try:
+            await asyncio.wait({watcher, work}, return_when=asyncio.FIRST_COMPLETED)
+            if watcher.done():
+                watcher.result()
+            return await work
+        finally:
+            for task in (watcher, work):
+                task.cancel()
+            await asyncio.gather(watcher, work, return_exceptions=True)
 
     def start(self, child: Child) -> Child:
         self.children[child.name] = child
@@ -162,3 +197,38 @@ async def until(
         if loop.time() > deadline:
             raise DemoError(failure)
         await asyncio.sleep(every)
+
+
+#: Seconds a control command (``rabbitmqctl``, ``pg_ctlcluster``, ``reliable-msg
+#: migrate``) may take.
+CTL_TIMEOUT = 120.0
+
+
+async def run_logged(argv: Sequence[str], log: Path, *, env: dict[str, str] | None = None) -> None:
+    """Run a command to its end with its output appended to ``log``; :class:`DemoError`
+    unless it exits 0. It runs in a session of its own (a terminal's Ctrl-C does not cut
+    it halfway) and a cancelled caller still lets it finish."""
+    with log.open("ab") as out:
+        out.write(f"{START_MARK}{time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
+        out.flush()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise DemoError(f"cannot run {argv[0]}: {exc}") from exc
+        try:
+            code = await asyncio.wait_for(asyncio.shield(proc.wait()), CTL_TIMEOUT)
+        except TimeoutError as exc:
+            raise DemoError(f"{' '.join(argv)} took over {CTL_TIMEOUT:.0f} s") from exc
+    if code != 0:
+        raise DemoError(f"{' '.join(argv)} failed ({code}); see {log}:\n{_tail(log)}")
+
+
+def _tail(log: Path, chars: int = 2000) -> str:
+    return log.read_text(errors="replace")[-chars:]

@@ -14,9 +14,8 @@ import aiormq
 
 from .errors import DemoError
 from .options import Names
+from .processes import run_logged
 
-#: Seconds ``rabbitmqctl stop_app`` / ``start_app`` may take.
-CTL_TIMEOUT = 120.0
 #: Seconds RabbitMQ gets to answer again after ``start_app``.
 COMEBACK = 120.0
 
@@ -103,29 +102,7 @@ class Outage:
         return time.monotonic() - self._started
 
     async def _ctl(self, command: str) -> None:
-        """Run ``rabbitmqctl command`` in a session of its own, so that a Ctrl-C in the
-        terminal does not kill it halfway."""
-        with self._log.open("ab") as out:
-            out.write(f"--- {time.strftime('%H:%M:%S')} rabbitmqctl {command}\n".encode())
-            out.flush()
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    "rabbitmqctl",
-                    command,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise DemoError(f"cannot run rabbitmqctl {command}: {exc}") from exc
-            # Shielded: a cancelled run still lets the command finish.
-            try:
-                code = await asyncio.wait_for(asyncio.shield(proc.wait()), CTL_TIMEOUT)
-            except TimeoutError as exc:
-                raise DemoError(f"rabbitmqctl {command} took over {CTL_TIMEOUT:.0f} s") from exc
-        if code != 0:
-            raise DemoError(f"rabbitmqctl {command} failed ({code}); see {self._log}")
+        await run_logged(["rabbitmqctl", command], self._log)
 
 
 async def answers(url: str) -> bool:

@@ -24,17 +24,12 @@ import asyncio
 import contextlib
 import json
 import secrets
-import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
 
-import aio_pika
 import aiohttp
-import asyncpg
-import redis
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -47,7 +42,6 @@ from rich.progress import (
 
 from downstream_demo.worker import crash_marker
 from reliable_msg.errors import ReliableMsgError
-from reliable_msg.fallback import delete_namespace
 
 from . import books, rabbit, report
 from .admin import ServiceAdmin
@@ -65,6 +59,7 @@ from .outage import (
 from .plan import Phases, Plan, make_plan, phases, waves
 from .processes import Child, Supervisor, base_env, free_port, until
 from .shop import Answer, Shop
+from .slate import fresh_slate
 from .verdict import Facts, Outcome, judge
 
 #: Seconds a process gets to become ready.
@@ -115,8 +110,6 @@ class Run:
         self.logs = options.run_dir / "logs"
         self.state = options.run_dir / "state"
         self.supervisor = Supervisor(self._event)
-        #: The signal that interrupted the run, if one did.
-        self.interrupted: signal.Signals | None = None
         #: When the run started: monotonic, and epoch for the switch's history.
         self.started = time.monotonic()
         self.started_epoch = time.time()
@@ -141,15 +134,16 @@ class Run:
         outage = ", RabbitMQ stopped mid-run" if self.options.outage else ""
         self.console.rule(f"reliable-msg e-commerce demo: {self.options.orders} orders{outage}")
         self.console.print(f"logs, state and report in {self.options.run_dir}")
-        self._handle_signals()
+        self.supervisor.cancel_on_signals()
         try:
             await self._reset()
-            return await self._supervised(self._scenario())
+            return await self.supervisor.run(self._scenario())
         except asyncio.CancelledError:
-            if self.interrupted is None:
+            interrupted = self.supervisor.interrupted
+            if interrupted is None:
                 raise
-            self.console.print(f"interrupted by {self.interrupted.name}")
-            return 128 + self.interrupted.value
+            self.console.print(f"interrupted by {interrupted.name}")
+            return 128 + interrupted.value
         finally:
             try:
                 await self._restore_rabbitmq()
@@ -166,74 +160,29 @@ class Run:
         await self.outage.restore()
         self.console.print("RabbitMQ answers again")
 
-    def _handle_signals(self) -> None:
-        """On SIGINT or SIGTERM: no more restarts (a terminal's Ctrl-C reaches the
-        children too) and cancel the run, so that :meth:`main` stops every process."""
-        main = asyncio.current_task()
-        assert main is not None
-
-        def interrupt(sig: signal.Signals) -> None:
-            self.supervisor.stop_restarting()
-            if self.interrupted is None:
-                self.interrupted = sig
-                main.cancel()
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, interrupt, sig)
-
-    async def _supervised(self, scenario: Coroutine[Any, Any, int]) -> int:
-        """Run ``scenario`` while the supervisor restarts the processes that die; a
-        process that dies more often than planned ends the scenario with its error."""
-        watcher = asyncio.create_task(self.supervisor.watch())
-        work = asyncio.create_task(scenario)
-        try:
-            await asyncio.wait({watcher, work}, return_when=asyncio.FIRST_COMPLETED)
-            if watcher.done():
-                watcher.result()
-            return await work
-        finally:
-            for task in (watcher, work):
-                task.cancel()
-            await asyncio.gather(watcher, work, return_exceptions=True)
-
     # -- 1. reset ------------------------------------------------------------------------
 
     async def _reset(self) -> None:
         o = self.options
         with self.console.status("resetting the demo's databases and queues"):
-            try:
-                await rabbit.reset(o.amqp_url, o.names, o.groups)
-                await delete_namespace(o.redis_url, o.names.namespace)
-                await books.drop_database(o.service_database_url)
-                await self._migrate()
-                await books.reset(o.database_url, o.orders)
-            except (
-                OSError,
-                asyncpg.PostgresError,
-                aio_pika.exceptions.AMQPError,
-                redis.RedisError,
-            ) as exc:
-                raise DemoError(f"cannot reset the demo: {exc!r}") from exc
+            await fresh_slate(
+                amqp_url=o.amqp_url,
+                redis_url=o.redis_url,
+                names=o.names,
+                groups=o.groups,
+                service_database_url=o.service_database_url,
+                database_url=o.database_url,
+                orders=o.orders,
+                migrate=self._reliable_msg("migrate"),
+                env=self._service_env(),
+                log=self.logs / "migrate.log",
+            )
         self.console.print(
             f"reset: {o.orders} products at {books.STOCK} and {o.orders} members at"
             f" {books.POINTS} points in {o.database_url}; service database"
             f" {o.service_database_url} migrated; RabbitMQ names {o.names.exchange}*,"
             f" Redis namespace {o.names.namespace}"
         )
-
-    async def _migrate(self) -> None:
-        log = self.logs / "migrate.log"
-        with log.open("ab") as out:
-            proc = await asyncio.create_subprocess_exec(
-                *self._reliable_msg("migrate"),
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                env=self._service_env(),
-            )
-            code = await proc.wait()
-        if code != 0:
-            raise DemoError(f"reliable-msg migrate failed; see {log}:\n{log.read_text()[-2000:]}")
 
     # -- 2.-5. the scenario --------------------------------------------------------------
 

@@ -19,13 +19,11 @@ import asyncpg
 
 from demo import rabbit
 from demo.errors import DemoError
-from demo.processes import Child
+from demo.processes import Child, run_logged
 
 from .plan import Fault, Kind
 from .proxy import FaultProxy
 
-#: Seconds a ``rabbitmqctl`` or ``pg_ctlcluster`` command may take.
-CTL_TIMEOUT = 120.0
 #: Seconds PostgreSQL gets to take connections again after a restart.
 PG_COMEBACK = 60.0
 #: Where Debian's PostgreSQL clusters are configured (``/etc/postgresql/<version>/main``).
@@ -140,27 +138,7 @@ class Injector:
         await self._ctl("pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action)
 
     async def _ctl(self, *argv: str) -> None:
-        """Run a control command in a session of its own (a Ctrl-C does not cut it
-        halfway), shielded from cancellation; its output goes to the faults log."""
-        with self._log.open("ab") as out:
-            out.write(f"--- {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
-            out.flush()
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise DemoError(f"cannot run {argv[0]}: {exc}") from exc
-            try:
-                code = await asyncio.wait_for(asyncio.shield(proc.wait()), CTL_TIMEOUT)
-            except TimeoutError as exc:
-                raise DemoError(f"{' '.join(argv)} took over {CTL_TIMEOUT:.0f} s") from exc
-        if code != 0:
-            raise DemoError(f"{' '.join(argv)} failed ({code}); see {self._log}")
+        await run_logged(argv, self._log)
 
 
 def pg_version() -> str | None:

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-#: Share of the orders whose local transaction fails.
-LOCAL_FAILURE_SHARE = 0.10
+from demo import plan as orders
+
 #: Fewest orders a plan can place its faults among.
 MIN_ORDERS = 20
 
@@ -79,19 +79,10 @@ class Fault:
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
-    local_failures: frozenset[int]  #: ``fail=local``
-    upstream_crashes: frozenset[int]  #: ``crash=after_commit``
-    consumer_crashes: dict[str, frozenset[int]]  #: per group: die after the effect
-    faults: list[Fault]  #: the environment's, by ``at``
+class Plan(orders.Plan):
+    """The demo's per-order failures (:class:`demo.plan.Plan`) and the environment's."""
 
-    def query(self, order_id: int) -> dict[str, str]:
-        """The pay request's fault switches for ``order_id``."""
-        if order_id in self.local_failures:
-            return {"fail": "local"}
-        if order_id in self.upstream_crashes:
-            return {"crash": "after_commit"}
-        return {}
+    faults: list[Fault]  #: by ``at``
 
     @property
     def injected(self) -> int:
@@ -109,24 +100,18 @@ def make_plan(
     seed: int,
     kinds: Sequence[Kind] = tuple(Kind),
 ) -> Plan:
-    """``faults`` environment faults of ``kinds`` (each kind once before any twice, the
-    server restart once) spread evenly at random over the payments; ``crashes`` order
-    service crashes, and as many per consumer group, on orders that do not fail."""
+    """The demo's plan with ``crashes`` of each process, and ``faults`` environment
+    faults of ``kinds`` (each kind once before any twice, the server restart once)
+    spread evenly at random over the payments."""
     if len(order_ids) < MIN_ORDERS:
         raise ValueError(f"a soak plan needs at least {MIN_ORDERS} orders")
-    rng = random.Random(seed)
-    ids = sorted(order_ids)
-    local = set(rng.sample(ids, max(1, round(len(ids) * LOCAL_FAILURE_SHARE))))
-    clean = [i for i in ids if i not in local]
-    upstream = set(rng.sample(clean, min(crashes, len(clean))))
-    clean = [i for i in clean if i not in upstream]
+    base = orders.make_plan(order_ids, groups, seed, crashes=crashes)
+    rng = random.Random(f"{seed}:faults")
     return Plan(
-        local_failures=frozenset(local),
-        upstream_crashes=frozenset(upstream),
-        consumer_crashes={
-            g: frozenset(rng.sample(clean, min(crashes, len(clean)))) for g in groups
-        },
-        faults=_faults(rng, len(ids), faults, kinds),
+        local_failures=base.local_failures,
+        upstream_crashes=base.upstream_crashes,
+        consumer_crashes=base.consumer_crashes,
+        faults=_faults(rng, len(order_ids), faults, kinds),
     )
 
 

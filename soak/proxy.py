@@ -22,8 +22,9 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Sequence
+
+from reliable_msg.aio import first_of
 
 #: Bytes read from one side before they are written to the other.
 CHUNK = 64 * 1024
@@ -125,7 +126,8 @@ class FaultProxy:
             up_reader, up_writer = upstream
             self._writers.add(up_writer)
             try:
-                await _first_done(self._pump(reader, up_writer), self._pump(up_reader, writer))
+                # Either side closing ends both: neither AMQP nor PostgreSQL half-closes.
+                await first_of(self._pump(reader, up_writer), self._pump(up_reader, writer))
             finally:
                 _abort(up_writer)
                 self._writers.discard(up_writer)
@@ -150,18 +152,6 @@ class FaultProxy:
                 await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
-
-
-async def _first_done(*coros: Coroutine[Any, Any, None]) -> None:
-    """Run the pumps until either ends (a side closed or failed), then cancel the other:
-    neither AMQP nor PostgreSQL half-closes a connection."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:

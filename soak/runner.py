@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import sys
 import time
 from collections import deque
@@ -32,7 +31,6 @@ from urllib.parse import urlsplit
 import aio_pika
 import aiohttp
 import asyncpg
-import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -42,8 +40,8 @@ from demo.errors import DemoError
 from demo.processes import Child, Supervisor, base_env, free_port, until
 from demo.runner import PRODUCER, Tokens
 from demo.shop import Shop
+from demo.slate import fresh_slate
 from reliable_msg.errors import ReliableMsgError
-from reliable_msg.fallback import delete_namespace
 
 from .faults import Injector
 from .options import Options
@@ -84,7 +82,6 @@ class Run:
         self.balancer = FaultProxy(*first, more_targets=others)
         self.outage = rabbit.Outage(options.amqp_url, self.logs / "faults.log", self.started)
         self.records: list[FaultRecord] = []
-        self.interrupted: signal.Signals | None = None
         self._injector: Injector | None = None
 
     @property
@@ -106,17 +103,18 @@ class Run:
             f" {o.crashes} crash(es) of each process, seed {o.seed}"
         )
         self.console.print(f"logs and report in {o.run_dir}")
-        self._handle_signals()
+        self.supervisor.cancel_on_signals()
         try:
             await self.rabbit_proxy.start()
             await self.balancer.start()
             await self._reset()
-            return await self._supervised()
+            return await self.supervisor.run(self._scenario())
         except asyncio.CancelledError:
-            if self.interrupted is None:
+            interrupted = self.supervisor.interrupted
+            if interrupted is None:
                 raise
-            self.console.print(f"interrupted by {self.interrupted.name}")
-            return 128 + self.interrupted.value
+            self.console.print(f"interrupted by {interrupted.name}")
+            return 128 + interrupted.value
         finally:
             try:
                 if self._injector is not None:
@@ -128,64 +126,23 @@ class Run:
                 await self.rabbit_proxy.close()
                 self.console.print("every process the run started is stopped")
 
-    def _handle_signals(self) -> None:
-        main = asyncio.current_task()
-        assert main is not None
-
-        def interrupt(sig: signal.Signals) -> None:
-            self.supervisor.stop_restarting()
-            if self.interrupted is None:
-                self.interrupted = sig
-                main.cancel()
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, interrupt, sig)
-
-    async def _supervised(self) -> int:
-        watcher = asyncio.create_task(self.supervisor.watch())
-        work = asyncio.create_task(self._scenario())
-        try:
-            await asyncio.wait({watcher, work}, return_when=asyncio.FIRST_COMPLETED)
-            if watcher.done():
-                watcher.result()
-            return await work
-        finally:
-            for task in (watcher, work):
-                task.cancel()
-            await asyncio.gather(watcher, work, return_exceptions=True)
-
     # -- 1. reset ------------------------------------------------------------------------
 
     async def _reset(self) -> None:
         o = self.o
         with self.console.status("resetting the run's databases, queues and Redis keys"):
-            try:
-                await rabbit.reset(o.amqp_url, o.names, o.groups)
-                await delete_namespace(o.redis_url, o.names.namespace)
-                await books.drop_database(o.service_database_url)
-                await self._migrate()
-                await books.reset(o.database_url, o.messages)
-            except (
-                OSError,
-                asyncpg.PostgresError,
-                aio_pika.exceptions.AMQPError,
-                redis.RedisError,
-            ) as exc:
-                raise DemoError(f"cannot reset the soak run: {exc!r}") from exc
-
-    async def _migrate(self) -> None:
-        log = self.logs / "migrate.log"
-        with log.open("ab") as out:
-            proc = await asyncio.create_subprocess_exec(
-                *self._reliable_msg("migrate"),
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
+            await fresh_slate(
+                amqp_url=o.amqp_url,
+                redis_url=o.redis_url,
+                names=o.names,
+                groups=o.groups,
+                service_database_url=o.service_database_url,
+                database_url=o.database_url,
+                orders=o.messages,
+                migrate=self._reliable_msg("migrate"),
                 env=self._service_env(0),
+                log=self.logs / "migrate.log",
             )
-            code = await proc.wait()
-        if code != 0:
-            raise DemoError(f"reliable-msg migrate failed; see {log}:\n{log.read_text()[-2000:]}")
 
     # -- 2.-4. the scenario --------------------------------------------------------------
 

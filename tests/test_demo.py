@@ -14,10 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,15 +22,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from demo import books, rabbit
-from demo.options import Names
-from reliable_msg.fallback import delete_namespace
+from demo import rabbit
 from tests.conftest import AMQP_URL, SERVER_URL
 from tests.helpers.rabbit import port_open
+from tests.helpers.runs import GROUPS, isolated, own_names, run_group
 
 ORDERS = 30
-GROUPS = ("inventory", "credit", "wms")
-REDIS_URL = "redis://127.0.0.1:6379/0"
 #: The runner's own budget; the test kills it (and its process group) after more.
 RUNNER_TIMEOUT = 60
 TEST_TIMEOUT = 110
@@ -45,39 +39,16 @@ pytestmark = pytest.mark.timeout(TEST_TIMEOUT + 30)
 def tag() -> Iterator[str]:
     """Names of this run's databases, RabbitMQ objects and Redis keys; all removed
     afterwards."""
-    tag = f"rmsgdemotest_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    yield tag
-
-    async def remove() -> None:
-        await rabbit.reset(AMQP_URL, Names.of_prefix(tag), GROUPS)
-        await delete_namespace(REDIS_URL, tag)
-        for name in (tag, f"{tag}_service"):
-            await books.drop_database(f"{SERVER_URL}/{name}")
-
-    asyncio.run(remove())
+    yield from own_names("rmsgdemotest")
 
 
 def run_demo(tag: str, run_dir: Path) -> tuple[int, str]:
-    """Run the demo in a process group of its own; kill the whole group if it hangs, so
-    that no process it started outlives the test."""
     argv = [
         *(sys.executable, "-m", "demo", "--orders", str(ORDERS)),
         *("--run-dir", str(run_dir), "--timeout", str(RUNNER_TIMEOUT)),
-        *("--database-url", f"{SERVER_URL}/{tag}"),
-        *("--service-database-url", f"{SERVER_URL}/{tag}_service"),
-        *("--amqp-url", AMQP_URL, "--redis-url", REDIS_URL, "--prefix", tag),
+        *isolated(tag),
     ]
-    env = {**os.environ, "COLUMNS": "120"}
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    try:
-        out, _ = proc.communicate(timeout=TEST_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode, out.decode(errors="replace")
+    return run_group(argv, TEST_TIMEOUT)
 
 
 def processes_of(tag: str) -> list[int]:

@@ -13,28 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from demo import books, rabbit
-from demo.options import Names
+from demo import books
 from demo.verdict import EFFECTS
-from reliable_msg.fallback import delete_namespace
 from soak.options import SHORT_FAULTS
 from soak.plan import Kind
-from tests.conftest import AMQP_URL, SERVER_URL
+from tests.conftest import SERVER_URL
 from tests.helpers.rabbit import port_open
+from tests.helpers.runs import GROUPS, isolated, own_names, run_group
 
-GROUPS = ("inventory", "credit", "wms")
-REDIS_URL = "redis://127.0.0.1:6379/0"
 #: The runner's own wait for quiescence; the test kills it (and its process group) after
 #: the test's budget.
 RUNNER_TIMEOUT = 120
@@ -45,36 +38,16 @@ pytestmark = pytest.mark.timeout(TEST_TIMEOUT + 30)
 
 @pytest.fixture
 def tag() -> Iterator[str]:
-    tag = f"rmsgsoaktest_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    yield tag
-
-    async def remove() -> None:
-        await rabbit.reset(AMQP_URL, Names.of_prefix(tag), GROUPS)
-        await delete_namespace(REDIS_URL, tag)
-        for name in (tag, f"{tag}_service"):
-            await books.drop_database(f"{SERVER_URL}/{name}")
-
-    asyncio.run(remove())
+    yield from own_names("rmsgsoaktest")
 
 
 def run_soak(tag: str, run_dir: Path) -> tuple[int, str]:
     argv = [
         *(sys.executable, "-m", "soak", "--short", "--seed", "5"),
         *("--run-dir", str(run_dir), "--timeout", str(RUNNER_TIMEOUT)),
-        *("--database-url", f"{SERVER_URL}/{tag}"),
-        *("--service-database-url", f"{SERVER_URL}/{tag}_service"),
-        *("--amqp-url", AMQP_URL, "--redis-url", REDIS_URL, "--prefix", tag),
+        *isolated(tag),
     ]
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        out, _ = proc.communicate(timeout=TEST_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode, out.decode(errors="replace")
+    return run_group(argv, TEST_TIMEOUT)
 
 
 def test_the_short_soak_loses_nothing_and_applies_nothing_twice(tag: str, tmp_path: Path) -> None:
