@@ -29,8 +29,11 @@ from .policy import shard_of
 
 log = logging.getLogger(__name__)
 
-#: Redis failures: the fallback is unavailable.
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+#: Redis failures: the fallback is unavailable. RuntimeError too: under uvloop, a write
+#: on a pooled connection the peer reset while it was idle raises "the handler is
+#: closed" (a RuntimeError), which the Redis client passes on after dropping the
+#: connection; the next call connects afresh.
+REDIS_ERRORS = (RedisError, OSError, TimeoutError, RuntimeError)
 
 
 def shard_key(namespace: str, group: str, shard: int) -> str:

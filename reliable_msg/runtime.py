@@ -181,6 +181,6 @@ class Runtime:
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 await self.redis.ping()
-        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
             return f"unavailable: {exc}"
         return "ok"

@@ -18,9 +18,9 @@ from enum import StrEnum
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from . import constants
+from .fallback import REDIS_ERRORS
 from .metrics import MODE, MODE_CHANGES
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class Switch:
         while not self._stopping.is_set():
             try:
                 await self._follow()
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 log.debug("switch watch: Redis unavailable (%s)", exc)
                 await self._pause(self._poll)
 
