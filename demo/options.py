@@ -131,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("DEMO_DATABASE_URL", DEFAULT_DATABASE_URL),
         help="the demo services' database (default $DEMO_DATABASE_URL or rmsg_demo)",
     )
+    add_service_options(p)
+    return p
+
+
+def add_service_options(p: argparse.ArgumentParser) -> None:
+    """Where the service runs, over what the config file says: a run of its own."""
     p.add_argument("--service-database-url", help="the service's database (default: config)")
     p.add_argument("--amqp-url", help="RabbitMQ (default: config)")
     p.add_argument("--redis-url", help="Redis (default: config)")
@@ -139,7 +145,6 @@ def _parser() -> argparse.ArgumentParser:
         help="names of the run: exchange PREFIX, PREFIX.dlx, queues PREFIX.<group>,"
         " Redis namespace PREFIX (default: config)",
     )
-    return p
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

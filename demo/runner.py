@@ -28,6 +28,8 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 from rich.console import Console
@@ -46,7 +48,7 @@ from reliable_msg.errors import ReliableMsgError
 from . import books, rabbit, report
 from .admin import ServiceAdmin
 from .errors import DemoError
-from .options import Options
+from .options import Names, Options
 from .outage import (
     FALLBACK_WRITES,
     ConsumerPath,
@@ -98,6 +100,61 @@ class Tokens:
             order=secrets.token_urlsafe(24),
             groups={g: secrets.token_urlsafe(24) for g in groups},
         )
+
+
+class Topology(Protocol):
+    """Where the demo's processes find their databases, RabbitMQ and Redis."""
+
+    @property
+    def database_url(self) -> str: ...
+    @property
+    def amqp_url(self) -> str: ...
+    @property
+    def redis_url(self) -> str: ...
+    @property
+    def names(self) -> Names: ...
+    @property
+    def shards(self) -> int: ...
+    @property
+    def poll_interval(self) -> float: ...
+
+
+def order_service_env(t: Topology, service_url: str, token: str) -> dict[str, str]:
+    """The order service's environment (:mod:`upstream_demo.config`)."""
+    return {
+        **base_env(),
+        "DEMO_DATABASE_URL": t.database_url,
+        "DEMO_SERVICE_URL": service_url,
+        "DEMO_ORDER_TOKEN": token,
+    }
+
+
+def consumer_env(
+    t: Topology,
+    group: str,
+    *,
+    service_url: str,
+    token: str,
+    state_dir: Path,
+    crashes: frozenset[int],
+) -> dict[str, str]:
+    """A consumer group's environment (:mod:`downstream_demo.config`), told to die once
+    after the effect of each order in ``crashes``."""
+    return {
+        **base_env(),
+        "DEMO_DATABASE_URL": t.database_url,
+        "DEMO_SERVICE_URL": service_url,
+        f"DEMO_{group.upper()}_TOKEN": token,
+        "DEMO_AMQP_URL": t.amqp_url,
+        "DEMO_QUEUE_PREFIX": t.names.queue_prefix,
+        "DEMO_REDIS_URL": t.redis_url,
+        "DEMO_NAMESPACE": t.names.namespace,
+        "DEMO_SHARDS": str(t.shards),
+        "DEMO_POLL_INTERVAL": str(t.poll_interval),
+        "DEMO_CLAIM_IDLE": str(CLAIM_IDLE),
+        "DEMO_STATE_DIR": str(state_dir),
+        "DEMO_CRASH_AFTER_EFFECT": ",".join(map(str, sorted(crashes))),
+    }
 
 
 class Run:
@@ -223,12 +280,7 @@ class Run:
         self._event(f"service ready at {self.service_url}")
 
     async def _start_order_service(self, shop: Shop) -> None:
-        env = {
-            **base_env(),
-            "DEMO_DATABASE_URL": self.options.database_url,
-            "DEMO_SERVICE_URL": self.service_url,
-            "DEMO_ORDER_TOKEN": self.tokens.order,
-        }
+        env = order_service_env(self.options, self.service_url, self.tokens.order)
         argv = [sys.executable, "-m", "upstream_demo", "--port", str(self.order_port)]
         self._start(PRODUCER, argv, env)
         await shop.wait_healthy(STARTUP)
@@ -237,21 +289,14 @@ class Run:
     async def _start_consumers(self, plan: Plan) -> None:
         o = self.options
         for group in o.groups:
-            env = {
-                **base_env(),
-                "DEMO_DATABASE_URL": o.database_url,
-                "DEMO_SERVICE_URL": self.service_url,
-                f"DEMO_{group.upper()}_TOKEN": self.tokens.groups[group],
-                "DEMO_AMQP_URL": o.amqp_url,
-                "DEMO_QUEUE_PREFIX": o.names.queue_prefix,
-                "DEMO_REDIS_URL": o.redis_url,
-                "DEMO_NAMESPACE": o.names.namespace,
-                "DEMO_SHARDS": str(o.shards),
-                "DEMO_POLL_INTERVAL": str(o.poll_interval),
-                "DEMO_CLAIM_IDLE": str(CLAIM_IDLE),
-                "DEMO_STATE_DIR": str(self.state),
-                "DEMO_CRASH_AFTER_EFFECT": ",".join(map(str, sorted(plan.consumer_crashes[group]))),
-            }
+            env = consumer_env(
+                o,
+                group,
+                service_url=self.service_url,
+                token=self.tokens.groups[group],
+                state_dir=self.state,
+                crashes=plan.consumer_crashes[group],
+            )
             argv = [sys.executable, "-m", "downstream_demo", group]
             self._start(group, argv, env, restarts=len(plan.consumer_crashes[group]))
 

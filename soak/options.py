@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from demo.options import Names, at_least
+from demo.options import Names, add_service_options, at_least
 from reliable_msg.settings import FallbackSettings
 
 from .plan import MIN_ORDERS
@@ -119,12 +119,5 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("SOAK_DATABASE_URL", DEFAULT_DATABASE_URL),
         help="the demo services' database (default $SOAK_DATABASE_URL or rmsg_soak)",
     )
-    p.add_argument("--service-database-url", help="the service's database (default: config)")
-    p.add_argument("--amqp-url", help="RabbitMQ (default: config)")
-    p.add_argument("--redis-url", help="Redis (default: config)")
-    p.add_argument(
-        "--prefix",
-        help="names of the run: exchange PREFIX, PREFIX.dlx, queues PREFIX.<group>,"
-        " Redis namespace PREFIX (default: config)",
-    )
+    add_service_options(p)
     return p

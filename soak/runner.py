@@ -38,7 +38,7 @@ from demo import books, rabbit
 from demo.admin import ServiceAdmin
 from demo.errors import DemoError
 from demo.processes import Child, Supervisor, base_env, free_port, until
-from demo.runner import PRODUCER, Tokens
+from demo.runner import PRODUCER, Tokens, consumer_env, order_service_env
 from demo.shop import Shop
 from demo.slate import fresh_slate
 from reliable_msg.errors import ReliableMsgError
@@ -222,12 +222,7 @@ class Run:
         )
 
     async def _start_order_service(self, shop: Shop) -> None:
-        env = {
-            **base_env(),
-            "DEMO_DATABASE_URL": self.o.database_url,
-            "DEMO_SERVICE_URL": self.service_url,
-            "DEMO_ORDER_TOKEN": self.tokens.order,
-        }
+        env = order_service_env(self.o, self.service_url, self.tokens.order)
         argv = [sys.executable, "-m", "upstream_demo", "--port", str(self.order_port)]
         self._start(PRODUCER, argv, env)
         await shop.wait_healthy(STARTUP)
@@ -236,20 +231,14 @@ class Run:
     async def _start_consumers(self, plan: Plan) -> None:
         o = self.o
         for group in o.groups:
-            env = {
-                **base_env(),
-                "DEMO_DATABASE_URL": o.database_url,
-                "DEMO_SERVICE_URL": self.service_url,
-                f"DEMO_{group.upper()}_TOKEN": self.tokens.groups[group],
-                "DEMO_AMQP_URL": o.amqp_url,
-                "DEMO_QUEUE_PREFIX": o.names.queue_prefix,
-                "DEMO_REDIS_URL": o.redis_url,
-                "DEMO_NAMESPACE": o.names.namespace,
-                "DEMO_SHARDS": str(o.shards),
-                "DEMO_POLL_INTERVAL": str(o.poll_interval),
-                "DEMO_STATE_DIR": str(self.state),
-                "DEMO_CRASH_AFTER_EFFECT": ",".join(map(str, sorted(plan.consumer_crashes[group]))),
-            }
+            env = consumer_env(
+                o,
+                group,
+                service_url=self.service_url,
+                token=self.tokens.groups[group],
+                state_dir=self.state,
+                crashes=plan.consumer_crashes[group],
+            )
             self._start(group, [sys.executable, "-m", "downstream_demo", group], env)
 
         async def consuming() -> bool:
