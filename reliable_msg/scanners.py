@@ -19,7 +19,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from .aio import stop_task
 from .checkback import Answer, CheckBackClient
-from .errors import BrokerError, CheckBackError, ReliableMsgError
+from .errors import BrokerError, CheckBackError, ReliableMsgError, StoreError
 from .message import DeliveryUpdate, DueCheck, Outgoing
 from .metrics import CHECKBACKS, DEAD, REDELIVERIES, SCANNER_ERRORS, TRANSITIONS
 from .policy import backoff
@@ -409,6 +409,10 @@ class Scanners:
             self._running.add(task)
         try:
             await self._jobs[name]()
+        except (StoreError, BrokerError) as exc:
+            # A dependency away: a line each pass until it is back, not a traceback each.
+            SCANNER_ERRORS.labels(name).inc()
+            log.warning("%s pass failed (%s); the next pass runs on schedule", name, exc)
         except Exception:
             SCANNER_ERRORS.labels(name).inc()
             log.exception("%s pass failed; the next pass runs on schedule", name)
