@@ -161,9 +161,7 @@ async def test_dashboard_requeues_a_dead_message_until_done(
 
         # The overview: live counts, the chart drawn from samples, groups and topics.
         # A locator, not wait_for_function: the page's CSP forbids evaluating strings.
-        await page.locator("#chart-flow polyline").first.wait_for(
-            state="attached", timeout=15_000
-        )
+        await page.locator("#chart-flow polyline").first.wait_for(state="attached", timeout=15_000)
         assert await page.text_content("#count-dead") == "2"
         assert await page.text_content("#count-done") == "6"
         assert await page.text_content("#broker-mode") == "normal"
