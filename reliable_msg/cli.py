@@ -110,13 +110,18 @@ def serve(ctx: click.Context, host: str | None, port: int | None, no_scanners: b
         _fail(str(exc), code=1)
 
 
+#: Seconds ``serve`` waits for PostgreSQL at start-up (a server restarting, or started
+#: together with the service) before it gives up with an error.
+STARTUP_WAIT = 60.0
+
+
 async def _serve(settings: Settings, host: str | None, port: int | None, scanners: bool) -> None:
     import uvicorn
 
     from .api import create_app
     from .runtime import Runtime
 
-    runtime = await Runtime.create(settings, scanners=scanners)
+    runtime = await Runtime.create(settings, scanners=scanners, wait_for_store=STARTUP_WAIT)
     config = uvicorn.Config(
         create_app(runtime, manage=True),
         host=host or settings.host,

@@ -98,9 +98,14 @@ class Runtime:
         self._watch: asyncio.Task[None] | None = None
 
     @classmethod
-    async def create(cls, settings: Settings, *, scanners: bool | None = None) -> Runtime:
-        """Connect to PostgreSQL (must answer) and RabbitMQ (may come later)."""
-        store = await PgStore.connect(settings.database_url, pool_size=settings.db_pool_size)
+    async def create(
+        cls, settings: Settings, *, scanners: bool | None = None, wait_for_store: float = 0.0
+    ) -> Runtime:
+        """Connect to PostgreSQL (must answer, within ``wait_for_store`` seconds) and
+        RabbitMQ (may come later)."""
+        store = await PgStore.connect(
+            settings.database_url, pool_size=settings.db_pool_size, wait=wait_for_store
+        )
         rabbit = RabbitBroker(settings)
         client = CheckBackClient(settings.checkback)
         redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=PROBE_TIMEOUT)

@@ -17,6 +17,13 @@ from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from .errors import BrokerError, StoreError
 from .message import (
@@ -108,6 +115,10 @@ _UNAVAILABLE = (
     asyncpg.AdminShutdownError,
     asyncpg.TooManyConnectionsError,
     asyncpg.QueryCanceledError,
+    # A pooled connection the server terminated while it sat idle, picked up before its
+    # end of stream was read: "cannot switch to state ...; another operation is in
+    # progress". The connection is closed right after; the next call gets a new one.
+    asyncpg.InternalClientError,
     TimeoutError,
 )
 
@@ -159,7 +170,23 @@ class PgStore:
         self._pool = pool
 
     @classmethod
-    async def connect(cls, dsn: str, *, pool_size: int = 20) -> PgStore:
+    async def connect(cls, dsn: str, *, pool_size: int = 20, wait: float = 0.0) -> PgStore:
+        """Open the pool; with ``wait``, keep trying that long while PostgreSQL does not
+        answer (a server restarting, or starting with the service)."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_unreachable),
+            stop=stop_after_delay(wait),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            before_sleep=_log_waiting,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await cls._connect(dsn, pool_size)
+        raise AssertionError("unreachable")
+
+    @classmethod
+    async def _connect(cls, dsn: str, pool_size: int) -> PgStore:
         try:
             pool = await asyncpg.create_pool(
                 dsn,
@@ -767,6 +794,22 @@ class PgStore:
         )
         assert row is not None
         return {name: float(row[name] or 0.0) for name in ("checkback", "redelivery")}
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A connect that failed because the server is not there (yet), not because it said
+    no (bad credentials, no such database)."""
+    cause = exc.__cause__
+    return isinstance(exc, StoreError) and isinstance(
+        cause, (OSError, TimeoutError, asyncpg.CannotConnectNowError)
+    )
+
+
+def _log_waiting(state: RetryCallState) -> None:
+    log.warning(
+        "PostgreSQL does not answer (%s); trying again",
+        state.outcome.exception() if state.outcome else "?",
+    )
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
