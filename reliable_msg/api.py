@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import dashboard
 from .auth import Principal, Role
-from .errors import BadRequest, PayloadTooLarge, ReliableMsgError, Unprocessable
+from .errors import BadRequest, PayloadTooLarge, RateLimited, ReliableMsgError, Unprocessable
 from .message import Message as DomainMessage
 from .message import NewMessage
 from .policy import ID_RE
@@ -53,6 +54,21 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422, 503)
 }
 
+#: What every call that takes a token may also answer: the rate limit (``[limits]``).
+LIMITED: dict[int | str, dict[str, Any]] = {
+    429: {
+        "model": ErrorOut,
+        "description": "Too many requests for this credential (`rate_limited`)",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds until the credential may send a request again",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+    }
+}
+
 
 def create_app(runtime: Runtime, *, manage: bool = False) -> FastAPI:
     """The FastAPI app over ``runtime``; with ``manage`` its lifespan starts and stops it."""
@@ -76,9 +92,10 @@ def create_app(runtime: Runtime, *, manage: bool = False) -> FastAPI:
     app.state.runtime = runtime
     app.add_middleware(BodyLimit, limit=runtime.settings.max_request_bytes)
     _install_error_handlers(app)
-    api = _routes()
-    app.state.api_routes = list(api.routes)  # for the Allow header of a 405
-    app.include_router(api)
+    v1, public = _routes()
+    app.state.api_routes = [*v1.routes, *public.routes]  # for the Allow header of a 405
+    app.include_router(v1)
+    app.include_router(public)
     app.include_router(dashboard.router())
     return app
 
@@ -102,7 +119,8 @@ async def _service(request: Request) -> MessageService:
 async def _principal(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
-    return _runtime(request).auth.identify(authorization)
+    address = request.client.host if request.client is not None else "unknown"
+    return _runtime(request).auth.admit(authorization, address)
 
 
 async def _producer(who: Annotated[Principal, Depends(_principal)]) -> Principal:
@@ -132,34 +150,35 @@ PathId = Annotated[MessageId, Path()]
 # -- routes ------------------------------------------------------------------------------
 
 
-def _routes() -> Any:  # noqa: C901 - a flat list of small route functions
+def _routes() -> tuple[Any, Any]:  # noqa: C901 - a flat list of small route functions
+    """The ``/v1`` calls, which take a token, and the probes, which do not."""
     from fastapi import APIRouter
 
-    router = APIRouter()
+    v1 = APIRouter(responses=LIMITED)  # every /v1 call takes a token
 
-    @router.post("/v1/messages", status_code=201, response_model=MessageOut)
+    @v1.post("/v1/messages", status_code=201, response_model=MessageOut)
     async def prepare(body: MessageIn, who: Producer, service: Service) -> Response:
         [result] = await service.prepare(who.name, [_new(body)])
         prepared = _raise_or(result, Prepared)
         return fast_json(message_json(prepared.message), 201 if prepared.created else 200)
 
-    @router.post("/v1/messages/{id}/confirm", response_model=MessageOut)
+    @v1.post("/v1/messages/{id}/confirm", response_model=MessageOut)
     async def confirm(id: PathId, who: Producer, service: Service) -> Response:
         [result] = await service.confirm(who.name, [id])
         return fast_json(message_json(_raise_or_message(result)))
 
-    @router.post("/v1/messages/{id}/cancel", response_model=MessageOut)
+    @v1.post("/v1/messages/{id}/cancel", response_model=MessageOut)
     async def cancel(id: PathId, who: Producer, service: Service) -> Response:
         [result] = await service.cancel(who.name, [id])
         return fast_json(message_json(_raise_or_message(result)))
 
-    @router.post("/v1/messages/{id}/ack", response_model=AckOut)
+    @v1.post("/v1/messages/{id}/ack", response_model=AckOut)
     async def ack(id: PathId, who: Group, service: Service) -> Response:
         [result] = await service.ack(who.name, [id])
         acked = _raise_or(result, Acked)
         return fast_json({"id": acked.id, "group": acked.group, "status": DeliveryStatus.DONE})
 
-    @router.post("/v1/batch/prepare", response_model=BatchOut)
+    @v1.post("/v1/batch/prepare", response_model=BatchOut)
     async def prepare_batch(
         body: PrepareBatchIn, who: Producer, service: Service, request: Request
     ) -> Response:
@@ -168,31 +187,31 @@ def _routes() -> Any:  # noqa: C901 - a flat list of small route functions
         results = await service.prepare(who.name, items)
         return _batch([n.id for n, _ in items], results)
 
-    @router.post("/v1/batch/confirm", response_model=BatchOut)
+    @v1.post("/v1/batch/confirm", response_model=BatchOut)
     async def confirm_batch(
         body: IdsIn, who: Producer, service: Service, request: Request
     ) -> Response:
         _check_batch(request, body.ids)
         return _batch(body.ids, await service.confirm(who.name, body.ids))
 
-    @router.post("/v1/batch/cancel", response_model=BatchOut)
+    @v1.post("/v1/batch/cancel", response_model=BatchOut)
     async def cancel_batch(
         body: IdsIn, who: Producer, service: Service, request: Request
     ) -> Response:
         _check_batch(request, body.ids)
         return _batch(body.ids, await service.cancel(who.name, body.ids))
 
-    @router.post("/v1/batch/ack", response_model=BatchOut)
+    @v1.post("/v1/batch/ack", response_model=BatchOut)
     async def ack_batch(body: IdsIn, who: Group, service: Service, request: Request) -> Response:
         _check_batch(request, body.ids)
         return _batch(body.ids, await service.ack(who.name, body.ids))
 
-    @router.get("/v1/messages/{id}", response_model=MessageOut)
+    @v1.get("/v1/messages/{id}", response_model=MessageOut)
     async def get_message(id: PathId, who: Reader, service: Service) -> MessageOut:
         owner = who.name if who.role is Role.PRODUCER else None
         return MessageOut.of(await service.get(id, owner), deliveries=True)
 
-    @router.get("/v1/messages", response_model=PageOut)
+    @v1.get("/v1/messages", response_model=PageOut)
     async def list_messages(
         _: Admin,
         service: Service,
@@ -210,11 +229,11 @@ def _routes() -> Any:  # noqa: C901 - a flat list of small route functions
             next_cursor=_encode_cursor(page.next_cursor),
         )
 
-    @router.post("/v1/messages/{id}/requeue", response_model=MessageOut)
+    @v1.post("/v1/messages/{id}/requeue", response_model=MessageOut)
     async def requeue(id: PathId, _: Admin, service: Service) -> MessageOut:
         return MessageOut.of(await service.requeue(id))
 
-    @router.post("/v1/requeue", response_model=RequeuedOut)
+    @v1.post("/v1/requeue", response_model=RequeuedOut)
     async def requeue_all(
         _: Admin,
         service: Service,
@@ -226,17 +245,19 @@ def _routes() -> Any:  # noqa: C901 - a flat list of small route functions
             raise Unprocessable(f"no consumer group {group!r}", code="unknown_group")
         return RequeuedOut(requeued=await service.requeue_all(topic, group))
 
-    @router.get("/v1/stats")
+    @v1.get("/v1/stats")
     async def stats(_: Admin, service: Service, request: Request) -> dict[str, Any]:
         stats = await service.stats()
         stats["broker"] = await _runtime(request).broker_report()
         return stats
 
-    @router.get("/healthz", response_model=HealthOut)
+    public = APIRouter()
+
+    @public.get("/healthz", response_model=HealthOut)
     async def healthz() -> HealthOut:
         return HealthOut(status="ok")
 
-    @router.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
+    @public.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
     async def readyz(request: Request) -> JSONResponse:
         report = await _runtime(request).readiness()
         # Degraded, the service works without RabbitMQ as long as Redis answers.
@@ -245,11 +266,11 @@ def _routes() -> Any:  # noqa: C901 - a flat list of small route functions
         report["status"] = "ready" if ready else "not_ready"
         return JSONResponse(ReadyOut(**report).model_dump(), status_code=200 if ready else 503)
 
-    @router.get("/metrics", response_class=Response)
+    @public.get("/metrics", response_class=Response)
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    return router
+    return v1, public
 
 
 def _new(body: MessageIn) -> tuple[NewMessage, Any]:
@@ -365,7 +386,10 @@ def error_response(
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ReliableMsgError)
     async def _ours(_: Request, exc: ReliableMsgError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message)
+        headers = None
+        if isinstance(exc, RateLimited):
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+        return error_response(exc.status, exc.code, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

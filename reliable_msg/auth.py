@@ -1,4 +1,5 @@
-"""Bearer tokens and the three roles: producer, consumer group and admin."""
+"""Bearer tokens, the three roles (producer, consumer group and admin) and the rate
+limit per credential."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import hmac
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .errors import Forbidden, Unauthorized
+from .errors import Forbidden, RateLimited, Unauthorized
+from .metrics import RATE_LIMITED
+from .ratelimit import RateLimiter
 from .settings import Settings
 
 
@@ -30,7 +33,7 @@ class Principal:
 
 
 class Authenticator:
-    """Maps a bearer token to its principal.
+    """Maps a bearer token to its principal, and keeps each credential to its rate limit.
 
     Tokens are compared by their SHA-256 digests with :func:`hmac.compare_digest`
     against every known token, so timing reveals neither which token matched nor how
@@ -38,6 +41,8 @@ class Authenticator:
     """
 
     def __init__(self, settings: Settings) -> None:
+        limits = settings.limits
+        self._limiter = RateLimiter(limits.rate, limits.bucket) if limits.enabled else None
         self._known: list[tuple[bytes, Principal]] = []
         if settings.admin_token is not None:
             self._add(settings.admin_token.get_secret_value(), Principal(Role.ADMIN, "admin"))
@@ -50,6 +55,32 @@ class Authenticator:
 
     def _add(self, token: str, principal: Principal) -> None:
         self._known.append((_digest(token), principal))
+
+    def admit(self, authorization: str | None, address: str) -> Principal:
+        """The principal of a request within its rate limit: the credential's own, or
+        that of the client ``address`` for a request without a valid token.
+
+        Raises :class:`Unauthorized` or :class:`RateLimited`.
+        """
+        try:
+            who = self.identify(authorization)
+        except Unauthorized:
+            self._throttle(f"address {address}", "anonymous", "from this address")
+            raise
+        self._throttle(f"{who.role} {who.name}", who.role, f"for the {who.role} {who.name!r}")
+        return who
+
+    def _throttle(self, key: str, role: str, whose: str) -> None:
+        if self._limiter is None:
+            return
+        wait = self._limiter.take(key)
+        if wait:
+            RATE_LIMITED.labels(role).inc()
+            raise RateLimited(
+                f"too many requests {whose}: the limit is {self._limiter.rate:g} a second, "
+                f"{self._limiter.burst} at once; retry in {wait:.3g} s",
+                retry_after=wait,
+            )
 
     def identify(self, authorization: str | None) -> Principal:
         if not authorization:

@@ -1,31 +1,40 @@
 """The HTTP client of the service, shared by the producer and consumer SDKs.
 
 Every call of the API is idempotent (a prepare carries its id), so transient failures
-(connection errors, timeouts, 5xx) are retried with exponential backoff; what is left
-after the retries is raised as :class:`ServiceUnavailable` or the broker error the
-service reported. Other errors are raised at once, typed from the one exception tree.
+(connection errors, timeouts, 5xx) are retried with exponential backoff, and a 429 of the
+rate limit no sooner than its ``Retry-After``; what is left after the retries is raised
+as :class:`ServiceUnavailable`, the broker error the service reported or
+:class:`RateLimited`. Other errors are raised at once, typed from the one exception tree.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
     wait_exponential_jitter,
 )
 
-from .errors import BrokerError, ReliableMsgError, ServiceUnavailable, StoreError, from_response
+from .errors import (
+    BrokerError,
+    RateLimited,
+    ReliableMsgError,
+    ServiceUnavailable,
+    StoreError,
+    from_response,
+)
 
 #: Failures worth another try of the same call.
-TRANSIENT = (ServiceUnavailable, BrokerError, StoreError)
+TRANSIENT = (ServiceUnavailable, BrokerError, StoreError, RateLimited)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +126,10 @@ class ServiceClient:
         policy = self._retry
         retrying = AsyncRetrying(
             stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.deadline),
-            wait=wait_exponential_jitter(
-                multiplier=policy.initial, max=policy.max_wait, jitter=policy.initial
+            wait=_RetryAfter(
+                wait_exponential_jitter(
+                    multiplier=policy.initial, max=policy.max_wait, jitter=policy.initial
+                )
             ),
             retry=retry_if_exception_type(TRANSIENT),
             reraise=True,
@@ -135,6 +146,7 @@ class ServiceClient:
             ) as response:
                 raw = await response.read()
                 status = response.status
+                retry_after = response.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ServiceUnavailable(f"{method} {path}: {exc!r}") from exc
         answer = _json(raw)
@@ -143,11 +155,28 @@ class ServiceClient:
         error = answer.get("error")
         if not isinstance(error, dict):
             error = {}
-        raise from_response(
+        raised = from_response(
             status,
             str(error.get("code", "http_error")),
             str(error.get("message", f"{method} {path} answered HTTP {status}")),
         )
+        if isinstance(raised, RateLimited) and retry_after and retry_after.isdigit():
+            raised.retry_after = float(retry_after)
+        raise raised
+
+
+class _RetryAfter:
+    """A tenacity wait: ``backoff``, but no less than a 429's ``Retry-After``."""
+
+    def __init__(self, backoff: Callable[[RetryCallState], float]) -> None:
+        self._backoff = backoff
+
+    def __call__(self, state: RetryCallState) -> float:
+        wait = self._backoff(state)
+        failure = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(failure, RateLimited):
+            wait = max(wait, failure.retry_after)
+        return wait
 
 
 def _json(raw: bytes) -> dict[str, Any]:

@@ -10,7 +10,8 @@
     │   ├── Conflict                409 id reused with another body, or a move the
     │   │                               state machine forbids
     │   ├── PayloadTooLarge         413 body or payload over the limit
-    │   └── Unprocessable           422 well-formed but unusable (no subscriber, ...)
+    │   ├── Unprocessable           422 well-formed but unusable (no subscriber, ...)
+    │   └── RateLimited             429 a credential over its rate limit
     ├── BrokerError                 RabbitMQ did not take a message (HTTP 503)
     │   ├── BrokerUnavailable       no connection, a timeout or a negative confirm
     │   └── Unroutable              the broker returned the message: no queue bound
@@ -86,6 +87,15 @@ class Unprocessable(RequestError):
     code = "unprocessable"
 
 
+class RateLimited(RequestError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after  #: seconds until a request would be taken
+
+
 class BrokerError(ReliableMsgError):
     status = 503
     code = "broker_unavailable"
@@ -128,6 +138,7 @@ BY_STATUS: dict[int, type[ReliableMsgError]] = {
     409: Conflict,
     413: PayloadTooLarge,
     422: Unprocessable,
+    429: RateLimited,
 }
 
 #: The error an SDK raises for an error code of the service.

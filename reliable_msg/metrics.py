@@ -41,3 +41,6 @@ DELIVERIES = Gauge(
 SCANNER_LAG = Gauge(
     "rmsg_scanner_lag_seconds", "Age of the oldest row due to a scanner (0: none due)", ["scanner"]
 )
+RATE_LIMITED = Counter(
+    "rmsg_rate_limited_total", "API requests refused by the rate limit", ["role"]
+)

@@ -6,6 +6,7 @@ token of producer ``order``; ``RMSG_REDELIVERY__MAX_ATTEMPTS`` a scanner setting
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from functools import cached_property
@@ -137,6 +138,25 @@ class DashboardSettings(_Section):
     session_ttl: Seconds = 12 * 3600.0  #: seconds a login lasts
 
 
+class LimitSettings(_Section):
+    """The API's rate limit per credential: a producer, a consumer group, the admin, or,
+    for a request without a valid token, the client's address. Off by default."""
+
+    rate: float = Field(default=0.0, ge=0.0)  #: requests a second per credential; 0: no limit
+    #: requests a credential may send at once after a quiet spell; unset: one second's
+    #: worth (``rate``, at least 1)
+    burst: int | None = Field(default=None, ge=1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    @property
+    def bucket(self) -> int:
+        """The burst in force."""
+        return self.burst if self.burst is not None else max(1, math.ceil(self.rate))
+
+
 class Settings(BaseSettings):
     """Everything the service reads at start-up."""
 
@@ -172,6 +192,7 @@ class Settings(BaseSettings):
     fallback: FallbackSettings = FallbackSettings()
     monitor: MonitorSettings = MonitorSettings()
     dashboard: DashboardSettings = DashboardSettings()
+    limits: LimitSettings = LimitSettings()
 
     producers: dict[str, ProducerSettings] = {}
     groups: dict[str, GroupSettings] = {}
