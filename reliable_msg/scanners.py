@@ -143,6 +143,15 @@ class CheckBackScanner:
                 extra={"message_id": check.id},
             )
             raise
+        except (StoreError, BrokerError) as exc:
+            # A dependency away: a line per call, not a traceback.
+            SCANNER_ERRORS.labels("checkback").inc()
+            log.warning(
+                "check-back of %s failed (%s); asked again when its lease ends",
+                check.id,
+                exc,
+                extra={"message_id": check.id},
+            )
         except Exception:
             SCANNER_ERRORS.labels("checkback").inc()
             log.exception(
@@ -164,6 +173,9 @@ class CheckBackScanner:
     async def _fill_guarded(self) -> None:
         try:
             await self._fill()
+        except (StoreError, BrokerError) as exc:
+            SCANNER_ERRORS.labels("checkback").inc()
+            log.warning("check-back refill failed (%s); the next pass runs on schedule", exc)
         except Exception:
             SCANNER_ERRORS.labels("checkback").inc()
             log.exception("check-back refill failed; the next pass runs on schedule")
