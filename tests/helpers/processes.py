@@ -25,9 +25,12 @@ def free_port() -> int:
 
 
 def toml(data: dict[str, Any], prefix: str = "") -> str:
-    """Enough TOML for a settings dict: scalars, lists and nested tables."""
+    """Enough TOML for a settings dict: scalars, lists and nested tables. TOML has no
+    null: a None is left out, so the setting keeps its default."""
     lines, tables = [], []
     for key, value in data.items():
+        if value is None:
+            continue
         if isinstance(value, dict):
             tables.append((key, value))
         else:
