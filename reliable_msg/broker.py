@@ -47,6 +47,8 @@ UNENCODABLE: tuple[type[BaseException], ...] = (ValueError, TypeError, OverflowE
 
 #: Channels a service instance publishes on, in turn.
 PUBLISH_CHANNELS = 4
+#: Seconds between two attempts of the robust connection to reconnect.
+RECONNECT_INTERVAL = 1.0
 
 
 def amqp_message(out: Outgoing) -> aio_pika.Message:
@@ -113,6 +115,8 @@ class RabbitBroker:
         connection = await aio_pika.connect_robust(
             self._settings.amqp_url,
             timeout=self._settings.publish_timeout,
+            # Back within a second of RabbitMQ's return (aio-pika's default waits 5 s).
+            reconnect_interval=RECONNECT_INTERVAL,
             client_properties={"connection_name": "reliable-msg"},
         )
         try:

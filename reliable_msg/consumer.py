@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: The consumer's inbox table, created by :func:`install` in the consumer's database.
 INBOX_TABLE = "rmsg_inbox"
+#: Seconds one Redis call of the fallback workers may take.
+REDIS_TIMEOUT = 5.0
 
 INBOX_DDL = f"""
 CREATE TABLE IF NOT EXISTS {INBOX_TABLE} (
@@ -135,7 +137,11 @@ class Consumer:
         self._fallback = (
             FallbackDrain(
                 self,
-                aioredis.Redis.from_url(redis_url),
+                # Bounded calls: a Redis that hangs must not hang the workers (reads
+                # never block on the server side).
+                aioredis.Redis.from_url(
+                    redis_url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
+                ),
                 namespace=namespace,
                 shards=shards,
                 workers=redis_workers,
