@@ -15,6 +15,11 @@ by (group, message id); a redelivered message finds its inbox row and is not han
 again. After the commit the message is acked to the service (in batches), and only then
 to RabbitMQ. A handler that raises rolls back; the message is left to the service's
 redelivery (with its backoff) and the error is logged with the message id.
+
+Messages that wait for a transaction at the same time share one (see
+:class:`SharedTransactions`): one commit for many effects. If that transaction fails
+for any reason, each of its messages is handled again in a transaction of its own, so
+a failing handler holds back no other message and its effect is never half kept.
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ class Consumer:
         queue: str | None = None,
         prefetch: int = 64,
         concurrency: int = 16,
+        handle_batch: int = 100,
         ack_batch: int = 200,
         ack_interval: float = 0.05,
         retry: RetryPolicy | None = None,
@@ -127,8 +133,11 @@ class Consumer:
         self._amqp_url = amqp_url
         self._pool = pool
         self._prefetch = prefetch
-        self._limit = asyncio.Semaphore(concurrency)
         self._handlers: dict[str, Handler] = {}
+        #: ``concurrency`` handler transactions at once, each of up to ``handle_batch``
+        #: messages; the messages in hand are bounded by ``prefetch`` (and, from Redis, by
+        #: the workers' reads).
+        self._transactions = SharedTransactions(self._handle_together, concurrency, handle_batch)
         self.acks = AckBatcher(self._client, ack_batch, ack_interval)
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -266,8 +275,7 @@ class Consumer:
         assert task is not None
         self._in_flight.add(task)
         try:
-            async with self._limit:
-                await self._process_amqp(message)
+            await self._process_amqp(message)
         finally:
             self._in_flight.discard(task)
 
@@ -335,31 +343,62 @@ class Consumer:
         return topic in self._handlers
 
     async def handle(self, received: Received) -> bool:
-        """Run the handler with the inbox row in one transaction; False if it was a
-        duplicate (already handled, nothing done)."""
-        handler = self._handlers[received.topic]
+        """Run the handler with the inbox row in one transaction, which it may share with
+        other messages; returns after the commit; False if it was a duplicate (already
+        handled, nothing done)."""
+        return await self._transactions.run(received)
+
+    async def _handle_together(self, batch: list[Received]) -> list[Outcome]:
+        """Handle ``batch`` in one transaction, or, if that fails, each message in one of
+        its own; the outcome of each: fresh, duplicate or the handler's error."""
+        if len(batch) > 1:
+            try:
+                return [*await self._handle_in_one(batch)]
+            except Exception as exc:
+                log.info(
+                    "consumer %s: a transaction of %d messages failed (%r); "
+                    "handling each in its own",
+                    self.group,
+                    len(batch),
+                    exc,
+                )
+        outcomes: list[Outcome] = []
+        for received in batch:
+            try:
+                outcomes.append(await self._handle_in_one([received]) == [True])
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    async def _handle_in_one(self, batch: list[Received]) -> list[bool]:
+        """Insert the inbox rows and run the handlers of the fresh messages, all in one
+        transaction; True for each message handled, False for a duplicate."""
         async with self._pool.acquire() as conn, conn.transaction():
-            fresh = await conn.fetchval(
-                f"INSERT INTO {INBOX_TABLE} (group_name, message_id, topic) VALUES ($1, $2, $3)"
-                " ON CONFLICT DO NOTHING RETURNING true",
+            # In id order, so that two transactions taking the same ids cannot deadlock.
+            rows = await conn.fetch(
+                f"INSERT INTO {INBOX_TABLE} (group_name, message_id, topic)"
+                " SELECT $1, u.id, u.topic FROM unnest($2::text[], $3::text[]) AS u(id, topic)"
+                " ORDER BY u.id ON CONFLICT DO NOTHING RETURNING message_id",
                 self.group,
-                received.id,
-                received.topic,
+                [r.id for r in batch],
+                [r.topic for r in batch],
             )
-            if not fresh:
+            fresh = {r["message_id"] for r in rows}
+            outcomes = []
+            for received in batch:
+                outcomes.append(received.id in fresh)
+                if received.id in fresh:
+                    fresh.discard(received.id)  # a second copy in the batch is a duplicate
+                    await self._handlers[received.topic](cast(asyncpg.Connection, conn), received)
+        for received, handled in zip(batch, outcomes, strict=True):
+            if not handled:
                 log.info(
                     "consumer %s: message %s already handled",
                     self.group,
                     received.id,
                     extra={"message_id": received.id},
                 )
-                return False
-            await handler(cast(asyncpg.Connection, conn), received)
-        return True
-
-    @property
-    def limit(self) -> asyncio.Semaphore:
-        return self._limit
+        return outcomes
 
 
 _SOURCE = {Mode.NORMAL: "RabbitMQ", Mode.DEGRADED: "the Redis fallback shards"}
@@ -373,6 +412,67 @@ def _amqp_ack(message: AbstractIncomingMessage) -> Finish:
         await message.ack()
 
     return finish
+
+
+#: What became of one message: handled (True), a duplicate (False) or its handler's error.
+Outcome = bool | Exception
+#: Handles a batch of messages; one outcome per message, in order.
+HandleMany = Callable[[list[Received]], Awaitable[list[Outcome]]]
+
+
+class SharedTransactions:
+    """Runs the messages waiting at the same time in one handler transaction.
+
+    At most ``slots`` transactions run at once. A message that finds a slot free starts
+    one at once (after the messages that arrived in the same turn of the event loop), so
+    a lone message waits for nothing; under load, the messages that arrive while every
+    slot is busy are taken together, up to ``size``, by the next slot that frees.
+    """
+
+    def __init__(self, handle: HandleMany, slots: int, size: int) -> None:
+        self._handle = handle
+        self._slots = max(1, slots)
+        self._size = max(1, size)
+        self._busy = 0
+        self._waiting: list[tuple[Received, asyncio.Future[Outcome]]] = []
+        self._starting = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, received: Received) -> bool:
+        """Handle ``received`` with the next transaction; its outcome once committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outcome] = loop.create_future()
+        self._waiting.append((received, future))
+        if not self._starting:
+            self._starting = True
+            loop.call_soon(self._start)
+        outcome = await future
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _start(self) -> None:
+        self._starting = False
+        while self._waiting and self._busy < self._slots:
+            batch, self._waiting = self._waiting[: self._size], self._waiting[self._size :]
+            self._busy += 1
+            task = asyncio.create_task(self._one(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _one(self, batch: list[tuple[Received, asyncio.Future[Outcome]]]) -> None:
+        try:
+            outcomes = await self._handle([received for received, _ in batch])
+        except BaseException:  # cancelled: whatever it had done is rolled back
+            for _, future in batch:
+                future.cancel()
+            raise
+        finally:
+            self._busy -= 1
+            self._start()
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if not future.done():
+                future.set_result(outcome)
 
 
 class FallbackDrain:
@@ -508,8 +608,7 @@ class FallbackDrain:
             attempt=entry.attempt,
             producer=entry.producer,
         )
-        async with consumer.limit:
-            await consumer.process(received, finish)
+        await consumer.process(received, finish)
 
     async def _retrying(self, action: Callable[[], Awaitable[None]]) -> None:
         while not self._consumer.stopping:

@@ -412,3 +412,45 @@ async def test_batch_produce_and_batched_acks(
     assert await sdk_db.fetchval("SELECT count(DISTINCT message_id) FROM sdk_effects") == 60
     assert await sdk_db.fetchval("SELECT count(*) FROM sdk_effects") == 60
     assert 1 <= consumer.acks.batches < 60, "acks were not batched"
+
+
+async def test_messages_handled_together_share_a_transaction_and_fail_alone(
+    pool: asyncpg.Pool, sdk_db: asyncpg.Connection
+) -> None:
+    """Messages handled at the same moment commit together; when one handler fails, the
+    others are handled again, each in a transaction of its own, and keep one effect."""
+    transactions: dict[str, int] = {}
+
+    async def effect(conn: asyncpg.Connection, message: Received) -> None:
+        transactions[message.id] = await conn.fetchval("SELECT txid_current()")
+        await record_effect(conn, message)
+        if message.payload == "bad":
+            raise RuntimeError("this handler always fails")
+
+    consumer = Consumer(
+        "inventory", service_url="http://127.0.0.1:9", token="-", amqp_url=AMQP_URL, pool=pool
+    )
+    consumer.add_handler("order.paid", effect)
+
+    def received(id: str, payload: str = "ok") -> Received:
+        return Received(id=id, topic="order.paid", payload=payload)
+
+    first = [received(f"t-{i}") for i in range(10)]
+    assert await asyncio.gather(*(consumer.handle(r) for r in first)) == [True] * 10
+    assert len({transactions[r.id] for r in first}) == 1, "not one shared transaction"
+
+    second = [received(f"u-{i}") for i in range(5)] + [received("bad", "bad"), first[0]]
+    outcomes = await asyncio.gather(*(consumer.handle(r) for r in second), return_exceptions=True)
+    assert outcomes[:5] == [True] * 5
+    assert isinstance(outcomes[5], RuntimeError)
+    assert outcomes[6] is False, "a message already handled was handled again"
+    assert len({transactions[r.id] for r in second[:5]}) == 5, "no fallback one by one"
+
+    twice = await asyncio.gather(*(consumer.handle(received("v-1")) for _ in range(2)))
+    assert sorted(twice) == [False, True]
+
+    assert await effects(sdk_db, "bad") == 0
+    assert await sdk_db.fetchval("SELECT count(*) FROM sdk_effects") == 16
+    assert await sdk_db.fetchval("SELECT count(DISTINCT message_id) FROM sdk_effects") == 16
+    inbox = await sdk_db.fetchval("SELECT count(*) FROM rmsg_inbox WHERE group_name = 'inventory'")
+    assert inbox == 16
