@@ -708,11 +708,30 @@ class AckBatcher:
                     "ack of %s: %s", result.id, result.error, extra={"message_id": result.id}
                 )
         loop = asyncio.get_running_loop()
+        ready = []
         for id, finish in batch:
             if id in retry:
                 loop.call_later(self._tries[id] * 0.2, self._pending.append, (id, finish))
-                continue
-            try:
-                await finish()
-            except Exception as exc:  # the source went away: it delivers again; inbox absorbs
-                log.info("release of %s at its source lost (%s)", id, exc, extra={"message_id": id})
+            else:
+                ready.append((id, finish))
+        await _release(ready)
+
+
+#: Releases at the source in flight at once, after the service took their acks.
+RELEASE_AT_ONCE = 64
+
+
+async def _release(acked: list[tuple[str, Finish]]) -> None:
+    """Release acked messages at their source, many at a time: awaited one by one, each
+    AMQP ack costs a turn of the event loop for its frame, and that capped a consumer
+    near a thousand messages a second."""
+    for start in range(0, len(acked), RELEASE_AT_ONCE):
+        chunk = acked[start : start + RELEASE_AT_ONCE]
+        results = await asyncio.gather(*(finish() for _, finish in chunk), return_exceptions=True)
+        for (id, _), result in zip(chunk, results, strict=True):
+            if isinstance(result, Exception):  # the source went away: it delivers again
+                log.info(
+                    "release of %s at its source lost (%s)", id, result, extra={"message_id": id}
+                )
+            elif isinstance(result, BaseException):
+                raise result
