@@ -24,6 +24,8 @@ from demo.processes import Child, run_logged
 from .plan import Fault, Kind
 from .proxy import FaultProxy
 
+#: Seconds to wait for a free connection slot to terminate the others from.
+ADMIN_PATIENCE = 30.0
 #: Seconds PostgreSQL gets to take connections again after a restart.
 PG_COMEBACK = 60.0
 #: Where Debian's PostgreSQL clusters are configured (``/etc/postgresql/<version>/main``).
@@ -97,7 +99,7 @@ class Injector:
         return f"{child.name} (pid {proc.pid}) killed with SIGKILL"
 
     async def _terminate(self) -> int:
-        conn = await asyncpg.connect(self._admin_dsn)
+        conn = await self._admin_connection()
         try:
             count: int = await conn.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
@@ -107,6 +109,18 @@ class Injector:
         finally:
             await conn.close()
         return count
+
+    async def _admin_connection(self) -> asyncpg.Connection:
+        """A connection to terminate the others with; while the server is full (other
+        work on a shared server), try again for a while."""
+        deadline = time.monotonic() + ADMIN_PATIENCE
+        while True:
+            try:
+                return await asyncpg.connect(self._admin_dsn)
+            except asyncpg.TooManyConnectionsError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
 
     async def _restart_postgres(self) -> float:
         started = time.monotonic()
