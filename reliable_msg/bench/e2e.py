@@ -272,10 +272,10 @@ async def run_path(
     shares = _shares(messages, producers, batch)
     outs = [run_dir / f"sent-{i}.json" for i in range(len(shares))]
     cpu_before = svc.cpu_seconds()
-    procs = [
-        await _worker(
-            "produce",
-            {
+    procs = []
+    try:
+        for share, out in zip(shares, outs, strict=True):
+            spec = {
                 **common,
                 "token": svc.producer_token,
                 "messages": share,
@@ -284,18 +284,18 @@ async def run_path(
                 "rate": rate / len(shares) if rate else None,
                 "start_at": start_at,
                 "out": str(out),
-            },
-        )
-        for share, out in zip(shares, outs, strict=True)
-    ]
-    for proc in procs:
-        if await proc.wait() != 0:
-            raise RuntimeError("a producer process failed; see its output above")
-    await _wait_done(svc, baseline + messages)
-    elapsed = time.time() - start_at
-    cpu = svc.cpu_seconds() - cpu_before
-    consumer.send_signal(signal.SIGTERM)
-    await consumer.wait()
+            }
+            procs.append(await _worker("produce", spec))
+        for proc in procs:
+            if await proc.wait() != 0:
+                raise RuntimeError("a producer process failed; see its output above")
+        await _wait_done(svc, baseline + messages)
+        elapsed = time.time() - start_at
+        cpu = svc.cpu_seconds() - cpu_before
+    finally:
+        # Also after a failed run: a consumer left behind would take the next run's
+        # messages, and its connections.
+        await _stop(consumer, *procs)
     await progress
     sent: dict[str, float] = {}
     for out in outs:
@@ -303,6 +303,20 @@ async def run_path(
     handled = json.loads(consumer_out.read_text())
     latencies = [(handled[i] - t) * 1000 for i, t in sent.items() if i in handled]
     return Run(messages, elapsed, messages / elapsed, latencies, cpu)
+
+
+async def _stop(*procs: asyncio.subprocess.Process) -> None:
+    """SIGTERM to each process still running (a consumer finishes and acks what it has),
+    SIGKILL to any still there 15 s later."""
+    running = [p for p in procs if p.returncode is None]
+    for proc in running:
+        proc.send_signal(signal.SIGTERM)
+    for proc in running:
+        try:
+            await asyncio.wait_for(proc.wait(), 15)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
 def _shares(messages: int, producers: int, batch: int) -> list[int]:
