@@ -137,7 +137,7 @@ class Consumer:
         #: ``concurrency`` handler transactions at once, each of up to ``handle_batch``
         #: messages; the messages in hand are bounded by ``prefetch`` (and, from Redis, by
         #: the workers' reads).
-        self._transactions = SharedTransactions(self._handle_together, concurrency, handle_batch)
+        self._transactions = SharedTransactions(self._handle_waiting, concurrency, handle_batch)
         self.acks = AckBatcher(self._client, ack_batch, ack_interval)
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -348,13 +348,21 @@ class Consumer:
         handled, nothing done)."""
         return await self._transactions.run(received)
 
-    async def _handle_together(self, batch: list[Received]) -> list[Outcome]:
-        """Handle ``batch`` in one transaction, or, if that fails, each message in one of
-        its own; the outcome of each: fresh, duplicate or the handler's error."""
-        if len(batch) > 1:
-            try:
-                return [*await self._handle_in_one(batch)]
-            except Exception as exc:
+    async def _handle_waiting(self, take: Take) -> list[Outcome]:
+        """Open a transaction, then take the messages waiting by then and handle them in
+        it; if that fails, handle each in one of its own. The outcome of each message
+        taken: handled, duplicate or its handler's error."""
+        batch: list[Received] | None = None
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                batch = take()
+                outcomes = await self._handle_in(conn, batch)
+        except Exception as exc:
+            if batch is None:  # no transaction to share
+                batch = take()
+            elif len(batch) == 1:
+                return [exc]
+            else:
                 log.info(
                     "consumer %s: a transaction of %d messages failed (%r); "
                     "handling each in its own",
@@ -362,34 +370,44 @@ class Consumer:
                     len(batch),
                     exc,
                 )
+            return await self._handle_each(batch)
+        self._log_duplicates(batch, outcomes)
+        return [*outcomes]
+
+    async def _handle_each(self, batch: list[Received]) -> list[Outcome]:
         outcomes: list[Outcome] = []
         for received in batch:
             try:
-                outcomes.append(await self._handle_in_one([received]) == [True])
+                async with self._pool.acquire() as conn, conn.transaction():
+                    handled = await self._handle_in(conn, [received])
+                self._log_duplicates([received], handled)
+                outcomes.extend(handled)
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
 
-    async def _handle_in_one(self, batch: list[Received]) -> list[bool]:
-        """Insert the inbox rows and run the handlers of the fresh messages, all in one
-        transaction; True for each message handled, False for a duplicate."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            # In id order, so that two transactions taking the same ids cannot deadlock.
-            rows = await conn.fetch(
-                f"INSERT INTO {INBOX_TABLE} (group_name, message_id, topic)"
-                " SELECT $1, u.id, u.topic FROM unnest($2::text[], $3::text[]) AS u(id, topic)"
-                " ORDER BY u.id ON CONFLICT DO NOTHING RETURNING message_id",
-                self.group,
-                [r.id for r in batch],
-                [r.topic for r in batch],
-            )
-            fresh = {r["message_id"] for r in rows}
-            outcomes = []
-            for received in batch:
-                outcomes.append(received.id in fresh)
-                if received.id in fresh:
-                    fresh.discard(received.id)  # a second copy in the batch is a duplicate
-                    await self._handlers[received.topic](cast(asyncpg.Connection, conn), received)
+    async def _handle_in(self, conn: Conn, batch: list[Received]) -> list[bool]:
+        """In ``conn``'s transaction: insert the inbox rows and run the handlers of the
+        fresh messages; True for each message handled, False for a duplicate."""
+        # In id order, so that two transactions taking the same ids cannot deadlock.
+        rows = await conn.fetch(
+            f"INSERT INTO {INBOX_TABLE} (group_name, message_id, topic)"
+            " SELECT $1, u.id, u.topic FROM unnest($2::text[], $3::text[]) AS u(id, topic)"
+            " ORDER BY u.id ON CONFLICT DO NOTHING RETURNING message_id",
+            self.group,
+            [r.id for r in batch],
+            [r.topic for r in batch],
+        )
+        fresh = {r["message_id"] for r in rows}
+        outcomes = []
+        for received in batch:
+            outcomes.append(received.id in fresh)
+            if received.id in fresh:
+                fresh.discard(received.id)  # a second copy in the batch is a duplicate
+                await self._handlers[received.topic](cast(asyncpg.Connection, conn), received)
+        return outcomes
+
+    def _log_duplicates(self, batch: list[Received], outcomes: list[bool]) -> None:
         for received, handled in zip(batch, outcomes, strict=True):
             if not handled:
                 log.info(
@@ -398,7 +416,6 @@ class Consumer:
                     received.id,
                     extra={"message_id": received.id},
                 )
-        return outcomes
 
 
 _SOURCE = {Mode.NORMAL: "RabbitMQ", Mode.DEGRADED: "the Redis fallback shards"}
@@ -416,61 +433,71 @@ def _amqp_ack(message: AbstractIncomingMessage) -> Finish:
 
 #: What became of one message: handled (True), a duplicate (False) or its handler's error.
 Outcome = bool | Exception
-#: Handles a batch of messages; one outcome per message, in order.
-HandleMany = Callable[[list[Received]], Awaitable[list[Outcome]]]
+#: Takes the messages waiting for a transaction (at least one), for the one just opened.
+Take = Callable[[], list[Received]]
+#: Opens a transaction, calls ``take`` once and handles what it took; one outcome per
+#: message taken, in order.
+HandleWaiting = Callable[[Take], Awaitable[list[Outcome]]]
 
 
 class SharedTransactions:
     """Runs the messages waiting at the same time in one handler transaction.
 
-    At most ``slots`` transactions run at once. A message that finds a slot free starts
-    one at once (after the messages that arrived in the same turn of the event loop), so
-    a lone message waits for nothing; under load, the messages that arrive while every
-    slot is busy are taken together, up to ``size``, by the next slot that frees.
+    At most ``slots`` transactions run at once, and at most one of them is opening: it
+    takes the messages waiting once it is open, up to ``size``, so that those arriving
+    while it connects and begins join it at no cost. A lone message waits for nothing
+    but its own transaction; under load the batches grow with the wait.
     """
 
-    def __init__(self, handle: HandleMany, slots: int, size: int) -> None:
+    def __init__(self, handle: HandleWaiting, slots: int, size: int) -> None:
         self._handle = handle
         self._slots = max(1, slots)
         self._size = max(1, size)
         self._busy = 0
+        self._opening = False
         self._waiting: list[tuple[Received, asyncio.Future[Outcome]]] = []
-        self._starting = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, received: Received) -> bool:
         """Handle ``received`` with the next transaction; its outcome once committed."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Outcome] = loop.create_future()
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiting.append((received, future))
-        if not self._starting:
-            self._starting = True
-            loop.call_soon(self._start)
+        self._open()
         outcome = await future
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
-    def _start(self) -> None:
-        self._starting = False
-        while self._waiting and self._busy < self._slots:
-            batch, self._waiting = self._waiting[: self._size], self._waiting[self._size :]
+    def _open(self) -> None:
+        if self._waiting and not self._opening and self._busy < self._slots:
+            self._opening = True
             self._busy += 1
-            task = asyncio.create_task(self._one(batch))
+            task = asyncio.create_task(self._transaction())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _one(self, batch: list[tuple[Received, asyncio.Future[Outcome]]]) -> None:
+    async def _transaction(self) -> None:
+        taken: list[tuple[Received, asyncio.Future[Outcome]]] = []
+
+        def take() -> list[Received]:
+            nonlocal taken
+            taken, self._waiting = self._waiting[: self._size], self._waiting[self._size :]
+            self._opening = False
+            self._open()  # the next transaction opens while this one works
+            return [received for received, _ in taken]
+
         try:
-            outcomes = await self._handle([received for received, _ in batch])
+            outcomes = await self._handle(take)
         except BaseException:  # cancelled: whatever it had done is rolled back
-            for _, future in batch:
+            for _, future in taken:
                 future.cancel()
             raise
         finally:
+            if not taken:  # ``take`` not called: the messages wait for the next one
+                self._opening = False
             self._busy -= 1
-            self._start()
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            self._open()
+        for (_, future), outcome in zip(taken, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)
 
