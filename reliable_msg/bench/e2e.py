@@ -28,6 +28,7 @@ from .. import producer as producer_sdk
 from ..client import RetryPolicy
 from ..migrate import migrate
 from ..switch import Switch
+from .cpu import CpuWatch
 
 TOPIC = "bench.paid"
 GROUP = "bench"
@@ -45,12 +46,6 @@ class Service:
     amqp_url: str
     redis_url: str
     database_url: str
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the service process has used so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
 
 
 def _config(port: int, service_db: str, amqp_url: str, redis_url: str) -> str:
@@ -202,13 +197,19 @@ async def reset_app(pool: asyncpg.Pool) -> None:
     await pool.execute("TRUNCATE bench_orders, bench_effects, rmsg_inbox, rmsg_producer_marker")
 
 
+#: The groups of processes whose CPU a run reports per message; ``machine`` is every
+#: process of the machine (other work on it included).
+CPU_GROUPS = ("service", "producers", "consumer", "postgres", "rabbitmq", "machine")
+
+
 @dataclass
 class Run:
     messages: int
     elapsed: float
     rate: float
     latencies_ms: list[float] = field(default_factory=list)
-    cpu_seconds: float = 0.0
+    #: CPU seconds per group of processes over the run (see :mod:`.cpu`).
+    cpu: dict[str, float] = field(default_factory=dict)
 
     def percentile(self, p: float) -> float:
         if not self.latencies_ms:
@@ -221,7 +222,15 @@ class Run:
             "messages": self.messages,
             "seconds": round(self.elapsed, 3),
             "msgs_per_s": round(self.rate, 1),
-            "service_cpu_s_per_1000": round(self.cpu_seconds / self.messages * 1000, 3),
+            "service_cpu_s_per_1000": round(self.cpu.get("service", 0.0) / self.messages * 1000, 3),
+            "cpu_ms_per_msg": {
+                group: round(seconds / self.messages * 1000, 3)
+                for group, seconds in self.cpu.items()
+                if group in CPU_GROUPS
+            },
+            "machine_busy": round(self.cpu["machine"] / self.cpu["capacity"], 3)
+            if self.cpu.get("capacity")
+            else None,
         }
         if self.latencies_ms:
             out.update(
@@ -271,7 +280,10 @@ async def run_path(
     start_at = time.time() + 1.5  # every process up and connected by then
     shares = _shares(messages, producers, batch)
     outs = [run_dir / f"sent-{i}.json" for i in range(len(shares))]
-    cpu_before = svc.cpu_seconds()
+    admin_dsn = f"{app_db.rsplit('/', 1)[0]}/postgres"
+    databases = [svc.database_url.rsplit("/", 1)[1], app_db.rsplit("/", 1)[1]]
+    watch = CpuWatch(admin_dsn, databases)
+    watching: asyncio.Task[None] | None = None
     procs = []
     try:
         for share, out in zip(shares, outs, strict=True):
@@ -286,13 +298,21 @@ async def run_path(
                 "out": str(out),
             }
             procs.append(await _worker("produce", spec))
+        pids = {svc.pid: "service", consumer.pid: "consumer"}
+        pids.update({p.pid: "producers" for p in procs})
+        watching = asyncio.create_task(_watch_from(start_at, watch, pids))
         for proc in procs:
             if await proc.wait() != 0:
                 raise RuntimeError("a producer process failed; see its output above")
         await _wait_done(svc, baseline + messages)
         elapsed = time.time() - start_at
-        cpu = svc.cpu_seconds() - cpu_before
+        await watching
+        cpu = await watch.stop()
     finally:
+        if watching is not None:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+        await watch.close()
         # Also after a failed run: a consumer left behind would take the next run's
         # messages, and its connections.
         await _stop(consumer, *procs)
@@ -303,6 +323,12 @@ async def run_path(
     handled = json.loads(consumer_out.read_text())
     latencies = [(handled[i] - t) * 1000 for i, t in sent.items() if i in handled]
     return Run(messages, elapsed, messages / elapsed, latencies, cpu)
+
+
+async def _watch_from(start_at: float, watch: CpuWatch, pids: dict[int, str]) -> None:
+    """Start counting CPU at ``start_at``: the processes' start-up is not the run's."""
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    await watch.start(pids)
 
 
 async def _stop(*procs: asyncio.subprocess.Process) -> None:
