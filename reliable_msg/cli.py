@@ -260,6 +260,12 @@ def purge(ctx: click.Context, older_than: str) -> None:
     help="Comma-separated parts to run; a partial run prints raw figures only.",
 )
 @click.option(
+    "--paths",
+    default="single,batch,latency,degraded",
+    show_default=True,
+    help="Comma-separated runs of the paths part (latency needs single).",
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(dir_okay=False),
@@ -274,6 +280,7 @@ def bench(
     big_rows: int,
     postgres_url: str,
     parts: str,
+    paths: str,
     json_path: str,
 ) -> None:
     """Measure the full path against the PostgreSQL and RabbitMQ ceilings (DESIGN §9)."""
@@ -291,8 +298,14 @@ def bench(
         batch=batch,
         concurrency=concurrency,
         big_rows=big_rows,
-        parts=tuple(p.strip() for p in parts.split(",") if p.strip()),
+        parts=_names(parts),
+        paths=_names(paths),
     )
     results = uvloop.run(run(options, Console()))
     write_json(results, Path(json_path))
     click.echo(f"figures written to {json_path}")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """The names of a comma-separated option."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
