@@ -23,7 +23,7 @@ from reliable_msg import consumer as consumer_sdk
 from reliable_msg import producer as producer_sdk
 from reliable_msg.api import create_app
 from reliable_msg.client import RetryPolicy
-from reliable_msg.consumer import Consumer, Received
+from reliable_msg.consumer import Consumer
 from reliable_msg.fallback import shard_keys
 from reliable_msg.producer import Producer
 from reliable_msg.runtime import Runtime
@@ -31,7 +31,7 @@ from reliable_msg.settings import Settings
 from reliable_msg.switch import Mode
 from tests.conftest import AMQP_URL, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit, redis_ctl
-from tests.helpers.consumers import inventory_consumer
+from tests.helpers.consumers import inventory_consumer, running_effects
 from tests.helpers.processes import stop_gracefully
 from tests.helpers.waiting import wait_until
 
@@ -97,20 +97,8 @@ async def consuming(
     )
     consumer.changes = []
     consumer.depth = depth
-
-    @consumer.handler("order.paid")
-    async def effect(conn: asyncpg.Connection, message: Received) -> None:
-        await conn.execute(
-            "INSERT INTO sdk_effects (group_name, message_id) VALUES ('inventory', $1)",
-            message.id,
-        )
-
-    task = asyncio.create_task(consumer.run(handle_signals=False))
-    try:
+    async with running_effects(consumer, stop_within=20):
         yield consumer
-    finally:
-        consumer.request_stop()
-        await asyncio.wait_for(task, 20)
 
 
 async def produce(producer: Producer, pool: asyncpg.Pool, ids: list[str]) -> None:

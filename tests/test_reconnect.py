@@ -26,13 +26,14 @@ from aiohttp import web
 
 from reliable_msg import consumer as consumer_sdk
 from reliable_msg.client import RetryPolicy
-from reliable_msg.consumer import Consumer, Received
+from reliable_msg.consumer import Consumer
 from reliable_msg.fallback import shard_keys
 from reliable_msg.settings import Settings
 from reliable_msg.switch import Mode, Switch
 from soak.proxy import FaultProxy
 from tests.conftest import ADMIN, AMQP_URL, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit
+from tests.helpers.consumers import running_effects
 from tests.helpers.service import Instance, remove_traces, running_async, write_config
 from tests.helpers.waiting import wait_until
 
@@ -148,20 +149,8 @@ async def consuming(
         claim_idle=1.0,
     )
     consumer.via_amqp, consumer.modes = [], []
-
-    @consumer.handler("order.paid")
-    async def effect(conn: asyncpg.Connection, message: Received) -> None:
-        await conn.execute(
-            "INSERT INTO sdk_effects (group_name, message_id) VALUES ('inventory', $1)",
-            message.id,
-        )
-
-    task = asyncio.create_task(consumer.run(handle_signals=False))
-    try:
+    async with running_effects(consumer, stop_within=30):
         yield consumer
-    finally:
-        consumer.request_stop()
-        await asyncio.wait_for(task, 30)
 
 
 # -- observations ------------------------------------------------------------------------

@@ -1,13 +1,17 @@
-"""An in-process consumer of the test's ``inventory`` group, wired to the test settings."""
+"""An in-process consumer of the test's ``inventory`` group, wired to the test settings,
+and run with the effect the tests count."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import asyncpg
 
 from reliable_msg.client import RetryPolicy
-from reliable_msg.consumer import Consumer
+from reliable_msg.consumer import Consumer, Received
 from reliable_msg.settings import Settings
 from tests.conftest import AMQP_URL, GROUP_TOKENS
 
@@ -32,3 +36,23 @@ def inventory_consumer(
         retry=retry,
         **options,
     )
+
+
+@asynccontextmanager
+async def running_effects(consumer: C, *, stop_within: float = 30.0) -> AsyncIterator[C]:
+    """Run ``consumer`` in the test's event loop until the block ends; its handler of
+    ``order.paid`` writes one ``sdk_effects`` row a message (a second is a duplicate)."""
+
+    @consumer.handler("order.paid")
+    async def effect(conn: asyncpg.Connection, message: Received) -> None:
+        await conn.execute(
+            "INSERT INTO sdk_effects (group_name, message_id) VALUES ('inventory', $1)",
+            message.id,
+        )
+
+    task = asyncio.create_task(consumer.run(handle_signals=False))
+    try:
+        yield consumer
+    finally:
+        consumer.request_stop()
+        await asyncio.wait_for(task, stop_within)
