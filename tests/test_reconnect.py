@@ -33,7 +33,7 @@ from reliable_msg.switch import Mode, Switch
 from soak.proxy import FaultProxy
 from tests.conftest import ADMIN, AMQP_URL, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit
-from tests.helpers.consumers import running_effects
+from tests.helpers.consumers import inventory_consumer, running_effects
 from tests.helpers.service import Instance, remove_traces, running_async, write_config
 from tests.helpers.waiting import wait_until
 
@@ -134,14 +134,13 @@ async def consuming(
     redis_url: str | None = None,
 ) -> AsyncIterator[ObservedConsumer]:
     """An ``inventory`` consumer running in the test's event loop until the block ends."""
-    consumer = ObservedConsumer(
-        "inventory",
-        service_url=service_url,
-        token=GROUP_TOKENS["inventory"],
+    consumer = inventory_consumer(
+        service_url,
+        settings,
+        pool,
+        RETRY,
+        ObservedConsumer,
         amqp_url=amqp_url,
-        pool=pool,
-        queue=settings.queue_name("inventory"),
-        retry=RETRY,
         redis_url=redis_url or settings.redis_url,
         namespace=settings.fallback.namespace,
         shards=SHARDS,

@@ -24,13 +24,15 @@ def inventory_consumer(
     pool: asyncpg.Pool,
     retry: RetryPolicy,
     cls: type[C],
+    *,
+    amqp_url: str = AMQP_URL,
     **options: Any,
 ) -> C:
     return cls(
         "inventory",
         service_url=service_url,
         token=GROUP_TOKENS["inventory"],
-        amqp_url=AMQP_URL,
+        amqp_url=amqp_url,
         pool=pool,
         queue=settings.queue_name("inventory"),
         retry=retry,
