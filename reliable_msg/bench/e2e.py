@@ -207,15 +207,14 @@ class Run:
     messages: int
     elapsed: float
     rate: float
-    latencies_ms: list[float] = field(default_factory=list)
     #: CPU seconds per group of processes over the run (see :mod:`.cpu`).
     cpu: dict[str, float] = field(default_factory=dict)
+    #: Milliseconds per message of each of :data:`PHASES`.
+    phases: dict[str, list[float]] = field(default_factory=dict)
 
-    def percentile(self, p: float) -> float:
-        if not self.latencies_ms:
-            return float("nan")
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+    @property
+    def latencies_ms(self) -> list[float]:
+        return self.phases.get("confirm_to_handler", [])
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -233,12 +232,19 @@ class Run:
             else None,
         }
         if self.latencies_ms:
-            out.update(
-                p50_ms=round(statistics.median(self.latencies_ms), 2),
-                p99_ms=round(self.percentile(99), 2),
-                max_ms=round(max(self.latencies_ms), 2),
-            )
+            out.update(_spread(self.latencies_ms))
+            out["phases_ms"] = {name: _spread(ms) for name, ms in self.phases.items() if ms}
         return out
+
+
+def _spread(ms: list[float]) -> dict[str, float]:
+    ordered = sorted(ms)
+    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    return {
+        "p50_ms": round(statistics.median(ordered), 2),
+        "p99_ms": round(p99, 2),
+        "max_ms": round(ordered[-1], 2),
+    }
 
 
 async def run_path(
@@ -317,12 +323,37 @@ async def run_path(
         # messages, and its connections.
         await _stop(consumer, *procs)
     await progress
-    sent: dict[str, float] = {}
+    sent: dict[str, list[float]] = {}
     for out in outs:
         sent.update(json.loads(out.read_text()))
-    handled = json.loads(consumer_out.read_text())
-    latencies = [(handled[i] - t) * 1000 for i, t in sent.items() if i in handled]
-    return Run(messages, elapsed, messages / elapsed, latencies, cpu)
+    handled: dict[str, list[float]] = json.loads(consumer_out.read_text())
+    return Run(messages, elapsed, messages / elapsed, cpu=cpu, phases=_phases(sent, handled))
+
+
+#: The parts of confirm -> handler start, from the producer's and the consumer's clocks
+#: (one machine, one clock): name, from, to, as indexes into the two processes' times
+#: (producer: confirm sent, confirm answered; consumer: arrived, handler started).
+PHASES = (
+    ("confirm_to_handler", ("sent", 0), ("handled", 1)),
+    ("confirm_call", ("sent", 0), ("sent", 1)),
+    ("confirm_to_arrival", ("sent", 0), ("handled", 0)),
+    ("arrival_to_handler", ("handled", 0), ("handled", 1)),
+)
+
+
+def _phases(
+    sent: dict[str, list[float]], handled: dict[str, list[float]]
+) -> dict[str, list[float]]:
+    """Milliseconds of each of :data:`PHASES` for every message seen at both ends."""
+    out: dict[str, list[float]] = {name: [] for name, _, _ in PHASES}
+    for id, produced in sent.items():
+        consumed = handled.get(id)
+        if consumed is None or len(produced) < 2:
+            continue
+        times = {"sent": produced, "handled": consumed}
+        for name, (a, i), (b, j) in PHASES:
+            out[name].append((times[b][j] - times[a][i]) * 1000)
+    return out
 
 
 async def _watch_from(start_at: float, watch: CpuWatch, pids: dict[int, str]) -> None:
