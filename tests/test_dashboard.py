@@ -132,6 +132,15 @@ async def shot(page: Page, name: str) -> None:
     await page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
 
+async def cells(page: Page, table: str) -> list[list[str]]:
+    """The text of each cell of each body row of ``table``, row by row."""
+    rows = page.locator(f"{table} tbody tr")
+    return [
+        [text.strip() for text in await rows.nth(i).locator("td").all_text_contents()]
+        for i in range(await rows.count())
+    ]
+
+
 async def status_of(db: asyncpg.Connection, id: str) -> str:
     status: str = await db.fetchval("SELECT status FROM rmsg_message WHERE id = $1", id)
     return status
@@ -155,6 +164,7 @@ async def test_dashboard_requeues_a_dead_message_until_done(
         # Nothing without a login: the overview sends the browser to the login form.
         await page.goto(f"{service.url}/dashboard/")
         assert "/dashboard/login" in page.url
+        await shot(page, "login")
         await page.fill("#token", ADMIN)
         await page.click("button[type=submit]")
         await page.wait_for_url(re.compile(r".*/dashboard/$"))
@@ -176,9 +186,21 @@ async def test_dashboard_requeues_a_dead_message_until_done(
         await shot(page, "messages")
         await page.click("a.mono >> text=dead-1")
         await page.wait_for_url(re.compile(r".*/messages/dead-1$"))
-        history = await page.text_content("#history") or ""
-        assert "prepare" in history and "confirm" in history and "not acked by" in history
-        assert "trace" in (await page.content())
+        assert '"order": "dead-1"' in (await page.text_content("#payload") or "")
+        assert await cells(page, "#headers") == [["trace", "dead-1"]]
+        deliveries = await cells(page, "#deliveries")
+        assert sorted(row[0] for row in deliveries) == ["credit", "inventory", "wms"], deliveries
+        for group, status, attempts, _next, error, *_ in deliveries:
+            assert (status, attempts) == ("dead", "1"), deliveries
+            assert f"not acked by {group}" in error, deliveries
+        assert "not acked by" in (await page.text_content("#last-error") or "")
+        history = await cells(page, "#history")
+        moves = [(group, to, why) for _at, group, _from, to, why in history]
+        assert ("message", "pending", "prepare") in moves, moves
+        assert ("message", "sent", "confirm") in moves, moves
+        for group in ("credit", "inventory", "wms"):
+            assert (group, "dead", f"not acked by {group} after 1 deliveries") in moves, moves
+        assert ("message", "dead") in [(g, to) for g, to, _why in moves], moves
         await shot(page, "message")
 
         # Requeue behind the confirmation page; the message is sent again.
@@ -199,6 +221,7 @@ async def test_dashboard_requeues_a_dead_message_until_done(
         await page.goto(f"{service.url}/dashboard/")
         await page.click("#groups-body a.button[href$='/groups/inventory/requeue']")
         await page.wait_for_url(re.compile(r".*/groups/inventory/requeue$"))
+        await shot(page, "group-requeue-confirm")
         await page.click("#confirm-requeue")
         await page.wait_for_url(re.compile(r".*/messages\?group=inventory.*"))
         notice = await page.text_content(".notice") or ""
