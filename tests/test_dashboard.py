@@ -141,6 +141,20 @@ async def cells(page: Page, table: str) -> list[list[str]]:
     ]
 
 
+async def search(
+    page: Page, *, status: str = "", topic: str = "", group: str = "", id: str = ""
+) -> list[str]:
+    """Fill the message list's search form, submit it, and return the ids listed."""
+    await page.goto(page.url.split("/dashboard/")[0] + "/dashboard/messages")
+    await page.select_option("select[name=status]", status)
+    await page.fill("input[name=topic]", topic)
+    await page.select_option("select[name=group]", group)
+    await page.fill("input[name=id]", id)
+    async with page.expect_navigation():
+        await page.click("form.filters button[type=submit]")
+    return await page.locator("table.messages tbody a.mono").all_text_contents()
+
+
 async def status_of(db: asyncpg.Connection, id: str) -> str:
     status: str = await db.fetchval("SELECT status FROM rmsg_message WHERE id = $1", id)
     return status
@@ -184,6 +198,27 @@ async def test_dashboard_requeues_a_dead_message_until_done(
         rows = await page.locator("table.messages tbody tr").all_text_contents()
         assert len(rows) == 2 and all("dead" in row for row in rows), rows
         await shot(page, "messages")
+
+        # The search form: each filter and their combinations show exactly the matches.
+        paid = ["ord-1", "ord-2", "ord-4", "ord-5"]
+        assert await search(page, topic="order.refunded") == ["ord-3", "ord-6"]
+        assert await search(page, group="inventory") == [*paid, "dead-1", "dead-2"]
+        done = ["ord-1", "ord-2", "ord-3", "ord-4", "ord-5", "ord-6"]
+        assert await search(page, group="credit", status="done") == done
+        assert await search(page, topic="order.paid", status="pending") == ["pending-1"]
+        assert await search(page, status="cancelled") == ["cancelled-1"]
+        assert await search(page, topic="order.paid", group="wms", status="dead") == [
+            "dead-1",
+            "dead-2",
+        ]
+        assert await search(page, topic="order.refunded", group="inventory") == []
+        assert await search(page, topic="not a topic") == []
+        assert "'not a topic' is not a topic." in (await page.text_content("p.error") or "")
+        await search(page, id="ord-4")
+        await page.wait_for_url(re.compile(r".*/messages/ord-4$"))
+        await shot(page, "messages-search")
+
+        await page.goto(f"{service.url}/dashboard/messages?status=dead")
         await page.click("a.mono >> text=dead-1")
         await page.wait_for_url(re.compile(r".*/messages/dead-1$"))
         assert '"order": "dead-1"' in (await page.text_content("#payload") or "")
@@ -244,6 +279,9 @@ async def test_dashboard_requeues_a_dead_message_until_done(
             found = re.search(r'id="next-page" href="([^"]+)"', listing.text)
             url = found.group(1).replace("&amp;", "&") if found else None
         assert len(seen) == len(set(seen)) == 10
+        unknown = await api.get("/dashboard/messages?id=nobody", headers=cookie)
+        assert unknown.status_code == 404
+        assert "No message has the id &#39;nobody&#39;" in unknown.text
 
         # A form without the session's CSRF token is refused, even with the cookie.
         forged = await api.post(
