@@ -395,9 +395,6 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        cause = exc.__cause__
-        if isinstance(cause, ReliableMsgError):  # BodyLimit, raised while FastAPI read the body
-            return error_response(cause.status, cause.code, cause.message)
         if exc.status_code == 400:  # FastAPI could not read the body: not UTF-8, too deep
             return error_response(400, "invalid_json", "the request body is not valid JSON")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -429,7 +426,8 @@ def _describe(error: Any) -> str:
 
 
 class BodyLimit:
-    """Answers 413 for a request body over ``limit`` bytes, declared or streamed."""
+    """Answers 413 for a request body over ``limit`` bytes, declared or streamed, before
+    any route runs, whether or not the route reads a body."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -440,20 +438,33 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._too_large(scope, receive, send)
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.limit:
+                await self._too_large(scope, receive, send)
+                return
+            # The server passes on no more than the declared length.
+            await self.app(scope, receive, send)
             return
+        # A body of unknown length (chunked): read it here, up to the limit; a route
+        # that takes no body would never read it, and would run whatever its size.
+        head: list[Message] = []
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
+            head.append(message)
+            if message["type"] != "http.request":  # the client went away
+                break
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise PayloadTooLarge(self._text())
-            return message
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
 
-        await self.app(scope, limited, send)
+        async def replay() -> Message:
+            return head.pop(0) if head else await receive()
+
+        await self.app(scope, replay, send)
 
     def _text(self) -> str:
         return f"request body over {self.limit} bytes"

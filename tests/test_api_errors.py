@@ -581,40 +581,55 @@ def padded(body: Any, size: int) -> bytes:
     return text + b" " * (size - len(text))
 
 
+#: Every ``/v1`` call, each with a token it admits and a body that is valid for it (an
+#: empty object where the call takes none): only the request size limit can refuse it.
 OVERSIZE_BODIES = [
-    pytest.param("/v1/messages", PRODUCER, message("big"), id="prepare"),
-    pytest.param("/v1/batch/prepare", PRODUCER, {"messages": [message("big")]}, id="batch-prepare"),
-    pytest.param("/v1/batch/confirm", PRODUCER, {"ids": ["p-1"]}, id="batch-confirm"),
-    pytest.param("/v1/batch/cancel", PRODUCER, {"ids": ["p-1"]}, id="batch-cancel"),
-    pytest.param("/v1/batch/ack", INVENTORY, {"ids": ["s-1"]}, id="batch-ack"),
+    pytest.param("POST", "/v1/messages", PRODUCER, message("big"), id="prepare"),
+    pytest.param("POST", "/v1/messages/p-1/confirm", PRODUCER, {}, id="confirm"),
+    pytest.param("POST", "/v1/messages/p-1/cancel", PRODUCER, {}, id="cancel"),
+    pytest.param("POST", "/v1/messages/s-1/ack", INVENTORY, {}, id="ack"),
+    pytest.param("POST", "/v1/messages/d-1/requeue", ADMIN, {}, id="requeue"),
+    pytest.param(
+        "POST", "/v1/batch/prepare", PRODUCER, {"messages": [message("big")]}, id="batch-prepare"
+    ),
+    pytest.param("POST", "/v1/batch/confirm", PRODUCER, {"ids": ["p-1"]}, id="batch-confirm"),
+    pytest.param("POST", "/v1/batch/cancel", PRODUCER, {"ids": ["p-1"]}, id="batch-cancel"),
+    pytest.param("POST", "/v1/batch/ack", INVENTORY, {"ids": ["s-1"]}, id="batch-ack"),
+    pytest.param("GET", "/v1/messages/p-1", PRODUCER, {}, id="get"),
+    pytest.param("GET", "/v1/messages", ADMIN, {}, id="list"),
+    pytest.param("POST", "/v1/requeue", ADMIN, {}, id="requeue-all"),
+    pytest.param("GET", "/v1/stats", ADMIN, {}, id="stats"),
 ]
 
 
-@pytest.mark.parametrize(("path", "token", "body"), OVERSIZE_BODIES)
+@pytest.mark.parametrize(("method", "path", "token", "body"), OVERSIZE_BODIES)
 async def test_request_over_max_request_bytes_with_content_length_is_413(
     client: httpx.AsyncClient,
     db: asyncpg.Connection,
     seeded: None,
+    method: str,
     path: str,
     token: str,
     body: Any,
 ) -> None:
     before = await snapshot(db)
-    r = await send(client, "POST", path, token, raw=padded(body, MAX_REQUEST + 1))
+    r = await send(client, method, path, token, raw=padded(body, MAX_REQUEST + 1))
     assert r.request.headers["content-length"] == str(MAX_REQUEST + 1)
     assert_error(r, 413, "payload_too_large")
     assert await snapshot(db) == before
 
 
-@pytest.mark.parametrize(("path", "token", "body"), OVERSIZE_BODIES)
+@pytest.mark.parametrize(("method", "path", "token", "body"), OVERSIZE_BODIES)
 async def test_request_over_max_request_bytes_streamed_is_413(
     client: httpx.AsyncClient,
     db: asyncpg.Connection,
     seeded: None,
+    method: str,
     path: str,
     token: str,
     body: Any,
 ) -> None:
+    """Without a declared length too, and also where the call itself reads no body."""
     data = padded(body, MAX_REQUEST + 1)
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -623,7 +638,7 @@ async def test_request_over_max_request_bytes_streamed_is_413(
 
     before = await snapshot(db)
     headers = {**auth(token), "Content-Type": "application/json"}
-    r = await client.post(path, content=chunks(), headers=headers)
+    r = await client.request(method, path, content=chunks(), headers=headers)
     assert "content-length" not in r.request.headers
     assert r.request.headers["transfer-encoding"] == "chunked"
     assert_error(r, 413, "payload_too_large")
