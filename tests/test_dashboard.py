@@ -17,9 +17,11 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from playwright.async_api import Browser, ConsoleMessage, Page, Request, Response, async_playwright
 
 from reliable_msg.settings import Settings
+from reliable_msg.switch import Switch
 from tests.conftest import ADMIN, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers.service import Instance, remove_traces, running, write_config
 from tests.helpers.waiting import wait_until
@@ -46,6 +48,8 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
         checkback={"after": 3600.0},
         redelivery={"ack_timeout": ACK_TIMEOUT, "max_attempts": 1, "jitter": 0.0},
         monitor={"interval": 0.5, "counts_interval": 0.5},
+        # A switch a test trips stays tripped: no probe publish clears it.
+        fallback={"probe_interval": 3600.0},
     )
 
 
@@ -132,12 +136,12 @@ async def shot(page: Page, name: str) -> None:
     await page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
 
-async def cells(page: Page, table: str) -> list[list[str]]:
-    """The text of each cell of each body row of ``table``, row by row."""
-    rows = page.locator(f"{table} tbody tr")
+async def cells(page: Page, rows: str) -> list[list[str]]:
+    """The text of each cell of each row that ``rows`` selects, row by row."""
+    found = page.locator(rows)
     return [
-        [text.strip() for text in await rows.nth(i).locator("td").all_text_contents()]
-        for i in range(await rows.count())
+        [text.strip() for text in await found.nth(i).locator("td").all_text_contents()]
+        for i in range(await found.count())
     ]
 
 
@@ -222,14 +226,14 @@ async def test_dashboard_requeues_a_dead_message_until_done(
         await page.click("a.mono >> text=dead-1")
         await page.wait_for_url(re.compile(r".*/messages/dead-1$"))
         assert '"order": "dead-1"' in (await page.text_content("#payload") or "")
-        assert await cells(page, "#headers") == [["trace", "dead-1"]]
-        deliveries = await cells(page, "#deliveries")
+        assert await cells(page, "#headers tbody tr") == [["trace", "dead-1"]]
+        deliveries = await cells(page, "#deliveries tbody tr")
         assert sorted(row[0] for row in deliveries) == ["credit", "inventory", "wms"], deliveries
         for group, status, attempts, _next, error, *_ in deliveries:
             assert (status, attempts) == ("dead", "1"), deliveries
             assert f"not acked by {group}" in error, deliveries
         assert "not acked by" in (await page.text_content("#last-error") or "")
-        history = await cells(page, "#history")
+        history = await cells(page, "#history tbody tr")
         moves = [(group, to, why) for _at, group, _from, to, why in history]
         assert ("message", "pending", "prepare") in moves, moves
         assert ("message", "sent", "confirm") in moves, moves
@@ -296,6 +300,53 @@ async def test_dashboard_requeues_a_dead_message_until_done(
         await context.close()
 
     assert problems.lines == []
+
+
+async def test_dashboard_shows_the_degraded_mode_and_the_fallback_depth(
+    service: Instance, browser: Browser, settings: Settings
+) -> None:
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    switch = Switch(redis, who="operator", namespace=settings.fallback.namespace)
+    try:
+        async with httpx.AsyncClient(base_url=service.url, timeout=10) as api:
+            assert await switch.trip("RabbitMQ maintenance")
+
+            async def degraded() -> bool:
+                mode: str = (await api.get("/readyz")).json()["mode"]
+                return mode == "degraded"
+
+            await wait_until(degraded, within=30, every=0.2)
+            # Confirmed while degraded: into the shards of the topic's one group, credit.
+            producer = auth(PRODUCER)
+            for i in (1, 2):
+                body = {"id": f"refund-{i}", "topic": "order.refunded", "payload": {"n": i}}
+                assert (await api.post("/v1/messages", json=body, headers=producer)).is_success
+                r = await api.post(f"/v1/messages/refund-{i}/confirm", headers=producer)
+                assert r.is_success, r.text
+
+        context = await browser.new_context(viewport={"width": 1280, "height": 900})
+        page = await context.new_page()
+        problems = Problems(page)
+        await page.goto(f"{service.url}/dashboard/login")
+        await page.fill("#token", ADMIN)
+        await page.click("button[type=submit]")
+        await page.wait_for_url(re.compile(r".*/dashboard/$"))
+        await page.locator("#chart-flow polyline").first.wait_for(state="attached", timeout=15_000)
+
+        assert await page.text_content("#broker-mode") == "degraded"
+        assert await page.text_content("#mode-badge") == "degraded"
+        switched = await page.text_content("#broker-switch") or ""
+        assert "degraded since" in switched and "by operator: RabbitMQ maintenance" in switched
+        [row] = await cells(page, "#history-body tr")
+        assert row[1:] == ["degraded", "operator", "RabbitMQ maintenance"], row
+        depth = {row[0]: row[4] for row in await cells(page, "#groups-body tr")}
+        assert depth == {"credit": "2", "inventory": "0", "wms": "0"}, depth
+        await shot(page, "overview-degraded")
+        await context.close()
+        assert problems.lines == []
+    finally:
+        await switch.clear("RabbitMQ maintenance over")
+        await redis.aclose()
 
 
 async def test_dashboard_shows_nothing_without_the_admin_token(service: Instance) -> None:
