@@ -36,6 +36,8 @@ def instance_name() -> str:
 
 #: How long a readiness probe waits for each dependency.
 PROBE_TIMEOUT = 2.0
+#: Switch changes shown by ``/readyz``, newest first.
+READY_HISTORY = 5
 
 
 class Runtime:
@@ -90,7 +92,7 @@ class Runtime:
                 self.redelivery,
                 self.purger,
                 self.broker,
-                self.broker_report,
+                self.periodic_report,
             )
             if scanners
             else None
@@ -140,14 +142,32 @@ class Runtime:
         await self.store.close()
 
     async def readiness(self) -> dict[str, Any]:
-        """Each dependency's state, as ``ok`` or a short reason."""
+        """Each dependency's state, as ``ok`` or a short reason; with the fallback, the
+        latest switch changes and each group's fallback depth (None while Redis is away)."""
         postgres, redis = await asyncio.gather(self._probe_postgres(), self._probe_redis())
-        return {
+        report: dict[str, Any] = {
             "mode": self.mode,
             "postgres": postgres,
             "rabbitmq": "ok" if self.broker.connected else "disconnected",
             "redis": redis,
+            "history": [],
+            "fallback_depth": None,
         }
+        if self.switch is not None and redis == "ok":
+            try:
+                async with asyncio.timeout(PROBE_TIMEOUT):
+                    report["history"] = await self.switch.history(READY_HISTORY)
+                    report["fallback_depth"] = await self._depths()
+            except (*REDIS_ERRORS, TimeoutError) as exc:
+                log.debug("readiness: no switch history or depth (%s)", exc)
+        return report
+
+    async def _depths(self) -> dict[str, int]:
+        assert self.fallback is not None
+        depths = {g: await self.fallback.depth(g) for g in self.settings.groups}
+        for group, depth in depths.items():
+            FALLBACK_DEPTH.labels(group).set(depth)
+        return depths
 
     @property
     def mode(self) -> str:
@@ -165,13 +185,25 @@ class Runtime:
         report["switch"] = self.switch.state.as_dict()
         try:
             report["history"] = await self.switch.history()
-            depths = {g: await self.fallback.depth(g) for g in self.settings.groups}
+            report["fallback_depth"] = await self._depths()
         except REDIS_ERRORS as exc:
             report["fallback_error"] = str(exc)
-            return report
-        for group, depth in depths.items():
-            FALLBACK_DEPTH.labels(group).set(depth)
-        report["fallback_depth"] = depths
+        return report
+
+    async def periodic_report(self) -> dict[str, Any]:
+        """The scanners' report job: :meth:`broker_report`, and a log line of the fallback
+        depth per group while degraded or while any group has entries left."""
+        report = await self.broker_report()
+        depths: dict[str, int] = report.get("fallback_depth") or {}
+        degraded = report["mode"] == Mode.DEGRADED.value
+        if degraded or any(depths.values()):
+            log.log(
+                logging.WARNING if degraded else logging.INFO,
+                "mode %s; fallback depth per group: %s",
+                report["mode"],
+                ", ".join(f"{g}={d}" for g, d in depths.items()) or "unknown (Redis away)",
+                extra={"fallback_depth": depths},
+            )
         return report
 
     async def _probe_postgres(self) -> str:

@@ -218,9 +218,20 @@ class HealthOut(BaseModel):
     status: str
 
 
+class SwitchChangeOut(BaseModel):
+    mode: str
+    by: str | None = None
+    at: float | None = None
+    reason: str | None = None
+
+
 class ReadyOut(BaseModel):
     status: str
     mode: str
     postgres: str
     rabbitmq: str
     redis: str
+    #: Latest degradation switch changes, newest first (empty without the fallback).
+    history: list[SwitchChangeOut] = []
+    #: Entries waiting in each group's fallback shards; None when not known.
+    fallback_depth: dict[str, int] | None = None

@@ -7,6 +7,7 @@ again whatever happens.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -18,21 +19,27 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from fastapi import FastAPI
+from prometheus_client import REGISTRY
+from redis import Redis as SyncRedis
 
 from reliable_msg import consumer as consumer_sdk
 from reliable_msg import producer as producer_sdk
 from reliable_msg.api import create_app
 from reliable_msg.client import RetryPolicy
 from reliable_msg.consumer import Consumer
-from reliable_msg.fallback import shard_keys
+from reliable_msg.fallback import delete_namespace, shard_keys
 from reliable_msg.producer import Producer
-from reliable_msg.runtime import Runtime
+from reliable_msg.runtime import Runtime, instance_name
+from reliable_msg.scanners import Scanners
 from reliable_msg.settings import Settings
 from reliable_msg.switch import Mode
-from tests.conftest import AMQP_URL, GROUP_TOKENS, PRODUCER, auth
+from soak.proxy import FaultProxy
+from tests.conftest import AMQP_URL, GROUP_TOKENS, OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import rabbit, redis_ctl
 from tests.helpers.consumers import inventory_consumer, running_effects
 from tests.helpers.processes import stop_gracefully
+from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
 
 SHARDS = 8
@@ -44,7 +51,38 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings(
         fallback={"failure_threshold": 3, "shards": SHARDS, "poll_interval": 0.2},
         publish_timeout=1.0,
+        # Scanners that run here redeliver unhurried: a slow outage kills nothing.
+        redelivery={"ack_timeout": 5.0, "max_attempts": 10},
     )
+
+
+@pytest.fixture
+async def scheduled(runtime: Runtime) -> AsyncIterator[Runtime]:
+    """The runtime with the jobs a ``serve`` process runs, the recovery probe among them."""
+    scanners = Scanners(
+        runtime.settings,
+        runtime.checkback,
+        runtime.redelivery,
+        runtime.purger,
+        runtime.broker,
+        runtime.periodic_report,
+    )
+    scanners.start()
+    yield runtime
+    await scanners.stop()
+
+
+@asynccontextmanager
+async def own_runtime(settings: Settings, *, scanners: bool) -> AsyncIterator[Runtime]:
+    """A started service instance on ``settings``, its traces removed afterwards."""
+    rt = await Runtime.create(settings, scanners=scanners)
+    try:
+        await rt.start()
+        yield rt
+    finally:
+        await rt.stop()
+        await rabbit.delete_topology(AMQP_URL, settings)
+        await delete_namespace(settings.redis_url, settings.fallback.namespace)
 
 
 @pytest.fixture
@@ -67,22 +105,31 @@ async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
+def depth_now(settings: Settings) -> int:
+    """Entries in the ``inventory`` shards, read from Redis this instant (blocking)."""
+    client = SyncRedis.from_url(settings.redis_url)
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for key in shard_keys(settings.fallback.namespace, "inventory", SHARDS):
+                pipe.xlen(key)
+            return int(sum(pipe.execute()))
+    finally:
+        client.close()
+
+
 class WatchedConsumer(Consumer):
-    """Records each mode change with the fallback depth seen at that moment."""
+    """Records each mode change with the fallback depth in Redis at that moment."""
 
     changes: list[tuple[Mode, int]]
-    depth: Callable[[], int]
+    settings: Settings
 
     def set_mode(self, mode: Mode) -> None:
         if mode is not self.mode:
-            self.changes.append((mode, self.depth()))
+            self.changes.append((mode, depth_now(self.settings)))
         super().set_mode(mode)
 
 
-@asynccontextmanager
-async def consuming(
-    service_url: str, settings: Settings, pool: asyncpg.Pool, depth: Callable[[], int]
-) -> AsyncIterator[WatchedConsumer]:
+def watched_consumer(service_url: str, settings: Settings, pool: asyncpg.Pool) -> WatchedConsumer:
     consumer = inventory_consumer(
         service_url,
         settings,
@@ -96,15 +143,25 @@ async def consuming(
         claim_idle=1.0,
     )
     consumer.changes = []
-    consumer.depth = depth
+    consumer.settings = settings
+    return consumer
+
+
+@asynccontextmanager
+async def consuming(
+    service_url: str, settings: Settings, pool: asyncpg.Pool
+) -> AsyncIterator[WatchedConsumer]:
+    consumer = watched_consumer(service_url, settings, pool)
     async with running_effects(consumer, stop_within=20):
         yield consumer
 
 
-async def produce(producer: Producer, pool: asyncpg.Pool, ids: list[str]) -> None:
+async def produce(
+    producer: Producer, pool: asyncpg.Pool, ids: list[str], *, key: str | None = None
+) -> None:
     for id in ids:
         async with pool.acquire() as conn:
-            async with producer.transaction(conn, "order.paid", {"id": id}, id=id) as sent:
+            async with producer.transaction(conn, "order.paid", {"id": id}, id=id, key=key) as sent:
                 pass
         assert sent.confirmed, id
 
@@ -150,20 +207,21 @@ def outage(kind: str) -> Iterator[None]:
 @pytest.mark.parametrize("kind", ["stop_app", "node_killed"])
 async def test_messages_flow_through_redis_during_an_outage_and_back(
     kind: str,
-    runtime: Runtime,
+    scheduled: Runtime,
     service_url: str,
     settings: Settings,
     pool: asyncpg.Pool,
     sdk_db: asyncpg.Connection,
     redis: aioredis.Redis,
 ) -> None:
+    runtime = scheduled
     depth = DepthProbe(redis, settings)
     before = [f"{kind}-before-{i}" for i in range(5)]
     during = [f"{kind}-during-{i}" for i in range(20)]
     after = [f"{kind}-after-{i}" for i in range(5)]
     async with (
         Producer(service_url, PRODUCER, retry=RETRY) as producer,
-        consuming(service_url, settings, pool, lambda: depth.value) as consumer,
+        consuming(service_url, settings, pool) as consumer,
     ):
         await produce(producer, pool, before)
         await wait_until(lambda: all_done(sdk_db, before), within=15)
@@ -177,19 +235,11 @@ async def test_messages_flow_through_redis_during_an_outage_and_back(
             # Delivered end to end through Redis while RabbitMQ is still down.
             await wait_until(lambda: all_done(sdk_db, during), within=30)
             assert consumer.mode is Mode.DEGRADED
-            assert not await runtime.broker.probe()
+            assert runtime.switch.degraded, "the switch cleared while RabbitMQ was down"
 
-        async def recovered() -> bool:
-            await depth.refresh()
-            return await runtime.broker.probe() or not runtime.broker.degraded
-
-        await wait_until(recovered, within=60, every=0.3)
-
-        async def back_on_rabbitmq() -> bool:
-            await depth.refresh()
-            return consumer.mode is Mode.NORMAL
-
-        await wait_until(back_on_rabbitmq, within=30)
+        # The service's own probe job clears the switch: nobody calls probe() here.
+        await wait_until(lambda: not runtime.broker.degraded, within=90, every=0.2)
+        await wait_until(lambda: consumer.mode is Mode.NORMAL, within=30)
         await produce(producer, pool, after)
         await wait_until(lambda: all_done(sdk_db, after), within=30)
         assert await depth.refresh() == 0, "messages after recovery went to Redis"
@@ -203,7 +253,10 @@ async def test_messages_flow_through_redis_during_an_outage_and_back(
     ).get("/v1/stats", headers=auth("admin-token"))
     broker = r.json()["broker"]
     assert broker["mode"] == "normal"
-    assert [h["mode"] for h in broker["history"][:2]] == ["normal", "degraded"]
+    cleared, tripped = broker["history"][:2]
+    assert [cleared["mode"], tripped["mode"]] == ["normal", "degraded"]
+    assert cleared["by"] == instance_name()
+    assert cleared["reason"] == "probe publish confirmed by RabbitMQ"
 
 
 async def test_consumer_killed_while_reading_redis_loses_nothing(
@@ -256,30 +309,6 @@ async def test_consumer_killed_while_reading_redis_loses_nothing(
     finally:
         assert await stop_gracefully(restarted) == 0, "no clean exit on SIGTERM"
     await assert_one_effect_each(sdk_db, ids)
-
-
-async def test_redis_down_while_rabbitmq_down_gives_503_and_completes_after(
-    runtime: Runtime,
-    settings: Settings,
-    client: httpx.AsyncClient,
-    db: asyncpg.Connection,
-) -> None:
-    body = {"id": "both-down", "topic": "order.paid", "payload": {}}
-    assert (await client.post("/v1/messages", json=body, headers=auth(PRODUCER))).is_success
-    with rabbit.stopped(), redis_ctl.stopped():
-        await wait_until(lambda: not runtime.broker.connected, within=15)
-        for _ in range(settings.fallback.failure_threshold + 1):
-            r = await client.post("/v1/messages/both-down/confirm", headers=auth(PRODUCER))
-            assert r.status_code == 503, r.text
-        assert await db.fetchval("SELECT status FROM rmsg_message") == "pending"
-        assert await db.fetchval("SELECT count(*) FROM rmsg_delivery") == 0
-
-    async def confirmed() -> bool:
-        r = await client.post("/v1/messages/both-down/confirm", headers=auth(PRODUCER))
-        return r.status_code == 200
-
-    await wait_until(confirmed, within=60, every=0.5)
-    assert await db.fetchval("SELECT status FROM rmsg_message") == "sent"
 
 
 def test_shards_spread_evenly() -> None:
@@ -353,3 +382,282 @@ async def test_redelivery_while_degraded_goes_to_the_groups_shards_only(
     assert key == shard_keys(ns, "wms", SHARDS)[shard_of("member-9", SHARDS)]
     attempts = await db.fetchval("SELECT attempts FROM rmsg_delivery WHERE group_name = 'wms'")
     assert attempts == 2
+
+
+async def test_consumers_drain_their_shards_before_going_back_to_rabbitmq(
+    runtime: Runtime,
+    service_url: str,
+    settings: Settings,
+    pool: asyncpg.Pool,
+    sdk_db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="reliable_msg.switch")
+    assert runtime.switch is not None
+    gate = asyncio.Event()
+    held = 0
+    consumer = watched_consumer(service_url, settings, pool)
+
+    @consumer.handler("order.paid")
+    async def effect(conn: asyncpg.Connection, message: consumer_sdk.Received) -> None:
+        nonlocal held
+        held += 1
+        await gate.wait()
+        await conn.execute(
+            "INSERT INTO sdk_effects (group_name, message_id) VALUES ('inventory', $1)",
+            message.id,
+        )
+
+    # One key: all in one shard, more than a worker reads at once.
+    ids = [f"held-{i}" for i in range(60)]
+    after = [f"held-after-{i}" for i in range(5)]
+    await runtime.switch.trip("test: degraded on purpose")
+    task = asyncio.create_task(consumer.run(handle_signals=False))
+    try:
+        await wait_until(lambda: consumer.mode is Mode.DEGRADED, within=15)
+        async with Producer(service_url, PRODUCER, retry=RETRY) as producer:
+            await produce(producer, pool, ids, key="one-member")
+            await wait_until(lambda: held > 0, within=15)
+            assert await runtime.switch.clear("test: RabbitMQ is back")
+
+            def consumer_sees_normal() -> bool:
+                return any(
+                    r.getMessage().startswith("consumer inventory")
+                    and r.getMessage().endswith("sees the switch normal")
+                    for r in caplog.records
+                )
+
+            await wait_until(consumer_sees_normal, within=15)
+            # The switch is off, but the shards are not empty: still on Redis.
+            assert depth_now(settings) == len(ids)
+            assert consumer.mode is Mode.DEGRADED
+            gate.set()
+            await wait_until(lambda: all_done(sdk_db, ids), within=60)
+            await wait_until(lambda: consumer.mode is Mode.NORMAL, within=15)
+            await produce(producer, pool, after)
+            await wait_until(lambda: all_done(sdk_db, after), within=30)
+    finally:
+        gate.set()
+        consumer.request_stop()
+        await asyncio.wait_for(task, 20)
+    # Back to RabbitMQ once, and only when the last entry had left the shards.
+    assert consumer.changes == [(Mode.DEGRADED, 0), (Mode.NORMAL, 0)]
+    assert depth_now(settings) == 0
+    await assert_one_effect_each(sdk_db, ids + after)
+
+
+async def test_switch_on_while_rabbitmq_still_works_both_sources_are_consumed(
+    runtime: Runtime,
+    service_url: str,
+    settings: Settings,
+    pool: asyncpg.Pool,
+    sdk_db: asyncpg.Connection,
+) -> None:
+    assert runtime.switch is not None
+    async with Producer(service_url, PRODUCER, retry=RETRY) as producer:
+        await produce(producer, pool, ["in-rabbitmq"])
+        await runtime.switch.trip("test: degraded on purpose")
+        await produce(producer, pool, ["in-redis"])
+    assert depth_now(settings) == 1
+    async with consuming(service_url, settings, pool) as consumer:
+        await wait_until(lambda: all_done(sdk_db, ["in-rabbitmq", "in-redis"]), within=30)
+        assert consumer.mode is Mode.DEGRADED
+    assert depth_now(settings) == 0
+    await assert_one_effect_each(sdk_db, ["in-rabbitmq", "in-redis"])
+
+
+async def test_redis_down_while_rabbitmq_down_gives_503_and_completes_after(
+    make_settings: Callable[..., Settings],
+    pool: asyncpg.Pool,
+    sdk_db: asyncpg.Connection,
+) -> None:
+    check = FastAPI()
+
+    @check.post("/check")
+    async def committed() -> dict[str, str]:
+        return {"status": "committed"}
+
+    async with serving_app(check) as check_url:
+        settings = make_settings(
+            fallback={"failure_threshold": 3, "shards": SHARDS, "poll_interval": 0.2},
+            publish_timeout=1.0,
+            producers={
+                "order": {"check_url": f"{check_url}/check", "token": PRODUCER},
+                "other": {"check_url": f"{check_url}/check", "token": OTHER_PRODUCER},
+            },
+            redelivery={"ack_timeout": 5.0, "max_attempts": 10},
+        )
+        async with (
+            own_runtime(settings, scanners=True) as rt,
+            serving_app(create_app(rt)) as service_url,
+            httpx.AsyncClient(base_url=service_url) as client,
+        ):
+            body = {"id": "both-down", "topic": "order.paid", "payload": {}}
+            r = await client.post("/v1/messages", json=body, headers=auth(PRODUCER))
+            assert r.is_success, r.text
+            with rabbit.stopped(), redis_ctl.stopped():
+                await wait_until(lambda: not rt.broker.connected, within=15)
+                for _ in range(settings.fallback.failure_threshold + 1):
+                    r = await client.post("/v1/messages/both-down/confirm", headers=auth(PRODUCER))
+                    assert r.status_code == 503, r.text
+                assert await sdk_db.fetchval("SELECT status FROM rmsg_message") == "pending"
+                assert await sdk_db.fetchval("SELECT count(*) FROM rmsg_delivery") == 0
+
+            # Nobody confirms again: the check-back scanner finds the producer committed.
+            async with consuming(service_url, settings, pool):
+                await wait_until(lambda: all_done(sdk_db, ["both-down"]), within=90)
+            # The other groups have no consumer here: they ack through the API.
+            for group in ("credit", "wms"):
+                r = await client.post(
+                    "/v1/messages/both-down/ack", headers=auth(GROUP_TOKENS[group])
+                )
+                assert r.is_success, r.text
+            assert await sdk_db.fetchval("SELECT status FROM rmsg_message") == "done"
+    await assert_one_effect_each(sdk_db, ["both-down"])
+
+
+async def test_stalled_publishes_time_out_and_trip_the_switch_at_the_threshold(
+    make_settings: Callable[..., Settings], db: asyncpg.Connection
+) -> None:
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        settings = make_settings(
+            amqp_url=proxy.url("amqp", "guest:guest", "/"),
+            fallback={"failure_threshold": 3, "shards": SHARDS, "poll_interval": 0.2},
+            publish_timeout=1.0,
+        )
+        async with (
+            own_runtime(settings, scanners=False) as rt,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=create_app(rt)), base_url="http://rmsg"
+            ) as client,
+        ):
+            await wait_until(lambda: rt.broker.connected, within=15)
+            assert rt.switch is not None
+            statuses = []
+            proxy.stall()
+            try:
+                for i in range(settings.fallback.failure_threshold):
+                    body = {"id": f"stalled-{i}", "topic": "order.paid", "payload": {}}
+                    r = await client.post("/v1/messages", json=body, headers=auth(PRODUCER))
+                    assert r.is_success, r.text
+                    if i == settings.fallback.failure_threshold - 1:
+                        # threshold - 1 timeouts so far: still normal.
+                        assert not rt.switch.degraded and rt.broker.failures == i
+                    r = await client.post(
+                        f"/v1/messages/stalled-{i}/confirm", headers=auth(PRODUCER)
+                    )
+                    statuses.append(r.status_code)
+            finally:
+                proxy.resume()
+            # The N-th timeout trips the switch; that message goes to Redis at once.
+            assert statuses == [503, 503, 200]
+            assert rt.switch.degraded
+            [tripped] = await rt.switch.history()
+            assert "no publisher confirm within 1.0s" in tripped["reason"]
+            depths = (await rt.broker_report())["fallback_depth"]
+            assert depths == {"inventory": 1, "credit": 1, "wms": 1}
+
+
+async def scrape(client: httpx.AsyncClient, name: str, **labels: str) -> float:
+    await client.get("/metrics")
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_readyz_metrics_and_the_report_log_show_the_degraded_mode(
+    runtime: Runtime, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert runtime.switch is not None
+    r = await client.get("/readyz")
+    assert r.status_code == 200
+    assert r.json()["fallback_depth"] == {"inventory": 0, "credit": 0, "wms": 0}
+    changes = await scrape(client, "rmsg_mode_changes_total", mode="degraded")
+
+    assert await runtime.switch.trip("test: degraded on purpose")
+    body = {"id": "deep", "topic": "order.paid", "payload": {}, "key": "k"}
+    assert (await client.post("/v1/messages", json=body, headers=auth(PRODUCER))).is_success
+    assert (await client.post("/v1/messages/deep/confirm", headers=auth(PRODUCER))).is_success
+
+    r = await client.get("/readyz")
+    assert r.status_code == 200, r.text
+    ready = r.json()
+    assert ready["status"] == "ready" and ready["mode"] == "degraded"
+    assert ready["fallback_depth"] == {"inventory": 1, "credit": 1, "wms": 1}
+    [tripped] = ready["history"]
+    assert tripped["mode"] == "degraded" and tripped["by"] == instance_name()
+    assert tripped["reason"] == "test: degraded on purpose"
+
+    assert await scrape(client, "rmsg_degraded") == 1
+    assert await scrape(client, "rmsg_mode_changes_total", mode="degraded") == changes + 1
+    assert await scrape(client, "rmsg_fallback_depth", group="inventory") == 1
+
+    with caplog.at_level(logging.INFO, logger="reliable_msg.runtime"):
+        await runtime.periodic_report()
+    [line] = [r for r in caplog.records if "fallback depth" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert line.getMessage() == (
+        "mode degraded; fallback depth per group: inventory=1, credit=1, wms=1"
+    )
+
+    assert await runtime.switch.clear("test: over")
+    assert await scrape(client, "rmsg_degraded") == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="reliable_msg.runtime"):
+        await runtime.periodic_report()
+    [line] = [r for r in caplog.records if "fallback depth" in r.getMessage()]
+    assert line.levelno == logging.INFO and "mode normal" in line.getMessage()
+
+
+async def test_a_missed_notice_is_caught_by_the_periodic_re_read(
+    runtime: Runtime,
+    service_url: str,
+    settings: Settings,
+    pool: asyncpg.Pool,
+    sdk_db: asyncpg.Connection,
+    redis: aioredis.Redis,
+) -> None:
+    switch = runtime.switch
+    assert switch is not None
+    key = f"{{{settings.fallback.namespace}}}:switch"
+    async with consuming(service_url, settings, pool) as consumer:
+        await wait_until(lambda: consumer.mode is Mode.NORMAL, within=5)
+        # Changed behind everyone's back: no notice is published.
+        await redis.hset(key, mapping={"mode": "degraded", "by": "an operator"})
+        await wait_until(lambda: switch.degraded, within=10)
+        await wait_until(lambda: consumer.mode is Mode.DEGRADED, within=10)
+        assert switch.state.by == "an operator"
+        await redis.hset(key, mapping={"mode": "normal", "by": "an operator"})
+        await wait_until(lambda: not switch.degraded, within=10)
+        await wait_until(lambda: consumer.mode is Mode.NORMAL, within=10)
+    assert [mode for mode, _ in consumer.changes] == [Mode.DEGRADED, Mode.NORMAL]
+
+
+async def test_a_shard_over_the_alarm_logs_the_message_and_counts(
+    make_settings: Callable[..., Settings],
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = make_settings(fallback={"shards": SHARDS, "shard_alarm": 1})
+    async with (
+        own_runtime(settings, scanners=False) as rt,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(rt)), base_url="http://rmsg"
+        ) as client,
+    ):
+        assert rt.switch is not None
+        await rt.switch.trip("test: degraded on purpose")
+        alarms = await scrape(client, "rmsg_fallback_shard_alarms_total", group="inventory")
+        with caplog.at_level(logging.WARNING, logger="reliable_msg.fallback"):
+            for id in ("alarm-1", "alarm-2"):  # one key: the same shard
+                body: dict[str, Any] = {"id": id, "topic": "order.paid", "payload": {}, "key": "k"}
+                r = await client.post("/v1/messages", json=body, headers=auth(PRODUCER))
+                assert r.is_success, r.text
+                r = await client.post(f"/v1/messages/{id}/confirm", headers=auth(PRODUCER))
+                assert r.is_success, r.text
+        after = await scrape(client, "rmsg_fallback_shard_alarms_total", group="inventory")
+    assert after == alarms + 1
+    warned = [r for r in caplog.records if "alarm at 1" in r.getMessage()]
+    # One per group the message goes to, each naming the second message only.
+    assert len(warned) == 3
+    assert {getattr(r, "message_id", None) for r in warned} == {"alarm-2"}
+    assert all(r.levelno == logging.WARNING for r in warned)
+    assert any(":fb:{inventory:" in r.getMessage() for r in warned)
