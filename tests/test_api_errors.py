@@ -834,6 +834,34 @@ async def test_batch_prepare_answers_per_item_and_stores_only_the_good(
     assert await statuses(db) == {"b-1": "pending"}
 
 
+async def test_batch_prepare_of_another_producers_id_is_an_id_conflict_and_leaves_it(
+    client: httpx.AsyncClient, db: asyncpg.Connection, seeded: None
+) -> None:
+    """``o-1`` is OTHER_PRODUCER's, prepared with the very body the batch sends: still a
+    conflict for that item alone; the rest of the batch is stored."""
+    rows = "SELECT * FROM rmsg_message WHERE id = 'o-1'"
+    before = [tuple(r) for r in await db.fetch(rows)]
+    body = {"messages": [message("b-1"), message("o-1"), message("b-2")]}
+    r = await send(client, "POST", "/v1/batch/prepare", PRODUCER, body)
+    assert r.status_code == 200, r.text
+    assert [outcome(i) for i in r.json()["results"]] == [
+        ("b-1", True, "pending"),
+        ("o-1", False, "id_conflict"),
+        ("b-2", True, "pending"),
+    ]
+    assert [tuple(r) for r in await db.fetch(rows)] == before
+    owners = await db.fetch("SELECT id, producer FROM rmsg_message WHERE id LIKE 'b-%'")
+    assert {r["id"]: r["producer"] for r in owners} == {"b-1": "order", "b-2": "order"}
+    assert await statuses(db) == {
+        "p-1": "pending",
+        "s-1": "sent",
+        "d-1": "dead",
+        "o-1": "pending",
+        "b-1": "pending",
+        "b-2": "pending",
+    }
+
+
 # -- listing and requeue-all query strings -----------------------------------------------
 
 
