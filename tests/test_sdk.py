@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -454,3 +456,108 @@ async def test_messages_handled_together_share_a_transaction_and_fail_alone(
     assert await sdk_db.fetchval("SELECT count(DISTINCT message_id) FROM sdk_effects") == 16
     inbox = await sdk_db.fetchval("SELECT count(*) FROM rmsg_inbox WHERE group_name = 'inventory'")
     assert inbox == 16
+
+
+def unacked(queue: str) -> int:
+    """The deliveries of ``queue`` that RabbitMQ has handed out and not had acked."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name", "messages_unacknowledged"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    for line in listed.stdout.splitlines():
+        name, _, count = line.partition("\t")
+        if name == queue:
+            return int(count)
+    raise AssertionError(f"RabbitMQ lists no queue {queue}")
+
+
+async def open_transactions(conn: asyncpg.Connection, application: str) -> int:
+    """Transactions open now on the connections named ``application``."""
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE application_name = $1 AND xact_start IS NOT NULL",
+        application,
+    )
+    return count
+
+
+async def test_a_blocked_consumer_holds_at_most_prefetch_messages_and_concurrency_transactions(
+    service_url: str,
+    settings: Settings,
+    producer: Producer,
+    database_url: str,
+    sdk_db: asyncpg.Connection,
+) -> None:
+    prefetch, concurrency, total = 5, 2, 30
+    queue = settings.queue_name("inventory")
+    application = f"rmsg-bounds-{uuid.uuid4().hex[:8]}"
+    release = asyncio.Event()
+    entered: list[str] = []
+    inside = most_inside = most_open = 0
+
+    async def blocking(conn: asyncpg.Connection, message: Received) -> None:
+        nonlocal inside, most_inside, most_open
+        entered.append(message.id)
+        inside += 1
+        most_inside = max(most_inside, inside)
+        most_open = max(most_open, await open_transactions(conn, application))
+        try:
+            await release.wait()
+            await record_effect(conn, message)
+        finally:
+            inside -= 1
+
+    messages = [Outgoing("order.paid", {"order": i}) for i in range(total)]
+    async with (
+        asyncpg.create_pool(
+            database_url,
+            min_size=1,
+            max_size=10,
+            server_settings={"application_name": application},
+        ) as pool,
+        pool.acquire() as conn,
+    ):
+        async with producer.transaction_many(conn, messages) as sent:
+            pass
+        assert sent.confirmed
+        consumer = inventory_consumer(
+            service_url,
+            settings,
+            pool,
+            FAST,
+            Consumer,
+            prefetch=prefetch,
+            concurrency=concurrency,
+            handle_batch=1,  # a transaction a message: each waiting one wants a transaction
+        )
+        consumer.add_handler("order.paid", blocking)
+        async with consuming(consumer):
+            try:
+                await wait_until(
+                    lambda: len(entered) >= concurrency and unacked(queue) >= prefetch, within=20
+                )
+                await asyncio.sleep(0.5)  # room for anything beyond the bounds to show
+                assert unacked(queue) == prefetch
+                assert len(entered) == concurrency
+                assert await open_transactions(sdk_db, application) == concurrency
+            finally:
+                release.set()
+
+            async def all_done() -> bool:
+                done = await sdk_db.fetchval(
+                    "SELECT count(*) FROM rmsg_delivery"
+                    " WHERE group_name = 'inventory' AND status = 'done'"
+                )
+                return bool(done == total)
+
+            await wait_until(all_done, within=30)
+            await wait_until(lambda: unacked(queue) == 0, within=10)
+    assert most_inside <= concurrency
+    assert most_open <= concurrency
+    assert sorted(entered) == sorted(m.id for m in messages), "a message handled twice"
+    assert await sdk_db.fetchval("SELECT count(*) FROM sdk_effects") == total
+    assert await sdk_db.fetchval("SELECT count(DISTINCT message_id) FROM sdk_effects") == total
