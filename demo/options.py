@@ -124,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
         help="do not stop RabbitMQ (rabbitmqctl stop_app) while the middle third of the"
         " orders is paid",
     )
-    p.add_argument("--run-dir", help=f"logs and report (default {ARTIFACTS}/run-<time>)")
+    p.add_argument(
+        "--run-dir", help=f"logs, report and /metrics texts (default {ARTIFACTS}/run-<time>)"
+    )
     p.add_argument("--config", default=str(CONFIG), help="the service's TOML configuration")
     p.add_argument(
         "--database-url",

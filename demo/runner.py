@@ -78,6 +78,10 @@ OUTAGE_SETTLE = 30.0
 RECOVERY = 60.0
 #: Seconds before a consumer takes over a Redis entry read by a consumer that died.
 CLAIM_IDLE = 5.0
+#: The service's ``/metrics`` text, in the run directory: while RabbitMQ is down and the
+#: orders of the outage phase are paid, and at the end.
+OUTAGE_METRICS = "metrics-outage.txt"
+END_METRICS = "metrics-end.txt"
 #: How often the outage's progress is looked at.
 WATCH_EVERY = 0.25
 
@@ -347,6 +351,7 @@ class Run:
                 await self.outage.stop()
                 self._event("RabbitMQ stopped: paying orders while it is down")
                 answers |= await self._pay_all(shop, split.during, plan, progress, task)
+                await self._save_metrics(admin, OUTAGE_METRICS)
                 await self._settle_while_down(admin, split, progress)
             finally:
                 self._event("starting RabbitMQ again (rabbitmqctl start_app)")
@@ -388,6 +393,10 @@ class Run:
         with contextlib.suppress(ReliableMsgError):
             counts = await admin.message_counts()
             self.settled_while_down = counts.get("done", 0) + counts.get("cancelled", 0)
+
+    async def _save_metrics(self, admin: ServiceAdmin, name: str) -> None:
+        """Keep the service's ``/metrics`` text as it is now in the run directory."""
+        (self.options.run_dir / name).write_text(await admin.metrics())
 
     def _downtime(self) -> float:
         o = self.outage
@@ -519,6 +528,7 @@ class Run:
     async def _facts(
         self, admin: ServiceAdmin, plan: Plan, split: Phases, answers: Answers
     ) -> Facts:
+        await self._save_metrics(admin, END_METRICS)
         o = self.options
         crashes = {
             g: sum((self.state / crash_marker(g, i)).exists() for i in plan.consumer_crashes[g])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from demo import rabbit
 from tests.conftest import AMQP_URL, SERVER_URL
@@ -103,6 +105,7 @@ def test_demo_balances_the_books_through_every_injected_failure_and_an_outage(
 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert_outage(summary["outage"], out)
+    assert_metrics_moved(tmp_path / "run", summary)
     assert all(c["ok"] for c in summary["checks"]), summary["checks"]
     plan = summary["plan"]
     assert len(plan["local_failures"]) >= 1
@@ -148,3 +151,70 @@ def assert_outage(outage: dict[str, Any], out: str) -> None:
         assert path["now"] == "RabbitMQ", (group, path)
     for row in ("RabbitMQ stopped", "RabbitMQ started", "switch set degraded by the service"):
         assert row in out, row
+
+
+def documented_metrics() -> list[str]:
+    """The metric names of the README's table under "### Metrics"."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Metrics", 1)[1].split("\n#", 1)[0]
+    names = re.findall(r"^\| `(rmsg_\w+)` \|", section, re.MULTILINE)
+    assert len(names) >= 10, section
+    return names
+
+
+class Scrape:
+    """One ``/metrics`` text: which metrics it declares, and its samples."""
+
+    def __init__(self, text: str) -> None:
+        self.declared = set(re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE))
+        self.samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+
+    def values(self, name: str, **labels: str) -> list[float]:
+        return [
+            s.value for s in self.samples if s.name == name and labels.items() <= s.labels.items()
+        ]
+
+    def value(self, name: str, **labels: str) -> float:
+        found = self.values(name, **labels)
+        assert found, f"no sample {name} {labels}"
+        return sum(found)
+
+
+def assert_metrics_moved(run_dir: Path, summary: dict[str, Any]) -> None:
+    """The service's /metrics while RabbitMQ was down and at the end: every documented
+    metric is there, and what this run must have moved moved. (The service process is the
+    run's own, so every counter started at zero.)"""
+    during = Scrape((run_dir / "metrics-outage.txt").read_text())
+    end = Scrape((run_dir / "metrics-end.txt").read_text())
+    for name in documented_metrics():
+        assert name in during.declared and name in end.declared, name
+    plan = summary["plan"]
+    paid = ORDERS - len(plan["local_failures"])
+
+    assert during.value("rmsg_degraded") == 1
+    assert during.value("rmsg_mode_changes_total", mode="degraded") >= 1
+    for group in GROUPS:
+        assert during.value("rmsg_fallback_writes_total", group=group) >= 1, group
+        assert len(during.values("rmsg_fallback_depth", group=group)) == 1, group
+
+    assert end.value("rmsg_transitions_total", status="pending") == ORDERS
+    assert end.value("rmsg_transitions_total", status="sent") == paid
+    assert end.value("rmsg_transitions_total", status="cancelled") == len(plan["local_failures"])
+    assert end.value("rmsg_publish_seconds_count") > 0
+    assert end.value("rmsg_confirm_seconds_count", caller="producer") > 0
+    # Orders whose service died after its commit are confirmed by check-back.
+    assert end.value("rmsg_confirm_seconds_count", caller="checkback") >= 1
+    committed = end.value("rmsg_checkbacks_total", producer="order", outcome="committed")
+    assert committed >= len(plan["upstream_crashes"])
+    assert end.value("rmsg_degraded") == 0
+    assert end.value("rmsg_mode_changes_total", mode="degraded") >= 1
+    assert end.value("rmsg_mode_changes_total", mode="normal") >= 1
+    assert end.value("rmsg_messages", status="done") > 0
+    for group in GROUPS:
+        assert end.value("rmsg_acks_total", group=group) == paid, group
+        writes = end.value("rmsg_fallback_writes_total", group=group)
+        assert writes == summary["outage"]["writes"][group], group
+        assert end.value("rmsg_fallback_depth", group=group) == 0, group
+        assert end.value("rmsg_deliveries", group=group, status="done") > 0, group
+    for scanner in ("checkback", "redelivery"):
+        assert len(end.values("rmsg_scanner_lag_seconds", scanner=scanner)) == 1, scanner
