@@ -41,6 +41,9 @@ SWITCH_HISTORY_KEY = "{{{ns}}}:switch:history"
 SWITCH_CHANNEL = "{{{ns}}}:switch:events"
 #: How many switch changes the history keeps.
 SWITCH_HISTORY_LENGTH = 100
+#: Hash of each consumer group's fallback shard count, written by the service; consumers
+#: read it, so that they read every shard the service writes to.
+SHARDS_KEY = "{{{ns}}}:shards"
 #: Stream of one fallback shard; the hash tag is the shard, so shards spread over a cluster.
 FALLBACK_KEY = "{ns}:fb:{{{group}:{shard}}}"
 #: Glob patterns matching every key above of one namespace (switch keys, shards).

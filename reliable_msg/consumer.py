@@ -102,7 +102,8 @@ class Consumer:
     while that still works, and starts ``redis_workers`` workers over the group's
     fallback shards; after the switch clears, the workers drain the shards until they are
     empty, and only then does the consumer go back to RabbitMQ alone (reconnecting to it
-    if it had lost it). Every path uses the same handler, inbox and acks.
+    if it had lost it). Every path uses the same handler, inbox and acks. The group's
+    shard count is the one the service records in Redis; ``shards`` holds until it has.
     """
 
     def __init__(
@@ -528,7 +529,7 @@ class FallbackDrain:
             namespace=namespace,
             poll_interval=poll_interval,
         )
-        self._workers = max(1, min(workers, shards))
+        self._workers = max(1, workers)
         self._poll = poll_interval
         self._claim_idle = claim_idle
 
@@ -550,6 +551,7 @@ class FallbackDrain:
 
     async def _needed(self) -> bool:
         try:
+            await self.reader.learn_shards()
             return self.switch.degraded or await self.reader.depth() > 0
         except REDIS_ERRORS:
             return self.switch.degraded
@@ -566,24 +568,42 @@ class FallbackDrain:
     async def _drain(self) -> None:
         consumer = self._consumer
         consumer.set_mode(Mode.DEGRADED)
-        await self._retrying(self.reader.prepare)
-        keys = self.reader.keys
-        parts = [keys[i :: self._workers] for i in range(self._workers)]
-        workers = [asyncio.create_task(self._work(part)) for part in parts]
-        try:
-            while not consumer.stopping:
-                await self._sleep(self._poll)
-                if not self.switch.degraded and await self._empty():
-                    break
-        finally:
-            self._stop_workers = True
-            await asyncio.gather(*workers, return_exceptions=True)
-            self._stop_workers = False
+        while not consumer.stopping:
+            await self._retrying(self.reader.prepare)
+            if await self._drain_keys(self.reader.keys):
+                break
         if not consumer.stopping:
             log.warning("consumer %s: fallback shards drained", consumer.group)
             consumer.set_mode(Mode.NORMAL)
 
+    async def _drain_keys(self, keys: list[str]) -> bool:
+        """Work on ``keys`` until the switch is off and they are empty, or stopping (True),
+        or until the group's shard count changes (False)."""
+        consumer = self._consumer
+        workers_n = max(1, min(self._workers, len(keys)))
+        parts = [keys[i::workers_n] for i in range(workers_n)]
+        workers = [asyncio.create_task(self._work(part)) for part in parts]
+        try:
+            while not consumer.stopping:
+                await self._sleep(self._poll)
+                if await self._resharded(keys):
+                    return False
+                if not self.switch.degraded and await self._empty():
+                    return True
+            return True
+        finally:
+            self._stop_workers = True
+            await asyncio.gather(*workers, return_exceptions=True)
+            self._stop_workers = False
+
     _stop_workers = False
+
+    async def _resharded(self, keys: list[str]) -> bool:
+        try:
+            await self.reader.learn_shards()
+        except REDIS_ERRORS:
+            return False
+        return self.reader.keys != keys
 
     async def _empty(self) -> bool:
         try:

@@ -105,17 +105,30 @@ class FallbackWriter:
         self._shards = shards
         self._default = default_shards
         self._alarm = alarm
+        self._shards_key = constants.SHARDS_KEY.format(ns=namespace)
+        self._recorded = False
 
     def key_for(self, group: str, out: Outgoing) -> str:
         shards = self._shards.get(group, self._default)
         return shard_key(self._ns, group, shard_of(out.key or out.id, shards))
 
+    async def record_shards(self) -> None:
+        """Write each group's shard count where consumers read it (:data:`SHARDS_KEY`)."""
+        if self._shards:
+            await self._redis.hset(self._shards_key, mapping=self._shards)  # type: ignore[arg-type]
+        self._recorded = True
+
     async def write(self, outs: Sequence[Outgoing]) -> None:
         """Append each message to the shard of each of its groups; return once Redis has
         them all. Raises :class:`BrokerUnavailable` when Redis does not answer."""
         writes = [(group, self.key_for(group, out), out) for out in outs for group in out.targets()]
+        # The shard counts go with this instance's first write, should start-up have
+        # found Redis away.
+        record = not self._recorded and bool(self._shards)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
+                if record:
+                    pipe.hset(self._shards_key, mapping=self._shards)  # type: ignore[arg-type]
                 for _, key, out in writes:
                     pipe.xadd(key, entry_fields(out))  # type: ignore[arg-type]
                     pipe.xlen(key)
@@ -124,6 +137,9 @@ class FallbackWriter:
             raise BrokerUnavailable(
                 f"RabbitMQ is down and so is the Redis fallback: {exc}"
             ) from exc
+        if record:
+            self._recorded = True
+            replies = replies[1:]
         for (group, key, out), length in zip(writes, replies[1::2], strict=True):
             FALLBACK_WRITES.labels(group).inc()
             if length > self._alarm:
@@ -154,8 +170,30 @@ class FallbackReader:
         self, redis: aioredis.Redis, *, namespace: str, group: str, shards: int, consumer: str
     ) -> None:
         self._redis = redis
+        self._namespace = namespace
+        self._group = group
+        self._configured = shards
+        self._shards_key = constants.SHARDS_KEY.format(ns=namespace)
         self.keys = shard_keys(namespace, group, shards)
         self._consumer = consumer
+
+    async def learn_shards(self) -> int:
+        """Follow the group's shard count as the service recorded it; the count given to
+        the constructor holds until the service has recorded one."""
+        raw = await self._redis.hget(self._shards_key, self._group)
+        shards = int(raw) if raw is not None else self._configured
+        if shards != len(self.keys):
+            if shards != self._configured:
+                log.warning(
+                    "fallback of %s: the service writes to %d shards, not the %d configured "
+                    "here; reading %d",
+                    self._group,
+                    shards,
+                    self._configured,
+                    shards,
+                )
+            self.keys = shard_keys(self._namespace, self._group, shards)
+        return shards
 
     async def prepare(self) -> None:
         """Create each shard's stream consumer group, from the start of the stream."""

@@ -118,6 +118,8 @@ class Runtime:
         if self.switch is not None:
             try:
                 await self.switch.refresh()
+                if self.fallback is not None:
+                    await self.fallback.record_shards()
             except REDIS_ERRORS as exc:
                 log.warning("Redis unreachable at start-up (%s); switch assumed normal", exc)
             self._watch = asyncio.create_task(self.switch.watch())

@@ -661,3 +661,42 @@ async def test_a_shard_over_the_alarm_logs_the_message_and_counts(
     assert {getattr(r, "message_id", None) for r in warned} == {"alarm-2"}
     assert all(r.levelno == logging.WARNING for r in warned)
     assert any(":fb:{inventory:" in r.getMessage() for r in warned)
+
+
+async def test_a_group_with_its_own_shard_count_is_written_and_drained_in_full(
+    make_settings: Callable[..., Settings],
+    pool: asyncpg.Pool,
+    sdk_db: asyncpg.Connection,
+    redis: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    own = 12  # more than the SHARDS the test consumer is told
+    inventory = {"topics": ["order.paid"], "token": GROUP_TOKENS["inventory"], "shards": own}
+    settings = make_settings(
+        fallback={"shards": SHARDS, "poll_interval": 0.2}, groups={"inventory": inventory}
+    )
+    ns = settings.fallback.namespace
+    ids = [f"own-{i}" for i in range(40)]
+    async with (
+        own_runtime(settings, scanners=False) as rt,
+        serving_app(create_app(rt)) as service_url,
+    ):
+        assert rt.switch is not None
+        await rt.switch.trip("test: degraded on purpose")
+        async with Producer(service_url, PRODUCER, retry=RETRY) as producer:
+            await produce(producer, pool, ids)
+        lengths = [int(await redis.xlen(k)) for k in shard_keys(ns, "inventory", own + 4)]
+        assert sum(lengths) == len(ids) and sum(lengths[own:]) == 0
+        assert sum(lengths[SHARDS:own]) > 0, "no entry beyond the consumer's own count"
+        assert sum([int(await redis.xlen(k)) for k in shard_keys(ns, "wms", own)]) == len(ids)
+
+        with caplog.at_level(logging.WARNING, logger="reliable_msg.fallback"):
+            async with consuming(service_url, settings, pool):
+                await wait_until(lambda: all_done(sdk_db, ids), within=30)
+        assert any(
+            "writes to 12 shards, not the 8 configured here" in r.getMessage()
+            for r in caplog.records
+        )
+        lengths = [int(await redis.xlen(k)) for k in shard_keys(ns, "inventory", own)]
+        assert sum(lengths) == 0
+    await assert_one_effect_each(sdk_db, ids)
