@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import aio_pika
 import asyncpg
 import pytest
 from fastapi import FastAPI
@@ -344,6 +345,67 @@ async def test_consumer_killed_after_effect_before_ack_applies_once(
     finally:
         assert await stop_gracefully(restarted) == 0, "no clean exit on SIGTERM"
     assert await effects(sdk_db, "o-4") == 1
+
+
+async def test_sigterm_lets_the_handler_in_progress_finish_and_ack(
+    runtime: Runtime,
+    service_url: str,
+    settings: Settings,
+    producer: Producer,
+    pool: asyncpg.Pool,
+    sdk_db: asyncpg.Connection,
+    database_url: str,
+    amqp: aio_pika.abc.AbstractConnection,
+) -> None:
+    hold = 4242  # the advisory lock the consumer's handler waits for
+    env = {
+        **os.environ,
+        "DB": database_url,
+        "SERVICE": service_url,
+        "TOKEN": GROUP_TOKENS["inventory"],
+        "AMQP": AMQP_URL,
+        "QUEUE": settings.queue_name("inventory"),
+        "HOLD": str(hold),
+    }
+
+    async def handler_waiting() -> bool:
+        waiting = await sdk_db.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1"
+            " AND NOT granted",
+            hold,
+        )
+        return bool(waiting == 1)
+
+    async with pool.acquire() as holder:
+        await holder.execute("SELECT pg_advisory_lock($1)", hold)
+        consumer = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.helpers.sdk_process", "consume", "inventory", env=env
+        )
+        try:
+            async with producer.transaction(sdk_db, "order.paid", {"order": 6}, id="o-6"):
+                pass
+            await wait_until(handler_waiting, within=20)
+            consumer.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert consumer.returncode is None, "stopped without waiting for its handler"
+            await holder.execute("SELECT pg_advisory_unlock($1)", hold)
+            assert await asyncio.wait_for(consumer.wait(), 20) == 0
+        finally:
+            if consumer.returncode is None:
+                consumer.kill()
+                await consumer.wait()
+    assert await effects(sdk_db, "o-6") == 1
+    assert await delivery(sdk_db, "o-6") == "done"
+    attempts = await sdk_db.fetchval(
+        "SELECT attempts FROM rmsg_delivery WHERE message_id = 'o-6' AND group_name = 'inventory'"
+    )
+    assert attempts == 1
+    # Acked to RabbitMQ too: nothing went back to the queue when the consumer left.
+    channel = await amqp.channel()
+    queue = await channel.declare_queue(settings.queue_name("inventory"), passive=True)
+    assert queue.declaration_result.message_count == 0
+    assert unacked(settings.queue_name("inventory")) == 0
+    await channel.close()
 
 
 async def test_handler_failing_three_times_then_succeeding_has_one_effect(

@@ -3,7 +3,9 @@
     python -m tests.helpers.sdk_process produce-and-die ID
         prepares ID, commits its local transaction, then dies before the confirm.
     python -m tests.helpers.sdk_process consume GROUP [CRASH_ID]
-        consumes GROUP; dies right after handling CRASH_ID, before acking it.
+        consumes GROUP; dies right after handling CRASH_ID, before acking it. With HOLD
+        set (a number), each handler, after its effect, waits for the advisory lock
+        HOLD before it returns (a test holds that lock to keep the handler running).
 
 Connection settings come from the environment (see tests/test_sdk.py).
 """
@@ -62,11 +64,15 @@ async def consume(group: str, crash_id: str | None) -> None:
     )
     consumer.crash_id = crash_id
 
+    hold = os.environ.get("HOLD")
+
     @consumer.handler("order.paid")
     async def effect(conn: asyncpg.Connection, message: Received) -> None:
         await conn.execute(
             "INSERT INTO sdk_effects (group_name, message_id) VALUES ($1, $2)", group, message.id
         )
+        if hold:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", int(hold))
 
     await consumer.run()
     await pool.close()
