@@ -344,6 +344,12 @@ async def test_dashboard_shows_the_degraded_mode_and_the_fallback_depth(
         await shot(page, "overview-degraded")
         await context.close()
         assert problems.lines == []
+        # The same figures on /metrics.
+        async with httpx.AsyncClient(base_url=service.url, timeout=10) as api:
+            metrics = (await api.get("/metrics")).text
+        assert "\nrmsg_degraded 1.0\n" in metrics
+        assert '\nrmsg_fallback_depth{group="credit"} 2.0\n' in metrics
+        assert '\nrmsg_fallback_depth{group="inventory"} 0.0\n' in metrics
     finally:
         await switch.clear("RabbitMQ maintenance over")
         await redis.aclose()
