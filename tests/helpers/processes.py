@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,49 +45,6 @@ def _value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_value(v) for v in value) + "]"
     return repr(value)
-
-
-@contextmanager
-def serving(config: Path, count: int, log_dir: Path) -> Iterator[list[tuple[int, Path]]]:
-    """Start ``count`` service processes; yield (port, log file) of each; stop them."""
-    procs: list[subprocess.Popen[bytes]] = []
-    ports: list[tuple[int, Path]] = []
-    try:
-        for i in range(count):
-            port = free_port()
-            log = log_dir / f"serve-{i}.log"
-            with log.open("wb") as out:
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "reliable_msg",
-                            "--config",
-                            str(config),
-                            "serve",
-                            "--port",
-                            str(port),
-                        ],
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        env={**os.environ, "RMSG_LOG_LEVEL": "info"},
-                    )
-                )
-            ports.append((port, log))
-        for port, log in ports:
-            _wait_ready(port, log)
-        yield ports
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _wait_ready(port: int, log: Path, within: float = 30.0) -> None:
