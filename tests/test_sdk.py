@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -415,7 +416,9 @@ async def test_handler_failing_three_times_then_succeeding_has_one_effect(
     producer: Producer,
     pool: asyncpg.Pool,
     sdk_db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.ERROR, logger=consumer_sdk.log.name)
     calls = 0
 
     async def flaky(conn: asyncpg.Connection, message: Received) -> None:
@@ -443,6 +446,13 @@ async def test_handler_failing_three_times_then_succeeding_has_one_effect(
         "SELECT attempts FROM rmsg_delivery WHERE message_id = 'o-5' AND group_name = 'inventory'"
     )
     assert attempts == 4
+    failures = [
+        r for r in caplog.records if r.name == consumer_sdk.log.name and r.levelno == logging.ERROR
+    ]
+    assert [getattr(r, "message_id", None) for r in failures] == ["o-5"] * 3
+    for record in failures:
+        assert "o-5" in record.getMessage()
+        assert record.exc_info is not None and "flaky failure" in str(record.exc_info[1])
 
 
 async def test_batch_produce_and_batched_acks(
