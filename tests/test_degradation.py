@@ -20,7 +20,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from fastapi import FastAPI
-from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis as SyncRedis
 
 from reliable_msg import consumer as consumer_sdk
@@ -559,8 +559,14 @@ async def test_stalled_publishes_time_out_and_trip_the_switch_at_the_threshold(
 
 
 async def scrape(client: httpx.AsyncClient, name: str, **labels: str) -> float:
-    await client.get("/metrics")
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    """One sample of the service's ``/metrics`` (0 when absent)."""
+    r = await client.get("/metrics")
+    assert r.status_code == 200
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
 
 
 async def test_readyz_metrics_and_the_report_log_show_the_degraded_mode(
