@@ -5,10 +5,14 @@ Every call of the API is idempotent (a prepare carries its id), so transient fai
 rate limit no sooner than its ``Retry-After``; what is left after the retries is raised
 as :class:`ServiceUnavailable`, the broker error the service reported or
 :class:`RateLimited`. Other errors are raised at once, typed from the one exception tree.
+
+Given several instances' URLs instead of one, the client sends each try of each call to
+the next of them in turn, so calls spread over the instances and a retry goes to another.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,18 +61,23 @@ class ItemResult:
 
 
 class ServiceClient:
-    """Calls the reliable-msg HTTP API with a bearer token."""
+    """Calls the reliable-msg HTTP API with a bearer token, at one URL or at several
+    instances' URLs in turn."""
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         token: str,
         *,
         retry: RetryPolicy | None = None,
         timeout: float = 10.0,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
-        self._base = base_url.rstrip("/")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls or not all(isinstance(u, str) and u for u in urls):
+            raise ValueError(f"base_url: a URL or a list of URLs, not {base_url!r}")
+        self._bases = [u.rstrip("/") for u in urls]
+        self._turn = itertools.cycle(range(len(self._bases)))
         self._headers = {"Authorization": f"Bearer {token}"}
         self._retry = retry or RetryPolicy()
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -142,7 +151,7 @@ class ServiceClient:
     async def _once(self, method: str, path: str, body: Any) -> dict[str, Any]:
         try:
             async with self._http().request(
-                method, self._base + path, json=body, headers=self._headers
+                method, self._bases[next(self._turn)] + path, json=body, headers=self._headers
             ) as response:
                 raw = await response.read()
                 status = response.status

@@ -31,7 +31,7 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -110,7 +110,7 @@ class Consumer:
         self,
         group: str,
         *,
-        service_url: str,
+        service_url: str | Sequence[str],
         token: str,
         amqp_url: str,
         pool: asyncpg.Pool,

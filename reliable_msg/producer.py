@@ -100,7 +100,7 @@ class Producer:
 
     def __init__(
         self,
-        base_url: str | None = None,
+        base_url: str | Sequence[str] | None = None,
         token: str | None = None,
         *,
         retry: RetryPolicy | None = None,

@@ -1,11 +1,13 @@
 """Three ``serve`` processes over one database, no balancer: a producer round-robins
-prepare and confirm over them, one is killed with SIGKILL mid-run, and every message is
-still done, with exactly one effect in the consumer's database."""
+prepare and confirm over them, the consumer its acks, one instance both used is killed
+with SIGKILL mid-run, and every message is still done, with exactly one effect in the
+consumer's database."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -105,7 +107,7 @@ async def test_three_instances_one_killed_every_message_done_once(
         with running(config, tmp_path, count=3) as instances:
             consumer = Consumer(
                 GROUP,
-                service_url=instances[0].url,  # the SDK takes one URL: a balancer's, in prod
+                service_url=[i.url for i in instances],  # acks in turn over the three
                 token=GROUP_TOKENS[GROUP],
                 amqp_url=AMQP_URL,
                 pool=pool,
@@ -136,6 +138,8 @@ async def test_three_instances_one_killed_every_message_done_once(
                 await asyncio.wait_for(consuming, 30)
             assert instances[2].proc.returncode is not None
             assert producer.failures > 0, "the kill went unnoticed by the producer"
+            for survivor in instances[:2]:
+                assert await acks_taken(survivor) > 0, survivor.url
     finally:
         await remove_traces(settings)
 
@@ -149,8 +153,17 @@ async def test_three_instances_one_killed_every_message_done_once(
     assert (stuck, open_deliveries) == (0, 0)
 
 
+async def acks_taken(instance: Instance) -> float:
+    """The acks of group credit ``instance`` took, from its ``/metrics``."""
+    async with httpx.AsyncClient(base_url=instance.url, timeout=5) as client:
+        text = (await client.get("/metrics")).text
+    found = re.search(rf'^rmsg_acks_total{{group="{GROUP}"}} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 async def produce(producer: RoundRobin, ids: list[str], victim: Instance) -> None:
-    """Send every id from concurrent workers; kill ``victim`` once a third are confirmed."""
+    """Send every id from concurrent workers; kill ``victim`` once a third are confirmed
+    and the consumer acked some through it."""
     queue: asyncio.Queue[str] = asyncio.Queue()
     for id in ids:
         queue.put_nowait(id)
@@ -164,6 +177,11 @@ async def produce(producer: RoundRobin, ids: list[str], victim: Instance) -> Non
             confirmed += 1
             if confirmed >= KILL_AFTER and not killed.is_set():
                 killed.set()
+
+                async def acked_through_victim() -> bool:
+                    return await acks_taken(victim) > 0
+
+                await wait_until(acked_through_victim, within=30, every=0.05)
                 victim.kill()
 
     await asyncio.gather(*(worker() for _ in range(PRODUCERS)))
