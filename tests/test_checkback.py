@@ -16,6 +16,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from reliable_msg.api import create_app
 from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings
 from tests.conftest import OTHER_PRODUCER, PRODUCER, auth
@@ -173,6 +174,70 @@ async def test_check_back_outcomes(
     [message] = await rabbit.drain(amqp, settings.queue_name("inventory"), wait=0.3)
     assert message.message_id == "committed"
     assert json.loads(message.body) == {"order_id": "committed"}
+
+
+#: Tries of the backoff test: enough for the wait to double twice, then reach its cap.
+BACKOFF_TRIES = 5
+
+
+async def test_check_back_waits_longer_after_each_unanswered_try(
+    make_settings: Callable[..., Settings],
+    endpoint: tuple[ProducerEndpoint, int],
+    db: asyncpg.Connection,
+) -> None:
+    """The next check-back of a message that got no answer is due ``backoff_base`` later,
+    twice that after the next try, and so on up to ``backoff_cap``: read from the row
+    that each try leaves behind (its next check and the time it was recorded)."""
+    producer, port = endpoint
+    producer.answers = {"slow": "unknown"}
+    settings = make_settings(
+        producers={"order": {"check_url": f"http://127.0.0.1:{port}/check", "token": PRODUCER}},
+        checkback={
+            "max_tries": BACKOFF_TRIES,
+            "timeout": 0.5,
+            "backoff_base": 0.1,
+            "backoff_factor": 2.0,
+            "backoff_cap": 0.5,
+        },
+    )
+    runtime = await Runtime.create(settings, scanners=False)
+    await runtime.start()
+    try:
+        transport = httpx.ASGITransport(app=create_app(runtime))
+        async with httpx.AsyncClient(transport=transport, base_url="http://rmsg") as client:
+            await prepare(client, "slow")
+
+        async def row() -> asyncpg.Record:
+            record = await db.fetchrow(
+                "SELECT status, check_attempts,"
+                " extract(epoch FROM next_check_at - updated_at) AS wait"
+                " FROM rmsg_message WHERE id = 'slow'"
+            )
+            assert record is not None
+            return record
+
+        async def asked() -> bool:
+            return await runtime.checkback.run_once() == 1
+
+        waits: list[float] = []
+        for tries in range(1, BACKOFF_TRIES + 1):
+            await wait_until(asked, within=10, every=0.02)  # due again: a call is under way
+
+            async def recorded(tries: int = tries) -> bool:
+                return bool((await row())["check_attempts"] == tries)
+
+            # No pass runs meanwhile, so nothing claims the row before it is read.
+            await wait_until(recorded, within=10, every=0.02)
+            current = await row()
+            if current["status"] == "pending":
+                waits.append(float(current["wait"]))
+    finally:
+        await runtime.stop()
+        await remove_traces(settings)
+
+    assert waits == pytest.approx([0.1, 0.2, 0.4, 0.5])
+    assert current["status"] == "dead"
+    assert producer.calls["slow"] == BACKOFF_TRIES
 
 
 async def test_check_back_waits_for_check_after(
