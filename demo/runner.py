@@ -273,9 +273,7 @@ class Run:
             await admin.close()
         outcome = judge(facts)
         self._report(outcome, facts, timed_out=not settled)
-        if not settled:
-            return 2
-        return 0 if outcome.balanced and outcome.as_planned else 1
+        return exit_status(outcome, settled=settled)
 
     async def _start_service(self, admin: ServiceAdmin) -> None:
         argv = self._reliable_msg("serve", "--port", str(self.service_port))
@@ -648,6 +646,14 @@ class Run:
             f"RMSG_PRODUCERS__{PRODUCER.upper()}__CHECK_URL": check_url,
             **{f"RMSG_GROUPS__{g.upper()}__TOKEN": t for g, t in self.tokens.groups.items()},
         }
+
+
+def exit_status(outcome: Outcome, *, settled: bool) -> int:
+    """The demo's exit status for a run that got to its verdict: 0 the books balance and
+    every injected failure healed as planned, 1 not, 2 the messages did not settle."""
+    if not settled:
+        return 2
+    return 0 if outcome.balanced and outcome.as_planned else 1
 
 
 def _ids(ids: frozenset[int]) -> str:
