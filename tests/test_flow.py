@@ -11,9 +11,12 @@ import asyncpg
 import httpx
 import pytest
 
+from reliable_msg.api import create_app
+from reliable_msg.fallback import delete_namespace
 from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings
-from tests.conftest import GROUP_TOKENS, PRODUCER, auth
+from soak.proxy import FaultProxy
+from tests.conftest import AMQP_URL, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit
 from tests.helpers.waiting import wait_until
 
@@ -196,6 +199,64 @@ async def test_confirm_while_rabbitmq_is_stopped_keeps_message_pending(
     finally:
         await connection.close()
     assert message.message_id == "m-6"
+
+
+#: The publish timeout of the stalled-broker test: the confirm call answers once it passes.
+STALL_TIMEOUT = 0.5
+#: Longer than any confirm bounded by that timeout may take: beyond it, the call hangs.
+STALL_GUARD = 30.0
+
+
+async def test_confirm_while_the_broker_stalls_is_503_after_the_publish_timeout(
+    make_settings: Callable[..., Settings],
+    amqp: aio_pika.abc.AbstractConnection,
+    db: asyncpg.Connection,
+) -> None:
+    """RabbitMQ's connection stays open but nothing comes back (a stalled proxy between
+    the service and RabbitMQ): the confirm gives up after ``publish_timeout`` with a 503,
+    and the message stays ``pending`` until a confirm after the stall succeeds."""
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        settings = make_settings(
+            amqp_url=proxy.url("amqp", "guest:guest", "/"),
+            publish_timeout=STALL_TIMEOUT,
+            # Every failure here is a 503 of its own; the fallback is another test's.
+            fallback={"failure_threshold": 1000},
+        )
+        runtime = await Runtime.create(settings, scanners=False)
+        await runtime.start()
+        try:
+            assert runtime.broker.connected
+            transport = httpx.ASGITransport(app=create_app(runtime))
+            async with httpx.AsyncClient(transport=transport, base_url="http://rmsg") as client:
+                assert (await prepare(client, "m-7")).status_code == 201
+                proxy.stall()
+                async with asyncio.timeout(STALL_GUARD):  # a hang fails, not a slow answer
+                    r = await confirm(client, "m-7")
+                assert r.status_code == 503, r.text
+                assert r.headers["content-type"] == "application/json"
+                assert r.headers["retry-after"] == "1"
+                body = r.json()
+                assert list(body) == ["error"] and sorted(body["error"]) == ["code", "message"]
+                assert body["error"]["code"] == "broker_unavailable"
+                assert f"no publisher confirm within {STALL_TIMEOUT}s" in body["error"]["message"]
+                assert runtime.broker.connected, "a stall, not a lost connection"
+                assert await status_of(db, "m-7") == "pending"
+                assert await db.fetchval("SELECT count(*) FROM rmsg_delivery") == 0
+
+                proxy.resume()
+                r = await confirm(client, "m-7")
+                assert r.status_code == 200, r.text
+                assert r.json()["status"] == "sent"
+            assert await status_of(db, "m-7") == "sent"
+            # The publish the stall held back may reach RabbitMQ too once it ends: at
+            # least once, never lost.
+            queued = await rabbit.drain(amqp, settings.queue_name("inventory"), wait=0.3)
+            assert queued and {m.message_id for m in queued} == {"m-7"}
+        finally:
+            proxy.resume()
+            await runtime.stop()
+            await rabbit.delete_topology(AMQP_URL, settings)
+            await delete_namespace(settings.redis_url, settings.fallback.namespace)
 
 
 async def test_unroutable_publish_is_an_error_and_message_stays_pending(
