@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
+from typing import Any
 
 import aio_pika
 import asyncpg
@@ -104,6 +106,85 @@ async def test_unacked_delivery_is_redelivered_to_its_group_only_then_dead_then_
 
     await ack(client, "slow", "credit")
     assert await db.fetchval("SELECT status FROM rmsg_message WHERE id = 'slow'") == "done"
+
+
+def delivery_fields(deliveries: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
+    """Each delivery of a ``GET /v1/messages/{id}`` answer by group, its times parsed."""
+
+    def at(value: str | None) -> datetime | None:
+        return None if value is None else datetime.fromisoformat(value)
+
+    return {
+        d["group"]: (
+            d["status"],
+            d["attempts"],
+            at(d["next_attempt_at"]),
+            d["last_error"],
+            at(d["updated_at"]),
+            at(d["done_at"]),
+        )
+        for d in deliveries
+    }
+
+
+async def stored_deliveries(db: asyncpg.Connection, id: str) -> dict[str, tuple[Any, ...]]:
+    """The rows as the API shows them: a next try only while a delivery waits for one."""
+    rows = await db.fetch(
+        "SELECT group_name, status, attempts,"
+        " CASE WHEN status = 'sent' THEN next_attempt_at END, last_error, updated_at, done_at"
+        " FROM rmsg_delivery WHERE message_id = $1",
+        id,
+    )
+    return {r["group_name"]: tuple(r)[1:] for r in rows}
+
+
+async def test_get_shows_each_delivery_after_a_redelivery_and_a_death(
+    client: httpx.AsyncClient, runtime: Runtime, db: asyncpg.Connection
+) -> None:
+    await send(client, "seen")
+    await ack(client, "seen", "inventory")
+    # credit's delivery falls due and is redelivered; wms's is not due yet.
+    await db.execute(
+        "UPDATE rmsg_delivery SET next_attempt_at = now()"
+        " WHERE message_id = 'seen' AND group_name = 'credit'"
+    )
+    assert await runtime.redelivery.run_once() == 1
+
+    r = await client.get("/v1/messages/seen", headers=auth(PRODUCER))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "sent"
+    assert len(body["deliveries"]) == 3
+    shown = delivery_fields(body["deliveries"])
+    assert shown == await stored_deliveries(db, "seen")
+    assert {g: shown[g][:2] for g in shown} == {
+        "inventory": ("done", 1),
+        "credit": ("sent", 2),
+        "wms": ("sent", 1),
+    }
+    assert all(shown[g][3] is None for g in shown), "no delivery failed yet"
+    assert shown["inventory"][2] is None and shown["inventory"][5] is not None  # done
+    assert shown["credit"][5] is None
+    _, _, next_try, _, updated, _ = shown["credit"]
+    assert (next_try - updated).total_seconds() == pytest.approx(ACK_TIMEOUT)
+
+    # credit's last delivery goes unacked: dead, and the reason shows on the delivery.
+    await db.execute(
+        "UPDATE rmsg_delivery SET attempts = $1, next_attempt_at = now()"
+        " WHERE message_id = 'seen' AND group_name = 'credit'",
+        MAX_ATTEMPTS,
+    )
+    assert await runtime.redelivery.run_once() == 1
+    r = await client.get("/v1/messages/seen", headers=auth(ADMIN))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    shown = delivery_fields(body["deliveries"])
+    assert shown == await stored_deliveries(db, "seen")
+    status, attempts, _, error, _, _ = shown["credit"]
+    assert (status, attempts) == ("dead", MAX_ATTEMPTS)
+    assert error == f"not acked by credit after {MAX_ATTEMPTS} deliveries"
+    assert (body["status"], body["last_error"]) == ("dead", error)
+    assert shown["wms"][:2] == ("sent", 1)
 
 
 async def test_bulk_requeue_of_a_group(
