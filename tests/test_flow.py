@@ -16,7 +16,7 @@ from reliable_msg.fallback import delete_namespace
 from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings
 from soak.proxy import FaultProxy
-from tests.conftest import AMQP_URL, GROUP_TOKENS, PRODUCER, auth
+from tests.conftest import ADMIN, AMQP_URL, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit
 from tests.helpers.waiting import wait_until
 
@@ -146,6 +146,55 @@ async def test_reprepare_same_body_is_200_and_other_body_is_409(
     assert other.status_code == 409
     assert other.json()["error"]["code"] == "id_conflict"
     assert await db.fetchval("SELECT payload->>'order_id' FROM rmsg_message") == "42"
+
+
+async def test_list_filters_by_status_topic_and_group(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    """Each filter, alone and combined, returns exactly the matching messages, oldest
+    first; ``group`` means a delivery to that group (a pending message has none yet)."""
+    made = [
+        ("l-1", "order.paid", "pending"),
+        ("l-2", "order.paid", "sent"),  # to inventory, credit, wms
+        ("l-3", "order.created", "sent"),  # to credit only
+        ("l-4", "order.created", "pending"),
+        ("l-5", "order.paid", "cancelled"),
+    ]
+    for id, topic, status in made:
+        r = await client.post(
+            "/v1/messages",
+            json={"id": id, "topic": topic, "payload": PAID},
+            headers=auth(PRODUCER),
+        )
+        assert r.status_code == 201, r.text
+        if status == "sent":
+            assert (await confirm(client, id)).status_code == 200
+        elif status == "cancelled":
+            r = await client.post(f"/v1/messages/{id}/cancel", headers=auth(PRODUCER))
+            assert r.status_code == 200, r.text
+
+    async def listed(**params: str) -> list[str]:
+        r = await client.get("/v1/messages", params=params, headers=auth(ADMIN))
+        assert r.status_code == 200, r.text
+        assert r.json()["next_cursor"] is None
+        return [m["id"] for m in r.json()["messages"]]
+
+    assert await listed() == ["l-1", "l-2", "l-3", "l-4", "l-5"]
+    assert await listed(status="pending") == ["l-1", "l-4"]
+    assert await listed(status="sent") == ["l-2", "l-3"]
+    assert await listed(status="cancelled") == ["l-5"]
+    assert await listed(status="done") == []
+    assert await listed(topic="order.created") == ["l-3", "l-4"]
+    assert await listed(topic="order.paid") == ["l-1", "l-2", "l-5"]
+    assert await listed(topic="payment.done") == []
+    assert await listed(group="inventory") == ["l-2"]
+    assert await listed(group="credit") == ["l-2", "l-3"]
+    assert await listed(status="pending", topic="order.created") == ["l-4"]
+    assert await listed(topic="order.paid", group="credit") == ["l-2"]
+    assert await listed(status="pending", group="credit") == []
+    # The set-up made what the table above says.
+    rows = await db.fetch("SELECT id, topic, status FROM rmsg_message ORDER BY id")
+    assert [tuple(r) for r in rows] == made
 
 
 async def test_cancel_then_confirm_is_409_and_nothing_published(
