@@ -37,7 +37,7 @@ from reliable_msg.switch import Mode
 from soak.proxy import FaultProxy
 from tests.conftest import AMQP_URL, GROUP_TOKENS, OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import rabbit, redis_ctl
-from tests.helpers.consumers import inventory_consumer, running_effects
+from tests.helpers.consumers import inventory_consumer, inventory_process_env, running_effects
 from tests.helpers.processes import stop_gracefully
 from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
@@ -274,17 +274,14 @@ async def test_consumer_killed_while_reading_redis_loses_nothing(
         await produce(producer, pool, ids)
     assert await sdk_db.fetchval("SELECT count(*) FROM sdk_effects") == 0
 
-    env = {
-        **os.environ,
-        "DB": database_url,
-        "SERVICE": service_url,
-        "TOKEN": GROUP_TOKENS["inventory"],
-        "AMQP": AMQP_URL,
-        "QUEUE": settings.queue_name("inventory"),
-        "REDIS": settings.redis_url,
-        "NAMESPACE": settings.fallback.namespace,
-        "SHARDS": str(SHARDS),
-    }
+    env = inventory_process_env(
+        service_url,
+        settings,
+        database_url,
+        REDIS=settings.redis_url,
+        NAMESPACE=settings.fallback.namespace,
+        SHARDS=str(SHARDS),
+    )
     crashing = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -25,8 +25,8 @@ from reliable_msg.errors import Conflict, Fenced, Unprocessable
 from reliable_msg.producer import Outgoing, Producer, check_back_router
 from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings
-from tests.conftest import AMQP_URL, GROUP_TOKENS, PRODUCER
-from tests.helpers.consumers import inventory_consumer
+from tests.conftest import AMQP_URL, PRODUCER
+from tests.helpers.consumers import inventory_consumer, inventory_process_env
 from tests.helpers.processes import free_port, stop_gracefully
 from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
@@ -319,14 +319,7 @@ async def test_consumer_killed_after_effect_before_ack_applies_once(
     async with pool.acquire() as conn:
         async with producer.transaction(conn, "order.paid", {"order": 4}, id="o-4"):
             pass
-    env = {
-        **os.environ,
-        "DB": database_url,
-        "SERVICE": service_url,
-        "TOKEN": GROUP_TOKENS["inventory"],
-        "AMQP": AMQP_URL,
-        "QUEUE": settings.queue_name("inventory"),
-    }
+    env = inventory_process_env(service_url, settings, database_url)
     crashing = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.helpers.sdk_process", "consume", "inventory", "o-4", env=env
     )
@@ -359,15 +352,7 @@ async def test_sigterm_lets_the_handler_in_progress_finish_and_ack(
     amqp: aio_pika.abc.AbstractConnection,
 ) -> None:
     hold = 4242  # the advisory lock the consumer's handler waits for
-    env = {
-        **os.environ,
-        "DB": database_url,
-        "SERVICE": service_url,
-        "TOKEN": GROUP_TOKENS["inventory"],
-        "AMQP": AMQP_URL,
-        "QUEUE": settings.queue_name("inventory"),
-        "HOLD": str(hold),
-    }
+    env = inventory_process_env(service_url, settings, database_url, HOLD=str(hold))
 
     async def handler_waiting() -> bool:
         waiting = await sdk_db.fetchval(

@@ -1,9 +1,11 @@
-"""An in-process consumer of the test's ``inventory`` group, wired to the test settings,
-and run with the effect the tests count."""
+"""A consumer of the test's ``inventory`` group, wired to the test settings: in process,
+run with the effect the tests count, or the environment of one in a process of its own
+(tests/helpers/sdk_process.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -16,6 +18,21 @@ from reliable_msg.settings import Settings
 from tests.conftest import AMQP_URL, GROUP_TOKENS
 
 C = TypeVar("C", bound=Consumer)
+
+
+def inventory_process_env(
+    service_url: str, settings: Settings, database_url: str, **extra: str
+) -> dict[str, str]:
+    """The environment of ``python -m tests.helpers.sdk_process consume inventory``."""
+    return {
+        **os.environ,
+        "DB": database_url,
+        "SERVICE": service_url,
+        "TOKEN": GROUP_TOKENS["inventory"],
+        "AMQP": AMQP_URL,
+        "QUEUE": settings.queue_name("inventory"),
+        **extra,
+    }
 
 
 def inventory_consumer(
