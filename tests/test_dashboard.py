@@ -131,6 +131,13 @@ class Problems:
             self.lines.append(f"HTTP {response.status}: {response.url}")
 
 
+async def log_in(page: Page) -> None:
+    """Submit the admin token on the login form shown, and land on the overview."""
+    await page.fill("#token", ADMIN)
+    await page.click("button[type=submit]")
+    await page.wait_for_url(re.compile(r".*/dashboard/$"))
+
+
 async def shot(page: Page, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
@@ -183,9 +190,7 @@ async def test_dashboard_requeues_a_dead_message_until_done(
         await page.goto(f"{service.url}/dashboard/")
         assert "/dashboard/login" in page.url
         await shot(page, "login")
-        await page.fill("#token", ADMIN)
-        await page.click("button[type=submit]")
-        await page.wait_for_url(re.compile(r".*/dashboard/$"))
+        await log_in(page)
 
         # The overview: live counts, the chart drawn from samples, groups and topics.
         # A locator, not wait_for_function: the page's CSP forbids evaluating strings.
@@ -328,9 +333,7 @@ async def test_dashboard_shows_the_degraded_mode_and_the_fallback_depth(
         page = await context.new_page()
         problems = Problems(page)
         await page.goto(f"{service.url}/dashboard/login")
-        await page.fill("#token", ADMIN)
-        await page.click("button[type=submit]")
-        await page.wait_for_url(re.compile(r".*/dashboard/$"))
+        await log_in(page)
         await page.locator("#chart-flow polyline").first.wait_for(state="attached", timeout=15_000)
 
         assert await page.text_content("#broker-mode") == "degraded"
