@@ -191,10 +191,14 @@ class Producer:
             _refuse_decided({messages[0].id: answer.get("status")})
             return
         items = await self.client.prepare_many([m.body() for m in messages])
-        for item in items:
-            if item.error is not None:
-                await self._cancel_quietly([m.id for m in messages])
-                raise item.error
+        failed = [item.error for item in items if item.error is not None]
+        if failed:
+            # Only what this call created is ours to cancel: an id that existed already
+            # may be an earlier attempt's committed message; check-back decides those.
+            created = [item.id for item in items if item.created]
+            if created:
+                await self._cancel_quietly(created)
+            raise failed[0]
         # No cancel here: an earlier attempt may have committed them; check-back decides.
         _refuse_decided({item.id: item.status for item in items})
 
