@@ -177,9 +177,9 @@ def _routes() -> tuple[Any, Any]:  # noqa: C901 - a flat list of small route fun
         body: PrepareBatchIn, who: Producer, service: Service, request: Request
     ) -> Response:
         items = [_new(m) for m in body.messages]
-        _check_batch(request, [n.id for n, _ in items])
+        _check_batch(request, [n.id for n in items])
         results = await service.prepare(who.name, items)
-        return _batch([n.id for n, _ in items], results)
+        return _batch([n.id for n in items], results)
 
     @v1.post("/v1/batch/confirm", response_model=BatchOut)
     async def confirm_batch(
@@ -267,15 +267,14 @@ def _routes() -> tuple[Any, Any]:  # noqa: C901 - a flat list of small route fun
     return v1, public
 
 
-def _new(body: MessageIn) -> tuple[NewMessage, Any]:
-    message = NewMessage(
+def _new(body: MessageIn) -> NewMessage:
+    return NewMessage(
         id=body.id or uuid.uuid4().hex,
         topic=body.topic,
         payload=payload_text(body.payload),
         headers=dict(body.headers),
         key=body.key,
     )
-    return message, body.payload
 
 
 def _check_batch(request: Request, ids: Sequence[str]) -> None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from .states import DeliveryStatus, MessageStatus
 
@@ -55,15 +53,6 @@ class Message:
     sent_at: datetime | None
     finished_at: datetime | None
     deliveries: tuple[Delivery, ...] = ()
-
-    def same_request(self, other: NewMessage, payload: Any) -> bool:
-        """Whether ``other`` (whose parsed payload is ``payload``) repeats this prepare."""
-        return (
-            self.topic == other.topic
-            and self.key == other.key
-            and self.headers == other.headers
-            and json.loads(self.payload) == payload
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ class Publisher(Protocol):
 class Store(Protocol):
     async def insert(
         self, producer: str, items: Sequence[tuple[NewMessage, Sequence[str]]], check_in: float
-    ) -> tuple[list[Message], list[Message]]: ...
+    ) -> tuple[list[Message], list[tuple[Message, bool]]]: ...
 
     async def confirm(
         self, ids: Sequence[str], producer: str | None, ack_timeout: float, publish: PublishMany

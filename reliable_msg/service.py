@@ -59,13 +59,13 @@ class MessageService:
     # -- producer --------------------------------------------------------------------
 
     async def prepare(
-        self, producer: str, items: Sequence[tuple[NewMessage, Any]]
+        self, producer: str, items: Sequence[NewMessage]
     ) -> list[Prepared | ReliableMsgError]:
-        """Store messages as ``pending``. ``items`` pairs each message with its parsed
-        payload, which decides whether a repeated id is the same request."""
+        """Store messages as ``pending``. A repeated id is the same request only when
+        owner, topic, key, payload and headers are the same (canonical JSON, type-exact)."""
         results: dict[str, Prepared | ReliableMsgError] = {}
         valid: list[tuple[NewMessage, Sequence[str]]] = []
-        for message, _ in items:
+        for message in items:
             try:
                 valid.append((message, self._subscribers(message)))
             except ReliableMsgError as exc:
@@ -77,11 +77,9 @@ class MessageService:
             TRANSITIONS.labels(M.PENDING.value).inc(len(inserted))
             for m in inserted:
                 results[m.id] = Prepared(m, created=True)
-            payloads = {message.id: payload for message, payload in items}
-            requests = {message.id: message for message, _ in valid}
-            for m in existing:
-                results[m.id] = self._repeat(producer, m, requests[m.id], payloads[m.id])
-        return [results[message.id] for message, _ in items]
+            for m, same in existing:
+                results[m.id] = self._repeat(m, same)
+        return [results[message.id] for message in items]
 
     def _subscribers(self, message: NewMessage) -> Sequence[str]:
         size = len(message.payload.encode())
@@ -97,10 +95,8 @@ class MessageService:
         return groups
 
     @staticmethod
-    def _repeat(
-        producer: str, existing: Message, request: NewMessage, payload: Any
-    ) -> Prepared | ReliableMsgError:
-        if existing.producer == producer and existing.same_request(request, payload):
+    def _repeat(existing: Message, same: bool) -> Prepared | ReliableMsgError:
+        if same:
             return Prepared(existing, created=False)
         return Conflict(
             f"message {existing.id!r} already exists with another body", code="id_conflict"

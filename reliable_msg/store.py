@@ -225,8 +225,9 @@ class PgStore:
     @_translated
     async def insert(
         self, producer: str, items: Sequence[tuple[NewMessage, Sequence[str]]], check_in: float
-    ) -> tuple[list[Message], list[Message]]:
-        """Insert new ``pending`` messages; return (inserted, already existing by id)."""
+    ) -> tuple[list[Message], list[tuple[Message, bool]]]:
+        """Insert new ``pending`` messages; return (inserted, already existing by id, each
+        with whether the request repeats it exactly)."""
         rows = await self._pool.fetch(
             f"""
             WITH m AS (
@@ -255,9 +256,38 @@ class PgStore:
         )
         inserted = [_message(r) for r in rows]
         fresh = {m.id for m in inserted}
-        others = [m.id for m, _ in items if m.id not in fresh]
-        existing = await self.get_many(others) if others else []
+        others = [m for m, _ in items if m.id not in fresh]
+        existing = await self._repeats(producer, others) if others else []
         return inserted, existing
+
+    async def _repeats(
+        self, producer: str, requests: Sequence[NewMessage]
+    ) -> list[tuple[Message, bool]]:
+        """The stored messages with these ids, each with whether its request is the very
+        same: owner, topic, key, and payload and headers as canonical JSON. The request
+        goes through jsonb as the stored one did, so their texts compare type-exact
+        (1, true and 1.0 differ) whatever the key order or number spelling."""
+        rows = await self._pool.fetch(
+            f"""
+            SELECT {_MESSAGE_COLUMNS}, same FROM (
+                SELECT m.*,
+                       m.producer = $1 AND m.topic = u.topic
+                       AND m.key IS NOT DISTINCT FROM u.key
+                       AND m.payload::text = u.payload::jsonb::text
+                       AND m.headers::text = u.headers::jsonb::text AS same
+                FROM rmsg_message m
+                JOIN unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+                     AS u(id, topic, payload, headers, key) ON u.id = m.id
+            ) AS m
+            """,
+            producer,
+            [m.id for m in requests],
+            [m.topic for m in requests],
+            [m.payload for m in requests],
+            [json.dumps(m.headers) for m in requests],
+            [m.key for m in requests],
+        )
+        return [(_message(r), bool(r["same"])) for r in rows]
 
     # -- confirm / cancel ------------------------------------------------------------
 
