@@ -62,7 +62,9 @@ Topic = Annotated[
         min_length=1, max_length=constants.MAX_TOPIC_LENGTH, pattern=TOPIC_RE.pattern
     ),
 ]
-HeaderName = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+#: No limit in characters: the one rule is :data:`MAX_HEADER_NAME_BYTES` of UTF-8, which
+#: ``MessageIn`` checks (a character limit would answer first, with another message).
+HeaderName = Annotated[str, StringConstraints(min_length=1)]
 GroupName = Annotated[str, StringConstraints(pattern=NAME_RE.pattern)]
 
 
