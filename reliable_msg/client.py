@@ -220,6 +220,7 @@ def _status_of(code: str) -> int:
         "not_found": 404,
         "forbidden": 403,
         "id_conflict": 409,
+        "id_reused": 409,
         "cancelled": 409,
         "already_sent": 409,
         "dead": 409,

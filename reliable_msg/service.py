@@ -79,7 +79,7 @@ class MessageService:
                 results[m.id] = Prepared(m, created=True)
             for m, same in existing:
                 results[m.id] = self._repeat(m, same)
-        return [results[message.id] for message in items]
+        return [results[m.id] if m.id in results else _reused(m.id) for m in items]
 
     def _subscribers(self, message: NewMessage) -> Sequence[str]:
         size = len(message.payload.encode())
@@ -244,6 +244,13 @@ class MessageService:
 
 def _unknown(id: str) -> NotFound:
     return NotFound(f"no message {id!r}")
+
+
+def _reused(id: str) -> Conflict:
+    return Conflict(
+        f"message id {id!r} was used by a message that is now purged; an id is never reused",
+        code="id_reused",
+    )
 
 
 def _not_yours(id: str) -> Forbidden:

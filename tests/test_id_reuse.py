@@ -1,0 +1,129 @@
+"""An id is never reused: after the retention purge deletes a finished message, its id
+stays refused (409 ``id_reused``), for its producer and for any other, so that a
+consumer's inbox (keyed by the id) can never swallow a new message as a repeat. Over a
+real HTTP server, PostgreSQL and RabbitMQ, with the SDKs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+import httpx
+import pytest
+
+from reliable_msg import consumer as consumer_sdk
+from reliable_msg import producer as producer_sdk
+from reliable_msg.client import RetryPolicy
+from reliable_msg.consumer import Consumer
+from reliable_msg.errors import Conflict
+from reliable_msg.producer import Producer
+from reliable_msg.runtime import Runtime
+from reliable_msg.settings import Settings
+from tests.conftest import GROUP_TOKENS, OTHER_PRODUCER, PRODUCER, auth
+from tests.helpers.consumers import inventory_consumer, running_effects
+from tests.helpers.waiting import wait_until
+
+FAST = RetryPolicy(attempts=3, initial=0.05, max_wait=0.2, deadline=2.0)
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings(scanner={"retention": 0.5})
+
+
+@pytest.fixture
+async def sdk_db(db: asyncpg.Connection) -> asyncpg.Connection:
+    await producer_sdk.install(db)
+    await consumer_sdk.install(db)
+    await db.execute(
+        """
+        CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text);
+        TRUNCATE sdk_effects, rmsg_inbox, rmsg_producer_marker;
+        """
+    )
+    return db
+
+
+@pytest.fixture
+async def http(service_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=service_url) as c:
+        yield c
+
+
+def message(id: str, n: int) -> dict[str, object]:
+    return {"id": id, "topic": "order.paid", "payload": {"n": n}}
+
+
+async def purged(runtime: Runtime, db: asyncpg.Connection, id: str) -> None:
+    async def gone() -> bool:
+        await runtime.purger.run_once()
+        return not await db.fetchval("SELECT count(*) FROM rmsg_message WHERE id = $1", id)
+
+    await wait_until(gone, within=10, every=0.2)
+
+
+async def test_a_purged_id_is_refused_for_every_producer_single_and_batch(
+    runtime: Runtime, http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    r = await http.post("/v1/messages", json=message("r-1", 1), headers=auth(PRODUCER))
+    assert r.status_code == 201, r.text
+    r = await http.post("/v1/messages/r-1/cancel", headers=auth(PRODUCER))
+    assert r.status_code == 200, r.text
+    await purged(runtime, db, "r-1")
+
+    for token in (PRODUCER, OTHER_PRODUCER):
+        for body in (message("r-1", 1), message("r-1", 2)):
+            r = await http.post("/v1/messages", json=body, headers=auth(token))
+            assert r.status_code == 409, r.text
+            assert r.json()["error"]["code"] == "id_reused"
+        batch = {"messages": [message("r-2", 2), message("r-1", 1)]}
+        r = await http.post("/v1/batch/prepare", json=batch, headers=auth(token))
+        assert r.status_code == 200, r.text
+        [fresh, reused] = r.json()["results"]
+        assert fresh["ok"] or fresh["error"]["code"] == "id_conflict"
+        assert (reused["ok"], reused["error"]["code"]) == (False, "id_reused")
+    assert await db.fetchval("SELECT count(*) FROM rmsg_message WHERE id = 'r-1'") == 0
+
+
+async def test_a_reused_id_after_the_purge_is_refused_to_the_producer_not_swallowed(
+    runtime: Runtime,
+    service_url: str,
+    settings: Settings,
+    pool: asyncpg.Pool,
+    sdk_db: asyncpg.Connection,
+) -> None:
+    """Before: the second message with the id was taken, delivered, and the consumer's
+    inbox acked it as a repeat without running the handler: lost."""
+    async with Producer(service_url, PRODUCER, retry=FAST) as producer:
+        async with pool.acquire() as conn:
+            async with producer.transaction(conn, "order.paid", {"n": 1}, id="r-3") as sent:
+                pass
+        assert sent.confirmed
+        await ack_by_hand(service_url, "r-3", "credit", "wms")  # groups with no consumer here
+        consumer = inventory_consumer(service_url, settings, pool, FAST, Consumer)
+        async with running_effects(consumer):
+
+            async def finished() -> bool:
+                status = await sdk_db.fetchval("SELECT status FROM rmsg_message WHERE id = 'r-3'")
+                return bool(status == "done")
+
+            await wait_until(finished, within=15)
+            await purged(runtime, sdk_db, "r-3")
+            await sdk_db.execute("DELETE FROM rmsg_producer_marker")  # as a marker purge would
+
+            ran = False
+            with pytest.raises(Conflict) as refused:
+                async with pool.acquire() as conn:
+                    async with producer.transaction(conn, "order.paid", {"n": 2}, id="r-3"):
+                        ran = True
+            assert refused.value.code == "id_reused"
+            assert not ran
+    assert await sdk_db.fetchval("SELECT count(*) FROM rmsg_message WHERE id = 'r-3'") == 0
+    assert await sdk_db.fetchval("SELECT count(*) FROM sdk_effects") == 1
+
+
+async def ack_by_hand(service_url: str, id: str, *groups: str) -> None:
+    async with httpx.AsyncClient(base_url=service_url) as c:
+        for group in groups:
+            r = await c.post(f"/v1/messages/{id}/ack", headers=auth(GROUP_TOKENS[group]))
+            assert r.status_code == 200, r.text
