@@ -73,6 +73,57 @@ async def install(conn: Conn) -> None:
     await conn.execute(INBOX_DDL)
 
 
+#: The default age below which :func:`purge_inbox` keeps a row whatever the service says:
+#: the service's default ``scanner.retention``, so that a copy published before the ack
+#: and read late still finds its row while the service knows the message.
+PURGE_AGE = 7 * 24 * 3600.0
+
+
+async def purge_inbox(
+    pool: asyncpg.Pool,
+    client: ServiceClient,
+    group: str,
+    *,
+    older_than: float = PURGE_AGE,
+    batch: int = 100,
+) -> int:
+    """Delete the inbox rows of ``group`` that no redelivery can need; return how many.
+    Run it now and then with a client of the group's token::
+
+        async with ServiceClient(URL, TOKEN) as client:
+            await purge_inbox(pool, client, "inventory")
+
+    Only rows older than ``older_than`` seconds are looked at, ``batch`` at a time (at
+    most the service's ``max_batch``), and each is acked again (a row means handled):
+    it goes once its delivery is done, or the service no longer knows the message
+    (purged). A dead delivery keeps its row: an admin's requeue delivers it again. When
+    the service cannot be reached, the error is raised and the rest is left for next time.
+    """
+    total, after = 0, ""
+    while True:
+        rows = await pool.fetch(
+            f"SELECT message_id FROM {INBOX_TABLE} WHERE group_name = $1"
+            " AND processed_at < now() - make_interval(secs => $2) AND message_id > $3"
+            " ORDER BY message_id LIMIT $4",
+            group,
+            older_than,
+            after,
+            batch,
+        )
+        acked = await client.ack_many([r["message_id"] for r in rows]) if rows else []
+        final = [a.id for a in acked if a.ok or (a.error and a.error.code == "not_found")]
+        if final:
+            deleted = await pool.execute(
+                f"DELETE FROM {INBOX_TABLE} WHERE group_name = $1 AND message_id = ANY($2::text[])",
+                group,
+                final,
+            )
+            total += int(deleted.split()[-1])
+        if len(rows) < batch:
+            return total
+        after = rows[-1]["message_id"]
+
+
 @dataclass(frozen=True, slots=True)
 class Received:
     """A message as a handler sees it."""

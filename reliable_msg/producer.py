@@ -36,7 +36,7 @@ import asyncpg
 from fastapi import APIRouter, Header, HTTPException
 from pydantic import BaseModel
 
-from .client import TRANSIENT, RetryPolicy, ServiceClient
+from .client import TRANSIENT, ItemResult, RetryPolicy, ServiceClient
 from .errors import Conflict, Fenced, ReliableMsgError
 from .message import HeaderValue
 
@@ -56,9 +56,65 @@ CREATE INDEX IF NOT EXISTS {MARKER_TABLE}_created ON {MARKER_TABLE} (created_at)
 """
 
 
+#: The default age below which :func:`purge_markers` keeps a marker whatever the service
+#: says: the service's default ``scanner.retention``. A fence must outlive any transaction
+#: that prepared its id and could still write its marker.
+PURGE_AGE = 7 * 24 * 3600.0
+
+
 async def install(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
     """Create the marker table in the producer's database (idempotent)."""
     await conn.execute(MARKER_DDL)
+
+
+async def purge_markers(
+    pool: asyncpg.Pool, client: ServiceClient, *, older_than: float = PURGE_AGE, batch: int = 100
+) -> int:
+    """Delete the markers the service will never check back about; return how many.
+
+    Only markers older than ``older_than`` seconds are looked at, ``batch`` at a time
+    (at most the service's ``max_batch``), and the service decides each: a committed
+    marker's message is confirmed (what check-back would do with it) and its marker goes
+    once the message is sent, done, cancelled or purged; a fence's message is cancelled
+    and its fence goes once the message is cancelled or purged. A message that died
+    pending (check-back exhausted) keeps its marker: an admin's requeue asks again. When
+    the service cannot be reached, the error is raised and the rest is left for next time.
+    """
+    total, after = 0, ""
+    while True:
+        rows = await pool.fetch(
+            f"SELECT message_id, state FROM {MARKER_TABLE}"
+            " WHERE created_at < now() - make_interval(secs => $1) AND message_id > $2"
+            " ORDER BY message_id LIMIT $3",
+            older_than,
+            after,
+            batch,
+        )
+        final = await _final_markers(client, rows) if rows else []
+        if final:
+            deleted = await pool.execute(
+                f"DELETE FROM {MARKER_TABLE} WHERE message_id = ANY($1::text[])", final
+            )
+            total += int(deleted.split()[-1])
+        if len(rows) < batch:
+            return total
+        after = rows[-1]["message_id"]
+
+
+async def _final_markers(client: ServiceClient, rows: list[asyncpg.Record]) -> list[str]:
+    """The ids whose message is final at the service, moving the pending ones first."""
+    committed = [r["message_id"] for r in rows if r["state"] == "committed"]
+    fenced = [r["message_id"] for r in rows if r["state"] == "rolled_back"]
+    final = []
+    if committed:
+        final += _settled(await client.confirm_many(committed), {"cancelled", "not_found"})
+    if fenced:
+        final += _settled(await client.cancel_many(fenced), {"not_found"})
+    return final
+
+
+def _settled(items: list[ItemResult], final_errors: set[str]) -> list[str]:
+    return [i.id for i in items if i.ok or (i.error is not None and i.error.code in final_errors)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +176,12 @@ class Producer:
 
     async def close(self) -> None:
         await self.client.close()
+
+    async def purge_markers(
+        self, pool: asyncpg.Pool, *, older_than: float = PURGE_AGE, batch: int = 100
+    ) -> int:
+        """:func:`purge_markers` with this producer's client; run it now and then."""
+        return await purge_markers(pool, self.client, older_than=older_than, batch=batch)
 
     @asynccontextmanager
     async def transaction(
