@@ -227,18 +227,25 @@ class PgStore:
         self, producer: str, items: Sequence[tuple[NewMessage, Sequence[str]]], check_in: float
     ) -> tuple[list[Message], list[tuple[Message, bool]]]:
         """Insert new ``pending`` messages; return (inserted, already existing by id, each
-        with whether the request repeats it exactly). An id in neither was purged: its
-        tombstone refuses it."""
+        with whether the request repeats it exactly). An id in neither was used by a
+        message purged since: ids are never reused."""
+        # The id is claimed in rmsg_used_id first: its unique index, not a snapshot's
+        # read, decides between this prepare, a concurrent one and the purge.
         rows = await self._pool.fetch(
             f"""
-            WITH m AS (
+            WITH claimed AS (
+                INSERT INTO rmsg_used_id (id, producer)
+                SELECT c.id, $1 FROM unnest($4::text[]) AS c(id)
+                ON CONFLICT (id) DO NOTHING
+                RETURNING id
+            ), m AS (
                 INSERT INTO rmsg_message
                     (id, topic, producer, payload, headers, key, status, groups, next_check_at)
                 SELECT u.id, u.topic, $1, u.payload::jsonb, u.headers::jsonb, u.key, $2,
                        string_to_array(u.groups, ','), now() + make_interval(secs => $3)
                 FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
                             $9::text[]) AS u(id, topic, payload, headers, key, groups)
-                WHERE NOT EXISTS (SELECT 1 FROM rmsg_id_tombstone t WHERE t.id = u.id)
+                JOIN claimed USING (id)
                 ON CONFLICT (id) DO NOTHING
                 RETURNING {_MESSAGE_COLUMNS}
             ), t AS (
@@ -793,23 +800,17 @@ class PgStore:
 
     @_translated
     async def purge(self, older_than: float, batch: int) -> int:
-        """Delete finished messages older than ``older_than`` seconds, in batches, each
-        leaving a tombstone of its id."""
+        """Delete finished messages older than ``older_than`` seconds, in batches; their
+        ids stay in ``rmsg_used_id``, refused to any new message."""
         total = 0
         while True:
-            # The tombstone goes in with the delete: an id is never free for a new message.
             result = await self._pool.execute(
                 """
-                WITH d AS (
-                    DELETE FROM rmsg_message WHERE id IN (
-                        SELECT id FROM rmsg_message
-                        WHERE status IN ($1, $2)
-                          AND finished_at < now() - make_interval(secs => $3)
-                        LIMIT $4)
-                    RETURNING id, producer
-                )
-                INSERT INTO rmsg_id_tombstone (id, producer)
-                SELECT id, producer FROM d ON CONFLICT (id) DO NOTHING
+                DELETE FROM rmsg_message WHERE id IN (
+                    SELECT id FROM rmsg_message
+                    WHERE status IN ($1, $2)
+                      AND finished_at < now() - make_interval(secs => $3)
+                    LIMIT $4)
                 """,
                 M.DONE.value,
                 M.CANCELLED.value,

@@ -69,7 +69,7 @@ def database_url() -> Iterator[str]:
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the test database, with the tables emptied first."""
     conn = await asyncpg.connect(database_url)
-    await conn.execute("TRUNCATE rmsg_message, rmsg_id_tombstone CASCADE")
+    await conn.execute("TRUNCATE rmsg_message, rmsg_used_id CASCADE")
     yield conn
     await conn.close()
 

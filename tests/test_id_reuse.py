@@ -5,6 +5,7 @@ real HTTP server, PostgreSQL and RabbitMQ, with the SDKs."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import asyncpg
@@ -127,3 +128,33 @@ async def ack_by_hand(service_url: str, id: str, *groups: str) -> None:
         for group in groups:
             r = await c.post(f"/v1/messages/{id}/ack", headers=auth(GROUP_TOKENS[group]))
             assert r.status_code == 200, r.text
+
+
+async def test_a_prepare_racing_the_purge_never_takes_the_id(
+    http: httpx.AsyncClient, db: asyncpg.Connection, database_url: str
+) -> None:
+    """The purge's delete of a finished message is open (uncommitted) while the same id
+    is prepared again: the prepare must not wait for it and then take the id."""
+    r = await http.post("/v1/messages", json=message("r-4", 1), headers=auth(PRODUCER))
+    assert r.status_code == 201, r.text
+    r = await http.post("/v1/messages/r-4/cancel", headers=auth(PRODUCER))
+    assert r.status_code == 200, r.text
+
+    purge = await asyncpg.connect(database_url)
+    try:
+        tx = purge.transaction()
+        await tx.start()
+        await purge.execute("DELETE FROM rmsg_message WHERE id = 'r-4'")  # as the purge does
+        racing = asyncio.create_task(
+            http.post("/v1/messages", json=message("r-4", 2), headers=auth(OTHER_PRODUCER))
+        )
+        await asyncio.sleep(0.5)
+        await tx.commit()
+        r = await asyncio.wait_for(racing, 10)
+    finally:
+        await purge.close()
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] in ("id_conflict", "id_reused")
+    assert await db.fetchval("SELECT count(*) FROM rmsg_message WHERE id = 'r-4'") == 0
+    r = await http.post("/v1/messages", json=message("r-4", 2), headers=auth(OTHER_PRODUCER))
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "id_reused")

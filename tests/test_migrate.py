@@ -59,10 +59,10 @@ async def test_four_concurrent_migrates_create_and_migrate_once(fresh_database: 
     assert [r["version"] for r in versions] == [m.version for m in available()]
     assert [r["tablename"] for r in tables] == [
         "rmsg_delivery",
-        "rmsg_id_tombstone",
         "rmsg_message",
         "rmsg_schema_migrations",
         "rmsg_transition",
+        "rmsg_used_id",
     ]
 
     again = await run_migrate(fresh_database)
