@@ -74,3 +74,38 @@ async def test_migrate_against_a_server_that_does_not_answer() -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("reliable-msg: cannot connect to PostgreSQL")
     assert "Traceback" not in result.stderr
+
+
+async def test_upgrading_claims_the_ids_of_the_messages_already_stored(
+    fresh_database: str,
+) -> None:
+    """A database at version 2 with a message: after the upgrade its id is a used id, so
+    it stays refused to a new message once the purge deletes the message."""
+    admin = await asyncpg.connect(f"{SERVER}/postgres")
+    try:
+        await admin.execute(f'CREATE DATABASE "{fresh_database.rsplit("/", 1)[1]}"')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        await conn.execute(
+            "CREATE TABLE rmsg_schema_migrations (version integer PRIMARY KEY,"
+            " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for m in available()[:2]:
+            await conn.execute(m.sql)
+            await conn.execute(
+                "INSERT INTO rmsg_schema_migrations (version, name) VALUES ($1, $2)",
+                m.version,
+                m.name,
+            )
+        await conn.execute(
+            "INSERT INTO rmsg_message (id, topic, producer, payload, status, groups)"
+            " VALUES ('old-1', 'order.paid', 'order', '{}', 'done', '{inventory}')"
+        )
+        result = await run_migrate(fresh_database)
+        assert result.returncode == 0, result.stderr
+        used = await conn.fetch("SELECT id, producer FROM rmsg_used_id")
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in used] == [("old-1", "order")]
