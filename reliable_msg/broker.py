@@ -2,7 +2,9 @@
 
 Every publish is persistent, ``mandatory`` (a message no queue takes is an error, not a
 success) and bounded by ``publish_timeout``. The connection is robust: after a loss it
-is re-established in the background and the topology declared again.
+is re-established in the background and the topology declared again. A message whose
+content header would not fit in one frame is never sent: RabbitMQ would close the whole
+connection for it.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from aio_pika.abc import (
     DeliveryMode,
     ExchangeType,
 )
+from pamqp import frame
+from pamqp.header import ContentHeader
 
 from . import constants
-from .errors import BrokerError, BrokerUnavailable, Unroutable
+from .errors import BrokerError, BrokerUnavailable, Unpublishable, Unroutable
 from .message import Outgoing
-from .metrics import PUBLISH_SECONDS
+from .metrics import PUBLISH_REFUSALS, PUBLISH_SECONDS
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,20 @@ def amqp_message(out: Outgoing) -> aio_pika.Message:
         timestamp=out.created_at,
         headers=headers,
     )
+
+
+def header_frame_bytes(wire: aio_pika.Message) -> int:
+    """The size of the content header frame (properties and headers) ``wire`` makes;
+    RabbitMQ closes the connection on a frame larger than its ``frame_max``.
+
+    Raises one of :data:`UNENCODABLE` for a value AMQP cannot carry.
+    """
+    return len(frame.marshal(ContentHeader(0, len(wire.body), wire.properties), 1))
+
+
+def _unencodable(out: Outgoing, exc: BaseException) -> Unpublishable:
+    PUBLISH_REFUSALS.labels(Unpublishable.code).inc()
+    return Unpublishable(f"message {out.id} cannot be encoded for AMQP: {exc!r}")
 
 
 class RabbitBroker:
@@ -130,6 +148,20 @@ class RabbitBroker:
             await connection.close()
             raise
         self._connection, self._channels = connection, channels
+        self._check_frame_max()
+
+    def _check_frame_max(self) -> None:
+        """Say so when RabbitMQ's frame_max is below what ``max_header_bytes`` lets in:
+        such messages are taken at prepare and go dead at confirm."""
+        needed = self._settings.max_header_bytes + constants.HEADER_GROWTH
+        if self._frame_max() < needed:
+            log.error(
+                "RabbitMQ's frame_max (%d) is below max_header_bytes (%d) plus %d: lower "
+                "max_header_bytes, or messages with large headers will go dead at confirm",
+                self._frame_max(),
+                self._settings.max_header_bytes,
+                constants.HEADER_GROWTH,
+            )
 
     def _next_channel(self) -> tuple[AbstractChannel, AbstractExchange, AbstractExchange]:
         self._turn = (self._turn + 1) % len(self._channels)
@@ -155,14 +187,16 @@ class RabbitBroker:
         else:
             exchange, routing_key = default, self._settings.queue_name(out.group)
         wire = amqp_message(out)
+        self._fits_a_frame(out, wire)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._settings.publish_timeout):
                 await exchange.publish(wire, routing_key, mandatory=True)
         except aiormq.exceptions.PublishError as exc:
+            PUBLISH_REFUSALS.labels(Unroutable.code).inc()
             raise Unroutable(f"no queue is bound for {routing_key!r}") from exc
         except UNENCODABLE as exc:
-            raise Unroutable(f"message {out.id} cannot be encoded for AMQP: {exc!r}") from exc
+            raise _unencodable(out, exc) from exc
         except aiormq.exceptions.DeliveryError as exc:
             raise BrokerUnavailable(f"broker refused the message: {exc}") from exc
         except TimeoutError as exc:
@@ -172,6 +206,36 @@ class RabbitBroker:
         except TRANSIENT_ERRORS as exc:
             raise BrokerUnavailable(f"publish failed: {exc!r}") from exc
         PUBLISH_SECONDS.observe(time.perf_counter() - started)
+
+    def _fits_a_frame(self, out: Outgoing, wire: aio_pika.Message) -> None:
+        """Raise :class:`Unpublishable` for a message RabbitMQ could never take."""
+        try:
+            size = header_frame_bytes(wire)
+        except UNENCODABLE as exc:
+            raise _unencodable(out, exc) from exc
+        frame_max = self._frame_max()
+        if size > frame_max:
+            PUBLISH_REFUSALS.labels(Unpublishable.code).inc()
+            raise Unpublishable(
+                f"message {out.id} can never be published: its AMQP header takes {size} "
+                f"bytes, over RabbitMQ's frame_max of {frame_max}"
+            )
+
+    @staticmethod
+    def header_bytes(out: Outgoing) -> int:
+        """The size of the content header frame ``out`` makes; :class:`Unpublishable`
+        for a value AMQP cannot carry."""
+        try:
+            return header_frame_bytes(amqp_message(out))
+        except UNENCODABLE as exc:
+            raise Unpublishable(f"message {out.id} cannot be encoded for AMQP: {exc!r}") from exc
+
+    def _frame_max(self) -> int:
+        """The ``frame_max`` RabbitMQ gave this connection."""
+        transport = self._connection.transport if self._connection is not None else None
+        if transport is None:
+            return constants.AMQP_FRAME_MAX
+        return int(transport.connection.connection_tune.frame_max)
 
     @property
     def publish_timeout(self) -> float:

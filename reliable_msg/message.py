@@ -54,6 +54,8 @@ class Message:
     updated_at: datetime
     sent_at: datetime | None
     finished_at: datetime | None
+    #: publishes the broker refused (while up) since the message was prepared or requeued
+    refusals: int = 0
     deliveries: tuple[Delivery, ...] = ()
 
     def same_request(self, other: NewMessage, payload: Any) -> bool:

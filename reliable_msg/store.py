@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -45,7 +45,7 @@ T = TypeVar("T")
 _MESSAGE_COLUMNS = """
     id, topic, producer, payload::text AS payload, headers::text AS headers, key, status,
     groups, check_attempts, next_check_at, last_error, created_at, updated_at, sent_at,
-    finished_at
+    finished_at, refusals
 """
 
 #: Claims due pending messages for check-back by pushing their next check past a lease,
@@ -336,6 +336,39 @@ class PgStore:
             ack,
         )
         return [_message(r) for r in rows]
+
+    @_translated
+    async def publish_refused(self, refused: Mapping[str, tuple[str, int]]) -> list[str]:
+        """Count one refused publish of each ``pending`` message in ``refused`` (id →
+        the broker's error, and the refusals that make it dead). A message refused that
+        many times goes ``dead`` with the error; returns those ids."""
+        src, dst = message_move(M.PENDING, M.DEAD)
+        rows = await self._pool.fetch(
+            f"""
+            WITH m AS (
+                UPDATE rmsg_message AS m
+                SET refusals = m.refusals + 1, updated_at = now(),
+                    status = CASE WHEN m.refusals + 1 >= u.lim THEN $2 ELSE m.status END,
+                    next_check_at = CASE WHEN m.refusals + 1 >= u.lim THEN NULL
+                                         ELSE m.next_check_at END,
+                    last_error = CASE WHEN u.lim = 1 OR m.refusals + 1 < u.lim THEN u.err
+                        ELSE format('the broker refused it %s times; last: %s',
+                                    m.refusals + 1, u.err) END
+                FROM unnest($3::text[], $4::text[], $5::int[]) AS u(id, err, lim)
+                WHERE m.id = u.id AND m.status = $1
+                RETURNING m.id, m.status, m.last_error
+            ), t AS (
+                {_TRANSITION} SELECT id, NULL, $1, $2, last_error FROM m WHERE status = $2
+            )
+            SELECT id FROM m WHERE status = $2
+            """,
+            src,
+            dst,
+            list(refused),
+            [error[:1000] for error, _ in refused.values()],
+            [limit for _, limit in refused.values()],
+        )
+        return [r["id"] for r in rows]
 
     @_translated
     async def cancel(self, ids: Sequence[str], producer: str | None) -> list[str]:
@@ -856,6 +889,7 @@ def _message(row: asyncpg.Record, deliveries: tuple[Delivery, ...] = ()) -> Mess
         updated_at=row["updated_at"],
         sent_at=row["sent_at"],
         finished_at=row["finished_at"],
+        refusals=row["refusals"],
         deliveries=deliveries,
     )
 
