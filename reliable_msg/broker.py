@@ -53,6 +53,8 @@ UNENCODABLE: tuple[type[BaseException], ...] = (ValueError, TypeError, OverflowE
 PUBLISH_CHANNELS = 4
 #: Seconds between two attempts of the robust connection to reconnect.
 RECONNECT_INTERVAL = 1.0
+#: Least seconds between two declarations of the topology after unroutable publishes.
+REDECLARE_INTERVAL = 5.0
 
 
 def amqp_message(out: Outgoing) -> aio_pika.Message:
@@ -98,6 +100,8 @@ class RabbitBroker:
         self._channels: list[tuple[AbstractChannel, AbstractExchange, AbstractExchange]] = []
         self._turn = 0
         self._connecting: asyncio.Task[None] | None = None
+        self._redeclaring: asyncio.Task[None] | None = None
+        self._redeclared_at = -REDECLARE_INTERVAL
 
     @property
     def connected(self) -> bool:
@@ -147,6 +151,8 @@ class RabbitBroker:
         except BaseException:
             await connection.close()
             raise
+        # An operator may have deleted queues while the connection was away.
+        connection.reconnect_callbacks.add(lambda _: self._redeclare_soon(now=True))
         self._connection, self._channels = connection, channels
         self._check_frame_max()
 
@@ -167,7 +173,30 @@ class RabbitBroker:
         self._turn = (self._turn + 1) % len(self._channels)
         return self._channels[self._turn]
 
+    def _redeclare_soon(self, *, now: bool = False) -> None:
+        """Declare the topology again in the background: a queue an operator deleted
+        makes every publish to it unroutable until it is back. After an unroutable
+        publish, at most once every ``REDECLARE_INTERVAL`` seconds."""
+        if self._redeclaring is not None and not self._redeclaring.done():
+            return
+        if not now and time.monotonic() - self._redeclared_at < REDECLARE_INTERVAL:
+            return
+        self._redeclared_at = time.monotonic()
+        self._redeclaring = asyncio.create_task(self._redeclare(), name="declare topology")
+
+    async def _redeclare(self) -> None:
+        if self._connection is None:
+            return
+        try:
+            await declare_topology(self._connection, self._settings)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("could not declare the RabbitMQ topology again: %s", exc)
+        else:
+            log.info("RabbitMQ topology declared again")
+
     async def close(self) -> None:
+        if self._redeclaring is not None:
+            self._redeclaring.cancel()
         if self._connecting is not None:
             self._connecting.cancel()
         if self._connection is not None:
@@ -194,6 +223,7 @@ class RabbitBroker:
                 await exchange.publish(wire, routing_key, mandatory=True)
         except aiormq.exceptions.PublishError as exc:
             PUBLISH_REFUSALS.labels(Unroutable.code).inc()
+            self._redeclare_soon()
             raise Unroutable(f"no queue is bound for {routing_key!r}") from exc
         except UNENCODABLE as exc:
             raise _unencodable(out, exc) from exc

@@ -84,6 +84,8 @@ class Outgoing:
     group: str | None = None
     #: The groups subscribed at prepare time (where a fallback write goes).
     groups: tuple[str, ...] = ()
+    #: Redeliveries in a row the broker refused (a redelivery only).
+    refusals: int = 0
 
     @classmethod
     def first(cls, message: Message) -> Outgoing:
@@ -126,6 +128,8 @@ class DeliveryUpdate:
     attempts: int
     next_in: float
     last_error: str | None = None
+    #: redeliveries in a row the broker refused; a taken one starts the count again
+    refusals: int = 0
 
 
 @dataclass(frozen=True, slots=True)

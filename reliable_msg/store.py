@@ -66,7 +66,7 @@ CLAIM_CHECKS = """
 #: Locks due unacked deliveries (and reads their messages) for one redelivery batch.
 #: The partial index on unacked rows makes its cost that of the due rows alone.
 CLAIM_DELIVERIES = """
-    SELECT d.message_id, d.group_name, d.attempts, m.topic, m.producer,
+    SELECT d.message_id, d.group_name, d.attempts, d.refusals, m.topic, m.producer,
            m.payload::text AS payload, m.headers::text AS headers, m.key, m.created_at
     FROM rmsg_delivery d JOIN rmsg_message m ON m.id = d.message_id
     WHERE d.status = $1 AND d.next_attempt_at <= now()
@@ -624,10 +624,11 @@ class PgStore:
                 UPDATE rmsg_delivery AS d
                 SET status = u.status, attempts = u.attempts, last_error = u.last_error,
                     next_attempt_at = now() + make_interval(secs => u.next_in),
-                    updated_at = now()
+                    updated_at = now(), refusals = u.refusals
                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::float8[],
-                            $6::text[]) AS u(message_id, group_name, status, attempts, next_in,
-                                             last_error)
+                            $6::text[], $8::int[]) AS u(message_id, group_name, status,
+                                                        attempts, next_in, last_error,
+                                                        refusals)
                 WHERE d.message_id = u.message_id AND d.group_name = u.group_name
                   AND d.status = $7
                 RETURNING d.message_id, d.group_name, d.status, d.attempts, d.last_error
@@ -645,6 +646,7 @@ class PgStore:
             [u.next_in for u in updates],
             [u.last_error for u in updates],
             D.SENT.value,
+            [u.refusals for u in updates],
         )
         dead = {u.message_id: u.last_error for u in updates if u.status is D.DEAD}
         if dead:
@@ -716,7 +718,8 @@ class PgStore:
                     f"""
                     WITH m AS (
                         UPDATE rmsg_message SET status = $2, check_attempts = 0,
-                            next_check_at = now(), last_error = NULL, updated_at = now()
+                            next_check_at = now(), last_error = NULL, updated_at = now(),
+                            refusals = 0
                         WHERE id = ANY($3::text[]) AND status = $1
                         RETURNING id
                     )
@@ -744,7 +747,8 @@ class PgStore:
             f"""
             WITH d AS (
                 UPDATE rmsg_delivery SET status = $2, attempts = 1, last_error = NULL,
-                    next_attempt_at = now() + make_interval(secs => $5), updated_at = now()
+                    refusals = 0, next_attempt_at = now() + make_interval(secs => $5),
+                    updated_at = now()
                 WHERE message_id = ANY($3::text[]) AND status = $1
                   AND ($4::text IS NULL OR group_name = $4)
                 RETURNING message_id, group_name
@@ -917,6 +921,7 @@ def _due_delivery(row: asyncpg.Record) -> Outgoing:
         created_at=row["created_at"],
         attempt=row["attempts"] + 1,
         group=row["group_name"],
+        refusals=row["refusals"],
     )
 
 
