@@ -124,22 +124,22 @@ async def test_a_redelivery_to_a_deleted_group_queue_is_counted_and_the_queue_co
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="reliable_msg")
-    await send(client, "m")
-    await ack(client, "m", "inventory")
-    await ack(client, "m", "credit")
+    await send(client, "wms-1")
+    await ack(client, "wms-1", "inventory")
+    await ack(client, "wms-1", "credit")
     wms = settings.queue_name("wms")
     await delete_queue(amqp, wms)
     before = refusals()
 
     async def refused() -> bool:
         await runtime.redelivery.run_once()
-        return bool((await delivery(db, "m", "wms"))["refusals"] == 1)
+        return bool((await delivery(db, "wms-1", "wms"))["refusals"] == 1)
 
     await wait_until(refused, within=10, every=0.05)
     assert refusals() == before + 1
-    [line] = warnings_naming(caplog, "m", wms)
+    [line] = warnings_naming(caplog, "(wms-1 to wms)", wms)
     assert "refused" in line
-    row = await delivery(db, "m", "wms")
+    row = await delivery(db, "wms-1", "wms")
     assert (row["status"], row["attempts"]) == ("sent", 1)
     assert wms in row["last_error"]
 
@@ -148,12 +148,12 @@ async def test_a_redelivery_to_a_deleted_group_queue_is_counted_and_the_queue_co
 
     async def redelivered() -> bool:
         await runtime.redelivery.run_once()
-        return bool((await delivery(db, "m", "wms"))["attempts"] == 2)
+        return bool((await delivery(db, "wms-1", "wms"))["attempts"] == 2)
 
     await wait_until(redelivered, within=10, every=0.05)
-    assert (await delivery(db, "m", "wms"))["refusals"] == 0
+    assert (await delivery(db, "wms-1", "wms"))["refusals"] == 0
     [again] = await rabbit.drain(amqp, wms, wait=0.3)
-    assert again.message_id == "m" and again.headers["x-rmsg-attempt"] == 2
+    assert again.message_id == "wms-1" and again.headers["x-rmsg-attempt"] == 2
     assert runtime.broker.failures == 0 and not runtime.broker.degraded
 
 
@@ -197,7 +197,7 @@ async def test_a_redelivery_refused_max_refusals_times_goes_dead_and_requeue_rev
         assert message is not None and message["status"] == "dead"
     assert refusals() == before + 2 * MAX_REFUSALS
     # One warning a pass names both refused deliveries.
-    assert len(warnings_naming(caplog, "m1", "m2")) >= MAX_REFUSALS
+    assert len(warnings_naming(caplog, "(m1 to wms, m2 to wms)")) >= MAX_REFUSALS
     assert runtime.broker.failures == 0 and not runtime.broker.degraded
 
     await repair_topology(amqp, settings)
@@ -224,17 +224,17 @@ async def test_a_committed_message_the_broker_refuses_goes_dead_after_max_refusa
     ``credit`` subscribes) is refused: each confirm is counted, then it is dead."""
     caplog.set_level(logging.WARNING, logger="reliable_msg")
     producer, _ = endpoint
-    producer.answers["c"] = "committed"
+    producer.answers["c-1"] = "committed"
     await break_topology(amqp, settings)
     await delete_queue(amqp, settings.queue_name("credit"))
-    body = {"id": "c", "topic": "order.created", "payload": {"n": 1}}
+    body = {"id": "c-1", "topic": "order.created", "payload": {"n": 1}}
     r = await client.post("/v1/messages", json=body, headers=auth(PRODUCER))
     assert r.status_code == 201, r.text
     before = refusals()
 
     async def status() -> asyncpg.Record:
         row = await db.fetchrow(
-            "SELECT status, refusals, last_error FROM rmsg_message WHERE id = 'c'"
+            "SELECT status, refusals, last_error FROM rmsg_message WHERE id = 'c-1'"
         )
         assert row is not None
         return row
@@ -247,14 +247,14 @@ async def test_a_committed_message_the_broker_refuses_goes_dead_after_max_refusa
     row = await status()
     assert row["refusals"] == MAX_REFUSALS
     assert f"refused it {MAX_REFUSALS} times" in row["last_error"]
-    assert producer.calls["c"] == MAX_REFUSALS
+    assert producer.calls["c-1"] == MAX_REFUSALS
     assert refusals() == before + MAX_REFUSALS
-    assert warnings_naming(caplog, "c", "refused")
+    assert warnings_naming(caplog, "(c-1)", "refused")
     assert runtime.broker.failures == 0 and not runtime.broker.degraded
 
     # Repaired, a requeue asks the producer again, and this time the publish is taken.
     await repair_topology(amqp, settings)
-    r = await client.post("/v1/messages/c/requeue", headers=auth(ADMIN))
+    r = await client.post("/v1/messages/c-1/requeue", headers=auth(ADMIN))
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "pending"
     assert (await status())["refusals"] == 0
@@ -265,7 +265,7 @@ async def test_a_committed_message_the_broker_refuses_goes_dead_after_max_refusa
 
     await wait_until(sent, within=20, every=0.05)
     [message] = await rabbit.drain(amqp, settings.queue_name("credit"), wait=0.3)
-    assert message.message_id == "c"
+    assert message.message_id == "c-1"
 
 
 def close_service_connection() -> None:
