@@ -17,7 +17,7 @@ from reliable_msg import constants
 from reliable_msg.errors import ConfigError
 from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings, load_settings
-from tests.conftest import PRODUCER, auth
+from tests.conftest import ADMIN, PRODUCER, auth
 from tests.helpers import rabbit
 from tests.helpers.waiting import wait_until
 from tests.test_checkback import ProducerEndpoint, serving_endpoint
@@ -174,3 +174,38 @@ def test_max_header_bytes_must_fit_in_rabbitmqs_frame_max() -> None:
     fits = constants.AMQP_FRAME_MAX - constants.HEADER_GROWTH
     assert load_settings(None, max_header_bytes=fits).max_header_bytes == fits
     assert load_settings(None).max_header_bytes == 16 * 1024
+
+
+async def test_redelivery_of_a_header_grown_past_frame_max_is_dead_at_once(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    db: asyncpg.Connection,
+    amqp: aio_pika.abc.AbstractConnection,
+) -> None:
+    """A sent message whose stored header no longer fits (RabbitMQ's frame_max lowered
+    since, say): its redeliveries die at once, and an admin's requeue says why."""
+    r = await post(client, "/v1/messages", message("grown"))
+    assert r.status_code == 201, r.text
+    r = await post(client, "/v1/messages/grown/confirm")
+    assert r.status_code == 200, r.text
+    await db.execute(
+        "UPDATE rmsg_message SET headers = $1::jsonb WHERE id = 'grown'", json.dumps({"b": HUGE})
+    )
+
+    async def dead() -> bool:
+        await runtime.redelivery.run_once()
+        return (await status(db, "grown"))[0] == "dead"
+
+    await wait_until(dead, within=10, every=0.05)
+    rows = await db.fetch(
+        "SELECT status, attempts, last_error FROM rmsg_delivery WHERE message_id = 'grown'"
+    )
+    assert {(r["status"], r["attempts"]) for r in rows} == {("dead", 1)}
+    assert all("frame_max" in r["last_error"] for r in rows)
+
+    r = await client.post("/v1/messages/grown/requeue", headers=auth(ADMIN))
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "unpublishable"
+    assert (await status(db, "grown"))[0] == "dead"
+    await rabbit.drain(amqp, runtime.settings.queue_name("inventory"), wait=0.2)
+    await assert_rabbitmq_still_serves(client, runtime, amqp, "normal")
