@@ -2,7 +2,9 @@
 
 Every publish is persistent, ``mandatory`` (a message no queue takes is an error, not a
 success) and bounded by ``publish_timeout``. The connection is robust: after a loss it
-is re-established in the background and the topology declared again.
+is re-established in the background and the topology declared again. A message whose
+content header would not fit in one frame is never sent: RabbitMQ would close the whole
+connection for it.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from aio_pika.abc import (
     DeliveryMode,
     ExchangeType,
 )
+from pamqp import frame
+from pamqp.header import ContentHeader
 
 from . import constants
-from .errors import BrokerError, BrokerUnavailable, Unroutable
+from .errors import BrokerError, BrokerUnavailable, Unpublishable, Unroutable
 from .message import Outgoing
-from .metrics import PUBLISH_SECONDS
+from .metrics import PUBLISH_REFUSALS, PUBLISH_SECONDS
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,8 @@ UNENCODABLE: tuple[type[BaseException], ...] = (ValueError, TypeError, OverflowE
 PUBLISH_CHANNELS = 4
 #: Seconds between two attempts of the robust connection to reconnect.
 RECONNECT_INTERVAL = 1.0
+#: Least seconds between two declarations of the topology after unroutable publishes.
+REDECLARE_INTERVAL = 5.0
 
 
 def amqp_message(out: Outgoing) -> aio_pika.Message:
@@ -69,6 +75,20 @@ def amqp_message(out: Outgoing) -> aio_pika.Message:
     )
 
 
+def header_frame_bytes(wire: aio_pika.Message) -> int:
+    """The size of the content header frame (properties and headers) ``wire`` makes;
+    RabbitMQ closes the connection on a frame larger than its ``frame_max``.
+
+    Raises one of :data:`UNENCODABLE` for a value AMQP cannot carry.
+    """
+    return len(frame.marshal(ContentHeader(0, len(wire.body), wire.properties), 1))
+
+
+def _unencodable(out: Outgoing, exc: BaseException) -> Unpublishable:
+    PUBLISH_REFUSALS.labels(Unpublishable.code).inc()
+    return Unpublishable(f"message {out.id} cannot be encoded for AMQP: {exc!r}")
+
+
 class RabbitBroker:
     """Publishes messages to RabbitMQ and declares the topology they need."""
 
@@ -80,6 +100,8 @@ class RabbitBroker:
         self._channels: list[tuple[AbstractChannel, AbstractExchange, AbstractExchange]] = []
         self._turn = 0
         self._connecting: asyncio.Task[None] | None = None
+        self._redeclaring: asyncio.Task[None] | None = None
+        self._redeclared_at = -REDECLARE_INTERVAL
 
     @property
     def connected(self) -> bool:
@@ -129,13 +151,52 @@ class RabbitBroker:
         except BaseException:
             await connection.close()
             raise
+        # An operator may have deleted queues while the connection was away.
+        connection.reconnect_callbacks.add(lambda _: self._redeclare_soon(now=True))
         self._connection, self._channels = connection, channels
+        self._check_frame_max()
+
+    def _check_frame_max(self) -> None:
+        """Say so when RabbitMQ's frame_max is below what ``max_header_bytes`` lets in:
+        such messages are taken at prepare and go dead at confirm."""
+        needed = self._settings.max_header_bytes + constants.HEADER_GROWTH
+        if self._frame_max() < needed:
+            log.error(
+                "RabbitMQ's frame_max (%d) is below max_header_bytes (%d) plus %d: lower "
+                "max_header_bytes, or messages with large headers will go dead at confirm",
+                self._frame_max(),
+                self._settings.max_header_bytes,
+                constants.HEADER_GROWTH,
+            )
 
     def _next_channel(self) -> tuple[AbstractChannel, AbstractExchange, AbstractExchange]:
         self._turn = (self._turn + 1) % len(self._channels)
         return self._channels[self._turn]
 
+    def _redeclare_soon(self, *, now: bool = False) -> None:
+        """Declare the topology again in the background: a queue an operator deleted
+        makes every publish to it unroutable until it is back. After an unroutable
+        publish, at most once every ``REDECLARE_INTERVAL`` seconds."""
+        if self._redeclaring is not None and not self._redeclaring.done():
+            return
+        if not now and time.monotonic() - self._redeclared_at < REDECLARE_INTERVAL:
+            return
+        self._redeclared_at = time.monotonic()
+        self._redeclaring = asyncio.create_task(self._redeclare(), name="declare topology")
+
+    async def _redeclare(self) -> None:
+        if self._connection is None:
+            return
+        try:
+            await declare_topology(self._connection, self._settings)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("could not declare the RabbitMQ topology again: %s", exc)
+        else:
+            log.info("RabbitMQ topology declared again")
+
     async def close(self) -> None:
+        if self._redeclaring is not None:
+            self._redeclaring.cancel()
         if self._connecting is not None:
             self._connecting.cancel()
         if self._connection is not None:
@@ -155,14 +216,17 @@ class RabbitBroker:
         else:
             exchange, routing_key = default, self._settings.queue_name(out.group)
         wire = amqp_message(out)
+        self._fits_a_frame(out, wire)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._settings.publish_timeout):
                 await exchange.publish(wire, routing_key, mandatory=True)
         except aiormq.exceptions.PublishError as exc:
+            PUBLISH_REFUSALS.labels(Unroutable.code).inc()
+            self._redeclare_soon()
             raise Unroutable(f"no queue is bound for {routing_key!r}") from exc
         except UNENCODABLE as exc:
-            raise Unroutable(f"message {out.id} cannot be encoded for AMQP: {exc!r}") from exc
+            raise _unencodable(out, exc) from exc
         except aiormq.exceptions.DeliveryError as exc:
             raise BrokerUnavailable(f"broker refused the message: {exc}") from exc
         except TimeoutError as exc:
@@ -172,6 +236,36 @@ class RabbitBroker:
         except TRANSIENT_ERRORS as exc:
             raise BrokerUnavailable(f"publish failed: {exc!r}") from exc
         PUBLISH_SECONDS.observe(time.perf_counter() - started)
+
+    def _fits_a_frame(self, out: Outgoing, wire: aio_pika.Message) -> None:
+        """Raise :class:`Unpublishable` for a message RabbitMQ could never take."""
+        try:
+            size = header_frame_bytes(wire)
+        except UNENCODABLE as exc:
+            raise _unencodable(out, exc) from exc
+        frame_max = self._frame_max()
+        if size > frame_max:
+            PUBLISH_REFUSALS.labels(Unpublishable.code).inc()
+            raise Unpublishable(
+                f"message {out.id} can never be published: its AMQP header takes {size} "
+                f"bytes, over RabbitMQ's frame_max of {frame_max}"
+            )
+
+    @staticmethod
+    def header_bytes(out: Outgoing) -> int:
+        """The size of the content header frame ``out`` makes; :class:`Unpublishable`
+        for a value AMQP cannot carry."""
+        try:
+            return header_frame_bytes(amqp_message(out))
+        except UNENCODABLE as exc:
+            raise Unpublishable(f"message {out.id} cannot be encoded for AMQP: {exc!r}") from exc
+
+    def _frame_max(self) -> int:
+        """The ``frame_max`` RabbitMQ gave this connection."""
+        transport = self._connection.transport if self._connection is not None else None
+        if transport is None:
+            return constants.AMQP_FRAME_MAX
+        return int(transport.connection.connection_tune.frame_max)
 
     @property
     def publish_timeout(self) -> float:

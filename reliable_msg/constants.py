@@ -22,6 +22,11 @@ MAX_ID_LENGTH = 128
 MAX_TOPIC_LENGTH = 255
 #: Longest ordering / sharding key.
 MAX_KEY_LENGTH = 255
+#: RabbitMQ's default ``frame_max``: the largest AMQP frame, a message's content header
+#: (its properties and headers) included, that a broker with default settings accepts.
+AMQP_FRAME_MAX = 131072
+#: Bytes a content header may grow by after prepare (a larger ``x-rmsg-attempt``).
+HEADER_GROWTH = 64
 
 #: PostgreSQL advisory lock key held while migrations run (hashtext of the name).
 MIGRATION_LOCK_NAME = "reliable_msg.migrate"

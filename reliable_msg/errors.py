@@ -14,7 +14,10 @@
     │   └── RateLimited             429 a credential over its rate limit
     ├── BrokerError                 RabbitMQ did not take a message (HTTP 503)
     │   ├── BrokerUnavailable       no connection, a timeout or a negative confirm
-    │   └── Unroutable              the broker returned the message: no queue bound
+    │   ├── Unroutable              the broker returned the message: no queue bound
+    │   └── Unpublishable           the message can never be published (HTTP 422): its
+    │                               AMQP header does not fit in a frame, or cannot be
+    │                               encoded
     ├── StoreError                  PostgreSQL failed (HTTP 503)
     ├── CheckBackError              a producer's check-back endpoint gave no usable answer
     ├── ServiceUnavailable          (SDK) the service did not answer, or answered 5xx,
@@ -107,6 +110,13 @@ class BrokerUnavailable(BrokerError):
 
 class Unroutable(BrokerError):
     code = "unroutable"
+
+
+class Unpublishable(BrokerError):
+    """Not an outage and not worth a retry: the message itself cannot go on AMQP."""
+
+    status = 422
+    code = "unpublishable"
 
 
 class StoreError(ReliableMsgError):

@@ -52,6 +52,8 @@ class Message:
     updated_at: datetime
     sent_at: datetime | None
     finished_at: datetime | None
+    #: publishes the broker refused (while up) since the message was prepared or requeued
+    refusals: int = 0
     deliveries: tuple[Delivery, ...] = ()
 
 
@@ -71,6 +73,8 @@ class Outgoing:
     group: str | None = None
     #: The groups subscribed at prepare time (where a fallback write goes).
     groups: tuple[str, ...] = ()
+    #: Redeliveries in a row the broker refused (a redelivery only).
+    refusals: int = 0
 
     @classmethod
     def first(cls, message: Message) -> Outgoing:
@@ -113,6 +117,8 @@ class DeliveryUpdate:
     attempts: int
     next_in: float
     last_error: str | None = None
+    #: redeliveries in a row the broker refused; a taken one starts the count again
+    refusals: int = 0
 
 
 @dataclass(frozen=True, slots=True)

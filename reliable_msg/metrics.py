@@ -10,6 +10,12 @@ PUBLISH_SECONDS = Histogram(
     "Time from publish to broker confirm",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+PUBLISH_REFUSALS = Counter(
+    "rmsg_publish_refusals_total",
+    "Publishes RabbitMQ refused while it was up: no queue took them (unroutable), or the "
+    "message can never go on AMQP (unpublishable)",
+    ["reason"],
+)
 CHECKBACKS = Counter(
     "rmsg_checkbacks_total", "Check-back calls by outcome", ["producer", "outcome"]
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,6 +24,10 @@ class Publisher(Protocol):
     async def publish_many(self, outs: list[Outgoing]) -> dict[str, BrokerError]:
         """Publish messages; return the ids not taken, with the error."""
 
+    def header_bytes(self, out: Outgoing) -> int:
+        """The size of the AMQP content header ``out`` makes; raise
+        :class:`~reliable_msg.errors.Unpublishable` for a value AMQP cannot carry."""
+
 
 class Store(Protocol):
     async def insert(
@@ -33,6 +37,8 @@ class Store(Protocol):
     async def confirm(
         self, ids: Sequence[str], producer: str | None, ack_timeout: float, publish: PublishMany
     ) -> list[Message]: ...
+
+    async def publish_refused(self, refused: Mapping[str, tuple[str, int]]) -> list[str]: ...
 
     async def cancel(self, ids: Sequence[str], producer: str | None) -> list[str]: ...
 

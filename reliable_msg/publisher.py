@@ -44,6 +44,9 @@ class SwitchingPublisher:
     def degraded(self) -> bool:
         return self._switch is not None and self._switch.degraded
 
+    def header_bytes(self, out: Outgoing) -> int:
+        return self.rabbit.header_bytes(out)
+
     async def publish(self, out: Outgoing) -> None:
         refused = await self.publish_many([out])
         if refused:

@@ -19,7 +19,14 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from .aio import stop_task
 from .checkback import Answer, CheckBackClient
-from .errors import BrokerError, CheckBackError, ReliableMsgError, StoreError
+from .errors import (
+    BrokerError,
+    BrokerUnavailable,
+    CheckBackError,
+    ReliableMsgError,
+    StoreError,
+    Unpublishable,
+)
 from .message import DeliveryUpdate, DueCheck, Outgoing
 from .metrics import CHECKBACKS, DEAD, REDELIVERIES, SCANNER_ERRORS, TRANSITIONS
 from .policy import backoff
@@ -100,10 +107,14 @@ class CheckBackScanner:
         self._backlog = False  # the last claim left due messages behind
         self._refill: asyncio.Task[None] | None = None
         self._stopping = False
+        #: committed messages whose publish the broker did not take since the last pass
+        self._unpublished: list[tuple[str, BrokerError]] = []
 
     async def run_once(self) -> int:
         """One pass: start a call for each due message there is a free slot for; return
         how many were started. The calls go on after the pass returns."""
+        unpublished, self._unpublished = self._unpublished, []
+        _warn_failed("check-back", unpublished)
         return await self._fill()
 
     async def _fill(self) -> int:
@@ -221,7 +232,11 @@ class CheckBackScanner:
     async def _apply(self, check: DueCheck, answer: Answer) -> None:
         if answer is Answer.COMMITTED:
             [result] = await self._service.confirm(None, [check.id])
-            if isinstance(result, ReliableMsgError):
+            if isinstance(result, BrokerError):
+                # A refusal was counted by the confirm (an outage is not); the message
+                # is asked about again when its lease runs out.
+                self._unpublished.append((check.id, result))
+            elif isinstance(result, ReliableMsgError):
                 # The lease runs out and a later pass asks again.
                 log.warning(
                     "check-back of %s: committed, but %s",
@@ -273,22 +288,35 @@ class CheckBackScanner:
 
 
 class RedeliveryScanner:
-    """Republishes deliveries not acked in time, to their own group's queue only."""
+    """Republishes deliveries not acked in time, to their own group's queue only.
+
+    A redelivery the broker does not take is tried again after
+    ``redelivery.retry_after_failure`` without counting as an attempt. While RabbitMQ is
+    away that is all; when it is up and refuses (no queue took it), the refusal is
+    counted and, after ``max_refusals`` in a row, the delivery goes ``dead`` (at once for
+    a message that can never be published). Each pass logs one warning naming what was
+    not published.
+    """
 
     def __init__(self, settings: Settings, store: Store, broker: Publisher) -> None:
         self._settings = settings
         self._store = store
         self._broker = broker
+        self._failed: list[tuple[Outgoing, BrokerError]] = []  # in the pass under way
 
     async def run_once(self) -> int:
         """One pass: every delivery due now is republished (or made dead) once."""
         total = 0
         batch = self._settings.scanner.batch
-        while True:
-            claimed = await self._store.redeliver(batch, self._decide)
-            total += claimed
-            if claimed < batch:
-                return total
+        self._failed = []
+        try:
+            while True:
+                claimed = await self._store.redeliver(batch, self._decide)
+                total += claimed
+                if claimed < batch:
+                    return total
+        finally:
+            _warn_failed("redelivery", [(f"{o.id} to {o.group}", e) for o, e in self._failed])
 
     async def _decide(self, due: list[Outgoing]) -> list[DeliveryUpdate]:
         exhausted = [o for o in due if o.group and o.attempt > self._settings.max_attempts(o.group)]
@@ -296,10 +324,11 @@ class RedeliveryScanner:
         results = await asyncio.gather(
             *(self._broker.publish(o) for o in resend), return_exceptions=True
         )
-        updates = [self._dead(o) for o in exhausted]
+        updates = [self._not_acked(o) for o in exhausted]
         for out, result in zip(resend, results, strict=True):
             if isinstance(result, BrokerError):
-                updates.append(self._refused(out, result.message))
+                self._failed.append((out, result))
+                updates.append(self._refused(out, result))
             elif isinstance(result, BaseException):
                 raise result
             else:
@@ -326,30 +355,53 @@ class RedeliveryScanner:
         )
         return DeliveryUpdate(out.id, out.group, D.SENT, out.attempt, delay)
 
-    def _refused(self, out: Outgoing, reason: str) -> DeliveryUpdate:
+    def _refused(self, out: Outgoing, error: BrokerError) -> DeliveryUpdate:
         assert out.group is not None
-        log.warning(
-            "redelivery of %s to %s failed: %s",
-            out.id,
-            out.group,
-            reason,
-            extra={"message_id": out.id, "group": out.group},
-        )
         retry = self._settings.redelivery.retry_after_failure
-        return DeliveryUpdate(out.id, out.group, D.SENT, out.attempt - 1, retry, reason)
-
-    def _dead(self, out: Outgoing) -> DeliveryUpdate:
-        assert out.group is not None
         tries = out.attempt - 1
-        reason = f"not acked by {out.group} after {tries} deliveries"
-        DEAD.labels("redelivery").inc()
+        if isinstance(error, BrokerUnavailable):  # an outage: nothing to count
+            return DeliveryUpdate(
+                out.id, out.group, D.SENT, tries, retry, error.message, out.refusals
+            )
+        refusals = out.refusals + 1
+        limit = 1 if isinstance(error, Unpublishable) else self._settings.max_refusals
+        if refusals < limit:
+            return DeliveryUpdate(out.id, out.group, D.SENT, tries, retry, error.message, refusals)
+        reason = error.message
+        if limit > 1:
+            reason = f"the broker refused it {refusals} times; last: {reason}"
+        return self._dead(out, reason, "refused", refusals)
+
+    def _not_acked(self, out: Outgoing) -> DeliveryUpdate:
+        reason = f"not acked by {out.group} after {out.attempt - 1} deliveries"
+        return self._dead(out, reason, "redelivery", out.refusals)
+
+    def _dead(self, out: Outgoing, reason: str, why: str, refusals: int) -> DeliveryUpdate:
+        assert out.group is not None
+        DEAD.labels(why).inc()
         log.error(
             "message %s is dead: %s",
             out.id,
             reason,
             extra={"message_id": out.id, "group": out.group},
         )
-        return DeliveryUpdate(out.id, out.group, D.DEAD, tries, 0.0, reason)
+        return DeliveryUpdate(out.id, out.group, D.DEAD, out.attempt - 1, 0.0, reason, refusals)
+
+
+def _warn_failed(scanner: str, failed: list[tuple[str, BrokerError]]) -> None:
+    """One warning for a pass's publishes the broker did not take, by error (each is
+    tried again later, or is dead: an error line says so)."""
+    if not failed:
+        return
+    by_error: dict[str, list[str]] = {}
+    for what, error in failed:
+        by_error.setdefault(f"{error.code}: {error.message}", []).append(what)
+    log.warning(
+        "%s pass: %d publishes refused or failed: %s",
+        scanner,
+        len(failed),
+        "; ".join(f"{error} ({', '.join(whats)})" for error, whats in by_error.items()),
+    )
 
 
 class Purger:

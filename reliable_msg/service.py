@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from .errors import (
@@ -25,9 +25,11 @@ from .errors import (
     PayloadTooLarge,
     ReliableMsgError,
     Unprocessable,
+    Unpublishable,
+    Unroutable,
 )
 from .message import Message, NewMessage, Outgoing
-from .metrics import ACKS, CONFIRM_SECONDS, TRANSITIONS
+from .metrics import ACKS, CONFIRM_SECONDS, DEAD, TRANSITIONS
 from .ports import Publisher, Store
 from .settings import Settings
 from .states import D, DeliveryStatus, M, MessageStatus
@@ -67,7 +69,7 @@ class MessageService:
         valid: list[tuple[NewMessage, Sequence[str]]] = []
         for message in items:
             try:
-                valid.append((message, self._subscribers(message)))
+                valid.append((message, self._subscribers(producer, message)))
             except ReliableMsgError as exc:
                 results[message.id] = exc
         if valid:
@@ -81,18 +83,44 @@ class MessageService:
                 results[m.id] = self._repeat(m, same)
         return [results[m.id] if m.id in results else _reused(m.id) for m in items]
 
-    def _subscribers(self, message: NewMessage) -> Sequence[str]:
+    def _subscribers(self, producer: str, message: NewMessage) -> Sequence[str]:
         size = len(message.payload.encode())
         if size > self._settings.max_payload_bytes:
             raise PayloadTooLarge(
                 f"payload is {size} bytes; the limit is {self._settings.max_payload_bytes}"
             )
+        self._check_header(producer, message)
         groups = self._settings.subscribers_cached(message.topic)
         if not groups:
             raise Unprocessable(
                 f"no consumer group subscribes to topic {message.topic!r}", code="no_subscriber"
             )
         return groups
+
+    def _check_header(self, producer: str, message: NewMessage) -> None:
+        """Refuse a message whose AMQP header would be over ``max_header_bytes``: one
+        frame larger than RabbitMQ's ``frame_max`` costs every message the connection."""
+        first = Outgoing(
+            id=message.id,
+            topic=message.topic,
+            producer=producer,
+            payload=message.payload,
+            headers=message.headers,
+            key=message.key,
+            created_at=datetime.now(UTC),
+            attempt=1,
+        )
+        try:
+            size = self._broker.header_bytes(first)
+        except Unpublishable as exc:
+            raise Unprocessable(exc.message, code="unencodable") from exc
+        limit = self._settings.max_header_bytes
+        if size > limit:
+            raise PayloadTooLarge(
+                f"headers and properties take {size} bytes encoded for AMQP; the limit is "
+                f"{limit} (max_header_bytes)",
+                code="headers_too_large",
+            )
 
     @staticmethod
     def _repeat(existing: Message, same: bool) -> Prepared | ReliableMsgError:
@@ -119,6 +147,7 @@ class MessageService:
             ids, producer, self._settings.redelivery.ack_timeout, publish
         )
         TRANSITIONS.labels(M.SENT.value).inc(len(sent))
+        await self._count_refusals(refusals)
         done: dict[str, Result] = {m.id: m for m in sent}
         rest = [i for i in ids if i not in done]
         if rest:
@@ -127,6 +156,29 @@ class MessageService:
         caller = "checkback" if producer is None else "producer"
         CONFIRM_SECONDS.labels(caller).observe(time.perf_counter() - started)
         return [done.get(i) or _unknown(i) for i in ids]
+
+    async def _count_refusals(self, refusals: dict[str, BrokerError]) -> None:
+        """Count what the broker refused while up; a message refused ``max_refusals``
+        times, or that can never be published, goes ``dead`` rather than being retried
+        for ever (an outage, :class:`BrokerUnavailable`, is not counted)."""
+        limits = {Unroutable: self._settings.max_refusals, Unpublishable: 1}
+        counted = {
+            id: (error.message, limits[type(error)])
+            for id, error in refusals.items()
+            if type(error) in limits
+        }
+        if not counted:
+            return
+        dead = await self._store.publish_refused(counted)
+        TRANSITIONS.labels(M.DEAD.value).inc(len(dead))
+        DEAD.labels("refused").inc(len(dead))
+        for id in dead:
+            log.error(
+                "message %s is dead: the broker refused it (%s)",
+                id,
+                refusals[id].message,
+                extra={"message_id": id},
+            )
 
     @staticmethod
     def _explain_confirm(producer: str | None, m: Message, refusal: BrokerError | None) -> Result:
@@ -137,9 +189,9 @@ class MessageService:
         if m.status is M.CANCELLED:
             return Conflict(f"message {m.id!r} was cancelled", code="cancelled")
         if m.status is M.DEAD and m.sent_at is None:
+            why = m.last_error if m.refusals else "check-back exhausted"
             return Conflict(
-                f"message {m.id!r} is dead: check-back exhausted; an admin can requeue it",
-                code="dead",
+                f"message {m.id!r} is dead: {why}; an admin can requeue it", code="dead"
             )
         return m
 

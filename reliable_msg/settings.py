@@ -181,8 +181,14 @@ class Settings(BaseSettings):
     queue_prefix: str = constants.QUEUE_PREFIX
     queue_type: Literal["quorum", "classic"] = "quorum"  #: type of each group's queues
     publish_timeout: Seconds = 5.0
+    #: refusals by a RabbitMQ that is up (no queue took the message) after which a
+    #: pending message's confirm, or a delivery's redelivery, stops and it goes dead
+    max_refusals: int = Field(default=20, ge=1)
 
     max_payload_bytes: int = Field(default=256 * 1024, ge=1)
+    #: the largest AMQP content header (properties and headers, encoded) a message may
+    #: make; it must fit in one frame of RabbitMQ's ``frame_max``
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
     max_batch: int = Field(default=1000, ge=1)
 
@@ -220,6 +226,17 @@ class Settings(BaseSettings):
         tokens = [t.get_secret_value() for t in self._tokens() if t is not None]
         if len(tokens) != len(set(tokens)):
             raise ValueError("two principals (admin, producers, groups) have the same token")
+        return self
+
+    @model_validator(mode="after")
+    def _header_fits_a_frame(self) -> Settings:
+        room = constants.AMQP_FRAME_MAX - constants.HEADER_GROWTH
+        if self.max_header_bytes > room:
+            raise ValueError(
+                f"max_header_bytes ({self.max_header_bytes}) must be at most {room}: a "
+                f"message's header must fit in one AMQP frame (RabbitMQ's frame_max is "
+                f"{constants.AMQP_FRAME_MAX} by default)"
+            )
         return self
 
     def _tokens(self) -> list[SecretStr | None]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -45,7 +45,7 @@ T = TypeVar("T")
 _MESSAGE_COLUMNS = """
     id, topic, producer, payload::text AS payload, headers::text AS headers, key, status,
     groups, check_attempts, next_check_at, last_error, created_at, updated_at, sent_at,
-    finished_at
+    finished_at, refusals
 """
 
 #: Claims due pending messages for check-back by pushing their next check past a lease,
@@ -66,7 +66,7 @@ CLAIM_CHECKS = """
 #: Locks due unacked deliveries (and reads their messages) for one redelivery batch.
 #: The partial index on unacked rows makes its cost that of the due rows alone.
 CLAIM_DELIVERIES = """
-    SELECT d.message_id, d.group_name, d.attempts, m.topic, m.producer,
+    SELECT d.message_id, d.group_name, d.attempts, d.refusals, m.topic, m.producer,
            m.payload::text AS payload, m.headers::text AS headers, m.key, m.created_at
     FROM rmsg_delivery d JOIN rmsg_message m ON m.id = d.message_id
     WHERE d.status = $1 AND d.next_attempt_at <= now()
@@ -377,6 +377,39 @@ class PgStore:
         return [_message(r) for r in rows]
 
     @_translated
+    async def publish_refused(self, refused: Mapping[str, tuple[str, int]]) -> list[str]:
+        """Count one refused publish of each ``pending`` message in ``refused`` (id →
+        the broker's error, and the refusals that make it dead). A message refused that
+        many times goes ``dead`` with the error; returns those ids."""
+        src, dst = message_move(M.PENDING, M.DEAD)
+        rows = await self._pool.fetch(
+            f"""
+            WITH m AS (
+                UPDATE rmsg_message AS m
+                SET refusals = m.refusals + 1, updated_at = now(),
+                    status = CASE WHEN m.refusals + 1 >= u.lim THEN $2 ELSE m.status END,
+                    next_check_at = CASE WHEN m.refusals + 1 >= u.lim THEN NULL
+                                         ELSE m.next_check_at END,
+                    last_error = CASE WHEN u.lim = 1 OR m.refusals + 1 < u.lim THEN u.err
+                        ELSE format('the broker refused it %s times; last: %s',
+                                    m.refusals + 1, u.err) END
+                FROM unnest($3::text[], $4::text[], $5::int[]) AS u(id, err, lim)
+                WHERE m.id = u.id AND m.status = $1
+                RETURNING m.id, m.status, m.last_error
+            ), t AS (
+                {_TRANSITION} SELECT id, NULL, $1, $2, last_error FROM m WHERE status = $2
+            )
+            SELECT id FROM m WHERE status = $2
+            """,
+            src,
+            dst,
+            list(refused),
+            [error[:1000] for error, _ in refused.values()],
+            [limit for _, limit in refused.values()],
+        )
+        return [r["id"] for r in rows]
+
+    @_translated
     async def cancel(self, ids: Sequence[str], producer: str | None) -> list[str]:
         """Move ``pending`` → ``cancelled``; return the ids moved."""
         src, dst = message_move(M.PENDING, M.CANCELLED)
@@ -630,10 +663,11 @@ class PgStore:
                 UPDATE rmsg_delivery AS d
                 SET status = u.status, attempts = u.attempts, last_error = u.last_error,
                     next_attempt_at = now() + make_interval(secs => u.next_in),
-                    updated_at = now()
+                    updated_at = now(), refusals = u.refusals
                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::float8[],
-                            $6::text[]) AS u(message_id, group_name, status, attempts, next_in,
-                                             last_error)
+                            $6::text[], $8::int[]) AS u(message_id, group_name, status,
+                                                        attempts, next_in, last_error,
+                                                        refusals)
                 WHERE d.message_id = u.message_id AND d.group_name = u.group_name
                   AND d.status = $7
                 RETURNING d.message_id, d.group_name, d.status, d.attempts, d.last_error
@@ -651,6 +685,7 @@ class PgStore:
             [u.next_in for u in updates],
             [u.last_error for u in updates],
             D.SENT.value,
+            [u.refusals for u in updates],
         )
         dead = {u.message_id: u.last_error for u in updates if u.status is D.DEAD}
         if dead:
@@ -722,7 +757,8 @@ class PgStore:
                     f"""
                     WITH m AS (
                         UPDATE rmsg_message SET status = $2, check_attempts = 0,
-                            next_check_at = now(), last_error = NULL, updated_at = now()
+                            next_check_at = now(), last_error = NULL, updated_at = now(),
+                            refusals = 0
                         WHERE id = ANY($3::text[]) AND status = $1
                         RETURNING id
                     )
@@ -750,7 +786,8 @@ class PgStore:
             f"""
             WITH d AS (
                 UPDATE rmsg_delivery SET status = $2, attempts = 1, last_error = NULL,
-                    next_attempt_at = now() + make_interval(secs => $5), updated_at = now()
+                    refusals = 0, next_attempt_at = now() + make_interval(secs => $5),
+                    updated_at = now()
                 WHERE message_id = ANY($3::text[]) AND status = $1
                   AND ($4::text IS NULL OR group_name = $4)
                 RETURNING message_id, group_name
@@ -896,6 +933,7 @@ def _message(row: asyncpg.Record, deliveries: tuple[Delivery, ...] = ()) -> Mess
         updated_at=row["updated_at"],
         sent_at=row["sent_at"],
         finished_at=row["finished_at"],
+        refusals=row["refusals"],
         deliveries=deliveries,
     )
 
@@ -923,6 +961,7 @@ def _due_delivery(row: asyncpg.Record) -> Outgoing:
         created_at=row["created_at"],
         attempt=row["attempts"] + 1,
         group=row["group_name"],
+        refusals=row["refusals"],
     )
 
 
