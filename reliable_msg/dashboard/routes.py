@@ -209,6 +209,7 @@ def router() -> APIRouter:  # noqa: C901 - a flat list of small route functions
             )
         target = next if _safe_next(next, visit.base) else visit.base + "/"
         response = RedirectResponse(target, status_code=303)
+        response.headers.update(SECURITY_HEADERS)  # no-store above all: it sets the session
         response.set_cookie(
             COOKIE,
             visit.sessions.issue(),
