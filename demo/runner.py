@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
+import os
 import secrets
 import sys
 import time
@@ -99,11 +101,20 @@ class Tokens:
 
     @classmethod
     def generate(cls, groups: Sequence[str]) -> Tokens:
-        return cls(
-            admin=secrets.token_urlsafe(24),
-            order=secrets.token_urlsafe(24),
-            groups={g: secrets.token_urlsafe(24) for g in groups},
-        )
+        """Fresh random tokens; ``DEMO_ADMIN_TOKEN``, ``DEMO_ORDER_TOKEN`` and
+        ``DEMO_<GROUP>_TOKEN`` in the environment give them instead (for a test that
+        looks for them in every log of the run)."""
+
+        def token(name: str) -> str:
+            return os.environ.get(f"DEMO_{name.upper()}_TOKEN") or secrets.token_urlsafe(24)
+
+        return cls(admin=token("admin"), order=token("order"), groups={g: token(g) for g in groups})
+
+    def fingerprints(self) -> dict[str, str]:
+        """Which tokens the run used, without them: the first 12 hex digits of each one's
+        SHA-256."""
+        named = {"admin": self.admin, "order": self.order, **self.groups}
+        return {n: hashlib.sha256(t.encode()).hexdigest()[:12] for n, t in named.items()}
 
 
 class Topology(Protocol):
@@ -590,6 +601,7 @@ class Run:
                 "consumer_crashes": {g: sorted(i) for g, i in facts.plan.consumer_crashes.items()},
             },
             "restarts": facts.restarts,
+            "tokens": self.tokens.fingerprints(),
             "outage": asdict(facts.outage) if facts.outage is not None else None,
             "checks": [asdict(c) | {"ok": c.ok} for c in outcome.checks],
         }
@@ -641,6 +653,8 @@ class Run:
             "RMSG_REDIS_URL": o.redis_url,
             "RMSG_FALLBACK__NAMESPACE": o.names.namespace,
             "RMSG_LOG_LEVEL": "info",
+            # The other processes log text; DEMO_SERVICE_LOG_FORMAT=json shows the other format.
+            "RMSG_LOG_FORMAT": os.environ.get("DEMO_SERVICE_LOG_FORMAT", "text"),
             "RMSG_ADMIN_TOKEN": self.tokens.admin,
             f"RMSG_PRODUCERS__{PRODUCER.upper()}__TOKEN": self.tokens.order,
             f"RMSG_PRODUCERS__{PRODUCER.upper()}__CHECK_URL": check_url,

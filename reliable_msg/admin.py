@@ -136,7 +136,7 @@ async def requeue_group(
         left = (await runtime.service.stats())["groups"].get(group, {}).get("dead", 0)
     console.print(
         f"republished {max(0, dead - left)} dead deliveries of group {group};"
-        f" {count} message(s) no longer dead"
+        f" {count} message(s) requeued"
     )
 
 

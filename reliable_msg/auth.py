@@ -43,6 +43,9 @@ class Authenticator:
     def __init__(self, settings: Settings) -> None:
         limits = settings.limits
         self._limiter = RateLimiter(limits.rate, limits.bucket) if limits.enabled else None
+        dashboard = settings.dashboard
+        #: Failed dashboard logins per client address (always on: it only slows guesses).
+        self.logins = RateLimiter(1.0 / dashboard.login_interval, dashboard.login_failures)
         self._known: list[tuple[bytes, Principal]] = []
         if settings.admin_token is not None:
             self._add(settings.admin_token.get_secret_value(), Principal(Role.ADMIN, "admin"))

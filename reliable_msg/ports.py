@@ -11,7 +11,7 @@ from .message import DeliveryUpdate, DueCheck, Message, NewMessage, Outgoing
 from .states import DeliveryStatus, MessageStatus
 
 if TYPE_CHECKING:
-    from .store import Page, PublishMany
+    from .store import Page, PublishMany, Requeued
 
 
 class Publisher(Protocol):
@@ -83,8 +83,9 @@ class Store(Protocol):
         topic: str | None,
         group: str | None,
         limit: int,
+        after: str | None = None,
         ack_timeout: float,
         publish: PublishMany,
-    ) -> tuple[list[str], list[str]]: ...
+    ) -> Requeued: ...
 
     async def purge(self, older_than: float, batch: int) -> int: ...

@@ -40,9 +40,7 @@ class RateLimiter:
     def take(self, key: str) -> float:
         """Take a token from ``key``'s bucket: 0.0 when there was one, else the seconds
         until there will be one (nothing is taken then)."""
-        now = self._clock()
-        tokens, then = self._buckets.pop(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+        tokens, now = self._refilled(key)
         wait = 0.0
         if tokens >= 1.0:
             tokens -= 1.0
@@ -52,3 +50,16 @@ class RateLimiter:
         if len(self._buckets) > self._max_keys:
             self._buckets.popitem(last=False)
         return wait
+
+    def wait(self, key: str) -> float:
+        """The seconds until ``key``'s bucket has a token (0.0: it has one); takes none."""
+        tokens, _ = self._refilled(key, keep=False)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+    def _refilled(self, key: str, *, keep: bool = True) -> tuple[float, float]:
+        now = self._clock()
+        if keep:
+            tokens, then = self._buckets.pop(key, (float(self.burst), now))
+        else:
+            tokens, then = self._buckets.get(key, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - then) * self.rate), now

@@ -33,7 +33,7 @@ from .metrics import ACKS, CONFIRM_SECONDS, DEAD, TRANSITIONS
 from .ports import Publisher, Store
 from .settings import Settings
 from .states import D, DeliveryStatus, M, MessageStatus
-from .store import Page
+from .store import Page, Requeued
 
 log = logging.getLogger(__name__)
 
@@ -259,39 +259,50 @@ class MessageService:
 
     async def requeue(self, id: str) -> Message:
         """Bring one ``dead`` message back (see :meth:`PgStore.requeue`)."""
-        moved = await self._requeue_batch(ids=[id], topic=None, group=None)
+        done = await self._requeue_batch(ids=[id], topic=None, group=None, after=None)
         m = await self._store.get(id)
         if m is None:
             raise _unknown(id)
-        if not moved:
+        if not done.selected:
             raise Conflict(f"message {id!r} is {m.status}, not dead", code="not_dead")
         return m
 
     async def requeue_all(self, topic: str | None, group: str | None) -> int:
-        """Requeue every ``dead`` message of a topic and/or group; return how many."""
-        total = 0
+        """Requeue every ``dead`` message of a topic and/or group (only the group's dead
+        deliveries); return how many had deliveries republished or check-back restarted."""
+        total, after = 0, None
         while True:
-            count = await self._requeue_batch(ids=None, topic=topic, group=group)
-            total += count
-            if count < self._settings.scanner.batch:
+            done = await self._requeue_batch(ids=None, topic=topic, group=group, after=after)
+            total += len(done.resent) + len(done.rechecked)
+            # Page on what was taken, not on what left ``dead``: another group's dead
+            # delivery keeps a requeued message dead, and it still matches a topic. A
+            # short page is not the end: a row waited for may have stopped matching.
+            if not done.selected:
                 return total
+            after = done.selected[-1]
 
     async def _requeue_batch(
-        self, *, ids: Sequence[str] | None, topic: str | None, group: str | None
-    ) -> int:
-        resent, rechecked = await self._store.requeue(
+        self,
+        *,
+        ids: Sequence[str] | None,
+        topic: str | None,
+        group: str | None,
+        after: str | None,
+    ) -> Requeued:
+        done = await self._store.requeue(
             ids=ids,
             topic=topic,
             group=group,
             limit=self._settings.scanner.batch,
+            after=after,
             ack_timeout=self._settings.redelivery.ack_timeout,
             publish=self._broker.publish_many,
         )
-        for id in resent:
+        for id in done.resent:
             log.info("requeued message %s: deliveries republished", id, extra={"message_id": id})
-        for id in rechecked:
+        for id in done.rechecked:
             log.info("requeued message %s: check-back starts again", id, extra={"message_id": id})
-        return len(resent) + len(rechecked)
+        return done
 
 
 def _unknown(id: str) -> NotFound:

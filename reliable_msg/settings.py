@@ -136,6 +136,10 @@ class DashboardSettings(_Section):
 
     enabled: bool = True
     session_ttl: Seconds = 12 * 3600.0  #: seconds a login lasts
+    #: failed logins one client address may make in a row, per instance; then one more
+    #: every ``login_interval`` seconds (a correct token from another address is not held)
+    login_failures: int = Field(default=5, ge=1)
+    login_interval: Seconds = 30.0
 
 
 class LimitSettings(_Section):

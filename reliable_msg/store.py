@@ -162,6 +162,15 @@ class Owned:
 
 
 @dataclass(frozen=True, slots=True)
+class Requeued:
+    """What one requeue call did."""
+
+    selected: list[str]  #: the dead messages it took, in id order
+    resent: list[str]  #: of them, those with dead deliveries republished (or now ``sent``)
+    rechecked: list[str]  #: of them, those back to ``pending`` for check-back
+
+
+@dataclass(frozen=True, slots=True)
 class Page:
     messages: list[Message]
     next_cursor: tuple[datetime, str] | None
@@ -717,16 +726,18 @@ class PgStore:
         topic: str | None,
         group: str | None,
         limit: int,
+        after: str | None = None,
         ack_timeout: float,
         publish: PublishMany,
-    ) -> tuple[list[str], list[str]]:
-        """Bring ``dead`` messages back; return (ids whose deliveries were resent,
-        ids sent back to check-back).
+    ) -> Requeued:
+        """Bring back the first ``limit`` ``dead`` messages (by id, past ``after``).
 
-        A message that died in delivery goes ``dead`` → ``sent``: its dead deliveries
-        get a fresh budget and are republished to their groups only. A message that
-        died in check-back (it never reached the broker) goes back to ``pending`` with
-        a fresh check-back budget: only the producer knows whether it committed.
+        A message that died in delivery gets its dead deliveries (of ``group`` only,
+        when given) a fresh budget, republished to their groups only; it goes ``dead``
+        → ``sent`` once none is dead. A message that died in check-back (it never
+        reached the broker) goes back to ``pending`` with a fresh check-back budget:
+        only the producer knows whether it committed. Rows another transaction holds
+        are waited for, not skipped: an admin's requeue must not leave one behind.
         """
         async with self._tx() as conn:
             rows = await conn.fetch(
@@ -738,9 +749,10 @@ class PgStore:
                   AND ($4::text IS NULL OR EXISTS (
                         SELECT 1 FROM rmsg_delivery d
                         WHERE d.message_id = m.id AND d.group_name = $4 AND d.status = $5))
+                  AND ($7::text IS NULL OR id > $7)
                 ORDER BY id
                 LIMIT $6
-                FOR UPDATE SKIP LOCKED
+                FOR UPDATE
                 """,
                 M.DEAD.value,
                 list(ids) if ids is not None else None,
@@ -748,6 +760,7 @@ class PgStore:
                 group,
                 D.DEAD.value,
                 limit,
+                after,
             )
             messages = [_message(r) for r in rows]
             delivered = [m for m in messages if m.sent_at is not None]
@@ -769,7 +782,7 @@ class PgStore:
                     unchecked,
                 )
             resent = await self._requeue_deliveries(conn, delivered, group, ack_timeout, publish)
-            return resent, unchecked
+            return Requeued([m.id for m in messages], resent, unchecked)
 
     async def _requeue_deliveries(
         self,
@@ -831,7 +844,8 @@ class PgStore:
             [m.id for m in messages],
             D.DEAD.value,
         )
-        return [r["id"] for r in moved]
+        touched = {r["message_id"] for r in rows} | {r["id"] for r in moved}
+        return [m.id for m in messages if m.id in touched]
 
     # -- retention -------------------------------------------------------------------
 

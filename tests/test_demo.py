@@ -12,9 +12,11 @@ in conftest starts it again whatever happens.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
+import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,13 +46,21 @@ def tag() -> Iterator[str]:
     yield from own_names("rmsgdemotest")
 
 
+#: The run's tokens, given rather than generated, so that the logs can be searched for them.
+TOKENS = {
+    f"DEMO_{name.upper()}_TOKEN": f"{name}-{secrets.token_urlsafe(18)}"
+    for name in ("admin", "order", *GROUPS)
+}
+
+
 def run_demo(tag: str, run_dir: Path) -> tuple[int, str]:
     argv = [
         *(sys.executable, "-m", "demo", "--orders", str(ORDERS)),
         *("--run-dir", str(run_dir), "--timeout", str(RUNNER_TIMEOUT)),
         *isolated(tag),
     ]
-    return run_group(argv, TEST_TIMEOUT)
+    # The service logs JSON, the order service and the consumers text: both formats.
+    return run_group(argv, TEST_TIMEOUT, {**TOKENS, "DEMO_SERVICE_LOG_FORMAT": "json"})
 
 
 def processes_of(tag: str) -> list[int]:
@@ -104,6 +114,7 @@ def test_demo_balances_the_books_through_every_injected_failure_and_an_outage(
     assert asyncio.run(rabbit.answers(AMQP_URL))
 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert_no_token_logged(tmp_path / "run", out)
     assert_outage(summary["outage"], out)
     assert_metrics_moved(tmp_path / "run", summary)
     assert all(c["ok"] for c in summary["checks"]), summary["checks"]
@@ -129,6 +140,30 @@ def test_demo_balances_the_books_through_every_injected_failure_and_an_outage(
     for o in unpaid:  # no effect at all
         assert (o["available"], o["sold"], o["points"], o["wms"]) == (100, 0, 1190, 0), o
         assert (o["inventory_inbox"], o["credit_inbox"], o["wms_inbox"]) == (0, 0, 0), o
+
+
+def assert_no_token_logged(run_dir: Path, out: str) -> None:
+    """No configured token in any line any process of the run logged (the service in
+    JSON, the others in text), nor in the report, the metrics or the demo's own output;
+    and the run used these very tokens (its summary has their fingerprints)."""
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    logs = {p.name: p.read_text(errors="replace") for p in files if p.suffix == ".log"}
+    assert {"service.log", "order.log", *(f"{g}.log" for g in GROUPS)} <= set(logs), logs
+    service = [line for line in logs["service.log"].splitlines() if line.startswith("{")]
+    assert len(service) > 50, "the service did not log JSON"
+    assert all(json.loads(line)["message"] for line in service)
+    assert any("WARNING" in line for line in logs["inventory.log"].splitlines())  # text
+    texts = {str(p): p.read_text(errors="replace") for p in files}
+    texts["demo output"] = out
+    for name, token in TOKENS.items():
+        for where, text in texts.items():
+            assert token not in text, f"{name} is in {where}"
+    used = json.loads((run_dir / "summary.json").read_text())["tokens"]
+    given = {
+        name.removeprefix("DEMO_").removesuffix("_TOKEN").lower(): token
+        for name, token in TOKENS.items()
+    }
+    assert used == {n: hashlib.sha256(t.encode()).hexdigest()[:12] for n, t in given.items()}
 
 
 def assert_outage(outage: dict[str, Any], out: str) -> None:

@@ -2,7 +2,8 @@
 two service instances, the order service and three consumers, while it kills instances,
 closes RabbitMQ's connections, stops its application, terminates PostgreSQL backends,
 restarts the PostgreSQL server, and stalls and cuts the network to RabbitMQ. Then this
-test checks the run's report and reads the books itself.
+test checks the run's report and reads the books itself: the business databases and
+the service's database, order by order, trusting nothing the run says about them.
 
 The run uses databases, RabbitMQ names and a Redis namespace of its own, removed
 afterwards. The faults hit the shared servers, though; the run gives back what it took
@@ -14,19 +15,23 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from demo import books
+from demo.books import OrderRow
 from demo.verdict import EFFECTS
 from soak.options import SHORT_FAULTS
 from soak.plan import Kind
 from tests.conftest import SERVER_URL
 from tests.helpers.rabbit import port_open
 from tests.helpers.runs import GROUPS, isolated, own_names, run_group
+from upstream_demo.store import message_id
 
 #: The runner's own wait for quiescence; the test kills it (and its process group) after
 #: the test's budget.
@@ -70,13 +75,68 @@ def test_the_short_soak_loses_nothing_and_applies_nothing_twice(tag: str, tmp_pa
     assert report["committed"] > 0 and report["cancelled"] > 0
     assert report["effects"] == {g: report["committed"] for g in GROUPS}
 
-    # The books, read here rather than trusted from the report.
+    # The books, read here rather than trusted from the report: the business databases
+    # and the service's own, which must agree order by order.
     held = asyncio.run(books.read(f"{SERVER_URL}/{tag}", GROUPS))
+    service = asyncio.run(read_service(f"{SERVER_URL}/{tag}_service"))
+    inboxes = asyncio.run(read_inboxes(f"{SERVER_URL}/{tag}"))
     paid = [r for r in held.orders if r.status == "paid"]
-    assert len(paid) == report["committed"]
+    assert paid, "nothing was paid"
     for row in held.orders:
         expected = 1 if row.status == "paid" else 0
         assert [EFFECTS[g](row) for g in GROUPS] == [expected] * 3, row
+    assert_the_service_agrees(held.orders, service, inboxes)
+    assert len(paid) == report["committed"]
 
     # Whatever the faults took away is back.
     assert port_open(5672)
+
+
+#: Per message id: its status and each group's delivery status.
+ServiceBooks = dict[str, tuple[str, dict[str, str]]]
+
+
+async def read_service(dsn: str) -> ServiceBooks:
+    conn = await asyncpg.connect(dsn)
+    try:
+        messages = await conn.fetch("SELECT id, status FROM rmsg_message")
+        deliveries = await conn.fetch("SELECT message_id, group_name, status FROM rmsg_delivery")
+    finally:
+        await conn.close()
+    found: ServiceBooks = {r["id"]: (r["status"], {}) for r in messages}
+    for d in deliveries:
+        found[d["message_id"]][1][d["group_name"]] = d["status"]
+    return found
+
+
+async def read_inboxes(dsn: str) -> dict[str, Counter[str]]:
+    """How often each message id is in each group's inbox."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {
+            g: Counter(
+                r["message_id"] for r in await conn.fetch(f"SELECT message_id FROM {g}.rmsg_inbox")
+            )
+            for g in GROUPS
+        }
+    finally:
+        await conn.close()
+
+
+def assert_the_service_agrees(
+    orders: list[OrderRow], service: ServiceBooks, inboxes: dict[str, Counter[str]]
+) -> None:
+    """A paid order's message is ``done``, acked by every group, in each group's inbox
+    once; an unpaid order's is ``cancelled`` or was never prepared, and in no inbox; the
+    service and the inboxes hold no other message, so nothing is pending, sent or dead."""
+    ids = {message_id(row.id): row for row in orders}
+    assert set(service) <= set(ids), set(service) - set(ids)
+    for id, row in ids.items():
+        status, deliveries = service.get(id, (None, {}))
+        if row.status == "paid":
+            assert (status, deliveries) == ("done", dict.fromkeys(GROUPS, "done")), (row, status)
+            assert [inboxes[g][id] for g in GROUPS] == [1, 1, 1], row
+        else:
+            assert status in (None, "cancelled") and not deliveries, (row, status)
+            assert [inboxes[g][id] for g in GROUPS] == [0, 0, 0], row
+    assert all(set(inboxes[g]) <= set(ids) for g in GROUPS), "an inbox holds a stranger"

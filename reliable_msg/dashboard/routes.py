@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ from starlette.templating import Jinja2Templates
 
 from ..errors import NotFound, ReliableMsgError
 from ..message import Message
+from ..metrics import RATE_LIMITED
 from ..policy import ID_RE, NAME_RE, TOPIC_RE
 from ..runtime import Runtime, instance_name
 from ..states import FINAL, MessageStatus
@@ -189,7 +191,15 @@ def router() -> APIRouter:  # noqa: C901 - a flat list of small route functions
         visit = _visit(request)
         if not visit.runtime.settings.dashboard.enabled:
             return _disabled()
+        # Keyed by the client address uvicorn gives (X-Forwarded-For only from a trusted
+        # proxy); checked before the token, so that a guess over the limit learns nothing.
+        address = request.client.host if request.client is not None else "unknown"
+        logins = visit.runtime.auth.logins
+        wait = logins.wait(address)
+        if wait:
+            return _too_many_logins(visit, next, wait)
         if not visit.sessions.login(token):
+            logins.take(address)
             return visit.render(
                 "login.html",
                 status=401,
@@ -199,6 +209,7 @@ def router() -> APIRouter:  # noqa: C901 - a flat list of small route functions
             )
         target = next if _safe_next(next, visit.base) else visit.base + "/"
         response = RedirectResponse(target, status_code=303)
+        response.headers.update(SECURITY_HEADERS)  # no-store above all: it sets the session
         response.set_cookie(
             COOKIE,
             visit.sessions.issue(),
@@ -433,6 +444,20 @@ def _list_page(
 
 def _not_found(visit: _Visit, id: str | None, text: str | None = None) -> HTMLResponse:
     return visit.render("error.html", status=404, text=text or f"No message has the id {id!r}.")
+
+
+def _too_many_logins(visit: _Visit, next: str, wait: float) -> HTMLResponse:
+    retry = max(1, math.ceil(wait))
+    RATE_LIMITED.labels("anonymous").inc()
+    response = visit.render(
+        "login.html",
+        status=429,
+        next=next,
+        error=f"Too many failed logins from your address: try again in {retry} s.",
+        enabled=visit.sessions.enabled,
+    )
+    response.headers["Retry-After"] = str(retry)
+    return response
 
 
 def _forbidden(visit: _Visit) -> HTMLResponse:

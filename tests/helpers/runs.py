@@ -43,10 +43,13 @@ def isolated(tag: str) -> list[str]:
     ]
 
 
-def run_group(argv: Sequence[str], timeout: float) -> tuple[int, str]:
-    """Run in a process group of its own; kill the whole group if it outlives
-    ``timeout``, so that no process it started outlives the test."""
-    env = {**os.environ, "COLUMNS": "120"}
+def run_group(
+    argv: Sequence[str], timeout: float, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """Run in a process group of its own (with ``env`` over this one's environment);
+    kill the whole group if it outlives ``timeout``, so that no process it started
+    outlives the test."""
+    env = {**os.environ, "COLUMNS": "120", **(env or {})}
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )

@@ -13,10 +13,13 @@ from tests.helpers.processes import free_port
 
 
 @asynccontextmanager
-async def serving_app(app: Any, port: int | None = None) -> AsyncIterator[str]:
-    """Serve ``app`` on 127.0.0.1 (on ``port`` or a free one) and yield its base URL."""
+async def serving_app(app: Any, port: int | None = None, **options: Any) -> AsyncIterator[str]:
+    """Serve ``app`` on 127.0.0.1 (on ``port`` or a free one) and yield its base URL;
+    ``options`` go to :class:`uvicorn.Config` (``forwarded_allow_ips``, say)."""
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", **options
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:

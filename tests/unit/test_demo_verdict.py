@@ -28,7 +28,9 @@ from demo.verdict import Check, Facts, judge
 GROUPS = ("inventory", "credit", "wms")
 
 
-@pytest.mark.parametrize(("orders", "local", "crashes"), [(5, 1, 2), (20, 2, 2), (100, 10, 3)])
+@pytest.mark.parametrize(
+    ("orders", "local", "crashes"), [(5, 1, 2), (20, 2, 2), (100, 10, 3), (600, 60, 18)]
+)
 def test_plan_places_every_failure(orders: int, local: int, crashes: int) -> None:
     ids = list(range(101, 101 + orders))
     plan = make_plan(ids, GROUPS, seed=1)

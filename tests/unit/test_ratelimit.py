@@ -79,3 +79,17 @@ def test_a_limit_that_takes_nothing_is_refused(rate: float, burst: int) -> None:
 def test_limit_settings(limits: LimitSettings, enabled: bool, bucket: int) -> None:
     assert limits.enabled is enabled
     assert limits.bucket == bucket
+
+
+def test_wait_tells_without_taking() -> None:
+    clock = Clock()
+    limiter = RateLimiter(rate=0.5, burst=2, clock=clock)
+    assert limiter.wait("a") == 0.0
+    assert limiter.wait("a") == 0.0  # nothing was taken
+    assert [limiter.take("a"), limiter.take("a")] == [0.0, 0.0]
+    assert limiter.wait("a") == pytest.approx(2.0)
+    clock.now += 1.5
+    assert limiter.wait("a") == pytest.approx(0.5)
+    clock.now += 0.5
+    assert limiter.wait("a") == 0.0
+    assert limiter.wait("b") == 0.0
