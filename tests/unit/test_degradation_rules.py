@@ -35,6 +35,9 @@ class SwitchFlag:
         self.degraded = False
         self.reasons: list[str] = []
 
+    def on_change(self, listener: Any) -> None:
+        pass
+
     async def trip(self, reason: str) -> bool:
         self.reasons.append(reason)
         flipped = not self.degraded
