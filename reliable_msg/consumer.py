@@ -259,9 +259,11 @@ class Consumer:
             await first_of(self._stopping.wait(), lost.wait())
             if not lost.is_set():
                 await queue.cancel(tag)
-                if self._in_flight:  # let them ack on this channel before it closes
+                # Ack on this channel before it closes whatever was handled, in flight or
+                # waiting in the batcher: RabbitMQ would deliver it again otherwise.
+                if self._in_flight:
                     await asyncio.wait(set(self._in_flight))
-                    await self.acks.flush_now()
+                await self.acks.flush_now()
         finally:
             await connection.close()
 
@@ -728,6 +730,7 @@ class AckBatcher:
         self._interval = interval
         self._pending: list[tuple[str, Finish]] = []
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self._closing = False
         #: Batches acked to the service so far.
         self.batches = 0
@@ -764,10 +767,11 @@ class AckBatcher:
         return True
 
     async def flush_now(self) -> None:
-        """Ack everything pending now."""
-        while self._pending:
-            batch, self._pending = self._pending[: self._size], self._pending[self._size :]
-            await self._flush(batch)
+        """Ack everything pending now; returns once a flush under way has finished too."""
+        async with self._flushing:
+            while self._pending:
+                batch, self._pending = self._pending[: self._size], self._pending[self._size :]
+                await self._flush(batch)
 
     async def _flush(self, batch: list[tuple[str, Finish]]) -> None:
         delay = 0.2
