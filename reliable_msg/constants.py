@@ -51,6 +51,9 @@ SWITCH_HISTORY_LENGTH = 100
 SHARDS_KEY = "{{{ns}}}:shards"
 #: Stream of one fallback shard; the hash tag is the shard, so shards spread over a cluster.
 FALLBACK_KEY = "{ns}:fb:{{{group}:{shard}}}"
+#: Stream of a group's fallback entries no handler can take (no id, payload not JSON, a
+#: missing field, unknown topic): the Redis counterpart of the group's ``.dlq`` queue.
+FALLBACK_DEAD_KEY = "{ns}:fb:{{{group}:dead}}"
 #: Glob patterns matching every key above of one namespace (switch keys, shards).
 NAMESPACE_PATTERNS = ("{{{ns}}}:*", "{ns}:fb:*")
 #: Consumer group of every fallback stream (each stream belongs to one consumer group).

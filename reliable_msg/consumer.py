@@ -44,7 +44,7 @@ from . import constants
 from .aio import first_of, stop_task
 from .client import RetryPolicy, ServiceClient
 from .errors import ReliableMsgError
-from .fallback import REDIS_ERRORS, Entry, FallbackReader
+from .fallback import REDIS_ERRORS, Entry, FallbackReader, Malformed, Read
 from .switch import Mode, Switch
 
 log = logging.getLogger(__name__)
@@ -310,9 +310,11 @@ class Consumer:
             await first_of(self._stopping.wait(), lost.wait())
             if not lost.is_set():
                 await queue.cancel(tag)
-                if self._in_flight:  # let them ack on this channel before it closes
+                # Ack on this channel before it closes whatever was handled, in flight or
+                # waiting in the batcher: RabbitMQ would deliver it again otherwise.
+                if self._in_flight:
                     await asyncio.wait(set(self._in_flight))
-                    await self.acks.flush_now()
+                await self.acks.flush_now()
         finally:
             await connection.close()
 
@@ -387,7 +389,8 @@ class Consumer:
                 received.attempt,
                 extra={"message_id": received.id},
             )
-            await finish()  # the service, not the transport, owns the retry and its backoff
+            # The service, not the transport, owns the retry and its backoff.
+            await _release_failed(received.id, finish)
             return
         self.acks.add(received.id, finish)
 
@@ -474,6 +477,15 @@ _SOURCE = {Mode.NORMAL: "RabbitMQ", Mode.DEGRADED: "the Redis fallback shards"}
 
 #: Releases a handled message at its source.
 Finish = Callable[[], Awaitable[None]]
+
+
+async def _release_failed(id: str, finish: Finish) -> None:
+    """Release a message whose handler failed; if its source is away, it is the source's
+    to deliver again (RabbitMQ requeues, a Redis entry is reclaimed)."""
+    try:
+        await finish()
+    except Exception as exc:
+        log.warning("release of %s at its source lost (%s)", id, exc, extra={"message_id": id})
 
 
 def _amqp_ack(message: AbstractIncomingMessage) -> Finish:
@@ -663,6 +675,21 @@ class FallbackDrain:
             return False
 
     async def _work(self, keys: list[str]) -> None:
+        """Run a worker over ``keys`` until told to stop, restarting it after an
+        unexpected error: a worker that ended would leave its shards unread for ever, and
+        the consumer degraded with them."""
+        while not self._stop_workers and not self._consumer.stopping:
+            try:
+                await self._read_loop(keys)
+            except Exception:
+                log.exception(
+                    "consumer %s: a fallback worker failed; restarting it in %.1f s",
+                    self._consumer.group,
+                    self._poll,
+                )
+                await self._sleep(self._poll)
+
+    async def _read_loop(self, keys: list[str]) -> None:
         """Read new entries of ``keys`` (and reclaim stale ones) until told to stop."""
         last_claim = 0.0
         loop = asyncio.get_running_loop()
@@ -681,32 +708,48 @@ class FallbackDrain:
                 continue
             await asyncio.gather(*(self._one(e) for e in entries))
 
-    async def _one(self, entry: Entry) -> None:
+    async def _one(self, entry: Read) -> None:
         consumer = self._consumer
+        if isinstance(entry, Malformed):
+            await self._bury(entry, entry.reason)
+            return
+        if not consumer.knows(entry.topic):
+            await self._bury(entry, f"no handler for topic {entry.topic!r}")
+            return
 
         async def finish() -> None:
             await self.reader.done(entry)
 
-        if not consumer.knows(entry.topic):
-            log.error(
-                "consumer %s: no handler for topic %r; dropped %s from Redis",
-                consumer.group,
-                entry.topic,
-                entry.id,
-                extra={"message_id": entry.id},
-            )
-            await finish()
-            return
         received = Received(
             id=entry.id,
             topic=entry.topic,
-            payload=json.loads(entry.payload),
+            payload=entry.payload,
             headers=entry.headers,
             key=entry.key,
             attempt=entry.attempt,
             producer=entry.producer,
         )
         await consumer.process(received, finish)
+
+    async def _bury(self, entry: Entry | Malformed, reason: str) -> None:
+        """Move an entry no handler can take to the dead stream, as the AMQP path rejects
+        such a delivery to the group's ``.dlq``; the service redelivers its message until
+        it is acked or dies, also as with AMQP."""
+        id = entry.fields.get("id")
+        try:
+            await self.reader.bury(entry, reason)
+        except REDIS_ERRORS as exc:  # left in its shard: reclaimed and buried again
+            log.warning("consumer %s: could not bury %s (%s)", self._consumer.group, id, exc)
+            return
+        log.error(
+            "consumer %s: rejected fallback entry %s (message %s) to %s: %s",
+            self._consumer.group,
+            entry.entry_id,
+            id,
+            self.reader.dead_key,
+            reason,
+            extra={"message_id": id},
+        )
 
     async def _retrying(self, action: Callable[[], Awaitable[None]]) -> None:
         while not self._consumer.stopping:
@@ -738,6 +781,7 @@ class AckBatcher:
         self._interval = interval
         self._pending: list[tuple[str, Finish]] = []
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self._closing = False
         #: Batches acked to the service so far.
         self.batches = 0
@@ -774,10 +818,11 @@ class AckBatcher:
         return True
 
     async def flush_now(self) -> None:
-        """Ack everything pending now."""
-        while self._pending:
-            batch, self._pending = self._pending[: self._size], self._pending[self._size :]
-            await self._flush(batch)
+        """Ack everything pending now; returns once a flush under way has finished too."""
+        async with self._flushing:
+            while self._pending:
+                batch, self._pending = self._pending[: self._size], self._pending[self._size :]
+                await self._flush(batch)
 
     async def _flush(self, batch: list[tuple[str, Finish]]) -> None:
         delay = 0.2

@@ -6,7 +6,8 @@ Redis Cluster and no key is hot or big). Consumers read with one stream consumer
 per stream (``XREADGROUP``), so an entry read but not acked stays in the pending list
 and is reclaimed (``XAUTOCLAIM``) from a consumer that died; an entry is deleted once
 handled and acked to the service. A shard longer than ``shard_alarm`` raises an alarm
-(log and metric) at each write that finds it so.
+(log and metric) at each write that finds it so. An entry no handler can take is moved
+to the group's dead stream ``rmsg:fb:{<group>:dead}`` with the reason.
 """
 
 from __future__ import annotations
@@ -66,26 +67,62 @@ class Entry:
     id: str
     topic: str
     producer: str
-    payload: str
+    payload: Any  #: decoded from JSON
     headers: dict[str, Any]
     key: str | None
     attempt: int
     created_at: datetime
+    fields: dict[str, str]  #: as stored, for the dead stream
 
     @classmethod
-    def parse(cls, stream: str, entry_id: str, fields: dict[str, str]) -> Entry:
-        return cls(
-            stream=stream,
-            entry_id=entry_id,
-            id=fields["id"],
-            topic=fields["topic"],
-            producer=fields["producer"],
-            payload=fields["payload"],
-            headers=json.loads(fields.get("headers") or "{}"),
-            key=fields.get("key") or None,
-            attempt=int(fields.get("attempt", "1")),
-            created_at=datetime.fromisoformat(fields["created_at"]),
-        )
+    def parse(cls, stream: str, entry_id: str, raw: dict[Any, Any]) -> Entry | Malformed:
+        """The entry, or :class:`Malformed` with the reason no handler can take it."""
+        fields = {_text(k, "replace"): _text(v, "replace") for k, v in raw.items()}
+        try:
+            _fields(raw)  # strict: a field that is not UTF-8 is malformed
+            if not fields.get("id"):
+                raise ValueError("no id")
+            headers = json.loads(fields.get("headers") or "{}")
+            if not isinstance(headers, dict):
+                raise ValueError("headers are not a JSON object")
+            return cls(
+                stream=stream,
+                entry_id=entry_id,
+                id=fields["id"],
+                topic=fields["topic"],
+                producer=fields["producer"],
+                payload=_json(fields["payload"]),
+                headers=headers,
+                key=fields.get("key") or None,
+                attempt=int(fields.get("attempt", "1")),
+                created_at=datetime.fromisoformat(fields["created_at"]),
+                fields=fields,
+            )
+        except KeyError as exc:
+            return Malformed(stream, entry_id, fields, f"no {exc.args[0]} field")
+        except (ValueError, TypeError) as exc:
+            return Malformed(stream, entry_id, fields, str(exc))
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"payload is not JSON: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A fallback entry no handler can take, and why."""
+
+    stream: str
+    entry_id: str
+    fields: dict[str, str]
+    reason: str
+
+
+#: What a read of the shards finds.
+Read = Entry | Malformed
 
 
 class FallbackWriter:
@@ -195,24 +232,25 @@ class FallbackReader:
             self.keys = shard_keys(self._namespace, self._group, shards)
         return shards
 
-    async def prepare(self) -> None:
-        """Create each shard's stream consumer group, from the start of the stream."""
-        for key in self.keys:
+    async def prepare(self, keys: Sequence[str] | None = None) -> None:
+        """Create the consumer group of each shard (all, or ``keys``) from the start of
+        the stream, so that nothing already in it is skipped."""
+        for key in self.keys if keys is None else keys:
             try:
                 await self._redis.xgroup_create(key, constants.FALLBACK_READERS, "0", mkstream=True)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    async def read(self, keys: Sequence[str], count: int) -> list[Entry]:
+    async def read(self, keys: Sequence[str], count: int) -> list[Read]:
         """New entries of ``keys``, up to ``count`` per key; one round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.xreadgroup(constants.FALLBACK_READERS, self._consumer, {key: ">"}, count=count)
-            replies = await pipe.execute()
+            replies = await self._replies(keys, pipe)
         return [entry for reply in replies for entry in _entries(reply)]
 
-    async def reclaim(self, keys: Sequence[str], idle: float, count: int) -> list[Entry]:
+    async def reclaim(self, keys: Sequence[str], idle: float, count: int) -> list[Read]:
         """Entries read by another consumer and not acked for ``idle`` seconds."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in keys:
@@ -223,18 +261,52 @@ class FallbackReader:
                     min_idle_time=int(idle * 1000),
                     count=count,
                 )
-            replies = await pipe.execute()
-        found: list[Entry] = []
+            replies = await self._replies(keys, pipe)
+        found: list[Read] = []
         for key, reply in zip(keys, replies, strict=True):
-            found.extend(Entry.parse(key, _text(i), _fields(f)) for i, f in reply[1] if f)
+            if reply is not None:
+                found.extend(Entry.parse(key, _text(i), f) for i, f in reply[1] if f)
         return found
 
-    async def done(self, entry: Entry) -> None:
+    async def _replies(self, keys: Sequence[str], pipe: Any) -> list[Any]:
+        """The pipeline's replies, one per key; None for a key whose stream or consumer
+        group is gone (Redis restarted without persistence, an eviction, a flush, a
+        ``XGROUP DESTROY``; the service's next write makes a stream without a group),
+        after creating the group again."""
+        replies = await pipe.execute(raise_on_error=False)
+        missing = []
+        for key, reply in zip(keys, replies, strict=True):
+            if isinstance(reply, ResponseError) and str(reply).startswith("NOGROUP"):
+                missing.append(key)
+            elif isinstance(reply, Exception):
+                raise reply
+        if missing:
+            log.warning(
+                "fallback of %s: no consumer group on %s; creating it again",
+                self._group,
+                ", ".join(missing),
+            )
+            await self.prepare(missing)
+        return [None if key in missing else r for key, r in zip(keys, replies, strict=True)]
+
+    async def done(self, entry: Read) -> None:
         """Acknowledge and delete a handled entry."""
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.xack(entry.stream, constants.FALLBACK_READERS, entry.entry_id)
             pipe.xdel(entry.stream, entry.entry_id)
             await pipe.execute()
+
+    async def bury(self, entry: Read, reason: str) -> None:
+        """Move an entry no handler can take to the group's dead stream, with the reason
+        and where it came from; then acknowledge and delete it. A failure between the two
+        leaves it in its shard, to be buried again (so it may be in the dead stream twice)."""
+        dead = {**entry.fields, "dead_reason": reason, "dead_from": entry.stream}
+        await self._redis.xadd(self.dead_key, dead)  # type: ignore[arg-type]
+        await self.done(entry)
+
+    @property
+    def dead_key(self) -> str:
+        return constants.FALLBACK_DEAD_KEY.format(ns=self._namespace, group=self._group)
 
     async def depth(self) -> int:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -243,12 +315,12 @@ class FallbackReader:
             return int(sum(await pipe.execute()))
 
 
-def _entries(reply: Any) -> list[Entry]:
+def _entries(reply: Any) -> list[Read]:
     entries = []
     for stream, items in reply or []:
         for entry_id, fields in items:
             if fields:
-                entries.append(Entry.parse(_text(stream), _text(entry_id), _fields(fields)))
+                entries.append(Entry.parse(_text(stream), _text(entry_id), fields))
     return entries
 
 
@@ -256,8 +328,8 @@ def _fields(raw: dict[Any, Any]) -> dict[str, str]:
     return {_text(k): _text(v) for k, v in raw.items()}
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def _text(value: Any, errors: str = "strict") -> str:
+    return value.decode(errors=errors) if isinstance(value, bytes) else str(value)
 
 
 async def delete_namespace(redis_url: str, namespace: str) -> None:

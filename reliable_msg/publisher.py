@@ -4,7 +4,10 @@ degradation switch is on (DESIGN §6).
 It counts consecutive failed publishes (timeouts included); at ``failure_threshold`` it
 trips the shared switch and writes the failed message to the fallback at once, so the
 caller still gets its answer. While degraded, a probe publishes to a probe queue every
-``probe_interval``; its first success clears the switch.
+``probe_interval``; its first success clears the switch. The count starts again at every
+successful publish and at every change of the switch, whoever flipped it: an instance
+that counted failures before another one tripped the switch must not trip it again at
+its first failure after recovery.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from .broker import RabbitBroker
 from .errors import BrokerError, BrokerUnavailable
 from .fallback import FallbackWriter
 from .message import Outgoing
-from .switch import Switch
+from .switch import Switch, SwitchState
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,11 @@ class SwitchingPublisher:
         self._switch = switch
         self._threshold = failure_threshold
         self.failures = 0  #: consecutive failed publishes to RabbitMQ
+        if switch is not None:
+            switch.on_change(self._switch_changed)
+
+    def _switch_changed(self, state: SwitchState) -> None:
+        self.failures = 0
 
     @property
     def connected(self) -> bool:
@@ -65,7 +73,7 @@ class SwitchingPublisher:
         return refused
 
     def _count(self, taken: int, refused: dict[str, BrokerError]) -> None:
-        if taken and not refused:
+        if taken:
             self.failures = 0
         # Unroutable is a topology problem, not an outage: it never trips the switch.
         self.failures += sum(1 for e in refused.values() if isinstance(e, BrokerUnavailable))
@@ -103,5 +111,4 @@ class SwitchingPublisher:
         except (BrokerError, TimeoutError) as exc:
             log.debug("probe failed: %s", exc)
             return False
-        self.failures = 0
         return await self._switch.clear("probe publish confirmed by RabbitMQ")

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -83,6 +84,12 @@ class Switch:
         self._flip = redis.register_script(_FLIP)
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._listeners: list[Callable[[SwitchState], None]] = []
+
+    def on_change(self, listener: Callable[[SwitchState], None]) -> None:
+        """Call ``listener`` with the new state at every change of mode this holder sees:
+        its own flips, and others' seen in a notice or a re-read."""
+        self._listeners.append(listener)
 
     @property
     def state(self) -> SwitchState:
@@ -132,10 +139,13 @@ class Switch:
     def _apply(self, state: SwitchState | None) -> None:
         if state is None:
             return
-        if state.mode is not self._state.mode:
+        changed = state.mode is not self._state.mode
+        self._state = state
+        if changed:
             log.info("%s sees the switch %s", self._who, state.mode.value)
             self._changed.set()
-        self._state = state
+            for listener in self._listeners:
+                listener(state)
         MODE.set(1 if state.mode is Mode.DEGRADED else 0)
 
     async def changed(self) -> None:

@@ -6,6 +6,7 @@
         consumes GROUP; dies right after handling CRASH_ID, before acking it. With HOLD
         set (a number), each handler, after its effect, waits for the advisory lock
         HOLD before it returns (a test holds that lock to keep the handler running).
+        With ACK_INTERVAL set, acks wait that many seconds in the batcher.
 
 Connection settings come from the environment (see tests/test_sdk.py).
 """
@@ -61,6 +62,7 @@ async def consume(group: str, crash_id: str | None) -> None:
         shards=int(os.environ.get("SHARDS", "128")),
         poll_interval=0.2,
         claim_idle=1.0,
+        ack_interval=float(os.environ.get("ACK_INTERVAL", "0.05")),
     )
     consumer.crash_id = crash_id
 

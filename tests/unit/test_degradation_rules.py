@@ -35,6 +35,9 @@ class SwitchFlag:
         self.degraded = False
         self.reasons: list[str] = []
 
+    def on_change(self, listener: Any) -> None:
+        pass
+
     async def trip(self, reason: str) -> bool:
         self.reasons.append(reason)
         flipped = not self.degraded
@@ -91,6 +94,21 @@ async def test_a_publish_taken_in_between_starts_the_count_again() -> None:
     for id in ("c", "d"):
         await sp.publish_many([message(id)])
     assert not switch.degraded and sp.failures == 2
+
+
+async def test_a_batch_taken_in_part_starts_the_count_again() -> None:
+    sp, rabbit, switch, _ = publisher(3)
+    for id in ("a", "b"):
+        await sp.publish_many([message(id)])
+    error = BrokerUnavailable("no publisher confirm within 1.0s")
+
+    async def refuse_one(outs: list[Outgoing]) -> dict[str, BrokerError]:
+        return {outs[0].id: error}
+
+    rabbit.publish_many = refuse_one  # type: ignore[method-assign]
+    refused = await sp.publish_many([message("refused"), message("taken")])
+    assert list(refused) == ["refused"]
+    assert not switch.degraded and sp.failures == 1
 
 
 async def test_unroutable_messages_never_trip_the_switch() -> None:
