@@ -67,9 +67,11 @@ class SwitchingPublisher:
         refused = await self.rabbit.publish_many(outs)
         self._count(len(outs) - len(refused), refused)
         if refused and await self._maybe_trip(refused):
-            retry = [o for o in outs if o.id in refused]
-            still = await self._to_fallback(retry)
-            return still
+            # Only the outage's failures go to Redis: a refusal keeps its error, so it is
+            # counted and ends dead rather than travel a path that hides it.
+            down = [o for o in outs if isinstance(refused.get(o.id), BrokerUnavailable)]
+            kept = {id: e for id, e in refused.items() if not isinstance(e, BrokerUnavailable)}
+            return kept | await self._to_fallback(down)
         return refused
 
     def _count(self, taken: int, refused: dict[str, BrokerError]) -> None:

@@ -10,7 +10,7 @@ from typing import Any, cast
 from redis.crc import key_slot
 
 from reliable_msg import constants
-from reliable_msg.errors import BrokerError, BrokerUnavailable, Unroutable
+from reliable_msg.errors import BrokerError, BrokerUnavailable, Unpublishable, Unroutable
 from reliable_msg.fallback import shard_keys
 from reliable_msg.message import Outgoing
 from reliable_msg.publisher import SwitchingPublisher
@@ -117,6 +117,25 @@ async def test_unroutable_messages_never_trip_the_switch() -> None:
     for i in range(5):
         await sp.publish_many([message(f"u{i}")])
     assert not switch.degraded and sp.failures == 0
+
+
+async def test_the_trip_sends_only_the_outage_failures_to_the_fallback() -> None:
+    """A refusal (unroutable, unpublishable) in the batch that trips the switch keeps its
+    own error: Redis would take it, and it would skip the refusal count that ends it."""
+    sp, rabbit, switch, fallback = publisher(1)
+    outage = BrokerUnavailable("no publisher confirm within 1.0s")
+    refusals: dict[str, BrokerError] = {
+        "unroutable": Unroutable("no queue is bound for 'x'"),
+        "unpublishable": Unpublishable("its header is 200,111 bytes"),
+    }
+
+    async def mixed(outs: list[Outgoing]) -> dict[str, BrokerError]:
+        return {o.id: refusals.get(o.id, outage) for o in outs}
+
+    rabbit.publish_many = mixed  # type: ignore[method-assign]
+    refused = await sp.publish_many([message(id) for id in ("down", *refusals)])
+    assert switch.degraded and fallback.written == ["down"]
+    assert refused == refusals
 
 
 def tag(key: str) -> str:
