@@ -61,7 +61,7 @@ from .outage import (
     flips,
 )
 from .plan import Phases, Plan, make_plan, phases, waves
-from .processes import Child, Supervisor, base_env, free_port, until
+from .processes import Child, Supervisor, base_env, free_ports, until
 from .shop import Answer, Shop
 from .slate import fresh_slate
 from .verdict import Facts, Outcome, judge
@@ -177,8 +177,7 @@ class Run:
         self.options = options
         self.console = console
         self.tokens = Tokens.generate(options.groups)
-        self.service_port = free_port()
-        self.order_port = free_port()
+        self.service_port, self.order_port = free_ports(2)
         self.logs = options.run_dir / "logs"
         self.state = options.run_dir / "state"
         self.supervisor = Supervisor(self._event)

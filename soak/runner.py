@@ -37,7 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from demo import books, rabbit
 from demo.admin import ServiceAdmin
 from demo.errors import DemoError
-from demo.processes import Child, Supervisor, base_env, free_port, until
+from demo.processes import Child, Supervisor, base_env, free_ports, until
 from demo.runner import PRODUCER, Tokens, consumer_env, order_service_env
 from demo.shop import Shop
 from demo.slate import fresh_slate
@@ -74,12 +74,13 @@ class Run:
         self.state = options.run_dir / "state"
         self.supervisor = Supervisor(self._event)
         self.started = time.monotonic()
-        self.order_port = free_port()
-        self.instance_ports = [free_port() for _ in range(INSTANCES)]
+        self.order_port, proxy_port, balancer_port, *self.instance_ports = free_ports(3 + INSTANCES)
         amqp = urlsplit(options.amqp_url)
-        self.rabbit_proxy = FaultProxy(amqp.hostname or "127.0.0.1", amqp.port or 5672)
+        self.rabbit_proxy = FaultProxy(
+            amqp.hostname or "127.0.0.1", amqp.port or 5672, port=proxy_port
+        )
         first, *others = [("127.0.0.1", port) for port in self.instance_ports]
-        self.balancer = FaultProxy(*first, more_targets=others)
+        self.balancer = FaultProxy(*first, more_targets=others, port=balancer_port)
         self.outage = rabbit.Outage(options.amqp_url, self.logs / "faults.log", self.started)
         self.records: list[FaultRecord] = []
         self._injector: Injector | None = None
