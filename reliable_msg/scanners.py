@@ -413,9 +413,14 @@ class Purger:
 
     async def run_once(self) -> int:
         cfg = self._settings.scanner
-        deleted = await self._store.purge(cfg.retention, batch=max(cfg.batch, 1000))
+        batch = max(cfg.batch, 1000)
+        deleted = await self._store.purge(cfg.retention, batch=batch)
         if deleted:
             log.info("purged %d finished messages", deleted)
+        if cfg.id_retention is not None:
+            freed = await self._store.forget_ids(cfg.id_retention, batch=batch)
+            if freed:
+                log.info("freed %d ids of purged messages", freed)
         return deleted
 
 

@@ -119,6 +119,19 @@ class ScannerSettings(_Section):
     batch: int = Field(default=500, ge=1, le=10_000)  #: rows claimed per round trip
     purge_interval: Seconds = 3600.0
     retention: Seconds = 7 * 24 * 3600.0  #: done and cancelled messages kept this long
+    #: ids of purged messages refused this long after their prepare, then free again;
+    #: None keeps them for ever (see README, "Guarantees")
+    id_retention: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _ids_outlive_messages(self) -> ScannerSettings:
+        if self.id_retention is not None and self.id_retention < self.retention:
+            raise ValueError(
+                f"scanner.id_retention ({self.id_retention}) must be at least"
+                f" scanner.retention ({self.retention}): an id is refused while its"
+                " message is stored"
+            )
+        return self
 
 
 class MonitorSettings(_Section):

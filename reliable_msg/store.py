@@ -873,6 +873,26 @@ class PgStore:
             if deleted < batch:
                 return total
 
+    async def forget_ids(self, older_than: float, batch: int) -> int:
+        """Free the used ids older than ``older_than`` seconds whose message is gone."""
+        total = 0
+        while True:
+            result = await self._pool.execute(
+                """
+                DELETE FROM rmsg_used_id WHERE id IN (
+                    SELECT u.id FROM rmsg_used_id u
+                    WHERE u.used_at < now() - make_interval(secs => $1)
+                      AND NOT EXISTS (SELECT 1 FROM rmsg_message m WHERE m.id = u.id)
+                    LIMIT $2)
+                """,
+                older_than,
+                batch,
+            )
+            deleted = int(result.split()[-1])
+            total += deleted
+            if deleted < batch:
+                return total
+
     # -- operators' reads ------------------------------------------------------------
 
     @_translated

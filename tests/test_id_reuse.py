@@ -14,13 +14,15 @@ import pytest
 
 from reliable_msg import consumer as consumer_sdk
 from reliable_msg import producer as producer_sdk
+from reliable_msg.api import create_app
 from reliable_msg.client import RetryPolicy
 from reliable_msg.consumer import Consumer
-from reliable_msg.errors import Conflict
+from reliable_msg.errors import ConfigError, Conflict
 from reliable_msg.producer import Producer
 from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings
-from tests.conftest import GROUP_TOKENS, OTHER_PRODUCER, PRODUCER, auth
+from tests.conftest import AMQP_URL, GROUP_TOKENS, OTHER_PRODUCER, PRODUCER, auth
+from tests.helpers import rabbit
 from tests.helpers.consumers import inventory_consumer, running_effects
 from tests.helpers.waiting import wait_until
 
@@ -158,3 +160,38 @@ async def test_a_prepare_racing_the_purge_never_takes_the_id(
     assert await db.fetchval("SELECT count(*) FROM rmsg_message WHERE id = 'r-4'") == 0
     r = await http.post("/v1/messages", json=message("r-4", 2), headers=auth(OTHER_PRODUCER))
     assert (r.status_code, r.json()["error"]["code"]) == (409, "id_reused")
+
+
+async def test_ids_are_forgotten_after_id_retention_when_it_is_set(
+    make_settings: Callable[..., Settings], db: asyncpg.Connection
+) -> None:
+    """``scanner.id_retention`` bounds ``rmsg_used_id``: an id whose message was purged is
+    freed once it is that old, never while its message is still stored."""
+    settings = make_settings(scanner={"retention": 0.5, "id_retention": 1.0})
+    rt = await Runtime.create(settings, scanners=False)
+    await rt.start()
+    try:
+        transport = httpx.ASGITransport(app=create_app(rt))
+        async with httpx.AsyncClient(transport=transport, base_url="http://rmsg") as http:
+            for id in ("f-1", "f-2"):
+                r = await http.post("/v1/messages", json=message(id, 1), headers=auth(PRODUCER))
+                assert r.status_code == 201, r.text
+            r = await http.post("/v1/messages/f-1/cancel", headers=auth(PRODUCER))
+            assert r.status_code == 200, r.text
+            await db.execute("UPDATE rmsg_used_id SET used_at = now() - interval '1 hour'")
+            await purged(rt, db, "f-1")
+
+            used = await db.fetch("SELECT id FROM rmsg_used_id ORDER BY id")
+            assert [r["id"] for r in used] == ["f-2"]  # f-2 still pending: its id stays
+            r = await http.post("/v1/messages", json=message("f-1", 2), headers=auth(PRODUCER))
+            assert r.status_code == 201, r.text
+    finally:
+        await rt.stop()
+        await rabbit.delete_topology(AMQP_URL, settings)
+
+
+def test_id_retention_shorter_than_the_message_retention_is_refused(
+    make_settings: Callable[..., Settings],
+) -> None:
+    with pytest.raises(ConfigError, match="id_retention"):
+        make_settings(scanner={"retention": 3600.0, "id_retention": 60.0})
