@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 INBOX_TABLE = "rmsg_inbox"
 #: Seconds one Redis call of the fallback workers may take.
 REDIS_TIMEOUT = 5.0
+#: Seconds a stopping consumer waits at most for the service to take its last acks.
+STOP_TIMEOUT = 10.0
 
 INBOX_DDL = f"""
 CREATE TABLE IF NOT EXISTS {INBOX_TABLE} (
@@ -178,6 +181,7 @@ class Consumer:
         redis_workers: int = 8,
         poll_interval: float = 1.0,
         claim_idle: float = 30.0,
+        stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
         self.group = group
         self.queue = queue or f"{constants.QUEUE_PREFIX}{group}"
@@ -192,6 +196,9 @@ class Consumer:
         self._transactions = SharedTransactions(self._handle_waiting, concurrency, handle_batch)
         self.acks = AckBatcher(self._client, ack_batch, ack_interval)
         self._stopping = asyncio.Event()
+        self._stop_timeout = stop_timeout
+        #: When the acks at stop give up (monotonic), set by the first wait for them.
+        self._give_up_at: float | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self.mode = Mode.NORMAL  #: DEGRADED while the fallback workers run
         self._mode_changed = asyncio.Event()
@@ -257,7 +264,7 @@ class Consumer:
             if self._in_flight:
                 await asyncio.wait(set(self._in_flight))
             await self.acks.close()
-            await acks
+            await self._bounded(acks)
         finally:
             for task in (*tasks, acks):
                 task.cancel()
@@ -314,9 +321,25 @@ class Consumer:
                 # waiting in the batcher: RabbitMQ would deliver it again otherwise.
                 if self._in_flight:
                     await asyncio.wait(set(self._in_flight))
-                await self.acks.flush_now()
+                await self._bounded(self.acks.flush_now())
         finally:
             await connection.close()
+
+    async def _bounded(self, acks: Awaitable[None]) -> None:
+        """Wait for acks at stop, at most ``stop_timeout`` seconds in all: a service that
+        cannot be reached must not keep the consumer from exiting. What is not acked is
+        delivered again, and its inbox row makes that harmless."""
+        if self._give_up_at is None:
+            self._give_up_at = time.monotonic() + self._stop_timeout
+        try:
+            await asyncio.wait_for(acks, max(self._give_up_at - time.monotonic(), 0.0))
+        except TimeoutError:
+            log.warning(
+                "consumer %s: stopping with acks the service did not take within %.1f s;"
+                " they are delivered again",
+                self.group,
+                self._stop_timeout,
+            )
 
     async def _sleep(self, seconds: float) -> None:
         try:
