@@ -34,6 +34,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import aio_pika
@@ -43,7 +44,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from . import constants
 from .aio import first_of, stop_task
-from .client import RetryPolicy, ServiceClient
+from .client import ItemResult, RetryPolicy, ServiceClient
 from .errors import ReliableMsgError
 from .fallback import REDIS_ERRORS, Entry, FallbackReader, Malformed, Read
 from .switch import Mode, Switch
@@ -98,11 +99,15 @@ async def purge_inbox(
 
     Only rows older than ``older_than`` seconds are looked at, ``batch`` at a time (at
     most the service's ``max_batch``), and each is acked again (a row means handled):
-    it goes once its delivery is done, or the service no longer knows the message
-    (purged). A dead delivery keeps its row: an admin's requeue delivers it again. When
-    the service cannot be reached, the error is raised and the rest is left for next time.
+    it goes once its delivery has been done for ``older_than`` already, or the service
+    no longer knows the message (purged). A delivery this ack makes done keeps its row,
+    since a copy published before (a redelivery, an admin's requeue of a dead one) may
+    still be on its way; so does a dead delivery, which an admin's requeue delivers
+    again. When the service cannot be reached, the error is raised and the rest is left
+    for next time.
     """
     total, after = 0, ""
+    done_before = datetime.now(UTC) - timedelta(seconds=older_than)
     while True:
         rows = await pool.fetch(
             f"SELECT message_id FROM {INBOX_TABLE} WHERE group_name = $1"
@@ -114,7 +119,7 @@ async def purge_inbox(
             batch,
         )
         acked = await client.ack_many([r["message_id"] for r in rows]) if rows else []
-        final = [a.id for a in acked if a.ok or (a.error and a.error.code == "not_found")]
+        final = [a.id for a in acked if _final(a, done_before)]
         if final:
             deleted = await pool.execute(
                 f"DELETE FROM {INBOX_TABLE} WHERE group_name = $1 AND message_id = ANY($2::text[])",
@@ -125,6 +130,15 @@ async def purge_inbox(
         if len(rows) < batch:
             return total
         after = rows[-1]["message_id"]
+
+
+def _final(acked: ItemResult, done_before: datetime) -> bool:
+    """Whether no copy of an acked message can still come: its delivery was done before
+    ``done_before`` (``done_at`` is set only when it was done before this ack), or the
+    service no longer knows the message."""
+    if acked.error is not None:
+        return acked.error.code == "not_found"
+    return acked.done_at is not None and acked.done_at < done_before
 
 
 @dataclass(frozen=True, slots=True)

@@ -201,6 +201,8 @@ class ItemOut(BaseModel):
     status: str | None = None
     created: bool | None = None
     error: ErrorBody | None = None
+    #: Batch ack only, for a repeat: when the delivery became done (before this ack).
+    done_at: datetime | None = None
 
 
 class BatchOut(BaseModel):
