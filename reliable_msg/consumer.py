@@ -195,6 +195,7 @@ class Consumer:
         redis_workers: int = 8,
         poll_interval: float = 1.0,
         claim_idle: float = 30.0,
+        dead_maxlen: int = constants.FALLBACK_DEAD_MAXLEN,
         stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
         self.group = group
@@ -229,6 +230,7 @@ class Consumer:
                 workers=redis_workers,
                 poll_interval=poll_interval,
                 claim_idle=claim_idle,
+                dead_maxlen=dead_maxlen,
             )
             if redis_url
             else None
@@ -616,12 +618,18 @@ class FallbackDrain:
         workers: int,
         poll_interval: float,
         claim_idle: float,
+        dead_maxlen: int,
     ) -> None:
         self._consumer = consumer
         self._redis = redis
         name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.reader = FallbackReader(
-            redis, namespace=namespace, group=consumer.group, shards=shards, consumer=name
+            redis,
+            namespace=namespace,
+            group=consumer.group,
+            shards=shards,
+            consumer=name,
+            dead_maxlen=dead_maxlen,
         )
         self.switch = Switch(
             redis,

@@ -239,3 +239,5 @@ class ReadyOut(BaseModel):
     history: list[SwitchChangeOut] = []
     #: Entries waiting in each group's fallback shards; None when not known.
     fallback_depth: dict[str, int] | None = None
+    #: Entries in each group's fallback dead stream; None when not known.
+    fallback_dead: dict[str, int] | None = None
