@@ -270,6 +270,7 @@ class Consumer:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+        self._give_up_at = None
         acks = asyncio.create_task(self.acks.run())
         tasks = [asyncio.create_task(self._amqp_loop())]
         if self._fallback is not None:
