@@ -300,13 +300,15 @@ def _item(id: str, result: Any) -> dict[str, Any]:
     if isinstance(result, ReliableMsgError):
         error = {"code": result.code, "message": result.message}
         return {"id": id, "ok": False, "status": None, "created": None, "error": error}
+    done_at = None
     if isinstance(result, Prepared):
         status, created = result.message.status.value, result.created
     elif isinstance(result, Acked):
-        status, created = DeliveryStatus.DONE.value, None
+        status, created, done_at = DeliveryStatus.DONE.value, None, result.done_at
     else:
         status, created = result.status.value, None
-    return {"id": id, "ok": True, "status": status, "created": created, "error": None}
+    item = {"id": id, "ok": True, "status": status, "created": created, "error": None}
+    return {**item, "done_at": done_at} if done_at else item
 
 
 def _batch(ids: Sequence[str], results: Sequence[Any]) -> Response:

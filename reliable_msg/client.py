@@ -16,6 +16,7 @@ import itertools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -58,6 +59,8 @@ class ItemResult:
     status: str | None
     created: bool | None
     error: ReliableMsgError | None
+    #: Batch ack: when the delivery became done, if it was before this ack (a repeat).
+    done_at: datetime | None = None
 
 
 class ServiceClient:
@@ -209,6 +212,7 @@ def _items(answer: dict[str, Any]) -> list[ItemResult]:
                 error=from_response(_status_of(error["code"]), error["code"], error["message"])
                 if error
                 else None,
+                done_at=datetime.fromisoformat(item["done_at"]) if item.get("done_at") else None,
             )
         )
     return results

@@ -54,6 +54,8 @@ FALLBACK_KEY = "{ns}:fb:{{{group}:{shard}}}"
 #: Stream of a group's fallback entries no handler can take (no id, payload not JSON, a
 #: missing field, unknown topic): the Redis counterpart of the group's ``.dlq`` queue.
 FALLBACK_DEAD_KEY = "{ns}:fb:{{{group}:dead}}"
+#: Entries a group's dead stream keeps, about (the consumer's default ``dead_maxlen``).
+FALLBACK_DEAD_MAXLEN = 10_000
 #: Glob patterns matching every key above of one namespace (switch keys, shards).
 NAMESPACE_PATTERNS = ("{{{ns}}}:*", "{ns}:fb:*")
 #: Consumer group of every fallback stream (each stream belongs to one consumer group).

@@ -30,9 +30,11 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import aio_pika
@@ -42,7 +44,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from . import constants
 from .aio import first_of, stop_task
-from .client import RetryPolicy, ServiceClient
+from .client import ItemResult, RetryPolicy, ServiceClient
 from .errors import ReliableMsgError
 from .fallback import REDIS_ERRORS, Entry, FallbackReader, Malformed, Read
 from .switch import Mode, Switch
@@ -53,6 +55,8 @@ log = logging.getLogger(__name__)
 INBOX_TABLE = "rmsg_inbox"
 #: Seconds one Redis call of the fallback workers may take.
 REDIS_TIMEOUT = 5.0
+#: Seconds a stopping consumer waits at most for the service to take its last acks.
+STOP_TIMEOUT = 10.0
 
 INBOX_DDL = f"""
 CREATE TABLE IF NOT EXISTS {INBOX_TABLE} (
@@ -95,11 +99,15 @@ async def purge_inbox(
 
     Only rows older than ``older_than`` seconds are looked at, ``batch`` at a time (at
     most the service's ``max_batch``), and each is acked again (a row means handled):
-    it goes once its delivery is done, or the service no longer knows the message
-    (purged). A dead delivery keeps its row: an admin's requeue delivers it again. When
-    the service cannot be reached, the error is raised and the rest is left for next time.
+    it goes once its delivery has been done for ``older_than`` already, or the service
+    no longer knows the message (purged). A delivery this ack makes done keeps its row,
+    since a copy published before (a redelivery, an admin's requeue of a dead one) may
+    still be on its way; so does a dead delivery, which an admin's requeue delivers
+    again. When the service cannot be reached, the error is raised and the rest is left
+    for next time.
     """
     total, after = 0, ""
+    done_before = datetime.now(UTC) - timedelta(seconds=older_than)
     while True:
         rows = await pool.fetch(
             f"SELECT message_id FROM {INBOX_TABLE} WHERE group_name = $1"
@@ -111,7 +119,7 @@ async def purge_inbox(
             batch,
         )
         acked = await client.ack_many([r["message_id"] for r in rows]) if rows else []
-        final = [a.id for a in acked if a.ok or (a.error and a.error.code == "not_found")]
+        final = [a.id for a in acked if _final(a, done_before)]
         if final:
             deleted = await pool.execute(
                 f"DELETE FROM {INBOX_TABLE} WHERE group_name = $1 AND message_id = ANY($2::text[])",
@@ -122,6 +130,15 @@ async def purge_inbox(
         if len(rows) < batch:
             return total
         after = rows[-1]["message_id"]
+
+
+def _final(acked: ItemResult, done_before: datetime) -> bool:
+    """Whether no copy of an acked message can still come: its delivery was done before
+    ``done_before`` (``done_at`` is set only when it was done before this ack), or the
+    service no longer knows the message."""
+    if acked.error is not None:
+        return acked.error.code == "not_found"
+    return acked.done_at is not None and acked.done_at < done_before
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +195,8 @@ class Consumer:
         redis_workers: int = 8,
         poll_interval: float = 1.0,
         claim_idle: float = 30.0,
+        dead_maxlen: int = constants.FALLBACK_DEAD_MAXLEN,
+        stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
         self.group = group
         self.queue = queue or f"{constants.QUEUE_PREFIX}{group}"
@@ -192,6 +211,9 @@ class Consumer:
         self._transactions = SharedTransactions(self._handle_waiting, concurrency, handle_batch)
         self.acks = AckBatcher(self._client, ack_batch, ack_interval)
         self._stopping = asyncio.Event()
+        self._stop_timeout = stop_timeout
+        #: When the acks at stop give up (monotonic), set by the first wait for them.
+        self._give_up_at: float | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self.mode = Mode.NORMAL  #: DEGRADED while the fallback workers run
         self._mode_changed = asyncio.Event()
@@ -208,6 +230,7 @@ class Consumer:
                 workers=redis_workers,
                 poll_interval=poll_interval,
                 claim_idle=claim_idle,
+                dead_maxlen=dead_maxlen,
             )
             if redis_url
             else None
@@ -247,6 +270,7 @@ class Consumer:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+        self._give_up_at = None
         acks = asyncio.create_task(self.acks.run())
         tasks = [asyncio.create_task(self._amqp_loop())]
         if self._fallback is not None:
@@ -257,7 +281,7 @@ class Consumer:
             if self._in_flight:
                 await asyncio.wait(set(self._in_flight))
             await self.acks.close()
-            await acks
+            await self._bounded(acks)
         finally:
             for task in (*tasks, acks):
                 task.cancel()
@@ -314,9 +338,25 @@ class Consumer:
                 # waiting in the batcher: RabbitMQ would deliver it again otherwise.
                 if self._in_flight:
                     await asyncio.wait(set(self._in_flight))
-                await self.acks.flush_now()
+                await self._bounded(self.acks.flush_now())
         finally:
             await connection.close()
+
+    async def _bounded(self, acks: Awaitable[None]) -> None:
+        """Wait for acks at stop, at most ``stop_timeout`` seconds in all: a service that
+        cannot be reached must not keep the consumer from exiting. What is not acked is
+        delivered again, and its inbox row makes that harmless."""
+        if self._give_up_at is None:
+            self._give_up_at = time.monotonic() + self._stop_timeout
+        try:
+            await asyncio.wait_for(acks, max(self._give_up_at - time.monotonic(), 0.0))
+        except TimeoutError:
+            log.warning(
+                "consumer %s: stopping with acks the service did not take within %.1f s;"
+                " they are delivered again",
+                self.group,
+                self._stop_timeout,
+            )
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -579,12 +619,18 @@ class FallbackDrain:
         workers: int,
         poll_interval: float,
         claim_idle: float,
+        dead_maxlen: int,
     ) -> None:
         self._consumer = consumer
         self._redis = redis
         name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.reader = FallbackReader(
-            redis, namespace=namespace, group=consumer.group, shards=shards, consumer=name
+            redis,
+            namespace=namespace,
+            group=consumer.group,
+            shards=shards,
+            consumer=name,
+            dead_maxlen=dead_maxlen,
         )
         self.switch = Switch(
             redis,

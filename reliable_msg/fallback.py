@@ -7,7 +7,8 @@ per stream (``XREADGROUP``), so an entry read but not acked stays in the pending
 and is reclaimed (``XAUTOCLAIM``) from a consumer that died; an entry is deleted once
 handled and acked to the service. A shard longer than ``shard_alarm`` raises an alarm
 (log and metric) at each write that finds it so. An entry no handler can take is moved
-to the group's dead stream ``rmsg:fb:{<group>:dead}`` with the reason.
+to the group's dead stream ``rmsg:fb:{<group>:dead}`` with the reason; that stream keeps
+about the latest ``dead_maxlen`` entries.
 """
 
 from __future__ import annotations
@@ -190,6 +191,11 @@ class FallbackWriter:
                     extra={"message_id": out.id},
                 )
 
+    async def dead(self, group: str) -> int:
+        """Entries in the dead stream of ``group``."""
+        key = constants.FALLBACK_DEAD_KEY.format(ns=self._ns, group=group)
+        return int(await self._redis.xlen(key))
+
     async def depth(self, group: str) -> int:
         """Entries waiting in all shards of ``group``."""
         keys = shard_keys(self._ns, group, self._shards.get(group, self._default))
@@ -204,9 +210,17 @@ class FallbackReader:
     """Reads a group's shards as one consumer (the consumer SDK side)."""
 
     def __init__(
-        self, redis: aioredis.Redis, *, namespace: str, group: str, shards: int, consumer: str
+        self,
+        redis: aioredis.Redis,
+        *,
+        namespace: str,
+        group: str,
+        shards: int,
+        consumer: str,
+        dead_maxlen: int = constants.FALLBACK_DEAD_MAXLEN,
     ) -> None:
         self._redis = redis
+        self._dead_maxlen = dead_maxlen
         self._namespace = namespace
         self._group = group
         self._configured = shards
@@ -299,9 +313,17 @@ class FallbackReader:
     async def bury(self, entry: Read, reason: str) -> None:
         """Move an entry no handler can take to the group's dead stream, with the reason
         and where it came from; then acknowledge and delete it. A failure between the two
-        leaves it in its shard, to be buried again (so it may be in the dead stream twice)."""
+        leaves it in its shard, to be buried again (so it may be in the dead stream twice).
+        The dead stream keeps about the latest ``dead_maxlen`` entries (``MAXLEN ~``: Redis
+        trims whole nodes), since the service redelivers such a message until it dies and
+        each copy is buried again."""
         dead = {**entry.fields, "dead_reason": reason, "dead_from": entry.stream}
-        await self._redis.xadd(self.dead_key, dead)  # type: ignore[arg-type]
+        await self._redis.xadd(
+            self.dead_key,
+            dead,  # type: ignore[arg-type]
+            maxlen=self._dead_maxlen,
+            approximate=True,
+        )
         await self.done(entry)
 
     @property

@@ -28,6 +28,11 @@ FALLBACK_WRITES = Counter(
     "rmsg_fallback_writes_total", "Entries written to the Redis fallback", ["group"]
 )
 FALLBACK_DEPTH = Gauge("rmsg_fallback_depth", "Entries in a group's fallback shards", ["group"])
+FALLBACK_DEAD = Gauge(
+    "rmsg_fallback_dead_entries",
+    "Entries in a group's fallback dead stream (entries no handler could take)",
+    ["group"],
+)
 SHARD_ALARMS = Counter(
     "rmsg_fallback_shard_alarms_total", "Writes that found a shard over the alarm", ["group"]
 )

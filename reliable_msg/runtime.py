@@ -17,7 +17,7 @@ from .broker import RabbitBroker
 from .checkback import CheckBackClient
 from .errors import ReliableMsgError
 from .fallback import REDIS_ERRORS, FallbackWriter
-from .metrics import FALLBACK_DEPTH
+from .metrics import FALLBACK_DEAD, FALLBACK_DEPTH
 from .monitor import Monitor
 from .publisher import SwitchingPublisher
 from .scanners import CheckBackScanner, Purger, RedeliveryScanner, Scanners
@@ -145,7 +145,8 @@ class Runtime:
 
     async def readiness(self) -> dict[str, Any]:
         """Each dependency's state, as ``ok`` or a short reason; with the fallback, the
-        latest switch changes and each group's fallback depth (None while Redis is away)."""
+        latest switch changes, each group's fallback depth and the length of its dead
+        stream (None while Redis is away)."""
         postgres, redis = await asyncio.gather(self._probe_postgres(), self._probe_redis())
         report: dict[str, Any] = {
             "mode": self.mode,
@@ -154,12 +155,14 @@ class Runtime:
             "redis": redis,
             "history": [],
             "fallback_depth": None,
+            "fallback_dead": None,
         }
         if self.switch is not None and redis == "ok":
             try:
                 async with asyncio.timeout(PROBE_TIMEOUT):
                     report["history"] = await self.switch.history(READY_HISTORY)
                     report["fallback_depth"] = await self._depths()
+                    report["fallback_dead"] = await self._dead()
             except (*REDIS_ERRORS, TimeoutError) as exc:
                 log.debug("readiness: no switch history or depth (%s)", exc)
         return report
@@ -170,6 +173,13 @@ class Runtime:
         for group, depth in depths.items():
             FALLBACK_DEPTH.labels(group).set(depth)
         return depths
+
+    async def _dead(self) -> dict[str, int]:
+        assert self.fallback is not None
+        dead = {g: await self.fallback.dead(g) for g in self.settings.groups}
+        for group, length in dead.items():
+            FALLBACK_DEAD.labels(group).set(length)
+        return dead
 
     @property
     def mode(self) -> str:
@@ -188,6 +198,7 @@ class Runtime:
         try:
             report["history"] = await self.switch.history()
             report["fallback_depth"] = await self._depths()
+            report["fallback_dead"] = await self._dead()
         except REDIS_ERRORS as exc:
             report["fallback_error"] = str(exc)
         return report

@@ -201,6 +201,8 @@ class ItemOut(BaseModel):
     status: str | None = None
     created: bool | None = None
     error: ErrorBody | None = None
+    #: Batch ack only, for a repeat: when the delivery became done (before this ack).
+    done_at: datetime | None = None
 
 
 class BatchOut(BaseModel):
@@ -237,3 +239,5 @@ class ReadyOut(BaseModel):
     history: list[SwitchChangeOut] = []
     #: Entries waiting in each group's fallback shards; None when not known.
     fallback_depth: dict[str, int] | None = None
+    #: Entries in each group's fallback dead stream; None when not known.
+    fallback_dead: dict[str, int] | None = None

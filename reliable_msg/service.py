@@ -50,6 +50,8 @@ class Prepared:
 class Acked:
     id: str
     group: str
+    #: When the delivery became done, if it already was before this ack (a repeat).
+    done_at: datetime | None = None
 
 
 class MessageService:
@@ -321,13 +323,13 @@ def _not_yours(id: str) -> Forbidden:
 
 
 def _explain_ack(
-    group: str, id: str, state: tuple[MessageStatus, DeliveryStatus | None] | None
+    group: str, id: str, state: tuple[MessageStatus, DeliveryStatus | None, datetime | None] | None
 ) -> Acked | ReliableMsgError:
     if state is None:
         return _unknown(id)
-    message_status, delivery_status = state
+    message_status, delivery_status, done_at = state
     if delivery_status is D.DONE:
-        return Acked(id, group)
+        return Acked(id, group, done_at)
     if delivery_status is D.DEAD:
         return Conflict(
             f"delivery of {id!r} to {group!r} is dead; an admin can requeue it",

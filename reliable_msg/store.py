@@ -477,11 +477,12 @@ class PgStore:
     @_translated
     async def delivery_states(
         self, group: str, ids: Sequence[str]
-    ) -> dict[str, tuple[MessageStatus, DeliveryStatus | None]]:
-        """For each known id: the message status and this group's delivery status."""
+    ) -> dict[str, tuple[MessageStatus, DeliveryStatus | None, datetime | None]]:
+        """For each known id: the message status, this group's delivery status and when
+        that delivery became done."""
         rows = await self._pool.fetch(
             """
-            SELECT m.id, m.status, d.status AS delivery
+            SELECT m.id, m.status, d.status AS delivery, d.done_at
             FROM rmsg_message m
             LEFT JOIN rmsg_delivery d ON d.message_id = m.id AND d.group_name = $2
             WHERE m.id = ANY($1::text[])
@@ -493,6 +494,7 @@ class PgStore:
             r["id"]: (
                 MessageStatus(r["status"]),
                 DeliveryStatus(r["delivery"]) if r["delivery"] else None,
+                r["done_at"],
             )
             for r in rows
         }

@@ -4,6 +4,7 @@ item gets its own answer, and the others go through."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import aio_pika
@@ -134,10 +135,18 @@ async def test_batch_ack_answers_a_dead_delivery_a_repeat_and_an_unknown_id_on_t
         ("a-2", True, "done"),
         ("nope", False, "not_found"),
     ]
+    repeats = []
     for _ in range(2):  # the same batch again answers the same
         r = await client.post("/v1/batch/ack", json={"ids": ids}, headers=auth(INVENTORY))
         assert r.status_code == 200, r.text
         assert [outcome(i) for i in r.json()["results"]] == expected
+        repeats.append([i["id"] for i in r.json()["results"] if i.get("done_at")])
+    # done_at says a repeat (done before this ack), and when: a-2 then, a-1 the second time.
+    assert repeats == [["a-2"], ["a-1", "a-2"]]
+    done_at = await db.fetchval(
+        "SELECT done_at FROM rmsg_delivery WHERE message_id = 'a-2' AND group_name = 'inventory'"
+    )
+    assert datetime.fromisoformat(r.json()["results"][2]["done_at"]) == done_at
     rows = await db.fetch(
         "SELECT message_id, status FROM rmsg_delivery WHERE group_name = 'inventory'"
     )

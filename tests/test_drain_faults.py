@@ -13,8 +13,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from reliable_msg import consumer as consumer_sdk
 from reliable_msg import producer as producer_sdk
@@ -65,7 +67,7 @@ async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
 
 
 def drain_consumer(
-    service_url: str, settings: Settings, pool: asyncpg.Pool, redis_url: str
+    service_url: str, settings: Settings, pool: asyncpg.Pool, redis_url: str, **options: Any
 ) -> Consumer:
     """One worker over all the shards: a worker that dies leaves every shard unread."""
     return inventory_consumer(
@@ -80,6 +82,7 @@ def drain_consumer(
         redis_workers=1,
         poll_interval=0.2,
         claim_idle=1.0,
+        **options,
     )
 
 
@@ -292,3 +295,45 @@ async def test_entries_no_handler_can_take_go_to_the_dead_stream(
 
 async def _length(redis: aioredis.Redis, key: str, n: int) -> bool:
     return bool(await redis.xlen(key) >= n)
+
+
+#: The consumer's bound on its dead stream in the test below.
+DEAD_MAXLEN = 50
+
+
+async def test_the_dead_stream_stays_bounded_and_its_length_is_reported(
+    runtime: Runtime,
+    service_url: str,
+    settings: Settings,
+    pool: asyncpg.Pool,
+    sdk_db: asyncpg.Connection,
+    redis: aioredis.Redis,
+) -> None:
+    """Many more entries no handler can take than ``dead_maxlen``: the dead stream keeps
+    about the latest ``dead_maxlen`` (trimmed by whole stream nodes, ``MAXLEN ~``), and
+    ``/readyz`` and the ``rmsg_fallback_dead_entries`` gauge show its length."""
+    assert runtime.switch is not None
+    await runtime.switch.trip("test: degraded on purpose")
+    keys = shard_keys(settings.fallback.namespace, "inventory", SHARDS)
+    poison = 6 * DEAD_MAXLEN
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(poison):
+            pipe.xadd(keys[i % SHARDS], fields(f"bad-{i}", payload="{not json"))  # type: ignore[arg-type]
+        await pipe.execute()
+    node = int(str((await redis.config_get("stream-node-max-entries"))["stream-node-max-entries"]))
+    consumer = drain_consumer(
+        service_url, settings, pool, settings.redis_url, dead_maxlen=DEAD_MAXLEN
+    )
+    consumer.add_handler("order.paid", effect)
+    async with running(consumer):
+        await wait_until(lambda: empty(redis, settings), within=30)
+    dead_key = f"{settings.fallback.namespace}:fb:{{inventory:dead}}"
+    length = await redis.xlen(dead_key)
+    assert 0 < length <= DEAD_MAXLEN + node, f"{poison} buried, {length} kept"
+    entries: Any = await redis.xrevrange(dead_key, count=1)
+    assert entries[0][1]["id"].startswith("bad-"), "the latest are kept"
+
+    async with httpx.AsyncClient(base_url=service_url) as http:
+        report = (await http.get("/readyz")).json()
+    assert report["fallback_dead"] == {g: 0 for g in settings.groups} | {"inventory": length}
+    assert REGISTRY.get_sample_value("rmsg_fallback_dead_entries", {"group": "inventory"}) == length

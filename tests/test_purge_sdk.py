@@ -83,6 +83,15 @@ async def age(db: asyncpg.Connection, table: str, column: str, *keep_young: str)
     )
 
 
+async def done_long_ago(db: asyncpg.Connection, *keep_young: str) -> None:
+    """The deliveries done by now were done ``OLD`` ago (but ``keep_young``)."""
+    await db.execute(
+        f"UPDATE rmsg_delivery SET done_at = now() - interval '{OLD}'"
+        " WHERE status = 'done' AND message_id <> ALL($1::text[])",
+        list(keep_young),
+    )
+
+
 async def produce(
     producer: Producer, pool: asyncpg.Pool, id: str, *, unreachable: FaultProxy | None = None
 ) -> producer_sdk.Sent:
@@ -164,10 +173,10 @@ async def test_inbox_purge_keeps_what_a_redelivery_may_still_bring(
     pool: asyncpg.Pool,
     sdk_db: asyncpg.Connection,
 ) -> None:
-    """acked: handled and acked; young: the same, recent; dead: handled, never acked
-    until the delivery died (an admin's requeue redelivers it); unacked: handled, the
-    ack never made (the purge makes it); unknown: a row whose message the service does
-    not know (purged)."""
+    """acked: handled and acked long ago; young: the same, recent; dead: handled, never
+    acked until the delivery died (an admin's requeue redelivers it); unacked: handled,
+    the ack never made (the purge makes it, and keeps the row: a copy may still come);
+    unknown: a row whose message the service does not know (purged)."""
     consumer = inventory_consumer(service_url, settings, pool, FAST, Consumer)
     await send(http, "acked", "young")
     async with running_effects(consumer):
@@ -179,10 +188,11 @@ async def test_inbox_purge_keeps_what_a_redelivery_may_still_bring(
     for id in ("unacked", "unknown"):
         assert await consumer.handle(Received(id, "order.paid", {}))
     await age(sdk_db, "rmsg_inbox", "processed_at", "young")
+    await done_long_ago(sdk_db, "young")
 
     async with ServiceClient(service_url, GROUP_TOKENS["inventory"], retry=FAST) as client:
-        assert await consumer_sdk.purge_inbox(pool, client, "inventory", batch=2) == 3
-    assert await ids(sdk_db, "rmsg_inbox") == ["dead", "young"]
+        assert await consumer_sdk.purge_inbox(pool, client, "inventory", batch=2) == 2
+    assert await ids(sdk_db, "rmsg_inbox") == ["dead", "unacked", "young"]
     assert await _delivery(sdk_db, "unacked") == "done"
 
     # The row kept absorbs the requeued redelivery: still one effect.
@@ -194,6 +204,58 @@ async def test_inbox_purge_keeps_what_a_redelivery_may_still_bring(
         await wait_until(lambda: _deliveries_done(sdk_db, "dead"), within=10)
     effects = await sdk_db.fetch("SELECT message_id FROM sdk_effects WHERE message_id = 'dead'")
     assert len(effects) == 1
+
+
+async def test_inbox_purge_keeps_the_row_of_a_requeued_copy_still_in_the_queue(
+    runtime: Runtime,
+    service_url: str,
+    http: httpx.AsyncClient,
+    settings: Settings,
+    amqp: aio_pika.abc.AbstractConnection,
+    pool: asyncpg.Pool,
+    sdk_db: asyncpg.Connection,
+) -> None:
+    """Handled, its acks lost until the delivery died; an admin requeues it (a copy in
+    the queue) and the purge runs before the consumer reads that copy: the purge's own
+    ack makes the delivery done, and the row stays, so the copy finds it (one effect).
+    The row goes only once the delivery has been done for ``older_than``."""
+    queue = settings.queue_name("inventory")
+    consumer = inventory_consumer(service_url, settings, pool, FAST, Consumer)
+    async with running_effects(consumer):
+        pass  # registers the handler only
+    await send(http, "requeued")
+    assert await consumer.handle(Received("requeued", "order.paid", {}))
+    await wait_until(lambda: _redelivered_to_death(runtime, sdk_db, "requeued"), within=10)
+    await rabbit.drain(amqp, queue, wait=0.3)
+    await age(sdk_db, "rmsg_inbox", "processed_at")
+    r = await http.post("/v1/messages/requeued/requeue", headers=auth(ADMIN))
+    assert r.status_code == 200, r.text
+
+    async with ServiceClient(service_url, GROUP_TOKENS["inventory"], retry=FAST) as client:
+        assert await consumer_sdk.purge_inbox(pool, client, "inventory") == 0
+        assert await _delivery(sdk_db, "requeued") == "done"  # by the purge's ack
+        assert await ids(sdk_db, "rmsg_inbox") == ["requeued"]
+
+        again = inventory_consumer(service_url, settings, pool, FAST, Consumer)
+        async with running_effects(again):
+            await wait_until(lambda: _queue_empty(amqp, queue), within=10)
+        effects = await sdk_db.fetch("SELECT message_id FROM sdk_effects")
+        assert [r["message_id"] for r in effects] == ["requeued"], "the copy was handled again"
+
+        # Done, but not for older_than yet: kept; once it has been, it goes.
+        assert await consumer_sdk.purge_inbox(pool, client, "inventory") == 0
+        await done_long_ago(sdk_db)
+        assert await consumer_sdk.purge_inbox(pool, client, "inventory") == 1
+    assert await ids(sdk_db, "rmsg_inbox") == []
+
+
+async def _queue_empty(amqp: aio_pika.abc.AbstractConnection, queue: str) -> bool:
+    channel = await amqp.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count == 0
+    finally:
+        await channel.close()
 
 
 async def send(http: httpx.AsyncClient, *ids: str) -> None:

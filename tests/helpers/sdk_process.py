@@ -6,7 +6,8 @@
         consumes GROUP; dies right after handling CRASH_ID, before acking it. With HOLD
         set (a number), each handler, after its effect, waits for the advisory lock
         HOLD before it returns (a test holds that lock to keep the handler running).
-        With ACK_INTERVAL set, acks wait that many seconds in the batcher.
+        With ACK_INTERVAL set, acks wait that many seconds in the batcher; STOP_TIMEOUT
+        bounds the wait for the acks at SIGTERM.
 
 Connection settings come from the environment (see tests/test_sdk.py).
 """
@@ -63,6 +64,7 @@ async def consume(group: str, crash_id: str | None) -> None:
         poll_interval=0.2,
         claim_idle=1.0,
         ack_interval=float(os.environ.get("ACK_INTERVAL", "0.05")),
+        stop_timeout=float(os.environ.get("STOP_TIMEOUT", "10")),
     )
     consumer.crash_id = crash_id
 
