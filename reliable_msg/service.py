@@ -52,6 +52,12 @@ class Acked:
     group: str
 
 
+@dataclass(frozen=True, slots=True)
+class BulkRequeued:
+    requeued: int  #: messages with deliveries republished or check-back restarted
+    refused: list[str]  #: messages with a delivery the broker refused: they stay ``dead``
+
+
 class MessageService:
     def __init__(self, settings: Settings, store: Store, broker: Publisher) -> None:
         self._settings = settings
@@ -258,8 +264,14 @@ class MessageService:
     # -- admin -----------------------------------------------------------------------
 
     async def requeue(self, id: str) -> Message:
-        """Bring one ``dead`` message back (see :meth:`PgStore.requeue`)."""
+        """Bring one ``dead`` message back (see :meth:`PgStore.requeue`); a delivery the
+        broker refuses stays ``dead`` and is raised (the others it took are sent)."""
         done = await self._requeue_batch(ids=[id], topic=None, group=None, after=None)
+        if id in done.refused:
+            error = done.refused[id]
+            raise type(error)(
+                f"the broker refused a requeued delivery of {id!r} ({error.message}); it stays dead"
+            )
         m = await self._store.get(id)
         if m is None:
             raise _unknown(id)
@@ -267,18 +279,25 @@ class MessageService:
             raise Conflict(f"message {id!r} is {m.status}, not dead", code="not_dead")
         return m
 
-    async def requeue_all(self, topic: str | None, group: str | None) -> int:
+    async def requeue_all(self, topic: str | None, group: str | None) -> BulkRequeued:
         """Requeue every ``dead`` message of a topic and/or group (only the group's dead
-        deliveries); return how many had deliveries republished or check-back restarted."""
-        total, after = 0, None
+        deliveries). A delivery the broker refuses for good stays ``dead`` and is listed
+        apart; a broker outage stops the call (what was taken before stays taken)."""
+        total, refused, after = 0, list[str](), None
         while True:
             done = await self._requeue_batch(ids=None, topic=topic, group=group, after=after)
             total += len(done.resent) + len(done.rechecked)
+            refused += done.refused
+            outage = [e for e in done.refused.values() if not isinstance(e, _FOR_GOOD)]
+            if outage:
+                raise BrokerUnavailable(
+                    f"requeue stopped: {outage[0].message} ({total} messages requeued before)"
+                )
             # Page on what was taken, not on what left ``dead``: another group's dead
             # delivery keeps a requeued message dead, and it still matches a topic. A
             # short page is not the end: a row waited for may have stopped matching.
             if not done.selected:
-                return total
+                return BulkRequeued(total, refused)
             after = done.selected[-1]
 
     async def _requeue_batch(
@@ -302,7 +321,18 @@ class MessageService:
             log.info("requeued message %s: deliveries republished", id, extra={"message_id": id})
         for id in done.rechecked:
             log.info("requeued message %s: check-back starts again", id, extra={"message_id": id})
+        for id, error in done.refused.items():
+            log.warning(
+                "requeue of message %s: the broker refused a delivery (%s); it stays dead",
+                id,
+                error.message,
+                extra={"message_id": id},
+            )
         return done
+
+
+#: Refusals that no retry mends: the rest are an outage.
+_FOR_GOOD = (Unroutable, Unpublishable)
 
 
 def _unknown(id: str) -> NotFound:
