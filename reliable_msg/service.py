@@ -153,7 +153,7 @@ class MessageService:
             ids, producer, self._settings.redelivery.ack_timeout, publish
         )
         TRANSITIONS.labels(M.SENT.value).inc(len(sent))
-        await self._count_refusals(refusals)
+        await self._count_refusals(refusals, checkback=producer is None)
         done: dict[str, Result] = {m.id: m for m in sent}
         rest = [i for i in ids if i not in done]
         if rest:
@@ -163,11 +163,18 @@ class MessageService:
         CONFIRM_SECONDS.labels(caller).observe(time.perf_counter() - started)
         return [done.get(i) or _unknown(i) for i in ids]
 
-    async def _count_refusals(self, refusals: dict[str, BrokerError]) -> None:
+    async def _count_refusals(self, refusals: dict[str, BrokerError], checkback: bool) -> None:
         """Count what the broker refused while up; a message refused ``max_refusals``
         times, or that can never be published, goes ``dead`` rather than being retried
-        for ever (an outage, :class:`BrokerUnavailable`, is not counted)."""
-        limits = {Unroutable: self._settings.max_refusals, Unpublishable: 1}
+        for ever (an outage, :class:`BrokerUnavailable`, is not counted).
+
+        Only check-back's confirms count an unroutable refusal: they come once a lease,
+        while a producer's SDK retries within seconds and would spend ``max_refusals``
+        on one short topology gap; the message stays ``pending`` for check-back.
+        """
+        limits: dict[type[BrokerError], int] = {Unpublishable: 1}
+        if checkback:
+            limits[Unroutable] = self._settings.max_refusals
         counted = {
             id: (error.message, limits[type(error)])
             for id, error in refusals.items()
