@@ -130,3 +130,33 @@ async def test_bulk_requeue_goes_past_an_unroutable_delivery_and_publishes_only_
         assert settings.queue_name("wms") in message["last_error"]
     for id in inventory_only:
         assert (await _message(db, id))["status"] == "sent"
+
+
+async def test_single_requeue_keeps_the_refused_delivery_dead_and_sends_the_taken_one(
+    service_url: str,
+    runtime: Runtime,
+    settings: Settings,
+    db: asyncpg.Connection,
+    amqp: aio_pika.abc.AbstractConnection,
+) -> None:
+    """Dead in wms and inventory, wms's queue gone for good: the requeue answers 503
+    unroutable, and the inventory delivery it published is ``sent``, not ``dead``."""
+    async with httpx.AsyncClient(base_url=service_url) as http:
+        await _send(http, "one")
+        await _kill(runtime, db, ["one"], "wms")
+        await _kill(runtime, db, ["one"], "inventory")
+        await _drain_all(settings, amqp)
+        await break_topology(amqp, settings)
+        await delete_queue(amqp, settings.queue_name("wms"))
+        try:
+            r = await http.post("/v1/messages/one/requeue", headers=auth(ADMIN))
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "unroutable"
+            assert await _queued(settings, amqp, "inventory") == ["one"]
+        finally:
+            await repair_topology(amqp, settings)
+    assert (await _deliveries(db, "inventory"))["one"]["status"] == "sent"
+    wms = (await _deliveries(db, "wms"))["one"]
+    assert wms["status"] == "dead" and settings.queue_name("wms") in wms["last_error"]
+    assert (await _message(db, "one"))["status"] == "dead"
+    assert "stays dead" in r.json()["error"]["message"]
