@@ -4,8 +4,12 @@ reason, is answered under ``refused``, and neither blocks the rest nor is publis
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import aio_pika
 import asyncpg
@@ -16,6 +20,7 @@ from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings
 from tests.conftest import ADMIN, auth
 from tests.helpers import rabbit
+from tests.helpers.service import write_config
 from tests.test_refusals import break_topology, delete_queue, repair_topology
 from tests.test_requeue_bulk import MAX_ATTEMPTS, _kill, _send
 
@@ -160,3 +165,36 @@ async def test_single_requeue_keeps_the_refused_delivery_dead_and_sends_the_take
     assert wms["status"] == "dead" and settings.queue_name("wms") in wms["last_error"]
     assert (await _message(db, "one"))["status"] == "dead"
     assert "stays dead" in r.json()["error"]["message"]
+
+
+async def test_cli_group_requeue_names_what_the_broker_refused(
+    service_url: str,
+    runtime: Runtime,
+    settings: Settings,
+    db: asyncpg.Connection,
+    amqp: aio_pika.abc.AbstractConnection,
+    tmp_path: Path,
+) -> None:
+    async with httpx.AsyncClient(base_url=service_url) as http:
+        for id in ("a-huge", "b-1"):
+            await _send(http, id)
+    await _kill(runtime, db, ["a-huge", "b-1"], "wms")
+    await db.execute(
+        "UPDATE rmsg_message SET headers = $1::jsonb WHERE id = 'a-huge'",
+        json.dumps({"b": HUGE}),
+    )
+    await _drain_all(settings, amqp)
+    config = write_config(settings, tmp_path / "config.toml")
+    command = [sys.executable, "-m", "reliable_msg", "--config", str(config)]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [*command, "requeue", "--group", "wms", "--yes"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    out = " ".join(done.stdout.split())
+    assert "republished 1 dead deliveries of group wms; 1 message(s) requeued" in out
+    assert "the broker refused 1 (they stay dead): a-huge" in out
+    assert await _queued(settings, amqp, "wms") == ["b-1"]
