@@ -132,12 +132,16 @@ async def requeue_group(
         if not confirm(dead):
             console.print("nothing requeued")
             return
-        count = await runtime.service.requeue_all(topic, group)
+        done = await runtime.service.requeue_all(topic, group)
         left = (await runtime.service.stats())["groups"].get(group, {}).get("dead", 0)
     console.print(
         f"republished {max(0, dead - left)} dead deliveries of group {group};"
-        f" {count} message(s) requeued"
+        f" {done.requeued} message(s) requeued"
     )
+    if done.refused:
+        console.print(
+            f"the broker refused {len(done.refused)} (they stay dead): {', '.join(done.refused)}"
+        )
 
 
 async def purge(settings: Settings, console: Console, older_than: float) -> None:

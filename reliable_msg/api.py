@@ -237,7 +237,8 @@ def _routes() -> tuple[Any, Any]:  # noqa: C901 - a flat list of small route fun
     ) -> RequeuedOut:
         if group is not None and group not in _runtime(request).settings.groups:
             raise Unprocessable(f"no consumer group {group!r}", code="unknown_group")
-        return RequeuedOut(requeued=await service.requeue_all(topic, group))
+        done = await service.requeue_all(topic, group)
+        return RequeuedOut(requeued=done.requeued, refused=done.refused)
 
     @v1.get("/v1/stats")
     async def stats(_: Admin, service: Service, request: Request) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from .errors import (
     ServiceUnavailable,
     StoreError,
     from_response,
+    status_of,
 )
 
 #: Failures worth another try of the same call.
@@ -209,28 +210,10 @@ def _items(answer: dict[str, Any]) -> list[ItemResult]:
                 ok=bool(item["ok"]),
                 status=item.get("status"),
                 created=item.get("created"),
-                error=from_response(_status_of(error["code"]), error["code"], error["message"])
+                error=from_response(status_of(error["code"]), error["code"], error["message"])
                 if error
                 else None,
                 done_at=datetime.fromisoformat(item["done_at"]) if item.get("done_at") else None,
             )
         )
     return results
-
-
-def _status_of(code: str) -> int:
-    """The HTTP status an error code stands for, inside a batch answer (always 200)."""
-    return {
-        "not_found": 404,
-        "forbidden": 403,
-        "id_conflict": 409,
-        "id_reused": 409,
-        "cancelled": 409,
-        "already_sent": 409,
-        "dead": 409,
-        "delivery_dead": 409,
-        "not_sent": 409,
-        "busy": 409,
-        "no_subscriber": 422,
-        "payload_too_large": 413,
-    }.get(code, 503)

@@ -268,18 +268,20 @@ class Producer:
         try:
             if len(ids) == 1:
                 await self.client.confirm(ids[0])
-            else:
-                failed = [i.error for i in await self.client.confirm_many(ids) if i.error]
-                if failed:
-                    raise failed[0]
+                return True
+            items = await self.client.confirm_many(ids)
         except TRANSIENT as exc:
-            log.warning(
-                "messages %s committed but not confirmed (%s); check-back will deliver them",
-                ",".join(ids),
-                exc,
-            )
+            _not_confirmed(ids, exc)
             return False
-        return True
+        failed = [i for i in items if i.error is not None]
+        later = [i for i in failed if isinstance(i.error, TRANSIENT)]
+        if later:
+            _not_confirmed([i.id for i in later], later[0].error)
+        # An item refused for good (dead, say) is raised, not left to check-back.
+        for item in failed:
+            if item not in later and item.error is not None:
+                raise item.error
+        return not failed
 
     async def _cancel_quietly(self, ids: list[str]) -> None:
         try:
@@ -290,6 +292,14 @@ class Producer:
         except ReliableMsgError as exc:
             # The message stays pending; check-back will find no marker and cancel it.
             log.warning("could not cancel %s (%s); check-back will", ",".join(ids), exc)
+
+
+def _not_confirmed(ids: list[str], error: Exception | None) -> None:
+    log.warning(
+        "messages %s committed but not confirmed (%s); check-back will deliver them",
+        ",".join(ids),
+        error,
+    )
 
 
 def _refuse_decided(statuses: dict[str, Any]) -> None:

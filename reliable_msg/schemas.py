@@ -216,6 +216,7 @@ class PageOut(BaseModel):
 
 class RequeuedOut(BaseModel):
     requeued: int
+    refused: list[str]
 
 
 class HealthOut(BaseModel):

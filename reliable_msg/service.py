@@ -54,6 +54,12 @@ class Acked:
     done_at: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class BulkRequeued:
+    requeued: int  #: messages with deliveries republished or check-back restarted
+    refused: list[str]  #: messages with a delivery the broker refused: they stay ``dead``
+
+
 class MessageService:
     def __init__(self, settings: Settings, store: Store, broker: Publisher) -> None:
         self._settings = settings
@@ -149,7 +155,7 @@ class MessageService:
             ids, producer, self._settings.redelivery.ack_timeout, publish
         )
         TRANSITIONS.labels(M.SENT.value).inc(len(sent))
-        await self._count_refusals(refusals)
+        await self._count_refusals(refusals, checkback=producer is None)
         done: dict[str, Result] = {m.id: m for m in sent}
         rest = [i for i in ids if i not in done]
         if rest:
@@ -159,11 +165,18 @@ class MessageService:
         CONFIRM_SECONDS.labels(caller).observe(time.perf_counter() - started)
         return [done.get(i) or _unknown(i) for i in ids]
 
-    async def _count_refusals(self, refusals: dict[str, BrokerError]) -> None:
+    async def _count_refusals(self, refusals: dict[str, BrokerError], checkback: bool) -> None:
         """Count what the broker refused while up; a message refused ``max_refusals``
         times, or that can never be published, goes ``dead`` rather than being retried
-        for ever (an outage, :class:`BrokerUnavailable`, is not counted)."""
-        limits = {Unroutable: self._settings.max_refusals, Unpublishable: 1}
+        for ever (an outage, :class:`BrokerUnavailable`, is not counted).
+
+        Only check-back's confirms count an unroutable refusal: they come once a lease,
+        while a producer's SDK retries within seconds and would spend ``max_refusals``
+        on one short topology gap; the message stays ``pending`` for check-back.
+        """
+        limits: dict[type[BrokerError], int] = {Unpublishable: 1}
+        if checkback:
+            limits[Unroutable] = self._settings.max_refusals
         counted = {
             id: (error.message, limits[type(error)])
             for id, error in refusals.items()
@@ -260,8 +273,14 @@ class MessageService:
     # -- admin -----------------------------------------------------------------------
 
     async def requeue(self, id: str) -> Message:
-        """Bring one ``dead`` message back (see :meth:`PgStore.requeue`)."""
+        """Bring one ``dead`` message back (see :meth:`PgStore.requeue`); a delivery the
+        broker refuses stays ``dead`` and is raised (the others it took are sent)."""
         done = await self._requeue_batch(ids=[id], topic=None, group=None, after=None)
+        if id in done.refused:
+            error = done.refused[id]
+            raise type(error)(
+                f"the broker refused a requeued delivery of {id!r} ({error.message}); it stays dead"
+            )
         m = await self._store.get(id)
         if m is None:
             raise _unknown(id)
@@ -269,18 +288,25 @@ class MessageService:
             raise Conflict(f"message {id!r} is {m.status}, not dead", code="not_dead")
         return m
 
-    async def requeue_all(self, topic: str | None, group: str | None) -> int:
+    async def requeue_all(self, topic: str | None, group: str | None) -> BulkRequeued:
         """Requeue every ``dead`` message of a topic and/or group (only the group's dead
-        deliveries); return how many had deliveries republished or check-back restarted."""
-        total, after = 0, None
+        deliveries). A delivery the broker refuses for good stays ``dead`` and is listed
+        apart; a broker outage stops the call (what was taken before stays taken)."""
+        total, refused, after = 0, list[str](), None
         while True:
             done = await self._requeue_batch(ids=None, topic=topic, group=group, after=after)
             total += len(done.resent) + len(done.rechecked)
+            refused += done.refused
+            outage = [e for e in done.refused.values() if not isinstance(e, _FOR_GOOD)]
+            if outage:
+                raise BrokerUnavailable(
+                    f"requeue stopped: {outage[0].message} ({total} messages requeued before)"
+                )
             # Page on what was taken, not on what left ``dead``: another group's dead
             # delivery keeps a requeued message dead, and it still matches a topic. A
             # short page is not the end: a row waited for may have stopped matching.
             if not done.selected:
-                return total
+                return BulkRequeued(total, refused)
             after = done.selected[-1]
 
     async def _requeue_batch(
@@ -304,7 +330,18 @@ class MessageService:
             log.info("requeued message %s: deliveries republished", id, extra={"message_id": id})
         for id in done.rechecked:
             log.info("requeued message %s: check-back starts again", id, extra={"message_id": id})
+        for id, error in done.refused.items():
+            log.warning(
+                "requeue of message %s: the broker refused a delivery (%s); it stays dead",
+                id,
+                error.message,
+                extra={"message_id": id},
+            )
         return done
+
+
+#: Refusals that no retry mends: the rest are an outage.
+_FOR_GOOD = (Unroutable, Unpublishable)
 
 
 def _unknown(id: str) -> NotFound:

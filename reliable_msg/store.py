@@ -7,12 +7,13 @@ a callback, so the transaction stays here and the broker policy stays in the ser
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
@@ -25,7 +26,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from .errors import BrokerError, StoreError
+from .errors import BrokerError, StoreError, Unpublishable, Unroutable
 from .message import (
     Delivery,
     DeliveryUpdate,
@@ -168,6 +169,8 @@ class Requeued:
     selected: list[str]  #: the dead messages it took, in id order
     resent: list[str]  #: of them, those with dead deliveries republished (or now ``sent``)
     rechecked: list[str]  #: of them, those back to ``pending`` for check-back
+    #: of them, those with a delivery the broker refused (it stays ``dead``), and why
+    refused: dict[str, BrokerError] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -783,8 +786,10 @@ class PgStore:
                     *message_move(M.DEAD, M.PENDING),
                     unchecked,
                 )
-            resent = await self._requeue_deliveries(conn, delivered, group, ack_timeout, publish)
-            return Requeued([m.id for m in messages], resent, unchecked)
+            resent, refused = await self._requeue_deliveries(
+                conn, delivered, group, ack_timeout, publish
+            )
+            return Requeued([m.id for m in messages], resent, unchecked, refused)
 
     async def _requeue_deliveries(
         self,
@@ -793,40 +798,36 @@ class PgStore:
         group: str | None,
         ack_timeout: float,
         publish: PublishMany,
-    ) -> list[str]:
+    ) -> tuple[list[str], dict[str, BrokerError]]:
+        """Publish the dead deliveries (of ``group``), then move to ``sent`` only those
+        the broker took: one it refused stays ``dead`` with the reason, and no row says
+        ``dead`` for a copy that was published. Returns the messages touched and the
+        refused ones with an error each."""
         if not messages:
-            return []
-        d_src, d_dst = delivery_move(D.DEAD, D.SENT)
-        rows = await conn.fetch(
-            f"""
-            WITH d AS (
-                UPDATE rmsg_delivery SET status = $2, attempts = 1, last_error = NULL,
-                    refusals = 0, next_attempt_at = now() + make_interval(secs => $5),
-                    updated_at = now()
-                WHERE message_id = ANY($3::text[]) AND status = $1
-                  AND ($4::text IS NULL OR group_name = $4)
-                RETURNING message_id, group_name
-            ), t AS (
-                {_TRANSITION} SELECT message_id, group_name, $1, $2, 'requeue' FROM d
-            )
-            SELECT * FROM d
+            return [], {}
+        dead = await conn.fetch(
+            """
+            SELECT message_id, group_name FROM rmsg_delivery
+            WHERE message_id = ANY($1::text[]) AND status = $2
+              AND ($3::text IS NULL OR group_name = $3)
+            ORDER BY message_id, group_name
             """,
-            d_src,
-            d_dst,
             [m.id for m in messages],
+            D.DEAD.value,
             group,
-            ack_timeout,
         )
         by_id = {m.id: m for m in messages}
-        outgoing = [
-            _replace_group(Outgoing.first(by_id[r["message_id"]]), r["group_name"]) for r in rows
+        refused = await _publish_per_group(
+            publish,
+            [_replace_group(Outgoing.first(by_id[r["message_id"]]), r["group_name"]) for r in dead],
+        )
+        taken = [
+            (r["message_id"], r["group_name"])
+            for r in dead
+            if (r["message_id"], r["group_name"]) not in refused
         ]
-        refused = await publish(outgoing)
-        if refused:
-            error = next(iter(refused.values()))
-            raise type(error)(
-                f"broker refused {len(refused)} requeued deliveries ({error}); nothing moved"
-            )
+        rows = await self._resend_deliveries(conn, taken, ack_timeout)
+        await self._keep_refused(conn, refused)
         m_src, m_dst = message_move(M.DEAD, M.SENT)
         moved = await conn.fetch(
             f"""
@@ -846,8 +847,68 @@ class PgStore:
             [m.id for m in messages],
             D.DEAD.value,
         )
-        touched = {r["message_id"] for r in rows} | {r["id"] for r in moved}
-        return [m.id for m in messages if m.id in touched]
+        touched = set(rows) | {r["id"] for r in moved}
+        errors = {id: error for (id, _), error in refused.items()}
+        return [m.id for m in messages if m.id in touched], errors
+
+    async def _resend_deliveries(
+        self, conn: Conn, taken: list[tuple[str, str]], ack_timeout: float
+    ) -> list[str]:
+        """``dead`` → ``sent`` with a fresh budget for the (message, group) pairs the
+        broker took; returns their message ids."""
+        if not taken:
+            return []
+        d_src, d_dst = delivery_move(D.DEAD, D.SENT)
+        rows = await conn.fetch(
+            f"""
+            WITH d AS (
+                UPDATE rmsg_delivery AS d SET status = $2, attempts = 1, last_error = NULL,
+                    refusals = 0, next_attempt_at = now() + make_interval(secs => $5),
+                    updated_at = now()
+                FROM unnest($3::text[], $4::text[]) AS u(message_id, group_name)
+                WHERE d.message_id = u.message_id AND d.group_name = u.group_name
+                  AND d.status = $1
+                RETURNING d.message_id, d.group_name
+            ), t AS (
+                {_TRANSITION} SELECT message_id, group_name, $1, $2, 'requeue' FROM d
+            )
+            SELECT message_id FROM d
+            """,
+            d_src,
+            d_dst,
+            [id for id, _ in taken],
+            [g for _, g in taken],
+            ack_timeout,
+        )
+        return [r["message_id"] for r in rows]
+
+    async def _keep_refused(
+        self, conn: Conn, refused: Mapping[tuple[str, str], BrokerError]
+    ) -> None:
+        """A delivery the broker refused for good (no queue, or a message it can never
+        take) keeps ``dead`` with that reason, on the message too; an outage's refusal
+        leaves the old reason."""
+        kept = {k: e for k, e in refused.items() if isinstance(e, (Unroutable, Unpublishable))}
+        if not kept:
+            return
+        await conn.execute(
+            """
+            WITH d AS (
+                UPDATE rmsg_delivery AS d SET last_error = u.err, updated_at = now()
+                FROM unnest($1::text[], $2::text[], $3::text[]) AS u(message_id, group_name, err)
+                WHERE d.message_id = u.message_id AND d.group_name = u.group_name
+                  AND d.status = $4
+                RETURNING d.message_id, d.last_error
+            )
+            UPDATE rmsg_message AS m SET last_error = d.last_error, updated_at = now()
+            FROM d WHERE m.id = d.message_id AND m.status = $5
+            """,
+            [id for id, _ in kept],
+            [g for _, g in kept],
+            [f"requeue refused by the broker: {e.message}"[:1000] for e in kept.values()],
+            D.DEAD.value,
+            M.DEAD.value,
+        )
 
     # -- retention -------------------------------------------------------------------
 
@@ -1003,3 +1064,20 @@ def _due_delivery(row: asyncpg.Record) -> Outgoing:
 
 def _replace_group(out: Outgoing, group: str) -> Outgoing:
     return replace(out, group=group)
+
+
+async def _publish_per_group(
+    publish: PublishMany, outgoing: list[Outgoing]
+) -> dict[tuple[str, str], BrokerError]:
+    """Publish group by group, so that a refusal names its (message, group): ``publish``
+    answers by message id, and one message may go to several groups."""
+    by_group: dict[str, list[Outgoing]] = {}
+    for out in outgoing:
+        assert out.group is not None
+        by_group.setdefault(out.group, []).append(out)
+    answers = await asyncio.gather(*(publish(outs) for outs in by_group.values()))
+    return {
+        (id, group): error
+        for group, refused in zip(by_group, answers, strict=True)
+        for id, error in refused.items()
+    }

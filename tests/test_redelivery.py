@@ -206,7 +206,7 @@ async def test_bulk_requeue_of_a_group(
 
     r = await client.post("/v1/requeue", params={"group": "wms"}, headers=auth(ADMIN))
     assert r.status_code == 200, r.text
-    assert r.json() == {"requeued": len(ids)}
+    assert r.json() == {"requeued": len(ids), "refused": []}
     rows = await db.fetch("SELECT DISTINCT status FROM rmsg_delivery WHERE group_name = 'wms'")
     assert [r["status"] for r in rows] == ["sent"]
     assert await db.fetchval("SELECT count(*) FROM rmsg_message WHERE status = 'sent'") == len(ids)

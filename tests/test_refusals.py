@@ -203,7 +203,7 @@ async def test_a_redelivery_refused_max_refusals_times_goes_dead_and_requeue_rev
     await repair_topology(amqp, settings)
     r = await client.post("/v1/requeue", params={"group": "wms"}, headers=auth(ADMIN))
     assert r.status_code == 200, r.text
-    assert r.json() == {"requeued": 2}
+    assert r.json() == {"requeued": 2, "refused": []}
     got = await rabbit.drain(amqp, wms, wait=0.3)
     assert sorted(str(m.message_id) for m in got) == ["m1", "m2"]
     for id in ("m1", "m2"):
@@ -266,6 +266,36 @@ async def test_a_committed_message_the_broker_refuses_goes_dead_after_max_refusa
     await wait_until(sent, within=20, every=0.05)
     [message] = await rabbit.drain(amqp, settings.queue_name("credit"), wait=0.3)
     assert message.message_id == "c-1"
+
+
+async def test_rapid_producer_confirms_during_refusals_do_not_kill_the_message(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    settings: Settings,
+    db: asyncpg.Connection,
+    amqp: aio_pika.abc.AbstractConnection,
+) -> None:
+    """An SDK's retries confirm many times within seconds during a topology gap: only
+    check-back's paced confirms count toward ``max_refusals``, so the committed message
+    stays ``pending`` for check-back instead of dying within seconds."""
+    await break_topology(amqp, settings)
+    await delete_queue(amqp, settings.queue_name("credit"))
+    body = {"id": "c-2", "topic": "order.created", "payload": {"n": 1}}
+    r = await client.post("/v1/messages", json=body, headers=auth(PRODUCER))
+    assert r.status_code == 201, r.text
+    for _ in range(4 * MAX_REFUSALS):
+        r = await client.post("/v1/messages/c-2/confirm", headers=auth(PRODUCER))
+        assert (r.status_code, r.json()["error"]["code"]) == (503, "unroutable"), r.text
+    r = await client.post("/v1/batch/confirm", json={"ids": ["c-2"]}, headers=auth(PRODUCER))
+    assert r.json()["results"][0]["error"]["code"] == "unroutable", r.text
+    row = await db.fetchrow("SELECT status, refusals FROM rmsg_message WHERE id = 'c-2'")
+    assert row is not None and (row["status"], row["refusals"]) == ("pending", 0)
+
+    await repair_topology(amqp, settings)
+    r = await client.post("/v1/messages/c-2/confirm", headers=auth(PRODUCER))
+    assert r.status_code == 200 and r.json()["status"] == "sent", r.text
+    [message] = await rabbit.drain(amqp, settings.queue_name("credit"), wait=0.3)
+    assert message.message_id == "c-2"
 
 
 def close_service_connection() -> None:

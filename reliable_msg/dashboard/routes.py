@@ -364,7 +364,7 @@ def router() -> APIRouter:  # noqa: C901 - a flat list of small route functions
             return _not_found(visit, None, f"{topic!r} is not a topic.")
         dead = await _dead_deliveries(visit.runtime, group)
         try:
-            count = await visit.runtime.service.requeue_all(topic or None, group)
+            count = (await visit.runtime.service.requeue_all(topic or None, group)).requeued
         except ReliableMsgError as exc:
             return visit.render(
                 "requeue.html",
