@@ -916,41 +916,43 @@ class PgStore:
     async def purge(self, older_than: float, batch: int) -> int:
         """Delete finished messages older than ``older_than`` seconds, in batches; their
         ids stay in ``rmsg_used_id``, refused to any new message."""
-        total = 0
-        while True:
-            result = await self._pool.execute(
-                """
-                DELETE FROM rmsg_message WHERE id IN (
-                    SELECT id FROM rmsg_message
-                    WHERE status IN ($1, $2)
-                      AND finished_at < now() - make_interval(secs => $3)
-                    LIMIT $4)
-                """,
-                M.DONE.value,
-                M.CANCELLED.value,
-                older_than,
-                batch,
-            )
-            deleted = int(result.split()[-1])
-            total += deleted
-            if deleted < batch:
-                return total
+        return await self._delete_in_batches(
+            """
+            DELETE FROM rmsg_message WHERE id IN (
+                SELECT id FROM rmsg_message
+                WHERE status IN ($3, $4)
+                  AND finished_at < now() - make_interval(secs => $1)
+                LIMIT $2)
+            """,
+            older_than,
+            batch,
+            M.DONE.value,
+            M.CANCELLED.value,
+        )
 
+    @_translated
     async def forget_ids(self, older_than: float, batch: int) -> int:
         """Free the used ids older than ``older_than`` seconds whose message is gone."""
+        return await self._delete_in_batches(
+            """
+            DELETE FROM rmsg_used_id WHERE id IN (
+                SELECT u.id FROM rmsg_used_id u
+                WHERE u.used_at < now() - make_interval(secs => $1)
+                  AND NOT EXISTS (SELECT 1 FROM rmsg_message m WHERE m.id = u.id)
+                LIMIT $2)
+            """,
+            older_than,
+            batch,
+        )
+
+    async def _delete_in_batches(
+        self, sql: str, older_than: float, batch: int, *args: object
+    ) -> int:
+        """Run ``sql`` (``$1`` the age in seconds, ``$2`` the batch size) until it deletes
+        fewer than ``batch`` rows; short transactions, so the hot tables never wait long."""
         total = 0
         while True:
-            result = await self._pool.execute(
-                """
-                DELETE FROM rmsg_used_id WHERE id IN (
-                    SELECT u.id FROM rmsg_used_id u
-                    WHERE u.used_at < now() - make_interval(secs => $1)
-                      AND NOT EXISTS (SELECT 1 FROM rmsg_message m WHERE m.id = u.id)
-                    LIMIT $2)
-                """,
-                older_than,
-                batch,
-            )
+            result = await self._pool.execute(sql, older_than, batch, *args)
             deleted = int(result.split()[-1])
             total += deleted
             if deleted < batch:
