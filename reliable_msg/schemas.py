@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from datetime import datetime
 from typing import Annotated, TypeVar
 
@@ -52,9 +53,27 @@ def _storable(value: V) -> V:
     return value
 
 
+def _not_dot_segment(id: str) -> str:
+    """Refuse ``.`` and ``..``: every client and proxy that normalises a URL path (RFC 3986
+    5.2.4) turns ``/v1/messages/../confirm`` into ``/v1/confirm``, so such a message
+    could be prepared but never confirmed, cancelled or acked by its path."""
+    if id in (".", ".."):
+        raise ValueError("an id cannot be '.' or '..': URL paths drop them")
+    return id
+
+
+def _exact_in_32_bits(value: float) -> bool:
+    """Whether AMQP carries ``value`` unchanged: a field table holds a float in 32 bits."""
+    try:
+        return bool(struct.unpack(">f", struct.pack(">f", value))[0] == value)
+    except OverflowError:
+        return False
+
+
 MessageId = Annotated[
     str,
     StringConstraints(min_length=1, max_length=constants.MAX_ID_LENGTH, pattern=ID_RE.pattern),
+    AfterValidator(_not_dot_segment),
 ]
 Topic = Annotated[
     str,
@@ -102,6 +121,14 @@ class MessageIn(_In):
         too_wide = [h for h, v in headers.items() if isinstance(v, int) and v not in _INT64]
         if too_wide:
             raise ValueError(f"header values over 64 bits cannot go on AMQP: {too_wide}")
+        inexact = [
+            h for h, v in headers.items() if isinstance(v, float) and not _exact_in_32_bits(v)
+        ]
+        if inexact:
+            raise ValueError(
+                "AMQP carries a header float as a 32-bit float, which would change these "
+                f"values on the wire (send them as strings): {inexact}"
+            )
         return headers
 
 
