@@ -128,7 +128,10 @@ def _role(*roles: Role) -> Callable[..., Coroutine[Any, Any, Principal]]:
         request: Request, authorization: Annotated[str | None, Header()] = None
     ) -> Principal:
         address = request.client.host if request.client is not None else "unknown"
-        return _runtime(request).auth.admit(authorization, address).require(*roles)
+        # ``authorization`` documents the header in OpenAPI; the check reads every copy,
+        # since FastAPI hands over only the first.
+        every = request.headers.getlist("authorization")
+        return _runtime(request).auth.admit(every, address).require(*roles)
 
     return admit
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -59,7 +60,7 @@ class Authenticator:
     def _add(self, token: str, principal: Principal) -> None:
         self._known.append((_digest(token), principal))
 
-    def admit(self, authorization: str | None, address: str) -> Principal:
+    def admit(self, authorization: Sequence[str], address: str) -> Principal:
         """The principal of a request within its rate limit: the credential's own, or
         that of the client ``address`` for a request without a valid token.
 
@@ -85,10 +86,14 @@ class Authenticator:
                 retry_after=wait,
             )
 
-    def identify(self, authorization: str | None) -> Principal:
-        if not authorization:
+    def identify(self, authorization: Sequence[str]) -> Principal:
+        """The principal of the request's Authorization header values."""
+        if len(authorization) > 1:
+            # Which one counts would depend on who reads them (a proxy that adds its own).
+            raise Unauthorized("send exactly one Authorization header, not several")
+        if not authorization or not authorization[0]:
             raise Unauthorized("missing Authorization: Bearer <token> header")
-        scheme, _, token = authorization.partition(" ")
+        scheme, _, token = authorization[0].partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("the Authorization header must be 'Bearer <token>'")
         digest = _digest(token.strip())

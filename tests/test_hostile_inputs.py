@@ -16,7 +16,7 @@ import pytest
 
 from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings
-from tests.conftest import PRODUCER, auth
+from tests.conftest import ADMIN, PRODUCER, auth
 from tests.test_api_errors import assert_error, snapshot
 
 
@@ -122,3 +122,27 @@ async def test_bearer_scheme_is_case_insensitive(
             headers={"Authorization": f"{scheme} {PRODUCER}", "Content-Type": "application/json"},
         )
     assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        pytest.param((PRODUCER, "wrong"), id="good-then-bad"),
+        pytest.param(("wrong", PRODUCER), id="bad-then-good"),
+        pytest.param((ADMIN, PRODUCER), id="admin-then-producer"),
+        pytest.param((PRODUCER, PRODUCER), id="same-twice"),
+    ],
+)
+async def test_two_authorization_headers_are_401_whatever_their_order(
+    service_url: str, db: asyncpg.Connection, tokens: tuple[str, str]
+) -> None:
+    """Which identity a request acts as must not depend on header order (a proxy that
+    adds its own Authorization, say): two headers are refused, and nothing is written."""
+    before = await snapshot(db)
+    headers = [("Authorization", f"Bearer {t}") for t in tokens]
+    headers.append(("Content-Type", "application/json"))
+    async with httpx.AsyncClient(base_url=service_url, timeout=10) as client:
+        r = await client.post("/v1/messages", content=json.dumps(message("two")), headers=headers)
+    assert_error(r, 401, "unauthorized")
+    assert "one Authorization header" in r.json()["error"]["message"]
+    assert await snapshot(db) == before
