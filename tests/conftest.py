@@ -17,6 +17,8 @@ import asyncpg
 import httpx
 import pytest
 
+from reliable_msg import consumer as consumer_sdk
+from reliable_msg import producer as producer_sdk
 from reliable_msg.api import create_app
 from reliable_msg.fallback import delete_namespace
 from reliable_msg.migrate import migrate
@@ -156,6 +158,20 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10)
     yield pool
     await pool.close()
+
+
+@pytest.fixture
+async def sdk_db(db: asyncpg.Connection) -> asyncpg.Connection:
+    """The test database with both SDKs' tables and an ``sdk_effects`` table, all empty."""
+    await producer_sdk.install(db)
+    await consumer_sdk.install(db)
+    await db.execute(
+        """
+        CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text);
+        TRUNCATE sdk_effects, rmsg_inbox, rmsg_producer_marker;
+        """
+    )
+    return db
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis as SyncRedis
 
 from reliable_msg import consumer as consumer_sdk
-from reliable_msg import producer as producer_sdk
 from reliable_msg.api import create_app
 from reliable_msg.client import RetryPolicy
 from reliable_msg.consumer import Consumer
@@ -83,19 +82,6 @@ async def own_runtime(settings: Settings, *, scanners: bool) -> AsyncIterator[Ru
         await rt.stop()
         await rabbit.delete_topology(AMQP_URL, settings)
         await delete_namespace(settings.redis_url, settings.fallback.namespace)
-
-
-@pytest.fixture
-async def sdk_db(db: asyncpg.Connection) -> asyncpg.Connection:
-    await producer_sdk.install(db)
-    await consumer_sdk.install(db)
-    await db.execute(
-        """
-        CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text);
-        TRUNCATE sdk_effects, rmsg_inbox, rmsg_producer_marker;
-        """
-    )
-    return db
 
 
 @pytest.fixture

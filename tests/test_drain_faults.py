@@ -18,8 +18,6 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from reliable_msg import consumer as consumer_sdk
-from reliable_msg import producer as producer_sdk
 from reliable_msg.client import RetryPolicy
 from reliable_msg.consumer import Consumer, Received
 from reliable_msg.fallback import shard_keys
@@ -44,19 +42,6 @@ REDIS_AWAY = 8.0
 def settings(make_settings: Callable[..., Settings]) -> Settings:
     # The switch stays as the test sets it: no probe runs (no scanners).
     return make_settings(fallback={"shards": SHARDS, "poll_interval": 0.2})
-
-
-@pytest.fixture
-async def sdk_db(db: asyncpg.Connection) -> asyncpg.Connection:
-    await producer_sdk.install(db)
-    await consumer_sdk.install(db)
-    await db.execute(
-        """
-        CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text);
-        TRUNCATE sdk_effects, rmsg_inbox, rmsg_producer_marker;
-        """
-    )
-    return db
 
 
 @pytest.fixture

@@ -12,8 +12,6 @@ import asyncpg
 import httpx
 import pytest
 
-from reliable_msg import consumer as consumer_sdk
-from reliable_msg import producer as producer_sdk
 from reliable_msg.api import create_app
 from reliable_msg.client import RetryPolicy
 from reliable_msg.consumer import Consumer
@@ -32,19 +30,6 @@ FAST = RetryPolicy(attempts=3, initial=0.05, max_wait=0.2, deadline=2.0)
 @pytest.fixture
 def settings(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings(scanner={"retention": 0.5})
-
-
-@pytest.fixture
-async def sdk_db(db: asyncpg.Connection) -> asyncpg.Connection:
-    await producer_sdk.install(db)
-    await consumer_sdk.install(db)
-    await db.execute(
-        """
-        CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text);
-        TRUNCATE sdk_effects, rmsg_inbox, rmsg_producer_marker;
-        """
-    )
-    return db
 
 
 @pytest.fixture
