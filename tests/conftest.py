@@ -25,6 +25,7 @@ from reliable_msg.migrate import migrate
 from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings, load_settings
 from tests.helpers import rabbit, redis_ctl
+from tests.helpers.checkback import ProducerEndpoint, serving_endpoint
 from tests.helpers.servers import serving_app
 
 ADMIN = "admin-token"
@@ -172,6 +173,14 @@ async def sdk_db(db: asyncpg.Connection) -> asyncpg.Connection:
         """
     )
     return db
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[tuple[ProducerEndpoint, int]]:
+    """A producer's check-back endpoint on a free port: the endpoint and the port."""
+    producer = ProducerEndpoint()
+    async with serving_endpoint(producer.handle) as port:
+        yield producer, port
 
 
 @pytest.fixture

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import aio_pika
 import asyncpg
@@ -21,30 +18,11 @@ from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings
 from tests.conftest import OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import rabbit
+from tests.helpers.checkback import ProducerEndpoint, checked_at, serving_endpoint
 from tests.helpers.service import remove_traces, running, write_config
 from tests.helpers.waiting import wait_until
 
 CHECK_MAX = 3
-
-
-class ProducerEndpoint:
-    """A producer's check-back endpoint whose answer per message id the test sets."""
-
-    def __init__(self) -> None:
-        self.answers: dict[str, str] = {}
-        self.calls: Counter[str] = Counter()
-        self.seen: list[tuple[str | None, dict[str, Any]]] = []
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.calls[body["id"]] += 1
-        self.seen.append((request.headers.get("Authorization"), body))
-        answer = self.answers.get(body["id"], "unknown")
-        if answer == "hang":
-            await asyncio.sleep(30)
-        if answer == "error":
-            return web.Response(status=500, text="boom")
-        return web.json_response({"status": answer})
 
 
 class StalledEndpoint:
@@ -69,38 +47,13 @@ class StalledEndpoint:
         return web.json_response({"status": "unknown"})
 
 
-@asynccontextmanager
-async def serving_endpoint(
-    handle: Callable[[web.Request], Awaitable[web.StreamResponse]],
-) -> AsyncIterator[int]:
-    """``handle`` served at ``/check`` on a free localhost port; yields the port. A
-    handler is cancelled when its caller hangs up."""
-    app = web.Application()
-    app.router.add_post("/check", handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield runner.addresses[0][1]
-    finally:
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def endpoint() -> AsyncIterator[tuple[ProducerEndpoint, int]]:
-    producer = ProducerEndpoint()
-    async with serving_endpoint(producer.handle) as port:
-        yield producer, port
-
-
 @pytest.fixture
 def settings(
     make_settings: Callable[..., Settings], endpoint: tuple[ProducerEndpoint, int]
 ) -> Settings:
     _, port = endpoint
     return make_settings(
-        producers={"order": {"check_url": f"http://127.0.0.1:{port}/check", "token": PRODUCER}},
+        producers=checked_at(port, PRODUCER),
         checkback={"max_tries": CHECK_MAX, "timeout": 0.5},
     )
 
@@ -191,7 +144,7 @@ async def test_check_back_waits_longer_after_each_unanswered_try(
     producer, port = endpoint
     producer.answers = {"slow": "unknown"}
     settings = make_settings(
-        producers={"order": {"check_url": f"http://127.0.0.1:{port}/check", "token": PRODUCER}},
+        producers=checked_at(port, PRODUCER),
         checkback={
             "max_tries": BACKOFF_TRIES,
             "timeout": 0.5,

@@ -19,6 +19,7 @@ from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings
 from tests.conftest import PRODUCER, auth
 from tests.helpers import rabbit
+from tests.helpers.checkback import checked_at
 from tests.helpers.waiting import wait_until
 
 CHECK_MAX = 2
@@ -68,7 +69,7 @@ async def producer() -> AsyncIterator[tuple[Producer, int]]:
 def settings(make_settings: Callable[..., Settings], producer: tuple[Producer, int]) -> Settings:
     _, port = producer
     return make_settings(
-        producers={"order": {"check_url": f"http://127.0.0.1:{port}/check", "token": PRODUCER}},
+        producers=checked_at(port, PRODUCER),
         checkback={"max_tries": CHECK_MAX, "timeout": 2.0},
     )
 

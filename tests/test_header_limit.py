@@ -5,7 +5,7 @@ connection, so the other messages keep flowing and the switch stays normal."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -19,20 +19,13 @@ from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings, load_settings
 from tests.conftest import ADMIN, PRODUCER, auth
 from tests.helpers import rabbit
+from tests.helpers.checkback import ProducerEndpoint, checked_at
 from tests.helpers.waiting import wait_until
-from tests.test_checkback import ProducerEndpoint, serving_endpoint
 
 #: ``max_header_bytes`` of these tests.
 LIMIT = 4096
 #: A header value far over RabbitMQ's frame_max (128 KiB by default).
 HUGE = "h" * 200_000
-
-
-@pytest.fixture
-async def endpoint() -> AsyncIterator[tuple[ProducerEndpoint, int]]:
-    producer = ProducerEndpoint()
-    async with serving_endpoint(producer.handle) as port:
-        yield producer, port
 
 
 @pytest.fixture
@@ -44,7 +37,7 @@ def settings(
         # Room in the request for the 200 KB header: the header limit must refuse it.
         max_request_bytes=1024 * 1024,
         max_header_bytes=LIMIT,
-        producers={"order": {"check_url": f"http://127.0.0.1:{port}/check", "token": PRODUCER}},
+        producers=checked_at(port, PRODUCER),
     )
 
 

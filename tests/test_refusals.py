@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aio_pika
 import asyncpg
@@ -23,17 +23,10 @@ from reliable_msg.runtime import Runtime
 from reliable_msg.settings import Settings
 from tests.conftest import ADMIN, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit
+from tests.helpers.checkback import ProducerEndpoint, checked_at
 from tests.helpers.waiting import wait_until
-from tests.test_checkback import ProducerEndpoint, serving_endpoint
 
 MAX_REFUSALS = 3
-
-
-@pytest.fixture
-async def endpoint() -> AsyncIterator[tuple[ProducerEndpoint, int]]:
-    producer = ProducerEndpoint()
-    async with serving_endpoint(producer.handle) as port:
-        yield producer, port
 
 
 @pytest.fixture
@@ -43,7 +36,7 @@ def settings(
     _, port = endpoint
     return make_settings(
         max_refusals=MAX_REFUSALS,
-        producers={"order": {"check_url": f"http://127.0.0.1:{port}/check", "token": PRODUCER}},
+        producers=checked_at(port, PRODUCER),
         checkback={"timeout": 0.5, "lease": 0.6},
         redelivery={"jitter": 0.0, "backoff_cap": 0.5, "retry_after_failure": 0.1},
     )
