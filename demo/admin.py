@@ -6,8 +6,8 @@ from typing import Any
 
 import aiohttp
 
-from reliable_msg.client import RetryPolicy, ServiceClient
 from reliable_msg.errors import ReliableMsgError
+from reliable_msg.sdk.client import RetryPolicy, ServiceClient
 
 #: Admin calls are polled; a failure is tried again at the next poll.
 QUICK = RetryPolicy(attempts=2, initial=0.1, max_wait=0.2, deadline=2.0)

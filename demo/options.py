@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from reliable_msg.settings import FallbackSettings
+from reliable_msg.service.settings import FallbackSettings
 
 #: The service configuration the demo runs with.
 CONFIG = Path(__file__).with_name("config.toml")

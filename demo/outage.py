@@ -16,7 +16,7 @@ from typing import Any
 
 from .processes import START_MARK
 
-#: What the consumer SDK logs when a consumer changes source (``reliable_msg.consumer``).
+#: What the consumer SDK logs when a consumer changes source (``reliable_msg.sdk.consumer``).
 TO_REDIS = "now consuming the Redis fallback shards"
 TO_RABBITMQ = "now consuming RabbitMQ"
 DRAINED = "fallback shards drained"

@@ -11,7 +11,7 @@ import aio_pika
 import asyncpg
 import redis
 
-from reliable_msg.fallback import delete_namespace
+from reliable_msg.transports.redis import delete_namespace
 
 from . import books, rabbit
 from .errors import DemoError

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reliable_msg.consumer import Conn, Received
+from reliable_msg.sdk.consumer import Conn, Received
 
 from .events import OrderPaid
 from .group import BooksError, Group

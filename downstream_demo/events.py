@@ -6,7 +6,7 @@ from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from reliable_msg.consumer import Received
+from reliable_msg.sdk.consumer import Received
 
 
 class OrderPaid(BaseModel):

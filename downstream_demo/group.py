@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from reliable_msg import consumer
-from reliable_msg.consumer import Conn, Received
+from reliable_msg.sdk import consumer
+from reliable_msg.sdk.consumer import Conn, Received
 
 
 class BooksError(RuntimeError):

@@ -3,7 +3,7 @@ and counts it as sold (the seed: available 100 -> 98, a separate field 0 -> 2)."
 
 from __future__ import annotations
 
-from reliable_msg.consumer import Conn, Received
+from reliable_msg.sdk.consumer import Conn, Received
 
 from .events import OrderPaid
 from .group import BooksError, Group

@@ -25,7 +25,7 @@ from typing import Any
 
 import asyncpg
 
-from reliable_msg.consumer import Consumer, Received
+from reliable_msg.sdk.consumer import Consumer, Received
 
 from .config import Config
 from .group import Group

@@ -1,3 +1,3 @@
-from .cli import main
+from reliable_msg.tools.cli import main
 
 main()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .states import DeliveryStatus, MessageStatus
+from reliable_msg.states import DeliveryStatus, MessageStatus
 
 #: Values a message header may hold (AMQP field-table friendly).
 HeaderValue = str | int | float | bool

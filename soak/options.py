@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from demo.options import Names, add_service_options, at_least
-from reliable_msg.settings import FallbackSettings
+from reliable_msg.service.settings import FallbackSettings
 
 from .plan import MIN_ORDERS
 

@@ -17,13 +17,13 @@ import asyncpg
 import httpx
 import pytest
 
-from reliable_msg import consumer as consumer_sdk
-from reliable_msg import producer as producer_sdk
-from reliable_msg.api import create_app
-from reliable_msg.fallback import delete_namespace
-from reliable_msg.migrate import migrate
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings, load_settings
+from reliable_msg.sdk import consumer as consumer_sdk
+from reliable_msg.sdk import producer as producer_sdk
+from reliable_msg.service.api import create_app
+from reliable_msg.service.migrate import migrate
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings, load_settings
+from reliable_msg.transports.redis import delete_namespace
 from tests.helpers import rabbit, redis_ctl
 from tests.helpers.checkback import ProducerEndpoint, serving_endpoint
 from tests.helpers.servers import serving_app

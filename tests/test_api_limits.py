@@ -11,10 +11,10 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from reliable_msg.api import create_app
-from reliable_msg.client import RetryPolicy, ServiceClient
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
+from reliable_msg.sdk.client import RetryPolicy, ServiceClient
+from reliable_msg.service.api import create_app
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
 from tests.conftest import ADMIN, GROUP_TOKENS, OTHER_PRODUCER, PRODUCER
 from tests.test_api_errors import assert_error, message, send, snapshot
 

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from aiohttp import web
 
-from reliable_msg.api import create_app
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
+from reliable_msg.service.api import create_app
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
 from tests.conftest import OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import rabbit
 from tests.helpers.checkback import ProducerEndpoint, checked_at, serving_endpoint

@@ -14,9 +14,9 @@ import httpx
 import pytest
 from aiohttp import web
 
-from reliable_msg.checkback import MAX_ANSWER_BYTES
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
+from reliable_msg.service.checkback import MAX_ANSWER_BYTES
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
 from tests.conftest import PRODUCER, auth
 from tests.helpers import rabbit
 from tests.helpers.checkback import checked_at

@@ -10,8 +10,8 @@ from contextlib import asynccontextmanager
 import pytest
 from aiohttp import web
 
-from reliable_msg.client import RetryPolicy, ServiceClient
 from reliable_msg.errors import ServiceUnavailable, StoreError
+from reliable_msg.sdk.client import RetryPolicy, ServiceClient
 from tests.helpers.processes import free_port
 
 #: Quick retries; enough of them that a few failures never exhaust them.

@@ -20,8 +20,8 @@ import pytest
 import redis.asyncio as aioredis
 from playwright.async_api import Browser, ConsoleMessage, Page, Request, Response, async_playwright
 
-from reliable_msg.settings import Settings
-from reliable_msg.switch import Switch
+from reliable_msg.service.settings import Settings
+from reliable_msg.transports.switch import Switch
 from tests.conftest import ADMIN, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers.service import Instance, remove_traces, running, write_config
 from tests.helpers.waiting import wait_until

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from reliable_msg.api import create_app
-from reliable_msg.runtime import Runtime
+from reliable_msg.service.api import create_app
+from reliable_msg.service.runtime import Runtime
 from tests.conftest import ADMIN, PRODUCER, auth
 from tests.helpers.servers import serving_app
 

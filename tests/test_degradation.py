@@ -23,16 +23,16 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis as SyncRedis
 
-from reliable_msg import consumer as consumer_sdk
-from reliable_msg.api import create_app
-from reliable_msg.client import RetryPolicy
-from reliable_msg.consumer import Consumer
-from reliable_msg.fallback import delete_namespace, shard_keys
-from reliable_msg.producer import Producer
-from reliable_msg.runtime import Runtime, instance_name
-from reliable_msg.scanners import Scanners
-from reliable_msg.settings import Settings
-from reliable_msg.switch import Mode
+from reliable_msg.sdk import consumer as consumer_sdk
+from reliable_msg.sdk.client import RetryPolicy
+from reliable_msg.sdk.consumer import Consumer
+from reliable_msg.sdk.producer import Producer
+from reliable_msg.service.api import create_app
+from reliable_msg.service.runtime import Runtime, instance_name
+from reliable_msg.service.scanners import Scanners
+from reliable_msg.service.settings import Settings
+from reliable_msg.transports.redis import delete_namespace, shard_keys
+from reliable_msg.transports.switch import Mode
 from soak.proxy import FaultProxy
 from tests.conftest import AMQP_URL, GROUP_TOKENS, OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import rabbit, redis_ctl
@@ -311,7 +311,7 @@ def test_shards_spread_evenly() -> None:
 
 
 async def test_racing_trips_flip_once_and_watchers_see_it(redis: aioredis.Redis) -> None:
-    from reliable_msg.switch import Switch
+    from reliable_msg.transports.switch import Switch
 
     ns = f"race-{os.getpid()}"
     switches = [Switch(redis, who=f"s{i}", namespace=ns, poll_interval=5.0) for i in range(4)]
@@ -375,7 +375,7 @@ async def test_consumers_drain_their_shards_before_going_back_to_rabbitmq(
     sdk_db: asyncpg.Connection,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="reliable_msg.switch")
+    caplog.set_level(logging.INFO, logger="reliable_msg.transports.switch")
     assert runtime.switch is not None
     gate = asyncio.Event()
     held = 0
@@ -579,7 +579,7 @@ async def test_readyz_metrics_and_the_report_log_show_the_degraded_mode(
     assert await scrape(client, "rmsg_mode_changes_total", mode="degraded") == changes + 1
     assert await scrape(client, "rmsg_fallback_depth", group="inventory") == 1
 
-    with caplog.at_level(logging.INFO, logger="reliable_msg.runtime"):
+    with caplog.at_level(logging.INFO, logger="reliable_msg.service.runtime"):
         await runtime.periodic_report()
     [line] = [r for r in caplog.records if "fallback depth" in r.getMessage()]
     assert line.levelno == logging.WARNING
@@ -590,7 +590,7 @@ async def test_readyz_metrics_and_the_report_log_show_the_degraded_mode(
     assert await runtime.switch.clear("test: over")
     assert await scrape(client, "rmsg_degraded") == 0
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="reliable_msg.runtime"):
+    with caplog.at_level(logging.INFO, logger="reliable_msg.service.runtime"):
         await runtime.periodic_report()
     [line] = [r for r in caplog.records if "fallback depth" in r.getMessage()]
     assert line.levelno == logging.INFO and "mode normal" in line.getMessage()
@@ -635,7 +635,7 @@ async def test_a_shard_over_the_alarm_logs_the_message_and_counts(
         assert rt.switch is not None
         await rt.switch.trip("test: degraded on purpose")
         alarms = await scrape(client, "rmsg_fallback_shard_alarms_total", group="inventory")
-        with caplog.at_level(logging.WARNING, logger="reliable_msg.fallback"):
+        with caplog.at_level(logging.WARNING, logger="reliable_msg.transports.redis"):
             for id in ("alarm-1", "alarm-2"):  # one key: the same shard
                 body: dict[str, Any] = {"id": id, "topic": "order.paid", "payload": {}, "key": "k"}
                 r = await client.post("/v1/messages", json=body, headers=auth(PRODUCER))
@@ -679,7 +679,7 @@ async def test_a_group_with_its_own_shard_count_is_written_and_drained_in_full(
         assert sum(lengths[SHARDS:own]) > 0, "no entry beyond the consumer's own count"
         assert sum([int(await redis.xlen(k)) for k in shard_keys(ns, "wms", own)]) == len(ids)
 
-        with caplog.at_level(logging.WARNING, logger="reliable_msg.fallback"):
+        with caplog.at_level(logging.WARNING, logger="reliable_msg.transports.redis"):
             async with consuming(service_url, settings, pool):
                 await wait_until(lambda: all_done(sdk_db, ids), within=30)
         assert any(

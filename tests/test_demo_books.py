@@ -18,7 +18,7 @@ from demo.plan import Plan
 from demo.runner import exit_status
 from demo.verdict import Facts, Outcome, judge
 from downstream_demo.groups import GROUPS
-from reliable_msg.consumer import Consumer, Received
+from reliable_msg.sdk.consumer import Consumer, Received
 from tests.conftest import AMQP_URL, SERVER_URL
 from upstream_demo import store
 

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from downstream_demo.worker import crash_marker
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
 from tests.conftest import AMQP_URL, GROUP_TOKENS, PRODUCER, auth
 from upstream_demo.store import message_id
 

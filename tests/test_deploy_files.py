@@ -20,10 +20,10 @@ import yaml
 from click.testing import CliRunner
 from starlette.routing import Match
 
-from reliable_msg.api import create_app
-from reliable_msg.cli import main
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings, load_settings
+from reliable_msg.service.api import create_app
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings, load_settings
+from reliable_msg.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -18,14 +18,14 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from reliable_msg.client import RetryPolicy
-from reliable_msg.consumer import Consumer, Received
-from reliable_msg.fallback import shard_keys
 from reliable_msg.policy import shard_of
-from reliable_msg.producer import Producer
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
-from reliable_msg.switch import Mode
+from reliable_msg.sdk.client import RetryPolicy
+from reliable_msg.sdk.consumer import Consumer, Received
+from reliable_msg.sdk.producer import Producer
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
+from reliable_msg.transports.redis import shard_keys
+from reliable_msg.transports.switch import Mode
 from soak.proxy import FaultProxy
 from tests.conftest import PRODUCER
 from tests.helpers.consumers import inventory_consumer

@@ -11,10 +11,10 @@ import asyncpg
 import httpx
 import pytest
 
-from reliable_msg.api import create_app
-from reliable_msg.fallback import delete_namespace
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
+from reliable_msg.service.api import create_app
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
+from reliable_msg.transports.redis import delete_namespace
 from soak.proxy import FaultProxy
 from tests.conftest import ADMIN, AMQP_URL, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit

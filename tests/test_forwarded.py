@@ -13,7 +13,7 @@ import asyncpg
 import httpx
 import pytest
 
-from reliable_msg.settings import Settings
+from reliable_msg.service.settings import Settings
 from tests.helpers.service import Instance, remove_traces, running_async, write_config
 
 PROXY = "127.0.0.2"  #: the one peer FORWARDED_ALLOW_IPS trusts

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reliable_msg.settings import Settings
+from reliable_msg.service.settings import Settings
 from tests.conftest import ADMIN, GROUP_TOKENS, PRODUCER
 from tests.helpers.service import remove_traces, running, write_config
 

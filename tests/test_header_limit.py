@@ -15,8 +15,8 @@ import pytest
 
 from reliable_msg import constants
 from reliable_msg.errors import ConfigError
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings, load_settings
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings, load_settings
 from tests.conftest import ADMIN, PRODUCER, auth
 from tests.helpers import rabbit
 from tests.helpers.checkback import ProducerEndpoint, checked_at

@@ -10,8 +10,8 @@ import asyncpg
 import httpx
 import pytest
 
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
 from tests.conftest import PRODUCER, auth
 from tests.helpers import rabbit
 

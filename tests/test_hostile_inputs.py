@@ -14,8 +14,8 @@ import asyncpg
 import httpx
 import pytest
 
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
 from tests.conftest import ADMIN, PRODUCER, auth
 from tests.test_api_errors import assert_error, snapshot
 

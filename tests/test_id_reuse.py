@@ -12,13 +12,13 @@ import asyncpg
 import httpx
 import pytest
 
-from reliable_msg.api import create_app
-from reliable_msg.client import RetryPolicy
-from reliable_msg.consumer import Consumer
 from reliable_msg.errors import ConfigError, Conflict
-from reliable_msg.producer import Producer
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
+from reliable_msg.sdk.client import RetryPolicy
+from reliable_msg.sdk.consumer import Consumer
+from reliable_msg.sdk.producer import Producer
+from reliable_msg.service.api import create_app
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
 from tests.conftest import AMQP_URL, GROUP_TOKENS, OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import rabbit
 from tests.helpers.consumers import inventory_consumer, running_effects

@@ -12,7 +12,7 @@ from pathlib import Path
 import aio_pika
 import asyncpg
 
-from reliable_msg.settings import Settings
+from reliable_msg.service.settings import Settings
 from tests.helpers import rabbit
 from tests.helpers.service import Instance, running, write_config
 from tests.helpers.waiting import wait_until

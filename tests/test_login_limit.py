@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-from reliable_msg.api import create_app
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
+from reliable_msg.service.api import create_app
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
 from tests.conftest import ADMIN
 from tests.helpers.servers import serving_app
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from reliable_msg.settings import Settings
+from reliable_msg.service.settings import Settings
 from tests.conftest import GROUP_TOKENS, PRODUCER, auth
 from tests.helpers.service import Instance, remove_traces, running, write_config
 from tests.helpers.waiting import wait_until

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from reliable_msg.migrate import available
+from reliable_msg.service.migrate import available
 from tests.conftest import SERVER_URL as SERVER
 
 

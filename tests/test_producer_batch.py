@@ -10,14 +10,14 @@ import asyncpg
 import pytest
 from fastapi import FastAPI
 
-from reliable_msg import consumer as consumer_sdk
-from reliable_msg import producer as producer_sdk
-from reliable_msg.client import RetryPolicy
-from reliable_msg.consumer import Consumer
 from reliable_msg.errors import Conflict
-from reliable_msg.producer import Outgoing, Producer, check_back_router
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
+from reliable_msg.sdk import consumer as consumer_sdk
+from reliable_msg.sdk import producer as producer_sdk
+from reliable_msg.sdk.client import RetryPolicy
+from reliable_msg.sdk.consumer import Consumer
+from reliable_msg.sdk.producer import Outgoing, Producer, check_back_router
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
 from soak.proxy import FaultProxy
 from tests.conftest import PRODUCER
 from tests.helpers.consumers import inventory_consumer, running_effects

@@ -8,8 +8,8 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
 
 
 @pytest.fixture

@@ -12,14 +12,14 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from reliable_msg import consumer as consumer_sdk
-from reliable_msg import producer as producer_sdk
-from reliable_msg.client import RetryPolicy, ServiceClient
-from reliable_msg.consumer import Consumer, Received
 from reliable_msg.errors import ServiceUnavailable
-from reliable_msg.producer import Outgoing, Producer, check_back_router
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
+from reliable_msg.sdk import consumer as consumer_sdk
+from reliable_msg.sdk import producer as producer_sdk
+from reliable_msg.sdk.client import RetryPolicy, ServiceClient
+from reliable_msg.sdk.consumer import Consumer, Received
+from reliable_msg.sdk.producer import Outgoing, Producer, check_back_router
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
 from soak.proxy import FaultProxy
 from tests.conftest import ADMIN, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit

@@ -24,12 +24,12 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
 from aiohttp import web
 
-from reliable_msg import consumer as consumer_sdk
-from reliable_msg.client import RetryPolicy
-from reliable_msg.consumer import Consumer
-from reliable_msg.fallback import shard_keys
-from reliable_msg.settings import Settings
-from reliable_msg.switch import Mode, Switch
+from reliable_msg.sdk import consumer as consumer_sdk
+from reliable_msg.sdk.client import RetryPolicy
+from reliable_msg.sdk.consumer import Consumer
+from reliable_msg.service.settings import Settings
+from reliable_msg.transports.redis import shard_keys
+from reliable_msg.transports.switch import Mode, Switch
 from soak.proxy import FaultProxy
 from tests.conftest import ADMIN, AMQP_URL, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit

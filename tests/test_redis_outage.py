@@ -17,16 +17,16 @@ import httpx
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from reliable_msg import consumer as consumer_sdk
-from reliable_msg import producer as producer_sdk
-from reliable_msg.api import create_app
-from reliable_msg.client import RetryPolicy
-from reliable_msg.consumer import Consumer, Received
-from reliable_msg.fallback import delete_namespace, shard_keys
-from reliable_msg.producer import Producer
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
-from reliable_msg.switch import Mode
+from reliable_msg.sdk import consumer as consumer_sdk
+from reliable_msg.sdk import producer as producer_sdk
+from reliable_msg.sdk.client import RetryPolicy
+from reliable_msg.sdk.consumer import Consumer, Received
+from reliable_msg.sdk.producer import Producer
+from reliable_msg.service.api import create_app
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
+from reliable_msg.transports.redis import delete_namespace, shard_keys
+from reliable_msg.transports.switch import Mode
 from tests.conftest import AMQP_URL, OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import rabbit, redis_ctl
 from tests.helpers.consumers import inventory_consumer

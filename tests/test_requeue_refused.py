@@ -16,8 +16,8 @@ import asyncpg
 import httpx
 import pytest
 
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
 from tests.conftest import ADMIN, auth
 from tests.helpers import rabbit
 from tests.helpers.service import write_config

@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from reliable_msg.store import CLAIM_CHECKS, CLAIM_DELIVERIES
+from reliable_msg.service.store import CLAIM_CHECKS, CLAIM_DELIVERIES
 
 FINISHED = 20_000
 Scan = tuple[str, str, str | None]

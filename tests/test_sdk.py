@@ -17,14 +17,14 @@ import asyncpg
 import pytest
 from fastapi import FastAPI
 
-from reliable_msg import consumer as consumer_sdk
-from reliable_msg import producer as producer_sdk
-from reliable_msg.client import RetryPolicy
-from reliable_msg.consumer import Consumer, Received
 from reliable_msg.errors import Conflict, Fenced, Unprocessable
-from reliable_msg.producer import Outgoing, Producer, check_back_router
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
+from reliable_msg.sdk import consumer as consumer_sdk
+from reliable_msg.sdk import producer as producer_sdk
+from reliable_msg.sdk.client import RetryPolicy
+from reliable_msg.sdk.consumer import Consumer, Received
+from reliable_msg.sdk.producer import Outgoing, Producer, check_back_router
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
 from tests.conftest import AMQP_URL, PRODUCER
 from tests.helpers.consumers import inventory_consumer, inventory_process_env
 from tests.helpers.processes import free_port, stop_gracefully

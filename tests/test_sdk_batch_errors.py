@@ -13,12 +13,12 @@ import asyncpg
 import httpx
 import pytest
 
-from reliable_msg import producer as producer_sdk
-from reliable_msg.client import RetryPolicy
 from reliable_msg.errors import Conflict, PayloadTooLarge
-from reliable_msg.producer import Outgoing, Producer
-from reliable_msg.runtime import Runtime
-from reliable_msg.settings import Settings
+from reliable_msg.sdk import producer as producer_sdk
+from reliable_msg.sdk.client import RetryPolicy
+from reliable_msg.sdk.producer import Outgoing, Producer
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
 from tests.conftest import PRODUCER, auth
 from tests.helpers.waiting import wait_until
 from tests.test_refusals import break_topology, repair_topology

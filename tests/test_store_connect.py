@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from reliable_msg.errors import StoreError
-from reliable_msg.store import PgStore
+from reliable_msg.service.store import PgStore
 from soak.proxy import FaultProxy
 from tests.conftest import SERVER_URL
 

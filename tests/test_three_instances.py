@@ -15,8 +15,8 @@ import asyncpg
 import httpx
 import pytest
 
-from reliable_msg.consumer import Consumer, Received, install
-from reliable_msg.settings import Settings
+from reliable_msg.sdk.consumer import Consumer, Received, install
+from reliable_msg.service.settings import Settings
 from tests.conftest import AMQP_URL, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers.service import Instance, remove_traces, running, write_config
 from tests.helpers.waiting import wait_until

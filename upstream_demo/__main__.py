@@ -8,7 +8,7 @@ import logging
 
 import uvicorn
 
-from reliable_msg.producer import Producer
+from reliable_msg.sdk.producer import Producer
 
 from . import store
 from .app import create_app

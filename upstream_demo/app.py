@@ -36,7 +36,7 @@ from reliable_msg.errors import (
     ServiceUnavailable,
     StoreError,
 )
-from reliable_msg.producer import Producer, check_back_router
+from reliable_msg.sdk.producer import Producer, check_back_router
 
 from . import store
 from .faults import CrashingClient, LocalFailure

@@ -17,7 +17,7 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
-from reliable_msg.client import ItemResult, ServiceClient
+from reliable_msg.sdk.client import ItemResult, ServiceClient
 
 log = logging.getLogger(__name__)
 

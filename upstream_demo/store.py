@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from reliable_msg import producer
+from reliable_msg.sdk import producer
 
 #: The order service's schema; its pool sets ``search_path`` to it, so the producer
 #: SDK's marker table lives here too.

@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from reliable_msg.client import RetryPolicy
-from reliable_msg.consumer import Consumer, Received
-from reliable_msg.settings import Settings
+from reliable_msg.sdk.client import RetryPolicy
+from reliable_msg.sdk.consumer import Consumer, Received
+from reliable_msg.service.settings import Settings
 from tests.conftest import AMQP_URL, GROUP_TOKENS
 
 C = TypeVar("C", bound=Consumer)

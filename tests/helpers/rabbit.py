@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import aio_pika
 
-from reliable_msg.settings import Settings
+from reliable_msg.service.settings import Settings
 
 
 def port_open(port: int = 5672) -> bool:

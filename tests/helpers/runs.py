@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 from demo import books, rabbit
 from demo.options import Names
-from reliable_msg.fallback import delete_namespace
+from reliable_msg.transports.redis import delete_namespace
 from tests.conftest import AMQP_URL, SERVER_URL
 
 GROUPS = ("inventory", "credit", "wms")

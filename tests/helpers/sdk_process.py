@@ -21,8 +21,8 @@ import sys
 
 import asyncpg
 
-from reliable_msg.consumer import Consumer, Received
-from reliable_msg.producer import Producer
+from reliable_msg.sdk.consumer import Consumer, Received
+from reliable_msg.sdk.producer import Producer
 
 
 async def produce_and_die(id: str) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
-from reliable_msg.fallback import delete_namespace
-from reliable_msg.settings import Settings
+from reliable_msg.service.settings import Settings
+from reliable_msg.transports.redis import delete_namespace
 from tests.helpers import rabbit
 from tests.helpers.processes import _wait_ready, free_port, toml
 from tests.helpers.waiting import wait_until

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reliable_msg.admin import parse_age
+from reliable_msg.tools.admin import parse_age
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.console import Console
 
-from reliable_msg.bench import e2e, run
+from reliable_msg.tools.bench import e2e, run
 
 
 def test_phases_split_confirm_to_handler_at_the_answer_and_the_arrival() -> None:

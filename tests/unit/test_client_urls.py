@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reliable_msg.client import ServiceClient
+from reliable_msg.sdk.client import ServiceClient
 
 
 @pytest.mark.parametrize("urls", [[], [""], "", ["http://a:8470", ""]])

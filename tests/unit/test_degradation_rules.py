@@ -11,10 +11,10 @@ from redis.crc import key_slot
 
 from reliable_msg import constants
 from reliable_msg.errors import BrokerError, BrokerUnavailable, Unpublishable, Unroutable
-from reliable_msg.fallback import shard_keys
 from reliable_msg.message import Outgoing
-from reliable_msg.publisher import SwitchingPublisher
-from reliable_msg.settings import FallbackSettings
+from reliable_msg.service.settings import FallbackSettings
+from reliable_msg.transports.publisher import SwitchingPublisher
+from reliable_msg.transports.redis import shard_keys
 
 
 class RefusingBroker:

@@ -143,7 +143,7 @@ def started() -> str:
 
 
 def said(text: str, group: str = "wms") -> str:
-    return f"2026-11-27 23:39:30,000 WARNING reliable_msg.consumer: consumer {group}: {text}"
+    return f"2026-11-27 23:39:30,000 WARNING reliable_msg.sdk.consumer: consumer {group}: {text}"
 
 
 TO_REDIS = said("now consuming the Redis fallback shards")

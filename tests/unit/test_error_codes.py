@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from reliable_msg import errors
-from reliable_msg.client import TRANSIENT, _items
 from reliable_msg.errors import CODES, ReliableMsgError, status_of
+from reliable_msg.sdk.client import TRANSIENT, _items
 
 PACKAGE = Path(errors.__file__).parent
 CLASSES: dict[str, type[ReliableMsgError]] = {

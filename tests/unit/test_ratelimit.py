@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from reliable_msg.ratelimit import RateLimiter
-from reliable_msg.settings import LimitSettings
+from reliable_msg.service.ratelimit import RateLimiter
+from reliable_msg.service.settings import LimitSettings
 
 
 class Clock:

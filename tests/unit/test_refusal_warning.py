@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from reliable_msg.errors import BrokerError, Unroutable
-from reliable_msg.scanners import _warn_failed
+from reliable_msg.service.scanners import _warn_failed
 
 
 def test_the_warning_names_the_first_20_and_counts_the_rest(

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from reliable_msg.dashboard.session import Sessions
+from reliable_msg.service.dashboard.session import Sessions
 
 NOW = 1_800_000_000.0
 

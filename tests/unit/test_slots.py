@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reliable_msg.scanners import Slots
+from reliable_msg.service.scanners import Slots
 
 
 def test_a_producer_takes_at_most_its_share() -> None:

@@ -1,0 +1,329 @@
+"""The RabbitMQ adapter: topology, and publishing with publisher confirms.
+
+Every publish is persistent, ``mandatory`` (a message no queue takes is an error, not a
+success) and bounded by ``publish_timeout``. The connection is robust: after a loss it
+is re-established in the background and the topology declared again. A message whose
+content header would not fit in one frame is never sent: RabbitMQ would close the whole
+connection for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractRobustConnection,
+    DeliveryMode,
+    ExchangeType,
+)
+from pamqp import frame
+from pamqp.header import ContentHeader
+
+from reliable_msg import constants
+from reliable_msg.errors import BrokerError, BrokerUnavailable, Unpublishable, Unroutable
+from reliable_msg.message import Outgoing
+from reliable_msg.metrics import PUBLISH_REFUSALS, PUBLISH_SECONDS
+from reliable_msg.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: What counts as a transient broker failure: the publish may succeed if tried later.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    RuntimeError,
+    TimeoutError,
+)
+
+
+#: What the AMQP encoder raises for a value it cannot put on the wire: never transient.
+UNENCODABLE: tuple[type[BaseException], ...] = (ValueError, TypeError, OverflowError, struct.error)
+
+
+#: Channels a service instance publishes on, in turn.
+PUBLISH_CHANNELS = 4
+#: Seconds between two attempts of the robust connection to reconnect.
+RECONNECT_INTERVAL = 1.0
+#: Least seconds between two declarations of the topology after unroutable publishes.
+REDECLARE_INTERVAL = 5.0
+
+
+def amqp_message(out: Outgoing) -> aio_pika.Message:
+    """The wire form of DESIGN §5: a plain AMQP client can read it without our SDK."""
+    headers: dict[str, Any] = dict(out.headers)
+    headers[constants.HEADER_ATTEMPT] = out.attempt
+    headers[constants.HEADER_PRODUCER] = out.producer
+    if out.key is not None:
+        headers[constants.HEADER_KEY] = out.key
+    return aio_pika.Message(
+        body=out.payload.encode(),
+        message_id=out.id,
+        type=out.topic,
+        content_type="application/json",
+        delivery_mode=DeliveryMode.PERSISTENT,
+        timestamp=out.created_at,
+        headers=headers,
+    )
+
+
+def header_frame_bytes(wire: aio_pika.Message) -> int:
+    """The size of the content header frame (properties and headers) ``wire`` makes;
+    RabbitMQ closes the connection on a frame larger than its ``frame_max``.
+
+    Raises one of :data:`UNENCODABLE` for a value AMQP cannot carry.
+    """
+    return len(frame.marshal(ContentHeader(0, len(wire.body), wire.properties), 1))
+
+
+def _unencodable(out: Outgoing, exc: BaseException) -> Unpublishable:
+    PUBLISH_REFUSALS.labels(Unpublishable.code).inc()
+    return Unpublishable(f"message {out.id} cannot be encoded for AMQP: {exc!r}")
+
+
+class RabbitBroker:
+    """Publishes messages to RabbitMQ and declares the topology they need."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._connection: AbstractRobustConnection | None = None
+        #: Publishing channels, used in turn: a channel is one process in the broker, and
+        #: one for every confirm serialises them there.
+        self._channels: list[tuple[AbstractChannel, AbstractExchange, AbstractExchange]] = []
+        self._turn = 0
+        self._connecting: asyncio.Task[None] | None = None
+        self._redeclaring: asyncio.Task[None] | None = None
+        self._redeclared_at = -REDECLARE_INTERVAL
+
+    @property
+    def connected(self) -> bool:
+        return (
+            self._connection is not None
+            and not self._connection.is_closed
+            and bool(self._channels)
+            and not any(channel.is_closed for channel, _, _ in self._channels)
+        )
+
+    async def start(self) -> None:
+        """Connect now if RabbitMQ answers, else keep trying in the background."""
+        try:
+            await self._connect()
+        except TRANSIENT_ERRORS as exc:
+            log.warning("RabbitMQ not reachable at start-up (%s); retrying in background", exc)
+            self._connecting = asyncio.create_task(self._connect_forever())
+
+    async def _connect_forever(self) -> None:
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._connect()
+            except TRANSIENT_ERRORS as exc:
+                delay = min(delay * 2, 10.0)
+                log.debug("RabbitMQ still unreachable: %s", exc)
+            else:
+                log.info("connected to RabbitMQ")
+                return
+
+    async def _connect(self) -> None:
+        connection = await aio_pika.connect_robust(
+            self._settings.amqp_url,
+            timeout=self._settings.publish_timeout,
+            # Back within a second of RabbitMQ's return (aio-pika's default waits 5 s).
+            reconnect_interval=RECONNECT_INTERVAL,
+            client_properties={"connection_name": "reliable-msg"},
+        )
+        try:
+            await declare_topology(connection, self._settings)
+            channels: list[tuple[AbstractChannel, AbstractExchange, AbstractExchange]] = []
+            for _ in range(PUBLISH_CHANNELS):
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                exchange = await channel.get_exchange(self._settings.exchange, ensure=False)
+                channels.append((channel, exchange, channel.default_exchange))
+        except BaseException:
+            await connection.close()
+            raise
+        # An operator may have deleted queues while the connection was away.
+        connection.reconnect_callbacks.add(lambda _: self._redeclare_soon(now=True))
+        self._connection, self._channels = connection, channels
+        self._check_frame_max()
+
+    def _check_frame_max(self) -> None:
+        """Say so when RabbitMQ's frame_max is below what ``max_header_bytes`` lets in:
+        such messages are taken at prepare and go dead at confirm."""
+        needed = self._settings.max_header_bytes + constants.HEADER_GROWTH
+        if self._frame_max() < needed:
+            log.error(
+                "RabbitMQ's frame_max (%d) is below max_header_bytes (%d) plus %d: lower "
+                "max_header_bytes, or messages with large headers will go dead at confirm",
+                self._frame_max(),
+                self._settings.max_header_bytes,
+                constants.HEADER_GROWTH,
+            )
+
+    def _next_channel(self) -> tuple[AbstractChannel, AbstractExchange, AbstractExchange]:
+        self._turn = (self._turn + 1) % len(self._channels)
+        return self._channels[self._turn]
+
+    def _redeclare_soon(self, *, now: bool = False) -> None:
+        """Declare the topology again in the background: a queue an operator deleted
+        makes every publish to it unroutable until it is back. After an unroutable
+        publish, at most once every ``REDECLARE_INTERVAL`` seconds."""
+        if self._redeclaring is not None and not self._redeclaring.done():
+            return
+        if not now and time.monotonic() - self._redeclared_at < REDECLARE_INTERVAL:
+            return
+        self._redeclared_at = time.monotonic()
+        self._redeclaring = asyncio.create_task(self._redeclare(), name="declare topology")
+
+    async def _redeclare(self) -> None:
+        if self._connection is None:
+            return
+        try:
+            await declare_topology(self._connection, self._settings)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("could not declare the RabbitMQ topology again: %s", exc)
+        else:
+            log.info("RabbitMQ topology declared again")
+
+    async def close(self) -> None:
+        if self._redeclaring is not None:
+            self._redeclaring.cancel()
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._connection is not None:
+            await self._connection.close()
+
+    async def publish(self, out: Outgoing) -> None:
+        """Publish one message and wait for the broker's confirm.
+
+        Raises :class:`Unroutable` when no queue took it and :class:`BrokerUnavailable`
+        on any other failure, a timeout included.
+        """
+        if not self.connected:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        _, topic_exchange, default = self._next_channel()
+        if out.group is None:
+            exchange, routing_key = topic_exchange, out.topic
+        else:
+            exchange, routing_key = default, self._settings.queue_name(out.group)
+        wire = amqp_message(out)
+        self._fits_a_frame(out, wire)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout):
+                await exchange.publish(wire, routing_key, mandatory=True)
+        except aiormq.exceptions.PublishError as exc:
+            PUBLISH_REFUSALS.labels(Unroutable.code).inc()
+            self._redeclare_soon()
+            raise Unroutable(f"no queue is bound for {routing_key!r}") from exc
+        except UNENCODABLE as exc:
+            raise _unencodable(out, exc) from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            raise BrokerUnavailable(f"broker refused the message: {exc}") from exc
+        except TimeoutError as exc:
+            raise BrokerUnavailable(
+                f"no publisher confirm within {self._settings.publish_timeout}s"
+            ) from exc
+        except TRANSIENT_ERRORS as exc:
+            raise BrokerUnavailable(f"publish failed: {exc!r}") from exc
+        PUBLISH_SECONDS.observe(time.perf_counter() - started)
+
+    def _fits_a_frame(self, out: Outgoing, wire: aio_pika.Message) -> None:
+        """Raise :class:`Unpublishable` for a message RabbitMQ could never take."""
+        try:
+            size = header_frame_bytes(wire)
+        except UNENCODABLE as exc:
+            raise _unencodable(out, exc) from exc
+        frame_max = self._frame_max()
+        if size > frame_max:
+            PUBLISH_REFUSALS.labels(Unpublishable.code).inc()
+            raise Unpublishable(
+                f"message {out.id} can never be published: its AMQP header takes {size} "
+                f"bytes, over RabbitMQ's frame_max of {frame_max}"
+            )
+
+    @staticmethod
+    def header_bytes(out: Outgoing) -> int:
+        """The size of the content header frame ``out`` makes; :class:`Unpublishable`
+        for a value AMQP cannot carry."""
+        try:
+            return header_frame_bytes(amqp_message(out))
+        except UNENCODABLE as exc:
+            raise Unpublishable(f"message {out.id} cannot be encoded for AMQP: {exc!r}") from exc
+
+    def _frame_max(self) -> int:
+        """The ``frame_max`` RabbitMQ gave this connection."""
+        transport = self._connection.transport if self._connection is not None else None
+        if transport is None:
+            return constants.AMQP_FRAME_MAX
+        return int(transport.connection.connection_tune.frame_max)
+
+    @property
+    def publish_timeout(self) -> float:
+        return self._settings.publish_timeout
+
+    async def probe(self) -> None:
+        """Publish a confirmed probe message to the probe queue; raise if not taken."""
+        if not self.connected:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        _, _, default = self._next_channel()
+        message = aio_pika.Message(b"probe", delivery_mode=DeliveryMode.PERSISTENT)
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout):
+                await default.publish(message, self._settings.probe_queue, mandatory=True)
+        except TRANSIENT_ERRORS as exc:
+            raise BrokerUnavailable(f"probe failed: {exc!r}") from exc
+
+    async def publish_many(self, outs: list[Outgoing]) -> dict[str, BrokerError]:
+        """Publish concurrently; return the ids not taken, with the error."""
+        results = await asyncio.gather(*(self.publish(o) for o in outs), return_exceptions=True)
+        refused: dict[str, BrokerError] = {}
+        for out, result in zip(outs, results, strict=True):
+            if isinstance(result, BrokerError):
+                refused[out.id] = result
+            elif isinstance(result, BaseException):
+                raise result
+        return refused
+
+
+async def declare_topology(connection: aio_pika.abc.AbstractConnection, settings: Settings) -> None:
+    """Declare the exchanges and, per group, its quorum queue and dead-letter queue."""
+    async with connection.channel() as channel:
+        exchange = await channel.declare_exchange(
+            settings.exchange, ExchangeType.TOPIC, durable=True
+        )
+        dlx = await channel.declare_exchange(
+            settings.dead_letter_exchange, ExchangeType.DIRECT, durable=True
+        )
+        await channel.declare_queue(
+            settings.probe_queue,
+            durable=True,
+            arguments={"x-max-length": 10, "x-overflow": "drop-head"},
+        )
+        for name, group in settings.groups.items():
+            queue = await channel.declare_queue(
+                settings.queue_name(name),
+                durable=True,
+                arguments={
+                    "x-queue-type": settings.queue_type,
+                    "x-dead-letter-exchange": settings.dead_letter_exchange,
+                    "x-dead-letter-routing-key": name,
+                },
+            )
+            for pattern in group.topics:
+                await queue.bind(exchange, pattern)
+            dead = await channel.declare_queue(
+                settings.dead_letter_queue(name),
+                durable=True,
+                arguments={"x-queue-type": settings.queue_type},
+            )
+            await dead.bind(dlx, name)

@@ -1,0 +1,368 @@
+"""The Redis fallback: per consumer group, a fixed set of shard streams.
+
+A message for a group goes to shard ``crc32(key or id) % shards`` of that group, a
+Redis Stream ``rmsg:fb:{<group>:<shard>}`` (its own hash tag, so shards spread over a
+Redis Cluster and no key is hot or big). Consumers read with one stream consumer group
+per stream (``XREADGROUP``), so an entry read but not acked stays in the pending list
+and is reclaimed (``XAUTOCLAIM``) from a consumer that died; an entry is deleted once
+handled and acked to the service. A shard longer than ``shard_alarm`` raises an alarm
+(log and metric) at each write that finds it so. An entry no handler can take is moved
+to the group's dead stream ``rmsg:fb:{<group>:dead}`` with the reason; that stream keeps
+about the latest ``dead_maxlen`` entries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from reliable_msg import constants
+from reliable_msg.errors import BrokerUnavailable
+from reliable_msg.message import Outgoing
+from reliable_msg.metrics import FALLBACK_WRITES, SHARD_ALARMS
+from reliable_msg.policy import shard_of
+
+log = logging.getLogger(__name__)
+
+#: Redis failures: the fallback is unavailable. RuntimeError too: under uvloop, a write
+#: on a pooled connection the peer reset while it was idle raises "the handler is
+#: closed" (a RuntimeError), which the Redis client passes on after dropping the
+#: connection; the next call connects afresh.
+REDIS_ERRORS = (RedisError, OSError, TimeoutError, RuntimeError)
+
+
+def shard_key(namespace: str, group: str, shard: int) -> str:
+    return constants.FALLBACK_KEY.format(ns=namespace, group=group, shard=shard)
+
+
+def shard_keys(namespace: str, group: str, shards: int) -> list[str]:
+    return [shard_key(namespace, group, i) for i in range(shards)]
+
+
+def entry_fields(out: Outgoing) -> dict[str, str]:
+    return {
+        "id": out.id,
+        "topic": out.topic,
+        "producer": out.producer,
+        "payload": out.payload,
+        "headers": json.dumps(out.headers),
+        "key": out.key or "",
+        "attempt": str(out.attempt),
+        "created_at": out.created_at.isoformat(),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One fallback entry as a consumer reads it."""
+
+    stream: str
+    entry_id: str
+    id: str
+    topic: str
+    producer: str
+    payload: Any  #: decoded from JSON
+    headers: dict[str, Any]
+    key: str | None
+    attempt: int
+    created_at: datetime
+    fields: dict[str, str]  #: as stored, for the dead stream
+
+    @classmethod
+    def parse(cls, stream: str, entry_id: str, raw: dict[Any, Any]) -> Entry | Malformed:
+        """The entry, or :class:`Malformed` with the reason no handler can take it."""
+        fields = {_text(k, "replace"): _text(v, "replace") for k, v in raw.items()}
+        try:
+            _fields(raw)  # strict: a field that is not UTF-8 is malformed
+            if not fields.get("id"):
+                raise ValueError("no id")
+            headers = json.loads(fields.get("headers") or "{}")
+            if not isinstance(headers, dict):
+                raise ValueError("headers are not a JSON object")
+            return cls(
+                stream=stream,
+                entry_id=entry_id,
+                id=fields["id"],
+                topic=fields["topic"],
+                producer=fields["producer"],
+                payload=_json(fields["payload"]),
+                headers=headers,
+                key=fields.get("key") or None,
+                attempt=int(fields.get("attempt", "1")),
+                created_at=datetime.fromisoformat(fields["created_at"]),
+                fields=fields,
+            )
+        except KeyError as exc:
+            return Malformed(stream, entry_id, fields, f"no {exc.args[0]} field")
+        except (ValueError, TypeError) as exc:
+            return Malformed(stream, entry_id, fields, str(exc))
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"payload is not JSON: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A fallback entry no handler can take, and why."""
+
+    stream: str
+    entry_id: str
+    fields: dict[str, str]
+    reason: str
+
+
+#: What a read of the shards finds.
+Read = Entry | Malformed
+
+
+class FallbackWriter:
+    """Writes messages to their groups' shards (the service side)."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        shards: dict[str, int],
+        *,
+        namespace: str,
+        default_shards: int,
+        alarm: int,
+    ) -> None:
+        self._redis = redis
+        self._ns = namespace
+        self._shards = shards
+        self._default = default_shards
+        self._alarm = alarm
+        self._shards_key = constants.SHARDS_KEY.format(ns=namespace)
+        self._recorded = False
+
+    def key_for(self, group: str, out: Outgoing) -> str:
+        shards = self._shards.get(group, self._default)
+        return shard_key(self._ns, group, shard_of(out.key or out.id, shards))
+
+    async def record_shards(self) -> None:
+        """Write each group's shard count where consumers read it (:data:`SHARDS_KEY`)."""
+        if self._shards:
+            await self._redis.hset(self._shards_key, mapping=self._shards)  # type: ignore[arg-type]
+        self._recorded = True
+
+    async def write(self, outs: Sequence[Outgoing]) -> None:
+        """Append each message to the shard of each of its groups; return once Redis has
+        them all. Raises :class:`BrokerUnavailable` when Redis does not answer."""
+        writes = [(group, self.key_for(group, out), out) for out in outs for group in out.targets()]
+        # The shard counts go with this instance's first write, should start-up have
+        # found Redis away.
+        record = not self._recorded and bool(self._shards)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                if record:
+                    pipe.hset(self._shards_key, mapping=self._shards)  # type: ignore[arg-type]
+                for _, key, out in writes:
+                    pipe.xadd(key, entry_fields(out))  # type: ignore[arg-type]
+                    pipe.xlen(key)
+                replies = await pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise BrokerUnavailable(
+                f"RabbitMQ is down and so is the Redis fallback: {exc}"
+            ) from exc
+        if record:
+            self._recorded = True
+            replies = replies[1:]
+        for (group, key, out), length in zip(writes, replies[1::2], strict=True):
+            FALLBACK_WRITES.labels(group).inc()
+            if length > self._alarm:
+                SHARD_ALARMS.labels(group).inc()
+                log.warning(
+                    "fallback shard %s holds %d entries (alarm at %d); message %s",
+                    key,
+                    length,
+                    self._alarm,
+                    out.id,
+                    extra={"message_id": out.id},
+                )
+
+    async def dead(self, group: str) -> int:
+        """Entries in the dead stream of ``group``."""
+        key = constants.FALLBACK_DEAD_KEY.format(ns=self._ns, group=group)
+        return int(await self._redis.xlen(key))
+
+    async def depth(self, group: str) -> int:
+        """Entries waiting in all shards of ``group``."""
+        keys = shard_keys(self._ns, group, self._shards.get(group, self._default))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.xlen(key)
+            lengths = await pipe.execute()
+        return int(sum(lengths))
+
+
+class FallbackReader:
+    """Reads a group's shards as one consumer (the consumer SDK side)."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        namespace: str,
+        group: str,
+        shards: int,
+        consumer: str,
+        dead_maxlen: int = constants.FALLBACK_DEAD_MAXLEN,
+    ) -> None:
+        self._redis = redis
+        self._dead_maxlen = dead_maxlen
+        self._namespace = namespace
+        self._group = group
+        self._configured = shards
+        self._shards_key = constants.SHARDS_KEY.format(ns=namespace)
+        self.keys = shard_keys(namespace, group, shards)
+        self._consumer = consumer
+
+    async def learn_shards(self) -> int:
+        """Follow the group's shard count as the service recorded it; the count given to
+        the constructor holds until the service has recorded one."""
+        raw = await self._redis.hget(self._shards_key, self._group)
+        shards = int(raw) if raw is not None else self._configured
+        if shards != len(self.keys):
+            if shards != self._configured:
+                log.warning(
+                    "fallback of %s: the service writes to %d shards, not the %d configured "
+                    "here; reading %d",
+                    self._group,
+                    shards,
+                    self._configured,
+                    shards,
+                )
+            self.keys = shard_keys(self._namespace, self._group, shards)
+        return shards
+
+    async def prepare(self, keys: Sequence[str] | None = None) -> None:
+        """Create the consumer group of each shard (all, or ``keys``) from the start of
+        the stream, so that nothing already in it is skipped."""
+        for key in self.keys if keys is None else keys:
+            try:
+                await self._redis.xgroup_create(key, constants.FALLBACK_READERS, "0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def read(self, keys: Sequence[str], count: int) -> list[Read]:
+        """New entries of ``keys``, up to ``count`` per key; one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.xreadgroup(constants.FALLBACK_READERS, self._consumer, {key: ">"}, count=count)
+            replies = await self._replies(keys, pipe)
+        return [entry for reply in replies for entry in _entries(reply)]
+
+    async def reclaim(self, keys: Sequence[str], idle: float, count: int) -> list[Read]:
+        """Entries read by another consumer and not acked for ``idle`` seconds."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.xautoclaim(
+                    key,
+                    constants.FALLBACK_READERS,
+                    self._consumer,
+                    min_idle_time=int(idle * 1000),
+                    count=count,
+                )
+            replies = await self._replies(keys, pipe)
+        found: list[Read] = []
+        for key, reply in zip(keys, replies, strict=True):
+            if reply is not None:
+                found.extend(Entry.parse(key, _text(i), f) for i, f in reply[1] if f)
+        return found
+
+    async def _replies(self, keys: Sequence[str], pipe: Any) -> list[Any]:
+        """The pipeline's replies, one per key; None for a key whose stream or consumer
+        group is gone (Redis restarted without persistence, an eviction, a flush, a
+        ``XGROUP DESTROY``; the service's next write makes a stream without a group),
+        after creating the group again."""
+        replies = await pipe.execute(raise_on_error=False)
+        missing = []
+        for key, reply in zip(keys, replies, strict=True):
+            if isinstance(reply, ResponseError) and str(reply).startswith("NOGROUP"):
+                missing.append(key)
+            elif isinstance(reply, Exception):
+                raise reply
+        if missing:
+            log.warning(
+                "fallback of %s: no consumer group on %s; creating it again",
+                self._group,
+                ", ".join(missing),
+            )
+            await self.prepare(missing)
+        return [None if key in missing else r for key, r in zip(keys, replies, strict=True)]
+
+    async def done(self, entry: Read) -> None:
+        """Acknowledge and delete a handled entry."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(entry.stream, constants.FALLBACK_READERS, entry.entry_id)
+            pipe.xdel(entry.stream, entry.entry_id)
+            await pipe.execute()
+
+    async def bury(self, entry: Read, reason: str) -> None:
+        """Move an entry no handler can take to the group's dead stream, with the reason
+        and where it came from; then acknowledge and delete it. A failure between the two
+        leaves it in its shard, to be buried again (so it may be in the dead stream twice).
+        The dead stream keeps about the latest ``dead_maxlen`` entries (``MAXLEN ~``: Redis
+        trims whole nodes), since the service redelivers such a message until it dies and
+        each copy is buried again."""
+        dead = {**entry.fields, "dead_reason": reason, "dead_from": entry.stream}
+        await self._redis.xadd(
+            self.dead_key,
+            dead,  # type: ignore[arg-type]
+            maxlen=self._dead_maxlen,
+            approximate=True,
+        )
+        await self.done(entry)
+
+    @property
+    def dead_key(self) -> str:
+        return constants.FALLBACK_DEAD_KEY.format(ns=self._namespace, group=self._group)
+
+    async def depth(self) -> int:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in self.keys:
+                pipe.xlen(key)
+            return int(sum(await pipe.execute()))
+
+
+def _entries(reply: Any) -> list[Read]:
+    entries = []
+    for stream, items in reply or []:
+        for entry_id, fields in items:
+            if fields:
+                entries.append(Entry.parse(_text(stream), _text(entry_id), fields))
+    return entries
+
+
+def _fields(raw: dict[Any, Any]) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in raw.items()}
+
+
+def _text(value: Any, errors: str = "strict") -> str:
+    return value.decode(errors=errors) if isinstance(value, bytes) else str(value)
+
+
+async def delete_namespace(redis_url: str, namespace: str) -> None:
+    """Delete every key of a deployment's namespace: its switch, switch history and
+    fallback shards. For tests and demos that start from nothing; never on a live system."""
+    patterns = [p.format(ns=namespace) for p in constants.NAMESPACE_PATTERNS]
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for pattern in patterns:
+            keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
+            if keys:
+                await client.delete(*keys)
+    finally:
+        await client.aclose()
