@@ -19,6 +19,7 @@
     │                               AMQP header does not fit in a frame, or cannot be
     │                               encoded
     ├── StoreError                  PostgreSQL failed (HTTP 503)
+    ├── FallbackUnavailable         Redis (the fallback shards or the switch) failed
     ├── CheckBackError              a producer's check-back endpoint gave no usable answer
     ├── ServiceUnavailable          (SDK) the service did not answer, or answered 5xx,
     │                               after the retries
@@ -124,6 +125,13 @@ class StoreError(ReliableMsgError):
     code = "store_unavailable"
 
 
+class FallbackUnavailable(ReliableMsgError):
+    """Redis did not answer: raised by the transports for any Redis failure, chained."""
+
+    status = 503
+    code = "fallback_unavailable"
+
+
 class CheckBackError(ReliableMsgError):
     status = 502
     code = "check_back_failed"
@@ -204,6 +212,7 @@ CODES: dict[str, type[ReliableMsgError]] = {
     BrokerError.code: BrokerUnavailable,
     Unroutable.code: Unroutable,
     StoreError.code: StoreError,
+    FallbackUnavailable.code: FallbackUnavailable,
     CheckBackError.code: CheckBackError,
     ServiceUnavailable.code: ServiceUnavailable,
     ConfigError.code: ConfigError,
