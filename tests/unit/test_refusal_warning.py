@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from reliable_msg.errors import BrokerError, Unroutable
-from reliable_msg.service.scanners import _warn_failed
+from reliable_msg.service.scanners.refusals import warn_failed
 
 
 def test_the_warning_names_the_first_20_and_counts_the_rest(
@@ -17,7 +17,7 @@ def test_the_warning_names_the_first_20_and_counts_the_rest(
     failed: list[tuple[str, BrokerError]] = [
         (f"m{i} to wms", Unroutable(f"no queue for m{i}")) for i in range(500)
     ]
-    _warn_failed("redelivery", failed)
+    warn_failed("redelivery", failed)
     [line] = [r.getMessage() for r in caplog.records]
     assert "500 publishes refused or failed" in line
     assert "(m19 to wms)" in line and "m20 " not in line
@@ -28,6 +28,6 @@ def test_the_warning_names_the_first_20_and_counts_the_rest(
 def test_a_short_list_is_named_whole(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="reliable_msg")
     error = Unroutable("no queue")
-    _warn_failed("check-back", [("a", error), ("b", error)])
+    warn_failed("check-back", [("a", error), ("b", error)])
     [line] = [r.getMessage() for r in caplog.records]
     assert line == "check-back pass: 2 publishes refused or failed: unroutable: no queue (a, b)"
