@@ -28,12 +28,12 @@ from reliable_msg.errors import (
     Unpublishable,
     Unroutable,
 )
-from reliable_msg.message import Message, NewMessage, Outgoing
+from reliable_msg.message import Message, NewMessage, Outgoing, Transition
 from reliable_msg.metrics import ACKS, CONFIRM_SECONDS, DEAD, TRANSITIONS
-from reliable_msg.service.ports import Publisher, Store
+from reliable_msg.service.ports import Page, Publisher, Requeued, Store
+from reliable_msg.service.publishing import in_batches
 from reliable_msg.service.settings import Settings
-from reliable_msg.service.store import Page, Requeued
-from reliable_msg.states import D, DeliveryStatus, M, MessageStatus
+from reliable_msg.states import D, DeliveryStatus, M, MessageStatus, died_from
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class MessageService:
         self._settings = settings
         self._store = store
         self._broker = broker
+        self._publish = in_batches(broker)
 
     # -- producer --------------------------------------------------------------------
 
@@ -144,16 +145,10 @@ class MessageService:
         ``producer=None`` is the service itself (check-back) and skips the owner check.
         """
         started = time.perf_counter()
-        refusals: dict[str, BrokerError] = {}
-
-        async def publish(outs: list[Outgoing]) -> dict[str, BrokerError]:
-            refused = await self._broker.publish_many(outs)
-            refusals.update(refused)
-            return refused
-
-        sent = await self._store.confirm(
-            ids, producer, self._settings.redelivery.ack_timeout, publish
+        confirmed = await self._store.confirm(
+            ids, producer, self._settings.redelivery.ack_timeout, self._publish
         )
+        sent, refusals = confirmed.sent, confirmed.refused
         TRANSITIONS.labels(M.SENT.value).inc(len(sent))
         await self._count_refusals(refusals, checkback=producer is None)
         done: dict[str, Result] = {m.id: m for m in sent}
@@ -203,7 +198,7 @@ class MessageService:
             return refusal or BrokerUnavailable("the broker did not take the message")
         if m.status is M.CANCELLED:
             return Conflict(f"message {m.id!r} was cancelled", code="cancelled")
-        if m.status is M.DEAD and m.sent_at is None:
+        if m.status is M.DEAD and died_from(m.sent_at) is M.PENDING:
             why = m.last_error if m.refusals else "check-back exhausted"
             return Conflict(
                 f"message {m.id!r} is dead: {why}; an admin can requeue it", code="dead"
@@ -225,7 +220,7 @@ class MessageService:
             return _not_yours(id)
         if moved or m.status is M.CANCELLED:
             return m
-        if m.status is M.DEAD and m.sent_at is None:
+        if m.status is M.DEAD and died_from(m.sent_at) is M.PENDING:
             return Conflict(f"message {id!r} is dead: check-back exhausted", code="dead")
         return Conflict(f"message {id!r} was already sent", code="already_sent")
 
@@ -270,10 +265,14 @@ class MessageService:
         """Counts per status, per topic and per group."""
         return await self._store.stats()
 
+    async def history(self, id: str) -> list[Transition]:
+        """Every recorded move of message ``id`` and of its deliveries, oldest first."""
+        return await self._store.history(id)
+
     # -- admin -----------------------------------------------------------------------
 
     async def requeue(self, id: str) -> Message:
-        """Bring one ``dead`` message back (see :meth:`PgStore.requeue`); a delivery the
+        """Bring one ``dead`` message back (see :meth:`Store.requeue`); a delivery the
         broker refuses stays ``dead`` and is raised (the others it took are sent)."""
         done = await self._requeue_batch(ids=[id], topic=None, group=None, after=None)
         if id in done.refused:
@@ -309,6 +308,11 @@ class MessageService:
                 return BulkRequeued(total, refused)
             after = done.selected[-1]
 
+    async def purge(self, older_than: float) -> int:
+        """Delete ``done`` and ``cancelled`` messages older than ``older_than`` seconds
+        now; returns how many (their ids stay used)."""
+        return await self._store.purge(older_than, batch=PURGE_BATCH)
+
     async def _requeue_batch(
         self,
         *,
@@ -324,7 +328,7 @@ class MessageService:
             limit=self._settings.scanner.batch,
             after=after,
             ack_timeout=self._settings.redelivery.ack_timeout,
-            publish=self._broker.publish_many,
+            publish=self._publish,
         )
         for id in done.resent:
             log.info("requeued message %s: deliveries republished", id, extra={"message_id": id})
@@ -339,6 +343,9 @@ class MessageService:
             )
         return done
 
+
+#: Rows one statement of an operator's purge deletes.
+PURGE_BATCH = 1000
 
 #: Refusals that no retry mends: the rest are an outage.
 _FOR_GOOD = (Unroutable, Unpublishable)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from reliable_msg.errors import BrokerError, BrokerUnavailable, Unpublishable
@@ -10,6 +9,7 @@ from reliable_msg.message import DeliveryUpdate, Outgoing
 from reliable_msg.metrics import DEAD, REDELIVERIES
 from reliable_msg.policy import backoff
 from reliable_msg.service.ports import Publisher, Store
+from reliable_msg.service.publishing import one_by_one
 from reliable_msg.service.scanners.refusals import warn_failed
 from reliable_msg.service.settings import Settings
 from reliable_msg.states import D
@@ -31,7 +31,7 @@ class RedeliveryScanner:
     def __init__(self, settings: Settings, store: Store, broker: Publisher) -> None:
         self._settings = settings
         self._store = store
-        self._broker = broker
+        self._publish = one_by_one(broker)
         self._failed: list[tuple[Outgoing, BrokerError]] = []  # in the pass under way
 
     async def run_once(self) -> int:
@@ -41,29 +41,26 @@ class RedeliveryScanner:
         self._failed = []
         try:
             while True:
-                claimed = await self._store.redeliver(batch, self._decide)
+                claimed = await self._store.redeliver(batch, self._publish, self)
                 total += claimed
                 if claimed < batch:
                     return total
         finally:
             warn_failed("redelivery", [(f"{o.id} to {o.group}", e) for o, e in self._failed])
 
-    async def _decide(self, due: list[Outgoing]) -> list[DeliveryUpdate]:
-        exhausted = [o for o in due if o.group and o.attempt > self._settings.max_attempts(o.group)]
-        resend = [o for o in due if o not in exhausted]
-        results = await asyncio.gather(
-            *(self._broker.publish(o) for o in resend), return_exceptions=True
-        )
-        updates = [self._not_acked(o) for o in exhausted]
-        for out, result in zip(resend, results, strict=True):
-            if isinstance(result, BrokerError):
-                self._failed.append((out, result))
-                updates.append(self._refused(out, result))
-            elif isinstance(result, BaseException):
-                raise result
-            else:
-                updates.append(self._resent(out))
-        return updates
+    def exhausted(self, out: Outgoing) -> DeliveryUpdate | None:
+        """Dead without a republish when out of attempts; else None (republish it)."""
+        if out.group and out.attempt > self._settings.max_attempts(out.group):
+            return self._not_acked(out)
+        return None
+
+    def published(self, out: Outgoing, error: BrokerError | None) -> DeliveryUpdate:
+        """What a republish makes of the delivery: ``sent`` again with the next backoff,
+        or, not taken, tried again later or ``dead`` (see the class docstring)."""
+        if error is None:
+            return self._resent(out)
+        self._failed.append((out, error))
+        return self._refused(out, error)
 
     def _resent(self, out: Outgoing) -> DeliveryUpdate:
         assert out.group is not None
