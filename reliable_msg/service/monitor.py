@@ -35,8 +35,8 @@ from reliable_msg.metrics import (
     SCANNER_LAG,
     TRANSITIONS,
 )
+from reliable_msg.service.ports import Store
 from reliable_msg.service.settings import Settings
-from reliable_msg.service.store import PgStore
 from reliable_msg.states import DeliveryStatus, MessageStatus
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class Sample:
 class Monitor:
     """Samples and counts for one instance; :meth:`start` runs it in the background."""
 
-    def __init__(self, settings: Settings, store: PgStore) -> None:
+    def __init__(self, settings: Settings, store: Store) -> None:
         self._settings = settings
         self._store = store
         self._samples: deque[Sample] = deque(maxlen=settings.monitor.samples)
@@ -130,7 +130,7 @@ class Monitor:
             SCANNER_LAG.labels(scanner).set(seconds)
 
     async def counts(self, *, max_age: float | None = None) -> dict[str, Any]:
-        """Counts per status, per topic and per group (:meth:`PgStore.stats`), at most
+        """Counts per status, per topic and per group (:meth:`Store.stats`), at most
         ``max_age`` seconds old (default ``monitor.interval``); sets the gauges."""
         max_age = self._settings.monitor.interval if max_age is None else max_age
         async with self._counting:

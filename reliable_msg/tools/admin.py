@@ -101,7 +101,7 @@ async def show(settings: Settings, console: Console, id: str) -> None:
     """One message with its deliveries and history; raises :class:`NotFound`."""
     async with opened(settings) as runtime:
         message = await runtime.service.get(id, None)
-        history = await runtime.store.history(id)
+        history = await runtime.service.history(id)
     _print_detail(console, message, history)
 
 
@@ -146,7 +146,7 @@ async def requeue_group(
 
 async def purge(settings: Settings, console: Console, older_than: float) -> None:
     async with opened(settings) as runtime:
-        deleted = await runtime.store.purge(older_than, batch=1000)
+        deleted = await runtime.service.purge(older_than)
     console.print(f"purged {deleted} done or cancelled message(s) older than {older_than:g}s")
 
 

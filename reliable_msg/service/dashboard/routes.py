@@ -298,7 +298,7 @@ def router() -> APIRouter:  # noqa: C901 - a flat list of small route functions
         found = await _find(visit.runtime, id)
         if found is None:
             return _not_found(visit, id)
-        history = await visit.runtime.store.history(id)
+        history = await visit.runtime.service.history(id)
         return visit.render("message.html", m=found, history=history, final=found.status in FINAL)
 
     @r.get("/messages/{id}/requeue")
