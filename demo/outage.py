@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from reliable_msg.harness.process import START_MARK
+from .processes import START_MARK
 
 #: What the consumer SDK logs when a consumer changes source (``reliable_msg.sdk.consumer``).
 TO_REDIS = "now consuming the Redis fallback shards"

@@ -15,12 +15,14 @@ from typing import Any
 import aio_pika
 
 from reliable_msg.errors import ReliableMsgError
-from reliable_msg.harness.process import GRACE, START_MARK, Process, describe_exit, stop
+from reliable_msg.harness.process import GRACE, Process, describe_exit, stop
 
 from .errors import DemoError
 
 #: How often the supervisor looks for dead processes.
 POLL = 0.1
+#: How each start of a process begins in its log.
+START_MARK = "--- "
 
 
 @dataclass
@@ -30,6 +32,12 @@ class Child(Process):
     max_restarts: int = 0  #: the crashes planned for it; one more is a failure
     tier: int = 1  #: children of a higher tier depend on those of lower ones and stop first
     restarts: int = 0
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            stamp = time.strftime("%H:%M:%S")
+            out.write(f"{START_MARK}{stamp} start: {' '.join(self.argv)}\n".encode())
+        super().start()
 
 
 class Supervisor:

@@ -22,8 +22,6 @@ import aiohttp
 
 from reliable_msg.errors import ReliableMsgError
 
-#: How each start of a process begins in its log.
-START_MARK = "--- "
 #: Seconds a process gets to stop after SIGTERM before SIGKILL.
 GRACE = 10.0
 
@@ -42,7 +40,7 @@ def serve_argv(config: Path | None, *options: str) -> list[str]:
 @dataclass
 class Process:
     """One process, as a command line, an environment and a log file its output is
-    appended to, one :data:`START_MARK` line per start."""
+    appended to."""
 
     name: str
     argv: list[str]
@@ -52,9 +50,6 @@ class Process:
 
     def start(self) -> None:
         with self.log.open("ab") as out:
-            stamp = time.strftime("%H:%M:%S")
-            out.write(f"{START_MARK}{stamp} start: {' '.join(self.argv)}\n".encode())
-            out.flush()
             self.proc = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,

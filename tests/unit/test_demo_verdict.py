@@ -22,8 +22,8 @@ from demo.outage import (
     flips,
 )
 from demo.plan import Phases, Plan, make_plan, phases, waves
+from demo.processes import START_MARK
 from demo.verdict import Check, Facts, judge
-from reliable_msg.harness.process import START_MARK
 
 GROUPS = ("inventory", "credit", "wms")
 
