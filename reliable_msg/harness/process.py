@@ -87,10 +87,10 @@ class Process:
             self.proc.kill()
             self.proc.wait()
 
-    def tail(self, chars: int = 3000) -> str:
-        """The end of its log."""
+    def tail(self, lines: int = 30) -> str:
+        """The last ``lines`` of its log."""
         try:
-            return self.log.read_text(errors="replace")[-chars:]
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
 

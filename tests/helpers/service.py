@@ -48,7 +48,7 @@ class Instance(Process):
         return f"http://127.0.0.1:{self.port}"
 
     def log_tail(self, chars: int = 3000) -> str:
-        return self.tail(chars)
+        return self.log.read_text(errors="replace")[-chars:]
 
 
 @contextmanager
