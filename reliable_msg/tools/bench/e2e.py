@@ -92,7 +92,9 @@ async def service(
         "RMSG_ADMIN_TOKEN": tokens["admin"],
         "RMSG_LOG_LEVEL": "warning",
     }
-    process = Process("service", serve_argv(config), env, run_dir / "service.log")
+    log = run_dir / "service.log"
+    log.unlink(missing_ok=True)  # this service's log only, not the previous runs' too
+    process = Process("service", serve_argv(config), env, log)
     process.start()
     url = f"http://127.0.0.1:{port}"
     try:
