@@ -1,4 +1,4 @@
-"""The reliable-msg service as its admin sees it: readiness, stats, messages, metrics."""
+"""The reliable-msg service as its admin sees it: stats, messages, metrics."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from typing import Any
 
 import aiohttp
 
-from reliable_msg.errors import ReliableMsgError
 from reliable_msg.sdk.client import RetryPolicy, ServiceClient
 
 #: Admin calls are polled; a failure is tried again at the next poll.
@@ -22,13 +21,6 @@ class ServiceAdmin:
 
     async def close(self) -> None:
         await self._client.close()
-
-    async def ready(self) -> bool:
-        try:
-            answer = await self._client.call("GET", "/readyz")
-        except ReliableMsgError:
-            return False
-        return answer.get("status") == "ready"
 
     async def message_counts(self) -> dict[str, int]:
         """Messages per status, from ``GET /v1/stats``."""

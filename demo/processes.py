@@ -4,96 +4,40 @@ they die (the injected crashes kill them), and stopped whatever happens."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import socket
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 
 from reliable_msg.errors import ReliableMsgError
+from reliable_msg.harness.process import GRACE, Process, describe_exit, stop
 
 from .errors import DemoError
 
 #: How often the supervisor looks for dead processes.
 POLL = 0.1
-#: Seconds a process gets to stop after SIGTERM before SIGKILL.
-GRACE = 10.0
 #: How each start of a process begins in its log.
 START_MARK = "--- "
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports: each socket stays bound until all are picked, so
-    the kernel cannot hand the same port out twice."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-
-
 @dataclass
-class Child:
-    """One process of the demo, as a command line, an environment and a log file."""
+class Child(Process):
+    """One process of the demo, restarted when it dies as often as planned."""
 
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log: Path
     max_restarts: int = 0  #: the crashes planned for it; one more is a failure
     tier: int = 1  #: children of a higher tier depend on those of lower ones and stop first
     restarts: int = 0
-    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
         with self.log.open("ab") as out:
             stamp = time.strftime("%H:%M:%S")
             out.write(f"{START_MARK}{stamp} start: {' '.join(self.argv)}\n".encode())
-            out.flush()
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-            )
-
-    def exit_code(self) -> int | None:
-        """None while it runs (or was never started)."""
-        return self.proc.poll() if self.proc is not None else None
-
-    def terminate(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def reap(self, deadline: float) -> None:
-        """Wait until ``deadline`` (monotonic) for it to exit, then SIGKILL it."""
-        if self.proc is None:
-            return
-        try:
-            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exited with status {code}"
+        super().start()
 
 
 class Supervisor:
@@ -170,12 +114,7 @@ class Supervisor:
         SIGKILL to any still there after ``grace`` seconds."""
         self._stopping = True
         for tier in sorted({c.tier for c in self.children.values()}, reverse=True):
-            children = [c for c in self.children.values() if c.tier == tier]
-            for child in children:
-                child.terminate()
-            deadline = time.monotonic() + grace
-            for child in children:
-                child.reap(deadline)
+            stop([c for c in self.children.values() if c.tier == tier], grace)
 
 
 def base_env() -> dict[str, str]:

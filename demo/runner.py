@@ -46,6 +46,8 @@ from rich.progress import (
 
 from downstream_demo.worker import crash_marker
 from reliable_msg.errors import ReliableMsgError
+from reliable_msg.harness.ports import free_ports
+from reliable_msg.harness.process import NotReady, serve_argv, wait_ready
 
 from . import books, rabbit, report
 from .admin import ServiceAdmin
@@ -61,7 +63,7 @@ from .outage import (
     flips,
 )
 from .plan import Phases, Plan, make_plan, phases, waves
-from .processes import Child, Supervisor, base_env, free_ports, until
+from .processes import Child, Supervisor, base_env, until
 from .shop import Answer, Shop
 from .slate import fresh_slate
 from .verdict import Facts, Outcome, judge
@@ -264,7 +266,7 @@ class Run:
         try:
             async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
                 shop = Shop(self.order_url, session)
-                await self._start_service(admin)
+                await self._start_service()
                 await self._start_order_service(shop)
                 with self._progress() as progress:
                     ids = await self._create_orders(shop, progress)
@@ -285,10 +287,13 @@ class Run:
         self._report(outcome, facts, timed_out=not settled)
         return exit_status(outcome, settled=settled)
 
-    async def _start_service(self, admin: ServiceAdmin) -> None:
-        argv = self._reliable_msg("serve", "--port", str(self.service_port))
+    async def _start_service(self) -> None:
+        argv = serve_argv(self.options.config, "--port", str(self.service_port))
         self._start("service", argv, self._service_env(), tier=0)
-        await until(admin.ready, STARTUP, f"the service at {self.service_url} is not ready")
+        try:
+            await wait_ready(self.service_url, within=STARTUP)
+        except NotReady as exc:
+            raise DemoError(str(exc)) from exc
         self._event(f"service ready at {self.service_url}")
 
     async def _start_order_service(self, shop: Shop) -> None:

@@ -20,9 +20,9 @@ import asyncpg
 from demo import rabbit
 from demo.errors import DemoError
 from demo.processes import Child, run_logged
+from reliable_msg.harness.proxy import FaultProxy
 
 from .plan import Fault, Kind
-from .proxy import FaultProxy
 
 #: Seconds to wait for a free connection slot to terminate the others from.
 ADMIN_PATIENCE = 30.0

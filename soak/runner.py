@@ -37,16 +37,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from demo import books, rabbit
 from demo.admin import ServiceAdmin
 from demo.errors import DemoError
-from demo.processes import Child, Supervisor, base_env, free_ports, until
+from demo.processes import Child, Supervisor, base_env, until
 from demo.runner import PRODUCER, Tokens, consumer_env, order_service_env
 from demo.shop import Shop
 from demo.slate import fresh_slate
 from reliable_msg.errors import ReliableMsgError
+from reliable_msg.harness.ports import free_ports
+from reliable_msg.harness.process import NotReady, serve_argv, wait_ready
+from reliable_msg.harness.proxy import FaultProxy
 
 from .faults import Injector
 from .options import Options
 from .plan import Fault, Kind, Plan, make_plan
-from .proxy import FaultProxy
 from .report import FaultRecord, Report, tally
 
 #: Seconds a process gets to become ready.
@@ -208,14 +210,13 @@ class Run:
 
     async def _start_services(self) -> None:
         for i, port in enumerate(self.instance_ports):
-            argv = self._reliable_msg("serve", "--port", str(port))
+            argv = serve_argv(self.o.config, "--port", str(port))
             self._start(f"service-{i}", argv, self._service_env(i), tier=0)
         for i, port in enumerate(self.instance_ports):
-            instance = ServiceAdmin(f"http://127.0.0.1:{port}", self.tokens.admin)
             try:
-                await until(instance.ready, STARTUP, f"service-{i} on port {port} is not ready")
-            finally:
-                await instance.close()
+                await wait_ready(f"http://127.0.0.1:{port}", within=STARTUP)
+            except NotReady as exc:
+                raise DemoError(f"service-{i}: {exc}") from exc
         self._event(
             f"service-0 and service-1 ready, behind the balancer at {self.service_url};"
             f" their RabbitMQ connections go through the fault proxy on port"

@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 
 from reliable_msg.errors import ServiceUnavailable, StoreError
+from reliable_msg.harness.ports import free_port
 from reliable_msg.sdk.client import RetryPolicy, ServiceClient
-from tests.helpers.processes import free_port
 
 #: Quick retries; enough of them that a few failures never exhaust them.
 PATIENT = RetryPolicy(attempts=50, initial=0.02, max_wait=0.1, deadline=30.0)

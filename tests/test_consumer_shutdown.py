@@ -18,6 +18,7 @@ import aio_pika
 import asyncpg
 import pytest
 
+from reliable_msg.harness.proxy import FaultProxy
 from reliable_msg.sdk import consumer as consumer_sdk
 from reliable_msg.sdk import producer as producer_sdk
 from reliable_msg.sdk.client import RetryPolicy
@@ -25,7 +26,6 @@ from reliable_msg.sdk.consumer import Consumer
 from reliable_msg.sdk.producer import Producer
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
-from soak.proxy import FaultProxy
 from tests.conftest import PRODUCER
 from tests.helpers.consumers import inventory_consumer, inventory_process_env, running_effects
 from tests.helpers.waiting import wait_until

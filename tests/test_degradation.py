@@ -23,6 +23,8 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis as SyncRedis
 
+from reliable_msg.harness.process import stop_gracefully
+from reliable_msg.harness.proxy import FaultProxy
 from reliable_msg.sdk import consumer as consumer_sdk
 from reliable_msg.sdk.client import RetryPolicy
 from reliable_msg.sdk.consumer import Consumer
@@ -33,11 +35,9 @@ from reliable_msg.service.scanners import Scanners
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.redis import delete_namespace, shard_keys
 from reliable_msg.transports.switch import Mode
-from soak.proxy import FaultProxy
 from tests.conftest import AMQP_URL, GROUP_TOKENS, OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import rabbit, redis_ctl
 from tests.helpers.consumers import inventory_consumer, inventory_process_env, running_effects
-from tests.helpers.processes import stop_gracefully
 from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
 
@@ -290,7 +290,7 @@ async def test_consumer_killed_while_reading_redis_loses_nothing(
     try:
         await wait_until(lambda: all_done(sdk_db, ids), within=30)
     finally:
-        assert await stop_gracefully(restarted) == 0, "no clean exit on SIGTERM"
+        assert await stop_gracefully(restarted, grace=20.0) == [0], "no clean exit on SIGTERM"
     await assert_one_effect_each(sdk_db, ids)
 
 

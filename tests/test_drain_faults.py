@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
+from reliable_msg.harness.proxy import FaultProxy
 from reliable_msg.policy import shard_of
 from reliable_msg.sdk.client import RetryPolicy
 from reliable_msg.sdk.consumer import Consumer, Received
@@ -26,7 +27,6 @@ from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.redis import shard_keys
 from reliable_msg.transports.switch import Mode
-from soak.proxy import FaultProxy
 from tests.conftest import PRODUCER
 from tests.helpers.consumers import inventory_consumer
 from tests.helpers.waiting import wait_until

@@ -11,11 +11,11 @@ import asyncpg
 import httpx
 import pytest
 
+from reliable_msg.harness.proxy import FaultProxy
 from reliable_msg.service.api import create_app
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.redis import delete_namespace
-from soak.proxy import FaultProxy
 from tests.conftest import ADMIN, AMQP_URL, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit
 from tests.helpers.waiting import wait_until

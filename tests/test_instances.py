@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections import Counter
 from collections.abc import Iterator
@@ -25,11 +26,11 @@ ALONE = 10
 @contextmanager
 def paused(instance: Instance) -> Iterator[None]:
     """``instance`` stopped (SIGSTOP) for the block: its scheduler runs no pass."""
-    instance.proc.send_signal(signal.SIGSTOP)
+    os.kill(instance.pid, signal.SIGSTOP)
     try:
         yield
     finally:
-        instance.proc.send_signal(signal.SIGCONT)
+        os.kill(instance.pid, signal.SIGCONT)
 
 
 async def test_two_instances_redeliver_each_due_row_once(

@@ -11,6 +11,8 @@ import pytest
 from fastapi import FastAPI
 
 from reliable_msg.errors import Conflict
+from reliable_msg.harness.ports import free_port
+from reliable_msg.harness.proxy import FaultProxy
 from reliable_msg.sdk import consumer as consumer_sdk
 from reliable_msg.sdk import producer as producer_sdk
 from reliable_msg.sdk.client import RetryPolicy
@@ -18,10 +20,8 @@ from reliable_msg.sdk.consumer import Consumer
 from reliable_msg.sdk.producer import Outgoing, Producer, check_back_router
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
-from soak.proxy import FaultProxy
 from tests.conftest import PRODUCER
 from tests.helpers.consumers import inventory_consumer, running_effects
-from tests.helpers.processes import free_port
 from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
 

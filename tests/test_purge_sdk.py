@@ -13,6 +13,8 @@ import pytest
 from fastapi import FastAPI
 
 from reliable_msg.errors import ServiceUnavailable
+from reliable_msg.harness.ports import free_port
+from reliable_msg.harness.proxy import FaultProxy
 from reliable_msg.sdk import consumer as consumer_sdk
 from reliable_msg.sdk import producer as producer_sdk
 from reliable_msg.sdk.client import RetryPolicy, ServiceClient
@@ -20,11 +22,9 @@ from reliable_msg.sdk.consumer import Consumer, Received
 from reliable_msg.sdk.producer import Outgoing, Producer, check_back_router
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
-from soak.proxy import FaultProxy
 from tests.conftest import ADMIN, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit
 from tests.helpers.consumers import inventory_consumer, running_effects
-from tests.helpers.processes import free_port
 from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
 

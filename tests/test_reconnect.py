@@ -24,13 +24,13 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
 from aiohttp import web
 
+from reliable_msg.harness.proxy import FaultProxy
 from reliable_msg.sdk import consumer as consumer_sdk
 from reliable_msg.sdk.client import RetryPolicy
 from reliable_msg.sdk.consumer import Consumer
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.redis import shard_keys
 from reliable_msg.transports.switch import Mode, Switch
-from soak.proxy import FaultProxy
 from tests.conftest import ADMIN, AMQP_URL, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit
 from tests.helpers.consumers import inventory_consumer, running_effects
@@ -216,7 +216,7 @@ def assert_error(r: httpx.Response, status: int, code: str) -> None:
 
 
 async def assert_same_process(instance: Instance, api: httpx.AsyncClient, started: float) -> None:
-    assert instance.proc.poll() is None, f"the service exited; log:\n{instance.log_tail()}"
+    assert instance.exit_code() is None, f"the service exited; log:\n{instance.log_tail()}"
     assert await start_time(api) == started, "another process answers"
 
 

@@ -18,6 +18,8 @@ import pytest
 from fastapi import FastAPI
 
 from reliable_msg.errors import Conflict, Fenced, Unprocessable
+from reliable_msg.harness.ports import free_port
+from reliable_msg.harness.process import stop_gracefully
 from reliable_msg.sdk import consumer as consumer_sdk
 from reliable_msg.sdk import producer as producer_sdk
 from reliable_msg.sdk.client import RetryPolicy
@@ -27,7 +29,6 @@ from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from tests.conftest import AMQP_URL, PRODUCER
 from tests.helpers.consumers import inventory_consumer, inventory_process_env
-from tests.helpers.processes import free_port, stop_gracefully
 from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
 
@@ -337,7 +338,7 @@ async def test_consumer_killed_after_effect_before_ack_applies_once(
     try:
         await wait_until(lambda: _done(sdk_db, "o-4"), within=20)
     finally:
-        assert await stop_gracefully(restarted) == 0, "no clean exit on SIGTERM"
+        assert await stop_gracefully(restarted, grace=20.0) == [0], "no clean exit on SIGTERM"
     assert await effects(sdk_db, "o-4") == 1
 
 

@@ -9,8 +9,8 @@ import asyncio
 import pytest
 
 from reliable_msg.errors import StoreError
+from reliable_msg.harness.proxy import FaultProxy
 from reliable_msg.service.store import PgStore
-from soak.proxy import FaultProxy
 from tests.conftest import SERVER_URL
 
 

@@ -136,7 +136,7 @@ async def test_three_instances_one_killed_every_message_done_once(
                 await producer.close()
                 consumer.request_stop()
                 await asyncio.wait_for(consuming, 30)
-            assert instances[2].proc.returncode is not None
+            assert instances[2].exit_code() is not None
             assert producer.failures > 0, "the kill went unnoticed by the producer"
             for survivor in instances[:2]:
                 assert await acks_taken(survivor) > 0, survivor.url

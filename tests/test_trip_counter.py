@@ -11,11 +11,11 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import asyncpg
 import httpx
 
+from reliable_msg.harness.proxy import FaultProxy
 from reliable_msg.service.api import create_app
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.redis import delete_namespace
-from soak.proxy import FaultProxy
 from tests.conftest import AMQP_URL, PRODUCER, auth
 from tests.helpers import rabbit
 from tests.helpers.waiting import wait_until

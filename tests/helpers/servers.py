@@ -9,7 +9,7 @@ from typing import Any
 
 import uvicorn
 
-from tests.helpers.processes import free_port
+from reliable_msg.harness.ports import free_port
 
 
 @asynccontextmanager

@@ -6,12 +6,9 @@ import asyncio
 import json
 import os
 import secrets
-import signal
 import statistics
-import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 
+from reliable_msg.harness.config import write_config
+from reliable_msg.harness.ports import free_port
+from reliable_msg.harness.process import Process, serve_argv, stop, stop_gracefully, wait_ready
 from reliable_msg.sdk import consumer as consumer_sdk
 from reliable_msg.sdk import producer as producer_sdk
 from reliable_msg.sdk.client import RetryPolicy
@@ -34,6 +33,9 @@ TOPIC = "bench.paid"
 GROUP = "bench"
 NAMES = "rmsgbench"
 RETRY = RetryPolicy(attempts=10, initial=0.05, max_wait=1.0, deadline=60.0)
+#: Seconds the service gets to become ready; seconds a process gets to stop after SIGTERM.
+STARTUP = 30.0
+GRACE = 15.0
 
 
 @dataclass
@@ -48,36 +50,28 @@ class Service:
     database_url: str
 
 
-def _config(port: int, service_db: str, amqp_url: str, redis_url: str) -> str:
-    return f"""
-database_url = "{service_db}"
-amqp_url = "{amqp_url}"
-redis_url = "{redis_url}"
-port = {port}
-exchange = "{NAMES}"
-dead_letter_exchange = "{NAMES}.dlx"
-queue_prefix = "{NAMES}."
-db_pool_size = 20
-max_batch = 1000
-
-[checkback]
-after = 600.0
-
-[redelivery]
-ack_timeout = 600.0
-
-[fallback]
-namespace = "{NAMES}"
-shards = 32
-failure_threshold = 10
-probe_interval = 3600.0
-
-[producers.bench]
-check_url = "http://127.0.0.1:9/check-back"
-
-[groups.{GROUP}]
-topics = ["{TOPIC}"]
-"""
+def _config(port: int, service_db: str, amqp_url: str, redis_url: str) -> dict[str, Any]:
+    return {
+        "database_url": service_db,
+        "amqp_url": amqp_url,
+        "redis_url": redis_url,
+        "port": port,
+        "exchange": NAMES,
+        "dead_letter_exchange": f"{NAMES}.dlx",
+        "queue_prefix": f"{NAMES}.",
+        "db_pool_size": 20,
+        "max_batch": 1000,
+        "checkback": {"after": 600.0},
+        "redelivery": {"ack_timeout": 600.0},
+        "fallback": {
+            "namespace": NAMES,
+            "shards": 32,
+            "failure_threshold": 10,
+            "probe_interval": 3600.0,
+        },
+        "producers": {"bench": {"check_url": "http://127.0.0.1:9/check-back"}},
+        "groups": {GROUP: {"topics": [TOPIC]}},
+    }
 
 
 @asynccontextmanager
@@ -88,9 +82,8 @@ async def service(
     await _drop(service_db)
     await migrate(service_db)
     await _drop_queues(amqp_url)
-    port = _free_port()
-    config = run_dir / "bench.toml"
-    config.write_text(_config(port, service_db, amqp_url, redis_url))
+    port = free_port()
+    config = write_config(run_dir / "bench.toml", _config(port, service_db, amqp_url, redis_url))
     tokens = {k: secrets.token_hex(16) for k in ("producer", "group", "admin")}
     env = {
         **os.environ,
@@ -99,19 +92,16 @@ async def service(
         "RMSG_ADMIN_TOKEN": tokens["admin"],
         "RMSG_LOG_LEVEL": "warning",
     }
-    with (run_dir / "service.log").open("wb") as log:
-        proc = await asyncio.create_subprocess_exec(
-            *[sys.executable, "-m", "reliable_msg", "--config", str(config), "serve"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    log = run_dir / "service.log"
+    log.unlink(missing_ok=True)  # this service's log only, not the previous runs' too
+    process = Process("service", serve_argv(config), env, log)
+    process.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        await _wait_ready(url, proc)
+        await wait_ready(url, process, within=STARTUP)
         yield Service(
             url,
-            proc.pid,
+            process.pid,
             tokens["producer"],
             tokens["group"],
             tokens["admin"],
@@ -120,36 +110,7 @@ async def service(
             service_db,
         )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 15)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-
-
-async def _wait_ready(url: str, proc: asyncio.subprocess.Process) -> None:
-    async with aiohttp.ClientSession() as session:
-        for _ in range(300):
-            if proc.returncode is not None:
-                raise RuntimeError("the service exited at start-up; see service.log")
-            try:
-                async with session.get(f"{url}/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError("the service did not become ready")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        await asyncio.to_thread(stop, [process], GRACE)
 
 
 async def _drop_queues(amqp_url: str) -> None:
@@ -321,7 +282,7 @@ async def run_path(
         await watch.close()
         # Also after a failed run: a consumer left behind would take the next run's
         # messages, and its connections.
-        await _stop(consumer, *procs)
+        await stop_gracefully(consumer, *procs, grace=GRACE)
     await progress
     sent: dict[str, list[float]] = {}
     for out in outs:
@@ -360,20 +321,6 @@ async def _watch_from(start_at: float, watch: CpuWatch, pids: dict[int, str]) ->
     """Start counting CPU at ``start_at``: the processes' start-up is not the run's."""
     await asyncio.sleep(max(0.0, start_at - time.time()))
     await watch.start(pids)
-
-
-async def _stop(*procs: asyncio.subprocess.Process) -> None:
-    """SIGTERM to each process still running (a consumer finishes and acks what it has),
-    SIGKILL to any still there 15 s later."""
-    running = [p for p in procs if p.returncode is None]
-    for proc in running:
-        proc.send_signal(signal.SIGTERM)
-    for proc in running:
-        try:
-            await asyncio.wait_for(proc.wait(), 15)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
 
 
 def _shares(messages: int, producers: int, batch: int) -> list[int]:
@@ -439,7 +386,3 @@ async def degrade(svc: Service, on: bool) -> None:
             await switch.clear("bench: done")
     finally:
         await redis.aclose()
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex

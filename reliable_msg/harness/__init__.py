@@ -1,0 +1,5 @@
+"""What the tools share and the service never runs: free ports, config files, service
+processes started, awaited and stopped, and a TCP proxy that injects network faults.
+
+Used by the tests, the demo, the soak run and ``reliable-msg bench`` (hence in the wheel).
+"""
