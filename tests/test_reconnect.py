@@ -21,13 +21,13 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from aio_pika.abc import AbstractIncomingMessage
 from aiohttp import web
 
 from reliable_msg.harness.proxy import FaultProxy
 from reliable_msg.sdk import consumer as consumer_sdk
 from reliable_msg.sdk.client import RetryPolicy
-from reliable_msg.sdk.consumer import Consumer
+from reliable_msg.sdk.consumer import Consumer, Poison, Received, Source
+from reliable_msg.sdk.consumer.amqp import AmqpSource
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.redis import shard_keys
 from reliable_msg.transports.switch import Mode, Switch
@@ -114,9 +114,10 @@ class ObservedConsumer(Consumer):
     via_amqp: list[str]
     modes: list[Mode]
 
-    async def _process_amqp(self, message: AbstractIncomingMessage) -> None:
-        self.via_amqp.append(message.message_id or "")
-        await super()._process_amqp(message)
+    async def consume(self, message: Received | Poison, source: Source) -> None:
+        if isinstance(source, AmqpSource):
+            self.via_amqp.append(message.id)
+        await super().consume(message, source)
 
     def set_mode(self, mode: Mode) -> None:
         if mode is not self.mode:

@@ -23,7 +23,7 @@ import asyncpg
 import uvloop
 
 from reliable_msg.sdk.client import RetryPolicy, ServiceClient
-from reliable_msg.sdk.consumer import Consumer, Received
+from reliable_msg.sdk.consumer import Consumer, Poison, Received, Source
 from reliable_msg.sdk.producer import Outgoing, Producer
 
 RETRY = RetryPolicy(attempts=10, initial=0.05, max_wait=1.0, deadline=60.0)
@@ -53,9 +53,10 @@ class _TimedConsumer(Consumer):
     #: Per message: when it arrived (from RabbitMQ or Redis), and when its handler started.
     times: dict[str, list[float]]
 
-    async def process(self, received: Received, finish: Any) -> None:
-        self.times.setdefault(received.id, [time.time()])
-        await super().process(received, finish)
+    async def consume(self, message: Received | Poison, source: Source) -> None:
+        if isinstance(message, Received):
+            self.times.setdefault(message.id, [time.time()])
+        await super().consume(message, source)
 
 
 async def produce(spec: dict[str, Any]) -> dict[str, list[float]]:
