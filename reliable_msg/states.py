@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from reliable_msg.errors import ReliableMsgError
+
 
 class MessageStatus(StrEnum):
     #: Stored by prepare; the producer's local transaction has not reported yet.
@@ -57,7 +59,7 @@ DELIVERY_TRANSITIONS: dict[tuple[DeliveryStatus, DeliveryStatus], str] = {
 FINAL: frozenset[MessageStatus] = frozenset({M.DONE, M.CANCELLED})
 
 
-class IllegalTransition(ValueError):
+class IllegalTransition(ReliableMsgError):
     """A move that the tables above do not allow; a programming error."""
 
 

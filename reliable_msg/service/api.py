@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reliable_msg.errors import (
     BadRequest,
+    Code,
     PayloadTooLarge,
     RateLimited,
     ReliableMsgError,
@@ -245,7 +246,7 @@ def _routes() -> tuple[Any, Any]:  # noqa: C901 - a flat list of small route fun
         group: GroupName | None = None,
     ) -> RequeuedOut:
         if group is not None and group not in _runtime(request).settings.groups:
-            raise Unprocessable(f"no consumer group {group!r}", code="unknown_group")
+            raise Unprocessable(f"no consumer group {group!r}", code=Code.UNKNOWN_GROUP)
         done = await service.requeue_all(topic, group)
         return RequeuedOut(requeued=done.requeued, refused=done.refused)
 
@@ -292,7 +293,7 @@ def _check_batch(request: Request, ids: Sequence[str]) -> None:
     if len(ids) > limit:
         raise PayloadTooLarge(f"a batch holds at most {limit} items; this one has {len(ids)}")
     if len(set(ids)) != len(ids):
-        raise Unprocessable("a batch names the same id twice", code="duplicate_id")
+        raise Unprocessable("a batch names the same id twice", code=Code.DUPLICATE_ID)
 
 
 def _raise_or(result: T | ReliableMsgError, kind: type[T]) -> T:
@@ -371,21 +372,29 @@ def _decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
         # in UTC here, so that a date out of range fails here rather than in asyncpg
         return datetime.fromisoformat(at).astimezone(UTC), id
     except (ValueError, TypeError, OverflowError) as exc:
-        raise BadRequest("cursor is not one this service handed out", code="bad_cursor") from exc
+        raise BadRequest("cursor is not one this service handed out", code=Code.BAD_CURSOR) from exc
 
 
 # -- errors ------------------------------------------------------------------------------
 
 
 def error_response(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    error: ReliableMsgError, headers: Mapping[str, str] | None = None, *, status: int | None = None
 ) -> JSONResponse:
+    """The answer for ``error``: its code and message, with its status unless ``status``."""
+    status = error.status if status is None else status
     headers = dict(headers or {})
     if status == 503:
         headers["Retry-After"] = "1"
     return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+        {"error": {"code": error.code, "message": error.message}},
+        status_code=status,
+        headers=headers,
     )
+
+
+#: The codes of the errors the HTTP framework raises by status (any other is ``http_error``).
+_FRAMEWORK_CODES = {404: Code.NOT_FOUND, 405: Code.METHOD_NOT_ALLOWED}
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -394,31 +403,36 @@ def _install_error_handlers(app: FastAPI) -> None:
         headers = None
         if isinstance(exc, RateLimited):
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
-        return error_response(exc.status, exc.code, exc.message, headers)
+        return error_response(exc, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            return error_response(400, "invalid_json", "the request body is not valid JSON")
+            return error_response(_not_json())
         problems = "; ".join(_describe(e) for e in errors[:10])
-        return error_response(422, "invalid_request", problems)
+        return error_response(Unprocessable(problems, code=Code.INVALID_REQUEST))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI could not read the body: not UTF-8, too deep
-            return error_response(400, "invalid_json", "the request body is not valid JSON")
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+            return error_response(_not_json())
+        code = _FRAMEWORK_CODES.get(exc.status_code, Code.HTTP_ERROR)
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             # Every method of the path, not just those of the first route that matched it.
             headers["Allow"] = ", ".join(_allowed_methods(request))
-        return error_response(exc.status_code, code, str(exc.detail), headers)
+        error = code.error(str(exc.detail), code=code)
+        return error_response(error, headers, status=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error_response(500, "internal", "internal error; see the service log")
+        return error_response(ReliableMsgError("internal error; see the service log"))
+
+
+def _not_json() -> BadRequest:
+    return BadRequest("the request body is not valid JSON", code=Code.INVALID_JSON)
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -481,5 +495,5 @@ class BodyLimit:
         return f"request body over {self.limit} bytes"
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, PayloadTooLarge.code, self._text())
+        response = error_response(PayloadTooLarge(self._text()))
         await response(scope, receive, send)
