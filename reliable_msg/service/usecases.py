@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from reliable_msg.errors import (
+    TRANSIENT,
     BrokerError,
     BrokerUnavailable,
     Code,
@@ -298,7 +299,7 @@ class MessageService:
             done = await self._requeue_batch(ids=None, topic=topic, group=group, after=after)
             total += len(done.resent) + len(done.rechecked)
             refused += done.refused
-            outage = [e for e in done.refused.values() if not isinstance(e, _FOR_GOOD)]
+            outage = [e for e in done.refused.values() if isinstance(e, TRANSIENT)]
             if outage:
                 raise BrokerUnavailable(
                     f"requeue stopped: {outage[0].message} ({total} messages requeued before)"
@@ -339,10 +340,6 @@ class MessageService:
                 extra={"message_id": id},
             )
         return done
-
-
-#: Refusals that no retry mends: the rest are an outage.
-_FOR_GOOD = (Unroutable, Unpublishable)
 
 
 def _unknown(id: str) -> NotFound:
