@@ -173,7 +173,7 @@ class Code(StrEnum):
     NOT_FOUND = "not_found", NotFound  #: no such message, delivery or path
     METHOD_NOT_ALLOWED = "method_not_allowed", MethodNotAllowed  #: see the Allow header
     #: another error the HTTP framework answers, with its own status
-    HTTP_ERROR = "http_error", RequestError
+    HTTP_ERROR = "http_error", BadRequest
     CONFLICT = "conflict", Conflict  #: a move the state machine forbids
     ID_CONFLICT = "id_conflict", Conflict  #: the id exists with another body or producer
     ID_REUSED = "id_reused", Conflict  #: the id's message was purged; ids are never reused

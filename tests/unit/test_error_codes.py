@@ -156,3 +156,9 @@ def test_the_readme_lists_every_code_with_its_status_and_error() -> None:
     for code in Code:
         assert listed[code.value] == (code.status, code.error.__name__), code
     assert len(rows) == len(Code), "a code in the README's table is not in errors.Code"
+
+
+def test_an_answer_without_a_code_goes_by_its_status() -> None:
+    for status, kind in [(400, errors.BadRequest), (404, errors.NotFound), (502, None)]:
+        error = error_of(Code.HTTP_ERROR, "", status)
+        assert type(error) is (kind or errors.ServiceUnavailable), status
