@@ -1,12 +1,14 @@
-"""The one exception tree of reliable-msg.
+"""The one exception tree of reliable-msg, and the error codes of the HTTP API.
 
-    ReliableMsgError
+    ReliableMsgError                500 a bug (``internal``)
     ├── ConfigError                 configuration missing or invalid
+    ├── IllegalTransition           (states) a move the state machine forbids: a bug
     ├── RequestError                the caller asked for something wrong (HTTP 4xx)
     │   ├── BadRequest              400 malformed input
     │   ├── Unauthorized            401 no token or an unknown token
     │   ├── Forbidden               403 a token acting on what it does not own
     │   ├── NotFound                404 unknown message or delivery
+    │   ├── MethodNotAllowed        405 a path that does not take this method
     │   ├── Conflict                409 id reused with another body, or a move the
     │   │                               state machine forbids
     │   ├── PayloadTooLarge         413 body or payload over the limit
@@ -26,12 +28,16 @@
     └── Fenced                      (SDK) a check-back decided "rolled back" before the
                                     producer's transaction could commit
 
-Third-party errors (asyncpg, aiormq, aiohttp) are translated where they are caught and
-chained with ``from exc``.
+Every error carries a :class:`Code`: the string the API answers, which names the HTTP
+status and the error class it stands for, so that the service raises and the SDK client
+re-raises the same error for it. Third-party errors (asyncpg, aiormq, redis, aiohttp) are
+translated where they are caught and chained with ``from exc``; :data:`TRANSIENT` names
+which of ours mean an outage rather than a refusal.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import ClassVar
 
 
@@ -39,22 +45,24 @@ class ReliableMsgError(Exception):
     """Base of every error raised by reliable-msg."""
 
     status: ClassVar[int] = 500
-    code: ClassVar[str] = "internal"
+    #: What the API answers for this error: its class's own code (below) unless raised
+    #: with another of its class's codes. A plain ``str`` only in an SDK, for a code of a
+    #: newer service that the SDK does not know.
+    code: Code | str
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: Code | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
-            self.code = code  # type: ignore[misc]
+            self.code = code
 
 
 class ConfigError(ReliableMsgError):
-    code = "config"
+    pass
 
 
 class RequestError(ReliableMsgError):
     status = 400
-    code = "bad_request"
 
 
 class BadRequest(RequestError):
@@ -63,46 +71,42 @@ class BadRequest(RequestError):
 
 class Unauthorized(RequestError):
     status = 401
-    code = "unauthorized"
 
 
 class Forbidden(RequestError):
     status = 403
-    code = "forbidden"
 
 
 class NotFound(RequestError):
     status = 404
-    code = "not_found"
+
+
+class MethodNotAllowed(RequestError):
+    status = 405
 
 
 class Conflict(RequestError):
     status = 409
-    code = "conflict"
 
 
 class PayloadTooLarge(RequestError):
     status = 413
-    code = "payload_too_large"
 
 
 class Unprocessable(RequestError):
     status = 422
-    code = "unprocessable"
 
 
 class RateLimited(RequestError):
     status = 429
-    code = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: Code | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after = retry_after  #: seconds until a request would be taken
 
 
 class BrokerError(ReliableMsgError):
     status = 503
-    code = "broker_unavailable"
 
 
 class BrokerUnavailable(BrokerError):
@@ -110,126 +114,129 @@ class BrokerUnavailable(BrokerError):
 
 
 class Unroutable(BrokerError):
-    code = "unroutable"
+    pass
 
 
 class Unpublishable(BrokerError):
     """Not an outage and not worth a retry: the message itself cannot go on AMQP."""
 
     status = 422
-    code = "unpublishable"
 
 
 class StoreError(ReliableMsgError):
     status = 503
-    code = "store_unavailable"
 
 
 class FallbackUnavailable(ReliableMsgError):
     """Redis did not answer: raised by the transports for any Redis failure, chained."""
 
     status = 503
-    code = "fallback_unavailable"
 
 
 class CheckBackError(ReliableMsgError):
     status = 502
-    code = "check_back_failed"
 
 
 class ServiceUnavailable(ReliableMsgError):
     status = 503
-    code = "service_unavailable"
 
 
 class Fenced(ReliableMsgError):
     status = 409
-    code = "fenced"
 
 
-#: The error an SDK raises for an HTTP status of the service, when no code is closer.
-BY_STATUS: dict[int, type[ReliableMsgError]] = {
-    400: BadRequest,
-    401: Unauthorized,
-    403: Forbidden,
-    404: NotFound,
-    409: Conflict,
-    413: PayloadTooLarge,
-    422: Unprocessable,
-    429: RateLimited,
-}
+class Code(StrEnum):
+    """Every error code: the string on the wire, and the error it stands for, whose
+    HTTP status it answers with. A batch answers HTTP 200 and gives a failed item only
+    its code, so an item raises the same error in the SDK as a single call."""
 
-#: The error an SDK raises for an error code of the service.
-BY_CODE: dict[str, type[ReliableMsgError]] = {
-    BrokerError.code: BrokerUnavailable,
-    Unroutable.code: Unroutable,
-    StoreError.code: StoreError,
-}
+    error: type[ReliableMsgError]
 
+    def __new__(cls, value: str, error: type[ReliableMsgError]) -> Code:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.error = error
+        return member
 
-#: Every error code the service answers, with the error it stands for. A batch answers
-#: HTTP 200 and gives a failed item only its code: its status comes from here, so that the
-#: SDK raises the same error for an item as for a single call (a unit test checks every
-#: code raised in reliable_msg against this table).
-CODES: dict[str, type[ReliableMsgError]] = {
-    **{code: BadRequest for code in (RequestError.code, "invalid_json", "bad_cursor")},
-    Unauthorized.code: Unauthorized,
-    Forbidden.code: Forbidden,
-    NotFound.code: NotFound,
-    **{
-        code: Conflict
-        for code in (
-            Conflict.code,
-            "id_conflict",
-            "id_reused",
-            "cancelled",
-            "already_sent",
-            "dead",
-            "not_dead",
-            "delivery_dead",
-            "not_sent",
-            "busy",
-            "duplicate_transaction",
-            "message_cancelled",
-        )
-    },
-    Fenced.code: Fenced,
-    PayloadTooLarge.code: PayloadTooLarge,
-    "headers_too_large": PayloadTooLarge,
-    **{
-        code: Unprocessable
-        for code in (
-            Unprocessable.code,
-            "no_subscriber",
-            "unencodable",
-            "unknown_group",
-            "duplicate_id",
-            "invalid_request",
-        )
-    },
-    Unpublishable.code: Unpublishable,
-    RateLimited.code: RateLimited,
-    BrokerError.code: BrokerUnavailable,
-    Unroutable.code: Unroutable,
-    StoreError.code: StoreError,
-    FallbackUnavailable.code: FallbackUnavailable,
-    CheckBackError.code: CheckBackError,
-    ServiceUnavailable.code: ServiceUnavailable,
-    ConfigError.code: ConfigError,
-    ReliableMsgError.code: ReliableMsgError,
-}
+    @property
+    def status(self) -> int:
+        """The HTTP status the service answers with this code."""
+        return self.error.status
+
+    INTERNAL = "internal", ReliableMsgError  #: a bug; the service's log says more
+    CONFIG = "config", ConfigError  #: configuration missing or invalid
+    BAD_REQUEST = "bad_request", BadRequest  #: malformed input
+    INVALID_JSON = "invalid_json", BadRequest  #: the body is not JSON
+    BAD_CURSOR = "bad_cursor", BadRequest  #: a list cursor this service did not hand out
+    UNAUTHORIZED = "unauthorized", Unauthorized  #: no token, an unknown one, or two
+    FORBIDDEN = "forbidden", Forbidden  #: a token of another role, or another producer's
+    NOT_FOUND = "not_found", NotFound  #: no such message, delivery or path
+    METHOD_NOT_ALLOWED = "method_not_allowed", MethodNotAllowed  #: see the Allow header
+    #: another error the HTTP framework answers, with its own status
+    HTTP_ERROR = "http_error", BadRequest
+    CONFLICT = "conflict", Conflict  #: a move the state machine forbids
+    ID_CONFLICT = "id_conflict", Conflict  #: the id exists with another body or producer
+    ID_REUSED = "id_reused", Conflict  #: the id's message was purged; ids are never reused
+    CANCELLED = "cancelled", Conflict  #: confirm of a cancelled message
+    ALREADY_SENT = "already_sent", Conflict  #: cancel of a message already sent
+    DEAD = "dead", Conflict  #: the message died (check-back exhausted, or refused for good)
+    NOT_DEAD = "not_dead", Conflict  #: requeue of a message that is not dead
+    DELIVERY_DEAD = "delivery_dead", Conflict  #: ack of a dead delivery
+    NOT_SENT = "not_sent", Conflict  #: ack of a message not confirmed yet: ack again
+    BUSY = "busy", Conflict  #: ack while the delivery is being moved: ack again
+    #: (SDK) the message was already committed by another local transaction
+    DUPLICATE_TRANSACTION = "duplicate_transaction", Conflict
+    #: (SDK) an earlier transaction with this id rolled back: use a new id
+    MESSAGE_CANCELLED = "message_cancelled", Conflict
+    #: (SDK) a check-back decided "rolled back" before the transaction could commit
+    FENCED = "fenced", Fenced
+    PAYLOAD_TOO_LARGE = "payload_too_large", PayloadTooLarge  #: request body or payload
+    #: the AMQP properties and headers over ``max_header_bytes``
+    HEADERS_TOO_LARGE = "headers_too_large", PayloadTooLarge
+    UNPROCESSABLE = "unprocessable", Unprocessable  #: well-formed but unusable
+    NO_SUBSCRIBER = "no_subscriber", Unprocessable  #: no consumer group takes the topic
+    UNENCODABLE = "unencodable", Unprocessable  #: the headers cannot be encoded for AMQP
+    UNKNOWN_GROUP = "unknown_group", Unprocessable  #: no consumer group of that name
+    DUPLICATE_ID = "duplicate_id", Unprocessable  #: a batch names the same id twice
+    INVALID_REQUEST = "invalid_request", Unprocessable  #: a body or parameter is invalid
+    #: a delivery can never be published (its header over ``frame_max``)
+    UNPUBLISHABLE = "unpublishable", Unpublishable
+    RATE_LIMITED = "rate_limited", RateLimited  #: over the rate limit: see Retry-After
+    BROKER_UNAVAILABLE = "broker_unavailable", BrokerUnavailable  #: RabbitMQ is out
+    UNROUTABLE = "unroutable", Unroutable  #: no queue took the message
+    STORE_UNAVAILABLE = "store_unavailable", StoreError  #: PostgreSQL is out
+    FALLBACK_UNAVAILABLE = "fallback_unavailable", FallbackUnavailable  #: Redis is out
+    #: a producer's check-back endpoint gave no usable answer
+    CHECK_BACK_FAILED = "check_back_failed", CheckBackError
+    SERVICE_UNAVAILABLE = "service_unavailable", ServiceUnavailable  #: (SDK) after retries
 
 
-def status_of(code: str) -> int:
-    """The HTTP status an error code stands for (503 for a code this version does not
-    know: retried, then left to check-back, rather than taken for final)."""
-    kind = CODES.get(code)
-    return kind.status if kind is not None else 503
+# Each class's own code: the one it carries when raised without ``code=``.
+ReliableMsgError.code = Code.INTERNAL
+ConfigError.code = Code.CONFIG
+RequestError.code = Code.BAD_REQUEST
+Unauthorized.code = Code.UNAUTHORIZED
+Forbidden.code = Code.FORBIDDEN
+NotFound.code = Code.NOT_FOUND
+MethodNotAllowed.code = Code.METHOD_NOT_ALLOWED
+Conflict.code = Code.CONFLICT
+PayloadTooLarge.code = Code.PAYLOAD_TOO_LARGE
+Unprocessable.code = Code.UNPROCESSABLE
+RateLimited.code = Code.RATE_LIMITED
+BrokerError.code = Code.BROKER_UNAVAILABLE
+Unroutable.code = Code.UNROUTABLE
+Unpublishable.code = Code.UNPUBLISHABLE
+StoreError.code = Code.STORE_UNAVAILABLE
+FallbackUnavailable.code = Code.FALLBACK_UNAVAILABLE
+CheckBackError.code = Code.CHECK_BACK_FAILED
+ServiceUnavailable.code = Code.SERVICE_UNAVAILABLE
+Fenced.code = Code.FENCED
 
-
-def from_response(status: int, code: str, message: str) -> ReliableMsgError:
-    """The exception matching an error answer of the service."""
-    kind = BY_CODE.get(code) or BY_STATUS.get(status)
-    if kind is None:
-        kind = ServiceUnavailable if status >= 500 else RequestError
-    return kind(message, code=code)
+#: Our errors that mean an outage rather than a refusal: the same call may succeed later.
+#: (The third-party errors behind them stay private to the adapter that translates them.)
+TRANSIENT: tuple[type[ReliableMsgError], ...] = (
+    BrokerUnavailable,
+    StoreError,
+    FallbackUnavailable,
+    ServiceUnavailable,
+)

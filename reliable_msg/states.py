@@ -26,6 +26,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Generic, TypeVar
 
+from reliable_msg.errors import ReliableMsgError
+
 
 class MessageStatus(StrEnum):
     #: Stored by prepare; the producer's local transaction has not reported yet.
@@ -143,7 +145,7 @@ DELIVERY_TRANSITIONS: dict[tuple[DeliveryStatus, DeliveryStatus], str] = {
 FINAL: frozenset[MessageStatus] = frozenset({M.DONE, M.CANCELLED})
 
 
-class IllegalTransition(ValueError):
+class IllegalTransition(ReliableMsgError):
     """A move that the tables above do not allow; a programming error."""
 
 

@@ -30,17 +30,44 @@ from tenacity import (
 )
 
 from reliable_msg.errors import (
-    BrokerError,
+    TRANSIENT,
+    BadRequest,
+    Code,
+    Conflict,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
     RateLimited,
     ReliableMsgError,
+    RequestError,
     ServiceUnavailable,
-    StoreError,
-    from_response,
-    status_of,
+    Unauthorized,
+    Unprocessable,
+    Unroutable,
 )
 
-#: Failures worth another try of the same call.
-TRANSIENT = (ServiceUnavailable, BrokerError, StoreError, RateLimited)
+#: Failures worth another try of the same call: an outage, a broker that had no queue
+#: for the message yet, and the rate limit.
+RETRIED: tuple[type[ReliableMsgError], ...] = (*TRANSIENT, Unroutable, RateLimited)
+
+_CODES = {str(code): code for code in Code}
+
+#: The error for an HTTP status of the service, when its code is one this SDK does not know.
+_BY_STATUS: dict[int, type[ReliableMsgError]] = {
+    kind.status: kind
+    for kind in (
+        BadRequest,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        MethodNotAllowed,
+        Conflict,
+        PayloadTooLarge,
+        Unprocessable,
+        RateLimited,
+    )
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +171,7 @@ class ServiceClient:
                     multiplier=policy.initial, max=policy.max_wait, jitter=policy.initial
                 )
             ),
-            retry=retry_if_exception_type(TRANSIENT),
+            retry=retry_if_exception_type(RETRIED),
             reraise=True,
         )
         async for attempt in retrying:
@@ -168,10 +195,10 @@ class ServiceClient:
         error = answer.get("error")
         if not isinstance(error, dict):
             error = {}
-        raised = from_response(
-            status,
-            str(error.get("code", "http_error")),
+        raised = error_of(
+            str(error.get("code", Code.HTTP_ERROR)),
             str(error.get("message", f"{method} {path} answered HTTP {status}")),
+            status,
         )
         if isinstance(raised, RateLimited) and retry_after and retry_after.isdigit():
             raised.retry_after = float(retry_after)
@@ -192,6 +219,26 @@ class _RetryAfter:
         return wait
 
 
+def error_of(code: str, message: str, status: int | None = None) -> ReliableMsgError:
+    """The error an answer of the service stands for: its code's, when this SDK knows
+    the code (and the answer's ``status``, if any, agrees); else its status's. A batch
+    item has no status of its own: with a code this SDK does not know, it is taken for
+    an outage (503), retried and then left to check-back rather than taken for final."""
+    known = _CODES.get(code)
+    kind: type[ReliableMsgError]
+    if known is not None and status in (None, known.status):
+        kind = known.error
+    elif status is None or status >= 500:
+        kind = ServiceUnavailable
+    else:
+        kind = _BY_STATUS.get(status, RequestError)
+    if kind.status >= 500 and not issubclass(kind, RETRIED):
+        kind = ServiceUnavailable  # a fault of the service: all a client can do is retry
+    error = kind(message)
+    error.code = known if known is not None else code
+    return error
+
+
 def _json(raw: bytes) -> dict[str, Any]:
     try:
         value = json.loads(raw) if raw else {}
@@ -210,9 +257,7 @@ def _items(answer: dict[str, Any]) -> list[ItemResult]:
                 ok=bool(item["ok"]),
                 status=item.get("status"),
                 created=item.get("created"),
-                error=from_response(status_of(error["code"]), error["code"], error["message"])
-                if error
-                else None,
+                error=error_of(error["code"], error["message"]) if error else None,
                 done_at=datetime.fromisoformat(item["done_at"]) if item.get("done_at") else None,
             )
         )

@@ -36,9 +36,9 @@ import asyncpg
 from fastapi import APIRouter, Header, HTTPException
 from pydantic import BaseModel
 
-from reliable_msg.errors import Conflict, Fenced, ReliableMsgError
+from reliable_msg.errors import Code, Conflict, Fenced, ReliableMsgError
 from reliable_msg.message import HeaderValue
-from reliable_msg.sdk.client import TRANSIENT, ItemResult, RetryPolicy, ServiceClient
+from reliable_msg.sdk.client import RETRIED, ItemResult, RetryPolicy, ServiceClient
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,13 @@ async def _final_markers(client: ServiceClient, rows: list[asyncpg.Record]) -> l
     fenced = [r["message_id"] for r in rows if r["state"] == "rolled_back"]
     final = []
     if committed:
-        final += _settled(await client.confirm_many(committed), {"cancelled", "not_found"})
+        final += _settled(await client.confirm_many(committed), {Code.CANCELLED, Code.NOT_FOUND})
     if fenced:
-        final += _settled(await client.cancel_many(fenced), {"not_found"})
+        final += _settled(await client.cancel_many(fenced), {Code.NOT_FOUND})
     return final
 
 
-def _settled(items: list[ItemResult], final_errors: set[str]) -> list[str]:
+def _settled(items: list[ItemResult], final_errors: set[Code]) -> list[str]:
     return [i.id for i in items if i.ok or (i.error is not None and i.error.code in final_errors)]
 
 
@@ -239,7 +239,7 @@ class Producer:
             # Another transaction committed these messages: they are its, not ours to cancel.
             return Conflict(
                 f"messages {committed} were already committed by another transaction",
-                code="duplicate_transaction",
+                code=Code.DUPLICATE_TRANSACTION,
             )
         await self._cancel_quietly(ids)
         return Fenced(
@@ -270,11 +270,11 @@ class Producer:
                 await self.client.confirm(ids[0])
                 return True
             items = await self.client.confirm_many(ids)
-        except TRANSIENT as exc:
+        except RETRIED as exc:
             _not_confirmed(ids, exc)
             return False
         failed = [i for i in items if i.error is not None]
-        later = [i for i in failed if isinstance(i.error, TRANSIENT)]
+        later = [i for i in failed if isinstance(i.error, RETRIED)]
         if later:
             _not_confirmed([i.id for i in later], later[0].error)
         # An item refused for good (dead, say) is raised, not left to check-back.
@@ -314,17 +314,17 @@ def _refuse_decided(statuses: dict[str, Any]) -> None:
         raise Conflict(
             f"messages {cancelled} were cancelled: an earlier transaction with these ids"
             " rolled back; use new ids",
-            code="message_cancelled",
+            code=Code.MESSAGE_CANCELLED,
         )
     sent = sorted(i for i, s in statuses.items() if s not in ("pending", "cancelled"))
     if sent:
         raise Conflict(
             f"messages {sent} were already committed by another transaction",
-            code="duplicate_transaction",
+            code=Code.DUPLICATE_TRANSACTION,
         )
 
 
-class _MarkerTaken(Exception):
+class _MarkerTaken(ReliableMsgError):
     """A marker with one of this transaction's ids exists already."""
 
 
@@ -336,7 +336,7 @@ async def _write_markers(conn: Conn, ids: list[str]) -> None:
             ids,
         )
     except asyncpg.UniqueViolationError as exc:
-        raise _MarkerTaken(ids) from exc
+        raise _MarkerTaken(f"a marker of {ids} exists already") from exc
 
 
 async def _rollback(tx: asyncpg.transaction.Transaction) -> None:

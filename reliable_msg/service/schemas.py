@@ -140,11 +140,6 @@ class IdsIn(_In):
     ids: list[MessageId] = Field(min_length=1)
 
 
-class RequeueIn(_In):
-    topic: Topic | None = None
-    group: str | None = None
-
-
 class ErrorBody(BaseModel):
     code: str
     message: str

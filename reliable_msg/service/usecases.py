@@ -17,8 +17,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from reliable_msg.errors import (
+    TRANSIENT,
     BrokerError,
     BrokerUnavailable,
+    Code,
     Conflict,
     Forbidden,
     NotFound,
@@ -102,7 +104,7 @@ class MessageService:
         groups = self._settings.subscribers_cached(message.topic)
         if not groups:
             raise Unprocessable(
-                f"no consumer group subscribes to topic {message.topic!r}", code="no_subscriber"
+                f"no consumer group subscribes to topic {message.topic!r}", code=Code.NO_SUBSCRIBER
             )
         return groups
 
@@ -122,13 +124,13 @@ class MessageService:
         try:
             size = self._broker.header_bytes(first)
         except Unpublishable as exc:
-            raise Unprocessable(exc.message, code="unencodable") from exc
+            raise Unprocessable(exc.message, code=Code.UNENCODABLE) from exc
         limit = self._settings.max_header_bytes
         if size > limit:
             raise PayloadTooLarge(
                 f"headers and properties take {size} bytes encoded for AMQP; the limit is "
                 f"{limit} (max_header_bytes)",
-                code="headers_too_large",
+                code=Code.HEADERS_TOO_LARGE,
             )
 
     @staticmethod
@@ -136,7 +138,7 @@ class MessageService:
         if same:
             return Prepared(existing, created=False)
         return Conflict(
-            f"message {existing.id!r} already exists with another body", code="id_conflict"
+            f"message {existing.id!r} already exists with another body", code=Code.ID_CONFLICT
         )
 
     async def confirm(self, producer: str | None, ids: Sequence[str]) -> list[Result]:
@@ -197,11 +199,11 @@ class MessageService:
         if m.status is M.PENDING:
             return refusal or BrokerUnavailable("the broker did not take the message")
         if m.status is M.CANCELLED:
-            return Conflict(f"message {m.id!r} was cancelled", code="cancelled")
+            return Conflict(f"message {m.id!r} was cancelled", code=Code.CANCELLED)
         if m.status is M.DEAD and died_from(m.sent_at) is M.PENDING:
             why = m.last_error if m.refusals else "check-back exhausted"
             return Conflict(
-                f"message {m.id!r} is dead: {why}; an admin can requeue it", code="dead"
+                f"message {m.id!r} is dead: {why}; an admin can requeue it", code=Code.DEAD
             )
         return m
 
@@ -221,8 +223,8 @@ class MessageService:
         if moved or m.status is M.CANCELLED:
             return m
         if m.status is M.DEAD and died_from(m.sent_at) is M.PENDING:
-            return Conflict(f"message {id!r} is dead: check-back exhausted", code="dead")
-        return Conflict(f"message {id!r} was already sent", code="already_sent")
+            return Conflict(f"message {id!r} is dead: check-back exhausted", code=Code.DEAD)
+        return Conflict(f"message {id!r} was already sent", code=Code.ALREADY_SENT)
 
     # -- consumer --------------------------------------------------------------------
 
@@ -284,7 +286,7 @@ class MessageService:
         if m is None:
             raise _unknown(id)
         if not done.selected:
-            raise Conflict(f"message {id!r} is {m.status}, not dead", code="not_dead")
+            raise Conflict(f"message {id!r} is {m.status}, not dead", code=Code.NOT_DEAD)
         return m
 
     async def requeue_all(self, topic: str | None, group: str | None) -> BulkRequeued:
@@ -296,7 +298,7 @@ class MessageService:
             done = await self._requeue_batch(ids=None, topic=topic, group=group, after=after)
             total += len(done.resent) + len(done.rechecked)
             refused += done.refused
-            outage = [e for e in done.refused.values() if not isinstance(e, _FOR_GOOD)]
+            outage = [e for e in done.refused.values() if isinstance(e, TRANSIENT)]
             if outage:
                 raise BrokerUnavailable(
                     f"requeue stopped: {outage[0].message} ({total} messages requeued before)"
@@ -347,9 +349,6 @@ class MessageService:
 #: Rows one statement of an operator's purge deletes.
 PURGE_BATCH = 1000
 
-#: Refusals that no retry mends: the rest are an outage.
-_FOR_GOOD = (Unroutable, Unpublishable)
-
 
 def _unknown(id: str) -> NotFound:
     return NotFound(f"no message {id!r}")
@@ -358,7 +357,7 @@ def _unknown(id: str) -> NotFound:
 def _reused(id: str) -> Conflict:
     return Conflict(
         f"message id {id!r} was used by a message that is now purged; an id is never reused",
-        code="id_reused",
+        code=Code.ID_REUSED,
     )
 
 
@@ -377,12 +376,12 @@ def _explain_ack(
     if delivery_status is D.DEAD:
         return Conflict(
             f"delivery of {id!r} to {group!r} is dead; an admin can requeue it",
-            code="delivery_dead",
+            code=Code.DELIVERY_DEAD,
         )
     if message_status is M.PENDING:
-        return Conflict(f"message {id!r} is not confirmed yet", code="not_sent")
+        return Conflict(f"message {id!r} is not confirmed yet", code=Code.NOT_SENT)
     if delivery_status is D.SENT:
-        return Conflict(f"delivery of {id!r} is busy; ack again", code="busy")
+        return Conflict(f"delivery of {id!r} is busy; ack again", code=Code.BUSY)
     return NotFound(f"message {id!r} has no delivery to group {group!r}")
 
 

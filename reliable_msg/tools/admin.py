@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from reliable_msg.errors import Unprocessable
+from reliable_msg.errors import Code, Unprocessable
 from reliable_msg.message import Message, Transition
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
@@ -123,7 +123,7 @@ async def requeue_group(
     """Requeue every dead message of ``group`` (and ``topic``) once ``confirm`` agrees
     for the number of dead deliveries the group has."""
     if group not in settings.groups:
-        raise Unprocessable(f"no consumer group {group!r}", code="unknown_group")
+        raise Unprocessable(f"no consumer group {group!r}", code=Code.UNKNOWN_GROUP)
     async with opened(settings, broker=True) as runtime:
         dead = (await runtime.service.stats())["groups"].get(group, {}).get("dead", 0)
         if not dead:
