@@ -74,6 +74,8 @@ async def confirm_refused(
     for _ in range(settings.fallback.failure_threshold + 1):
         r = await api.post("/v1/messages/both-down/confirm", headers=auth(PRODUCER))
         assert r.status_code == 503, r.text
+        # RabbitMQ's outage is why it is not published; Redis only failed to stand in.
+        assert r.json()["error"]["code"] == "broker_unavailable", r.text
     status = await db.fetchval("SELECT status FROM rmsg_message WHERE id = 'both-down'")
     assert status == "pending"
 

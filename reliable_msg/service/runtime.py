@@ -12,7 +12,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from reliable_msg.aio import stop_task
-from reliable_msg.errors import ReliableMsgError
+from reliable_msg.errors import FallbackUnavailable, ReliableMsgError
 from reliable_msg.metrics import FALLBACK_DEAD, FALLBACK_DEPTH
 from reliable_msg.service.auth import Authenticator
 from reliable_msg.service.checkback import CheckBackClient
@@ -23,7 +23,7 @@ from reliable_msg.service.store import PgStore
 from reliable_msg.service.usecases import MessageService
 from reliable_msg.transports.publisher import SwitchingPublisher
 from reliable_msg.transports.rabbitmq import RabbitBroker
-from reliable_msg.transports.redis import REDIS_ERRORS, FallbackWriter
+from reliable_msg.transports.redis import FallbackWriter, ping
 from reliable_msg.transports.switch import Mode, Switch
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class Runtime:
                 await self.switch.refresh()
                 if self.fallback is not None:
                     await self.fallback.record_shards()
-            except REDIS_ERRORS as exc:
+            except FallbackUnavailable as exc:
                 log.warning("Redis unreachable at start-up (%s); switch assumed normal", exc)
             self._watch = asyncio.create_task(self.switch.watch())
         await self.broker.rabbit.start()
@@ -163,7 +163,7 @@ class Runtime:
                     report["history"] = await self.switch.history(READY_HISTORY)
                     report["fallback_depth"] = await self._depths()
                     report["fallback_dead"] = await self._dead()
-            except (*REDIS_ERRORS, TimeoutError) as exc:
+            except (FallbackUnavailable, TimeoutError) as exc:
                 log.debug("readiness: no switch history or depth (%s)", exc)
         return report
 
@@ -199,7 +199,7 @@ class Runtime:
             report["history"] = await self.switch.history()
             report["fallback_depth"] = await self._depths()
             report["fallback_dead"] = await self._dead()
-        except REDIS_ERRORS as exc:
+        except FallbackUnavailable as exc:
             report["fallback_error"] = str(exc)
         return report
 
@@ -230,7 +230,7 @@ class Runtime:
     async def _probe_redis(self) -> str:
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
-                await self.redis.ping()
-        except REDIS_ERRORS as exc:
+                await ping(self.redis)
+        except (FallbackUnavailable, TimeoutError) as exc:
             return f"unavailable: {exc}"
         return "ok"

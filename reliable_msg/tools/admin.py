@@ -19,12 +19,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from reliable_msg.errors import Unprocessable
+from reliable_msg.errors import FallbackUnavailable, Unprocessable
 from reliable_msg.message import Message, Transition
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.states import MessageStatus
-from reliable_msg.transports.redis import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ async def opened(settings: Settings, *, broker: bool = False) -> AsyncIterator[R
         if runtime.switch is not None:
             try:
                 await runtime.switch.refresh()
-            except REDIS_ERRORS as exc:
+            except FallbackUnavailable as exc:
                 log.warning("Redis unreachable (%s); switch assumed normal", exc)
         if broker:
             await runtime.broker.rabbit.start()

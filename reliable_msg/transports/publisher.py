@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from reliable_msg.errors import BrokerError, BrokerUnavailable
+from reliable_msg.errors import BrokerError, BrokerUnavailable, FallbackUnavailable
 from reliable_msg.message import Outgoing
 from reliable_msg.transports.rabbitmq import RabbitBroker
 from reliable_msg.transports.redis import FallbackWriter
@@ -88,7 +88,7 @@ class SwitchingPublisher:
         )
         try:
             await self._switch.trip(reason)
-        except Exception as exc:  # Redis down too: stay in normal mode, report the failure
+        except FallbackUnavailable as exc:  # Redis down too: stay in normal mode, say so
             log.error("could not trip the degradation switch: %s", exc)
             return False
         return True
@@ -99,8 +99,12 @@ class SwitchingPublisher:
             return {o.id: error for o in outs}
         try:
             await self._fallback.write(outs)
-        except BrokerError as exc:
-            return {o.id: exc for o in outs}
+        except FallbackUnavailable as exc:
+            # Not published, and the reason is RabbitMQ's outage (the switch says so):
+            # an outage refusal like any other, with the Redis failure as its cause.
+            error = BrokerUnavailable(f"RabbitMQ is down and so is the Redis fallback: {exc}")
+            error.__cause__ = exc
+            return {o.id: error for o in outs}
         return {}
 
     async def probe(self) -> bool:
