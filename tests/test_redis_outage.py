@@ -140,7 +140,7 @@ async def test_redis_away_while_degraded_and_back_loses_nothing(
                 running = asyncio.create_task(consumer.run(handle_signals=False))
                 try:
                     with rabbit.stopped():
-                        await wait_until(lambda: not rt.broker.connected, within=15)
+                        await wait_until(lambda: not rt.publisher.connected, within=15)
                         for id in in_redis:
                             async with pool.acquire() as conn:
                                 async with producer.transaction(

@@ -1,4 +1,4 @@
-"""The narrow interfaces the use-cases need; adapters in store.py and broker.py."""
+"""The narrow interfaces the use-cases need; adapters in store.py and transports/."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from reliable_msg.service.settings import Settings
 from reliable_msg.service.store import PgStore
 from reliable_msg.service.usecases import MessageService
 from reliable_msg.transports.publisher import SwitchingPublisher
-from reliable_msg.transports.rabbitmq import RabbitBroker
+from reliable_msg.transports.rabbitmq import RabbitMQ
 from reliable_msg.transports.redis import FallbackWriter, ping
 from reliable_msg.transports.switch import Mode, Switch
 
@@ -47,7 +47,7 @@ class Runtime:
         self,
         settings: Settings,
         store: PgStore,
-        rabbit: RabbitBroker,
+        rabbit: RabbitMQ,
         checkback: CheckBackClient,
         redis: aioredis.Redis,
         *,
@@ -76,13 +76,13 @@ class Runtime:
             if fb.enabled
             else None
         )
-        self.broker = SwitchingPublisher(
+        self.publisher = SwitchingPublisher(
             rabbit, self.fallback, self.switch, failure_threshold=fb.failure_threshold
         )
-        self.service = MessageService(settings, store, self.broker)
+        self.service = MessageService(settings, store, self.publisher)
         self.checkback_client = checkback
         self.checkback = CheckBackScanner(settings, store, self.service, checkback)
-        self.redelivery = RedeliveryScanner(settings, store, self.broker)
+        self.redelivery = RedeliveryScanner(settings, store, self.publisher)
         self.purger = Purger(settings, store)
         self.monitor = Monitor(settings, store)
         self.scanners = (
@@ -91,7 +91,7 @@ class Runtime:
                 self.checkback,
                 self.redelivery,
                 self.purger,
-                self.broker,
+                self.publisher,
                 self.periodic_report,
             )
             if scanners
@@ -108,7 +108,7 @@ class Runtime:
         store = await PgStore.connect(
             settings.database_url, pool_size=settings.db_pool_size, wait=wait_for_store
         )
-        rabbit = RabbitBroker(settings)
+        rabbit = RabbitMQ(settings)
         client = CheckBackClient(settings.checkback)
         redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=PROBE_TIMEOUT)
         run_scanners = settings.scanner.enabled if scanners is None else scanners
@@ -123,7 +123,7 @@ class Runtime:
             except FallbackUnavailable as exc:
                 log.warning("Redis unreachable at start-up (%s); switch assumed normal", exc)
             self._watch = asyncio.create_task(self.switch.watch())
-        await self.broker.rabbit.start()
+        await self.publisher.rabbitmq.start()
         await self.checkback_client.start()
         if self.scanners is not None:
             self.scanners.start()
@@ -139,7 +139,7 @@ class Runtime:
             self.switch.stop()
             await stop_task(self._watch, within=self.settings.fallback.poll_interval + 2)
         await self.checkback_client.close()
-        await self.broker.rabbit.close()
+        await self.publisher.rabbitmq.close()
         await self.redis.aclose()
         await self.store.close()
 
@@ -151,7 +151,7 @@ class Runtime:
         report: dict[str, Any] = {
             "mode": self.mode,
             "postgres": postgres,
-            "rabbitmq": "ok" if self.broker.connected else "disconnected",
+            "rabbitmq": "ok" if self.publisher.connected else "disconnected",
             "redis": redis,
             "history": [],
             "fallback_depth": None,
@@ -189,8 +189,8 @@ class Runtime:
         """Mode, switch history and fallback depth per group, for stats and dashboards."""
         report: dict[str, Any] = {
             "mode": self.mode,
-            "connected": self.broker.connected,
-            "consecutive_failures": self.broker.failures,
+            "connected": self.publisher.connected,
+            "consecutive_failures": self.publisher.failures,
         }
         if self.switch is None or self.fallback is None:
             return report

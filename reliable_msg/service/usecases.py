@@ -1,6 +1,6 @@
 """The use-cases of the service: prepare, confirm, cancel, ack, read, requeue.
 
-Routes and scanners call these; these call the store and the broker through the ports.
+Routes and scanners call these; these call the store and the publisher through the ports.
 Batch forms are the primitive: a single call is a batch of one. Each item of a batch
 gets its own result, a :class:`Message` or the :class:`RequestError` /
 :class:`BrokerError` that explains why it did not move.
@@ -61,10 +61,10 @@ class BulkRequeued:
 
 
 class MessageService:
-    def __init__(self, settings: Settings, store: Store, broker: Publisher) -> None:
+    def __init__(self, settings: Settings, store: Store, publisher: Publisher) -> None:
         self._settings = settings
         self._store = store
-        self._broker = broker
+        self._publisher = publisher
 
     # -- producer --------------------------------------------------------------------
 
@@ -119,7 +119,7 @@ class MessageService:
             attempt=1,
         )
         try:
-            size = self._broker.header_bytes(first)
+            size = self._publisher.header_bytes(first)
         except Unpublishable as exc:
             raise Unprocessable(exc.message, code="unencodable") from exc
         limit = self._settings.max_header_bytes
@@ -147,7 +147,7 @@ class MessageService:
         refusals: dict[str, BrokerError] = {}
 
         async def publish(outs: list[Outgoing]) -> dict[str, BrokerError]:
-            refused = await self._broker.publish_many(outs)
+            refused = await self._publisher.publish_many(outs)
             refusals.update(refused)
             return refused
 
@@ -324,7 +324,7 @@ class MessageService:
             limit=self._settings.scanner.batch,
             after=after,
             ack_timeout=self._settings.redelivery.ack_timeout,
-            publish=self._broker.publish_many,
+            publish=self._publisher.publish_many,
         )
         for id in done.resent:
             log.info("requeued message %s: deliveries republished", id, extra={"message_id": id})

@@ -42,9 +42,9 @@ def parse_age(text: str) -> float:
 
 
 @asynccontextmanager
-async def opened(settings: Settings, *, broker: bool = False) -> AsyncIterator[Runtime]:
+async def opened(settings: Settings, *, rabbitmq: bool = False) -> AsyncIterator[Runtime]:
     """A runtime without scanners, with the switch read from Redis, and connected to
-    RabbitMQ when ``broker`` (it keeps trying in the background if it cannot)."""
+    RabbitMQ when ``rabbitmq`` (it keeps trying in the background if it cannot)."""
     runtime = await Runtime.create(settings, scanners=False)
     try:
         if runtime.switch is not None:
@@ -52,8 +52,8 @@ async def opened(settings: Settings, *, broker: bool = False) -> AsyncIterator[R
                 await runtime.switch.refresh()
             except FallbackUnavailable as exc:
                 log.warning("Redis unreachable (%s); switch assumed normal", exc)
-        if broker:
-            await runtime.broker.rabbit.start()
+        if rabbitmq:
+            await runtime.publisher.rabbitmq.start()
         yield runtime
     finally:
         await runtime.stop()
@@ -105,7 +105,7 @@ async def show(settings: Settings, console: Console, id: str) -> None:
 
 
 async def requeue_one(settings: Settings, console: Console, id: str) -> None:
-    async with opened(settings, broker=True) as runtime:
+    async with opened(settings, rabbitmq=True) as runtime:
         message = await runtime.service.requeue(id)
     what = "check-back starts again" if message.status is MessageStatus.PENDING else "republished"
     console.print(f"requeued {id}: now {message.status} ({what})")
@@ -123,7 +123,7 @@ async def requeue_group(
     for the number of dead deliveries the group has."""
     if group not in settings.groups:
         raise Unprocessable(f"no consumer group {group!r}", code="unknown_group")
-    async with opened(settings, broker=True) as runtime:
+    async with opened(settings, rabbitmq=True) as runtime:
         dead = (await runtime.service.stats())["groups"].get(group, {}).get("dead", 0)
         if not dead:
             console.print(f"group {group} has no dead delivery: nothing to requeue")

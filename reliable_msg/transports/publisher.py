@@ -17,7 +17,7 @@ import logging
 
 from reliable_msg.errors import BrokerError, BrokerUnavailable, FallbackUnavailable
 from reliable_msg.message import Outgoing
-from reliable_msg.transports.rabbitmq import RabbitBroker
+from reliable_msg.transports.rabbitmq import RabbitMQ
 from reliable_msg.transports.redis import FallbackWriter
 from reliable_msg.transports.switch import Switch, SwitchState
 
@@ -27,13 +27,13 @@ log = logging.getLogger(__name__)
 class SwitchingPublisher:
     def __init__(
         self,
-        rabbit: RabbitBroker,
+        rabbitmq: RabbitMQ,
         fallback: FallbackWriter | None,
         switch: Switch | None,
         *,
         failure_threshold: int,
     ) -> None:
-        self.rabbit = rabbit
+        self.rabbitmq = rabbitmq
         self._fallback = fallback
         self._switch = switch
         self._threshold = failure_threshold
@@ -46,14 +46,14 @@ class SwitchingPublisher:
 
     @property
     def connected(self) -> bool:
-        return self.rabbit.connected
+        return self.rabbitmq.connected
 
     @property
     def degraded(self) -> bool:
         return self._switch is not None and self._switch.degraded
 
     def header_bytes(self, out: Outgoing) -> int:
-        return self.rabbit.header_bytes(out)
+        return self.rabbitmq.header_bytes(out)
 
     async def publish(self, out: Outgoing) -> None:
         refused = await self.publish_many([out])
@@ -64,7 +64,7 @@ class SwitchingPublisher:
         """Publish each message; return the ids not taken, with the error."""
         if self.degraded:
             return await self._to_fallback(outs)
-        refused = await self.rabbit.publish_many(outs)
+        refused = await self.rabbitmq.publish_many(outs)
         self._count(len(outs) - len(refused), refused)
         if refused and await self._maybe_trip(refused):
             # Only the outage's failures go to Redis: a refusal keeps its error, so it is
@@ -112,8 +112,8 @@ class SwitchingPublisher:
         if not self.degraded or self._switch is None:
             return False
         try:
-            async with asyncio.timeout(self.rabbit.publish_timeout):
-                await self.rabbit.probe()
+            async with asyncio.timeout(self.rabbitmq.publish_timeout):
+                await self.rabbitmq.probe()
         except (BrokerError, TimeoutError) as exc:
             log.debug("probe failed: %s", exc)
             return False
