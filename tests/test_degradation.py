@@ -63,8 +63,8 @@ async def scheduled(runtime: Runtime) -> AsyncIterator[Runtime]:
         runtime.checkback,
         runtime.redelivery,
         runtime.purger,
-        runtime.publisher,
-        runtime.periodic_report,
+        runtime.degradation.probe,
+        runtime.degradation.periodic_report,
     )
     scanners.start()
     yield runtime
@@ -579,8 +579,8 @@ async def test_readyz_metrics_and_the_report_log_show_the_degraded_mode(
     assert await scrape(client, "rmsg_mode_changes_total", mode="degraded") == changes + 1
     assert await scrape(client, "rmsg_fallback_depth", group="inventory") == 1
 
-    with caplog.at_level(logging.INFO, logger="reliable_msg.service.runtime"):
-        await runtime.periodic_report()
+    with caplog.at_level(logging.INFO, logger="reliable_msg.transports.degradation"):
+        await runtime.degradation.periodic_report()
     [line] = [r for r in caplog.records if "fallback depth" in r.getMessage()]
     assert line.levelno == logging.WARNING
     assert line.getMessage() == (
@@ -590,8 +590,8 @@ async def test_readyz_metrics_and_the_report_log_show_the_degraded_mode(
     assert await runtime.switch.clear("test: over")
     assert await scrape(client, "rmsg_degraded") == 0
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="reliable_msg.service.runtime"):
-        await runtime.periodic_report()
+    with caplog.at_level(logging.INFO, logger="reliable_msg.transports.degradation"):
+        await runtime.degradation.periodic_report()
     [line] = [r for r in caplog.records if "fallback depth" in r.getMessage()]
     assert line.levelno == logging.INFO and "mode normal" in line.getMessage()
 

@@ -70,7 +70,7 @@ async def test_one_failure_after_recovery_trips_no_instance_again(
 
         await proxy.up()
         await wait_until(lambda: a.publisher.connected and b.publisher.connected, within=30)
-        assert await b.publisher.probe()
+        assert await b.degradation.probe()
         await wait_until(lambda: a.switch is not None and not a.switch.degraded, within=5)
 
         # One failure on each after recovery: counted from zero, no trip.

@@ -34,7 +34,6 @@ from reliable_msg.service.ports import Publisher, Store
 from reliable_msg.service.settings import Settings
 from reliable_msg.service.usecases import MessageService
 from reliable_msg.states import D, M
-from reliable_msg.transports.publisher import SwitchingPublisher
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +436,7 @@ class Scanners:
         checkback: CheckBackScanner,
         redelivery: RedeliveryScanner,
         purger: Purger,
-        publisher: SwitchingPublisher,
+        probe: Callable[[], Awaitable[object]],
         report: Callable[[], Awaitable[object]],
     ) -> None:
         self._settings = settings
@@ -448,7 +447,7 @@ class Scanners:
             "checkback": checkback.run_once,
             "redelivery": redelivery.run_once,
             "purge": purger.run_once,
-            "probe": lambda: _as_count(publisher.probe()),
+            "probe": lambda: _as_count(probe()),
             "report": lambda: _as_count(report()),
         }
 

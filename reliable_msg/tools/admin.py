@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from reliable_msg.errors import FallbackUnavailable, Unprocessable
+from reliable_msg.errors import Unprocessable
 from reliable_msg.message import Message, Transition
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
@@ -47,13 +47,9 @@ async def opened(settings: Settings, *, rabbitmq: bool = False) -> AsyncIterator
     RabbitMQ when ``rabbitmq`` (it keeps trying in the background if it cannot)."""
     runtime = await Runtime.create(settings, scanners=False)
     try:
-        if runtime.switch is not None:
-            try:
-                await runtime.switch.refresh()
-            except FallbackUnavailable as exc:
-                log.warning("Redis unreachable (%s); switch assumed normal", exc)
+        await runtime.degradation.read_switch()
         if rabbitmq:
-            await runtime.publisher.rabbitmq.start()
+            await runtime.degradation.rabbitmq.start()
         yield runtime
     finally:
         await runtime.stop()

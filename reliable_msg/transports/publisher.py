@@ -3,8 +3,8 @@ degradation switch is on (DESIGN §6).
 
 It counts consecutive failed publishes (timeouts included); at ``failure_threshold`` it
 trips the shared switch and writes the failed message to the fallback at once, so the
-caller still gets its answer. While degraded, a probe publishes to a probe queue every
-``probe_interval``; its first success clears the switch. The count starts again at every
+caller still gets its answer (clearing the switch is the recovery probe's, in
+:mod:`reliable_msg.transports.degradation`). The count starts again at every
 successful publish and at every change of the switch, whoever flipped it: an instance
 that counted failures before another one tripped the switch must not trip it again at
 its first failure after recovery.
@@ -12,7 +12,6 @@ its first failure after recovery.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from reliable_msg.errors import BrokerError, BrokerUnavailable, FallbackUnavailable
@@ -106,15 +105,3 @@ class SwitchingPublisher:
             error.__cause__ = exc
             return {o.id: error for o in outs}
         return {}
-
-    async def probe(self) -> bool:
-        """While degraded, try RabbitMQ; clear the switch on success. True if cleared."""
-        if not self.degraded or self._switch is None:
-            return False
-        try:
-            async with asyncio.timeout(self.rabbitmq.publish_timeout):
-                await self.rabbitmq.probe()
-        except (BrokerError, TimeoutError) as exc:
-            log.debug("probe failed: %s", exc)
-            return False
-        return await self._switch.clear("probe publish confirmed by RabbitMQ")
