@@ -63,8 +63,8 @@ async def scheduled(runtime: Runtime) -> AsyncIterator[Runtime]:
         runtime.checkback,
         runtime.redelivery,
         runtime.purger,
-        runtime.broker,
-        runtime.periodic_report,
+        runtime.degradation.probe,
+        runtime.degradation.periodic_report,
     )
     scanners.start()
     yield runtime
@@ -213,7 +213,7 @@ async def test_messages_flow_through_redis_during_an_outage_and_back(
         await wait_until(lambda: all_done(sdk_db, before), within=15)
 
         with outage(kind):
-            await wait_until(lambda: not runtime.broker.connected, within=15)
+            await wait_until(lambda: not runtime.publisher.connected, within=15)
             await produce(producer, pool, during)
             assert runtime.switch is not None and runtime.switch.degraded
             history = await runtime.switch.history()
@@ -224,7 +224,7 @@ async def test_messages_flow_through_redis_during_an_outage_and_back(
             assert runtime.switch.degraded, "the switch cleared while RabbitMQ was down"
 
         # The service's own probe job clears the switch: nobody calls probe() here.
-        await wait_until(lambda: not runtime.broker.degraded, within=90, every=0.2)
+        await wait_until(lambda: not runtime.publisher.degraded, within=90, every=0.2)
         await wait_until(lambda: consumer.mode is Mode.NORMAL, within=30)
         await produce(producer, pool, after)
         await wait_until(lambda: all_done(sdk_db, after), within=30)
@@ -479,7 +479,7 @@ async def test_redis_down_while_rabbitmq_down_gives_503_and_completes_after(
             r = await client.post("/v1/messages", json=body, headers=auth(PRODUCER))
             assert r.is_success, r.text
             with rabbit.stopped(), redis_ctl.stopped():
-                await wait_until(lambda: not rt.broker.connected, within=15)
+                await wait_until(lambda: not rt.publisher.connected, within=15)
                 for _ in range(settings.fallback.failure_threshold + 1):
                     r = await client.post("/v1/messages/both-down/confirm", headers=auth(PRODUCER))
                     assert r.status_code == 503, r.text
@@ -514,7 +514,7 @@ async def test_stalled_publishes_time_out_and_trip_the_switch_at_the_threshold(
                 transport=httpx.ASGITransport(app=create_app(rt)), base_url="http://rmsg"
             ) as client,
         ):
-            await wait_until(lambda: rt.broker.connected, within=15)
+            await wait_until(lambda: rt.publisher.connected, within=15)
             assert rt.switch is not None
             statuses = []
             proxy.stall()
@@ -525,7 +525,7 @@ async def test_stalled_publishes_time_out_and_trip_the_switch_at_the_threshold(
                     assert r.is_success, r.text
                     if i == settings.fallback.failure_threshold - 1:
                         # threshold - 1 timeouts so far: still normal.
-                        assert not rt.switch.degraded and rt.broker.failures == i
+                        assert not rt.switch.degraded and rt.publisher.failures == i
                     r = await client.post(
                         f"/v1/messages/stalled-{i}/confirm", headers=auth(PRODUCER)
                     )
@@ -579,8 +579,8 @@ async def test_readyz_metrics_and_the_report_log_show_the_degraded_mode(
     assert await scrape(client, "rmsg_mode_changes_total", mode="degraded") == changes + 1
     assert await scrape(client, "rmsg_fallback_depth", group="inventory") == 1
 
-    with caplog.at_level(logging.INFO, logger="reliable_msg.service.runtime"):
-        await runtime.periodic_report()
+    with caplog.at_level(logging.INFO, logger="reliable_msg.transports.degradation"):
+        await runtime.degradation.periodic_report()
     [line] = [r for r in caplog.records if "fallback depth" in r.getMessage()]
     assert line.levelno == logging.WARNING
     assert line.getMessage() == (
@@ -590,8 +590,8 @@ async def test_readyz_metrics_and_the_report_log_show_the_degraded_mode(
     assert await runtime.switch.clear("test: over")
     assert await scrape(client, "rmsg_degraded") == 0
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="reliable_msg.service.runtime"):
-        await runtime.periodic_report()
+    with caplog.at_level(logging.INFO, logger="reliable_msg.transports.degradation"):
+        await runtime.degradation.periodic_report()
     [line] = [r for r in caplog.records if "fallback depth" in r.getMessage()]
     assert line.levelno == logging.INFO and "mode normal" in line.getMessage()
 

@@ -238,7 +238,7 @@ async def test_confirm_while_rabbitmq_is_stopped_keeps_message_pending(
         assert r.json()["error"]["code"] == "broker_unavailable"
         assert await status_of(db, "m-6") == "pending"
         assert await db.fetchval("SELECT count(*) FROM rmsg_delivery") == 0
-    await wait_until(lambda: runtime.broker.connected, within=30)
+    await wait_until(lambda: runtime.publisher.connected, within=30)
     r = await confirm(client, "m-6")
     assert r.status_code == 200, r.text
     assert await status_of(db, "m-6") == "sent"
@@ -274,7 +274,7 @@ async def test_confirm_while_the_broker_stalls_is_503_after_the_publish_timeout(
         runtime = await Runtime.create(settings, scanners=False)
         await runtime.start()
         try:
-            assert runtime.broker.connected
+            assert runtime.publisher.connected
             transport = httpx.ASGITransport(app=create_app(runtime))
             async with httpx.AsyncClient(transport=transport, base_url="http://rmsg") as client:
                 assert (await prepare(client, "m-7")).status_code == 201
@@ -288,7 +288,7 @@ async def test_confirm_while_the_broker_stalls_is_503_after_the_publish_timeout(
                 assert list(body) == ["error"] and sorted(body["error"]) == ["code", "message"]
                 assert body["error"]["code"] == "broker_unavailable"
                 assert f"no publisher confirm within {STALL_TIMEOUT}s" in body["error"]["message"]
-                assert runtime.broker.connected, "a stall, not a lost connection"
+                assert runtime.publisher.connected, "a stall, not a lost connection"
                 assert await status_of(db, "m-7") == "pending"
                 assert await db.fetchval("SELECT count(*) FROM rmsg_delivery") == 0
 

@@ -105,14 +105,14 @@ async def assert_rabbitmq_still_serves(
 ) -> None:
     """A normal message confirmed right after is sent, the connection stayed up, and no
     failure counted toward the degradation switch."""
-    assert runtime.broker.connected
+    assert runtime.publisher.connected
     r = await post(client, "/v1/messages", message(id))
     assert r.status_code == 201, r.text
     r = await post(client, f"/v1/messages/{id}/confirm")
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "sent"
-    assert runtime.broker.failures == 0
-    assert not runtime.broker.degraded
+    assert runtime.publisher.failures == 0
+    assert not runtime.publisher.degraded
     got = await rabbit.drain(amqp, runtime.settings.queue_name("inventory"), wait=0.3)
     assert [m.message_id for m in got] == [id]
 
@@ -136,7 +136,7 @@ async def test_confirm_of_a_stored_huge_header_makes_it_dead_and_keeps_rabbitmq(
     # Asked again, it stays dead and still costs nothing.
     r = await post(client, "/v1/messages/huge/confirm")
     assert r.status_code == 409 and r.json()["error"]["code"] == "dead", r.text
-    assert runtime.broker.connected
+    assert runtime.publisher.connected
 
 
 async def test_check_back_of_a_stored_huge_header_makes_it_dead_and_keeps_rabbitmq(

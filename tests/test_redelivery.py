@@ -220,7 +220,7 @@ async def test_redelivery_while_rabbitmq_is_down_does_not_spend_attempts(
     await send(client, "outage")
     await db.execute("UPDATE rmsg_delivery SET next_attempt_at = now()")
     with rabbit.stopped():
-        await wait_until(lambda: not runtime.broker.connected, within=10)
+        await wait_until(lambda: not runtime.publisher.connected, within=10)
         assert await runtime.redelivery.run_once() == 3
     rows = await db.fetch("SELECT attempts, status, last_error FROM rmsg_delivery")
     assert [(r["attempts"], r["status"]) for r in rows] == [(1, "sent")] * 3

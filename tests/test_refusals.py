@@ -147,7 +147,7 @@ async def test_a_redelivery_to_a_deleted_group_queue_is_counted_and_the_queue_co
     assert (await delivery(db, "wms-1", "wms"))["refusals"] == 0
     [again] = await rabbit.drain(amqp, wms, wait=0.3)
     assert again.message_id == "wms-1" and again.headers["x-rmsg-attempt"] == 2
-    assert runtime.broker.failures == 0 and not runtime.broker.degraded
+    assert runtime.publisher.failures == 0 and not runtime.publisher.degraded
 
 
 async def test_a_redelivery_refused_max_refusals_times_goes_dead_and_requeue_revives_it(
@@ -191,7 +191,7 @@ async def test_a_redelivery_refused_max_refusals_times_goes_dead_and_requeue_rev
     assert refusals() == before + 2 * MAX_REFUSALS
     # One warning a pass names both refused deliveries.
     assert len(warnings_naming(caplog, "(m1 to wms, m2 to wms)")) >= MAX_REFUSALS
-    assert runtime.broker.failures == 0 and not runtime.broker.degraded
+    assert runtime.publisher.failures == 0 and not runtime.publisher.degraded
 
     await repair_topology(amqp, settings)
     r = await client.post("/v1/requeue", params={"group": "wms"}, headers=auth(ADMIN))
@@ -243,7 +243,7 @@ async def test_a_committed_message_the_broker_refuses_goes_dead_after_max_refusa
     assert producer.calls["c-1"] == MAX_REFUSALS
     assert refusals() == before + MAX_REFUSALS
     assert warnings_naming(caplog, "(c-1)", "refused")
-    assert runtime.broker.failures == 0 and not runtime.broker.degraded
+    assert runtime.publisher.failures == 0 and not runtime.publisher.degraded
 
     # Repaired, a requeue asks the producer again, and this time the publish is taken.
     await repair_topology(amqp, settings)
@@ -335,4 +335,4 @@ async def test_the_topology_is_declared_again_when_the_connection_comes_back(
     await delete_queue(amqp, wms)
     close_service_connection()
     await wait_until(lambda: queue_exists(amqp, wms), within=15)
-    assert runtime.broker.connected
+    assert runtime.publisher.connected

@@ -92,7 +92,7 @@ async def test_bulk_requeue_goes_past_an_unpublishable_message_in_its_page(
     assert message["status"] == "dead" and "frame_max" in message["last_error"]
     for id in good:
         assert (await _message(db, id))["status"] == "sent"
-    assert runtime.broker.connected and not runtime.broker.degraded
+    assert runtime.publisher.connected and not runtime.publisher.degraded
 
 
 async def test_bulk_requeue_goes_past_an_unroutable_delivery_and_publishes_only_the_taken(

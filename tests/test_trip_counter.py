@@ -60,24 +60,24 @@ async def test_one_failure_after_recovery_trips_no_instance_again(
         assert a.switch is not None and b.switch is not None
 
         await proxy.down()
-        await wait_until(lambda: not a.broker.connected and not b.broker.connected, within=15)
+        await wait_until(lambda: not a.publisher.connected and not b.publisher.connected, within=15)
         # A counts failures below the threshold; B reaches it and trips the switch.
         assert [await confirm(api_a, f"a-{i}") for i in range(THRESHOLD - 1)] == [503, 503]
-        assert a.broker.failures == THRESHOLD - 1
+        assert a.publisher.failures == THRESHOLD - 1
         statuses = [await confirm(api_b, f"b-{i}") for i in range(THRESHOLD)]
         assert statuses == [503, 503, 200], "B's third failure trips and writes to Redis"
         await wait_until(lambda: a.switch is not None and a.switch.degraded, within=5)
 
         await proxy.up()
-        await wait_until(lambda: a.broker.connected and b.broker.connected, within=30)
-        assert await b.broker.probe()
+        await wait_until(lambda: a.publisher.connected and b.publisher.connected, within=30)
+        assert await b.degradation.probe()
         await wait_until(lambda: a.switch is not None and not a.switch.degraded, within=5)
 
         # One failure on each after recovery: counted from zero, no trip.
         await proxy.down()
-        await wait_until(lambda: not a.broker.connected and not b.broker.connected, within=15)
+        await wait_until(lambda: not a.publisher.connected and not b.publisher.connected, within=15)
         assert await confirm(api_a, "a-after") == 503
         assert await confirm(api_b, "b-after") == 503
-        assert (a.broker.failures, b.broker.failures) == (1, 1)
+        assert (a.publisher.failures, b.publisher.failures) == (1, 1)
         assert not a.switch.degraded and not b.switch.degraded
         assert [h["mode"] for h in await a.switch.history()] == ["normal", "degraded"]

@@ -1,6 +1,6 @@
 """The use-cases of the service: prepare, confirm, cancel, ack, read, requeue.
 
-Routes and scanners call these; these call the store and the broker through the ports.
+Routes and scanners call these; these call the store and the publisher through the ports.
 Batch forms are the primitive: a single call is a batch of one. Each item of a batch
 gets its own result, a :class:`Message` or the :class:`RequestError` /
 :class:`BrokerError` that explains why it did not move.
@@ -63,11 +63,11 @@ class BulkRequeued:
 
 
 class MessageService:
-    def __init__(self, settings: Settings, store: Store, broker: Publisher) -> None:
+    def __init__(self, settings: Settings, store: Store, publisher: Publisher) -> None:
         self._settings = settings
         self._store = store
-        self._broker = broker
-        self._publish = in_batches(broker)
+        self._publisher = publisher
+        self._publish = in_batches(publisher)
 
     # -- producer --------------------------------------------------------------------
 
@@ -122,7 +122,7 @@ class MessageService:
             attempt=1,
         )
         try:
-            size = self._broker.header_bytes(first)
+            size = self._publisher.header_bytes(first)
         except Unpublishable as exc:
             raise Unprocessable(exc.message, code=Code.UNENCODABLE) from exc
         limit = self._settings.max_header_bytes

@@ -24,7 +24,6 @@ from reliable_msg.message import Message, Transition
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.states import MessageStatus
-from reliable_msg.transports.redis import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +42,14 @@ def parse_age(text: str) -> float:
 
 
 @asynccontextmanager
-async def opened(settings: Settings, *, broker: bool = False) -> AsyncIterator[Runtime]:
+async def opened(settings: Settings, *, rabbitmq: bool = False) -> AsyncIterator[Runtime]:
     """A runtime without scanners, with the switch read from Redis, and connected to
-    RabbitMQ when ``broker`` (it keeps trying in the background if it cannot)."""
+    RabbitMQ when ``rabbitmq`` (it keeps trying in the background if it cannot)."""
     runtime = await Runtime.create(settings, scanners=False)
     try:
-        if runtime.switch is not None:
-            try:
-                await runtime.switch.refresh()
-            except REDIS_ERRORS as exc:
-                log.warning("Redis unreachable (%s); switch assumed normal", exc)
-        if broker:
-            await runtime.broker.rabbit.start()
+        await runtime.degradation.read_switch()
+        if rabbitmq:
+            await runtime.degradation.rabbitmq.start()
         yield runtime
     finally:
         await runtime.stop()
@@ -106,7 +101,7 @@ async def show(settings: Settings, console: Console, id: str) -> None:
 
 
 async def requeue_one(settings: Settings, console: Console, id: str) -> None:
-    async with opened(settings, broker=True) as runtime:
+    async with opened(settings, rabbitmq=True) as runtime:
         message = await runtime.service.requeue(id)
     what = "check-back starts again" if message.status is MessageStatus.PENDING else "republished"
     console.print(f"requeued {id}: now {message.status} ({what})")
@@ -124,7 +119,7 @@ async def requeue_group(
     for the number of dead deliveries the group has."""
     if group not in settings.groups:
         raise Unprocessable(f"no consumer group {group!r}", code=Code.UNKNOWN_GROUP)
-    async with opened(settings, broker=True) as runtime:
+    async with opened(settings, rabbitmq=True) as runtime:
         dead = (await runtime.service.stats())["groups"].get(group, {}).get("dead", 0)
         if not dead:
             console.print(f"group {group} has no dead delivery: nothing to requeue")

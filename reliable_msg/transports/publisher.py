@@ -3,8 +3,8 @@ degradation switch is on (DESIGN §6).
 
 It counts consecutive failed publishes (timeouts included); at ``failure_threshold`` it
 trips the shared switch and writes the failed message to the fallback at once, so the
-caller still gets its answer. While degraded, a probe publishes to a probe queue every
-``probe_interval``; its first success clears the switch. The count starts again at every
+caller still gets its answer (clearing the switch is the recovery probe's, in
+:mod:`reliable_msg.transports.degradation`). The count starts again at every
 successful publish and at every change of the switch, whoever flipped it: an instance
 that counted failures before another one tripped the switch must not trip it again at
 its first failure after recovery.
@@ -12,12 +12,11 @@ its first failure after recovery.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
-from reliable_msg.errors import BrokerError, BrokerUnavailable
+from reliable_msg.errors import BrokerError, BrokerUnavailable, FallbackUnavailable
 from reliable_msg.message import Outgoing
-from reliable_msg.transports.rabbitmq import RabbitBroker
+from reliable_msg.transports.rabbitmq import RabbitMQ
 from reliable_msg.transports.redis import FallbackWriter
 from reliable_msg.transports.switch import Switch, SwitchState
 
@@ -27,13 +26,13 @@ log = logging.getLogger(__name__)
 class SwitchingPublisher:
     def __init__(
         self,
-        rabbit: RabbitBroker,
+        rabbitmq: RabbitMQ,
         fallback: FallbackWriter | None,
         switch: Switch | None,
         *,
         failure_threshold: int,
     ) -> None:
-        self.rabbit = rabbit
+        self.rabbitmq = rabbitmq
         self._fallback = fallback
         self._switch = switch
         self._threshold = failure_threshold
@@ -46,14 +45,14 @@ class SwitchingPublisher:
 
     @property
     def connected(self) -> bool:
-        return self.rabbit.connected
+        return self.rabbitmq.connected
 
     @property
     def degraded(self) -> bool:
         return self._switch is not None and self._switch.degraded
 
     def header_bytes(self, out: Outgoing) -> int:
-        return self.rabbit.header_bytes(out)
+        return self.rabbitmq.header_bytes(out)
 
     async def publish(self, out: Outgoing) -> None:
         refused = await self.publish_many([out])
@@ -64,7 +63,7 @@ class SwitchingPublisher:
         """Publish each message; return the ids not taken, with the error."""
         if self.degraded:
             return await self._to_fallback(outs)
-        refused = await self.rabbit.publish_many(outs)
+        refused = await self.rabbitmq.publish_many(outs)
         self._count(len(outs) - len(refused), refused)
         if refused and await self._maybe_trip(refused):
             # Only the outage's failures go to Redis: a refusal keeps its error, so it is
@@ -88,7 +87,7 @@ class SwitchingPublisher:
         )
         try:
             await self._switch.trip(reason)
-        except Exception as exc:  # Redis down too: stay in normal mode, report the failure
+        except FallbackUnavailable as exc:  # Redis down too: stay in normal mode, say so
             log.error("could not trip the degradation switch: %s", exc)
             return False
         return True
@@ -99,18 +98,10 @@ class SwitchingPublisher:
             return {o.id: error for o in outs}
         try:
             await self._fallback.write(outs)
-        except BrokerError as exc:
-            return {o.id: exc for o in outs}
+        except FallbackUnavailable as exc:
+            # Not published, and the reason is RabbitMQ's outage (the switch says so):
+            # an outage refusal like any other, with the Redis failure as its cause.
+            error = BrokerUnavailable(f"RabbitMQ is down and so is the Redis fallback: {exc}")
+            error.__cause__ = exc
+            return {o.id: error for o in outs}
         return {}
-
-    async def probe(self) -> bool:
-        """While degraded, try RabbitMQ; clear the switch on success. True if cleared."""
-        if not self.degraded or self._switch is None:
-            return False
-        try:
-            async with asyncio.timeout(self.rabbit.publish_timeout):
-                await self.rabbit.probe()
-        except (BrokerError, TimeoutError) as exc:
-            log.debug("probe failed: %s", exc)
-            return False
-        return await self._switch.clear("probe publish confirmed by RabbitMQ")

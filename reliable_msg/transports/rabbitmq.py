@@ -89,7 +89,7 @@ def _unencodable(out: Outgoing, exc: BaseException) -> Unpublishable:
     return Unpublishable(f"message {out.id} cannot be encoded for AMQP: {exc!r}")
 
 
-class RabbitBroker:
+class RabbitMQ:
     """Publishes messages to RabbitMQ and declares the topology they need."""
 
     def __init__(self, settings: Settings) -> None:

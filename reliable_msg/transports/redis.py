@@ -9,33 +9,65 @@ handled and acked to the service. A shard longer than ``shard_alarm`` raises an 
 (log and metric) at each write that finds it so. An entry no handler can take is moved
 to the group's dead stream ``rmsg:fb:{<group>:dead}`` with the reason; that stream keeps
 about the latest ``dead_maxlen`` entries.
+
+Every Redis failure leaves this module as :class:`FallbackUnavailable`, chained.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from reliable_msg import constants
-from reliable_msg.errors import BrokerUnavailable
+from reliable_msg.errors import FallbackUnavailable
 from reliable_msg.message import Outgoing
 from reliable_msg.metrics import FALLBACK_WRITES, SHARD_ALARMS
 from reliable_msg.policy import shard_of
 
 log = logging.getLogger(__name__)
 
-#: Redis failures: the fallback is unavailable. RuntimeError too: under uvloop, a write
-#: on a pooled connection the peer reset while it was idle raises "the handler is
-#: closed" (a RuntimeError), which the Redis client passes on after dropping the
-#: connection; the next call connects afresh.
-REDIS_ERRORS = (RedisError, OSError, TimeoutError, RuntimeError)
+#: What the Redis client raises when Redis fails; caught in this package only, and raised
+#: on as :class:`FallbackUnavailable`. RuntimeError too: under uvloop, a write on a
+#: pooled connection the peer reset while it was idle raises "the handler is closed" (a
+#: RuntimeError), which the Redis client passes on after dropping the connection; the
+#: next call connects afresh.
+REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError, RuntimeError)
+
+#: The name ``reliable_msg.sdk.consumer`` still catches: what the transports raise for a
+#: Redis failure. To go once the consumer catches :class:`FallbackUnavailable` itself.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (FallbackUnavailable,)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def translating(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """The coroutine function ``method``, raising its Redis failures as
+    :class:`FallbackUnavailable`."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except REDIS_FAILURES as exc:
+            raise FallbackUnavailable(str(exc) or repr(exc)) from exc
+
+    return call
+
+
+@translating
+async def ping(redis: aioredis.Redis) -> None:
+    """Raise :class:`FallbackUnavailable` unless Redis answers."""
+    await redis.ping()
 
 
 def shard_key(namespace: str, group: str, shard: int) -> str:
@@ -150,31 +182,28 @@ class FallbackWriter:
         shards = self._shards.get(group, self._default)
         return shard_key(self._ns, group, shard_of(out.key or out.id, shards))
 
+    @translating
     async def record_shards(self) -> None:
         """Write each group's shard count where consumers read it (:data:`SHARDS_KEY`)."""
         if self._shards:
             await self._redis.hset(self._shards_key, mapping=self._shards)  # type: ignore[arg-type]
         self._recorded = True
 
+    @translating
     async def write(self, outs: Sequence[Outgoing]) -> None:
         """Append each message to the shard of each of its groups; return once Redis has
-        them all. Raises :class:`BrokerUnavailable` when Redis does not answer."""
+        them all."""
         writes = [(group, self.key_for(group, out), out) for out in outs for group in out.targets()]
         # The shard counts go with this instance's first write, should start-up have
         # found Redis away.
         record = not self._recorded and bool(self._shards)
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                if record:
-                    pipe.hset(self._shards_key, mapping=self._shards)  # type: ignore[arg-type]
-                for _, key, out in writes:
-                    pipe.xadd(key, entry_fields(out))  # type: ignore[arg-type]
-                    pipe.xlen(key)
-                replies = await pipe.execute()
-        except REDIS_ERRORS as exc:
-            raise BrokerUnavailable(
-                f"RabbitMQ is down and so is the Redis fallback: {exc}"
-            ) from exc
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if record:
+                pipe.hset(self._shards_key, mapping=self._shards)  # type: ignore[arg-type]
+            for _, key, out in writes:
+                pipe.xadd(key, entry_fields(out))  # type: ignore[arg-type]
+                pipe.xlen(key)
+            replies = await pipe.execute()
         if record:
             self._recorded = True
             replies = replies[1:]
@@ -191,11 +220,13 @@ class FallbackWriter:
                     extra={"message_id": out.id},
                 )
 
+    @translating
     async def dead(self, group: str) -> int:
         """Entries in the dead stream of ``group``."""
         key = constants.FALLBACK_DEAD_KEY.format(ns=self._ns, group=group)
         return int(await self._redis.xlen(key))
 
+    @translating
     async def depth(self, group: str) -> int:
         """Entries waiting in all shards of ``group``."""
         keys = shard_keys(self._ns, group, self._shards.get(group, self._default))
@@ -228,6 +259,7 @@ class FallbackReader:
         self.keys = shard_keys(namespace, group, shards)
         self._consumer = consumer
 
+    @translating
     async def learn_shards(self) -> int:
         """Follow the group's shard count as the service recorded it; the count given to
         the constructor holds until the service has recorded one."""
@@ -246,6 +278,7 @@ class FallbackReader:
             self.keys = shard_keys(self._namespace, self._group, shards)
         return shards
 
+    @translating
     async def prepare(self, keys: Sequence[str] | None = None) -> None:
         """Create the consumer group of each shard (all, or ``keys``) from the start of
         the stream, so that nothing already in it is skipped."""
@@ -256,6 +289,7 @@ class FallbackReader:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    @translating
     async def read(self, keys: Sequence[str], count: int) -> list[Read]:
         """New entries of ``keys``, up to ``count`` per key; one round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -264,6 +298,7 @@ class FallbackReader:
             replies = await self._replies(keys, pipe)
         return [entry for reply in replies for entry in _entries(reply)]
 
+    @translating
     async def reclaim(self, keys: Sequence[str], idle: float, count: int) -> list[Read]:
         """Entries read by another consumer and not acked for ``idle`` seconds."""
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -303,6 +338,7 @@ class FallbackReader:
             await self.prepare(missing)
         return [None if key in missing else r for key, r in zip(keys, replies, strict=True)]
 
+    @translating
     async def done(self, entry: Read) -> None:
         """Acknowledge and delete a handled entry."""
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -310,6 +346,7 @@ class FallbackReader:
             pipe.xdel(entry.stream, entry.entry_id)
             await pipe.execute()
 
+    @translating
     async def bury(self, entry: Read, reason: str) -> None:
         """Move an entry no handler can take to the group's dead stream, with the reason
         and where it came from; then acknowledge and delete it. A failure between the two
@@ -330,6 +367,7 @@ class FallbackReader:
     def dead_key(self) -> str:
         return constants.FALLBACK_DEAD_KEY.format(ns=self._namespace, group=self._group)
 
+    @translating
     async def depth(self) -> int:
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in self.keys:
@@ -354,6 +392,7 @@ def _text(value: Any, errors: str = "strict") -> str:
     return value.decode(errors=errors) if isinstance(value, bytes) else str(value)
 
 
+@translating
 async def delete_namespace(redis_url: str, namespace: str) -> None:
     """Delete every key of a deployment's namespace: its switch, switch history and
     fallback shards. For tests and demos that start from nothing; never on a live system."""

@@ -4,6 +4,7 @@ The switch is a Redis hash (mode, who flipped it, when, why). A flip is one Lua 
 it changes the hash only if the mode differs, appends to the history and publishes a
 notice, so racing instances flip it once and record it once. Every holder also re-reads
 the hash every ``poll_interval`` seconds, so a missed notice costs at most that long.
+A Redis failure leaves this module as :class:`FallbackUnavailable`, chained.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from reliable_msg import constants
+from reliable_msg.errors import FallbackUnavailable
 from reliable_msg.metrics import MODE, MODE_CHANGES
-from reliable_msg.transports.redis import REDIS_ERRORS
+from reliable_msg.transports.redis import translating
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ class Switch:
         """Turn degradation off; True if this call flipped it."""
         return await self._set(Mode.NORMAL, reason)
 
+    @translating
     async def _set(self, mode: Mode, reason: str) -> bool:
         now = time.time()
         flipped = bool(
@@ -130,6 +133,7 @@ class Switch:
             await self.refresh()
         return flipped
 
+    @translating
     async def refresh(self) -> SwitchState:
         """Re-read the switch from Redis."""
         raw = await self._redis.hgetall(self._key)
@@ -153,6 +157,7 @@ class Switch:
         await self._changed.wait()
         self._changed.clear()
 
+    @translating
     async def history(self, limit: int = 20) -> list[dict[str, Any]]:
         items = await self._redis.lrange(self._history, 0, limit - 1)
         return [json.loads(item) for item in items]
@@ -167,7 +172,7 @@ class Switch:
         while not self._stopping.is_set():
             try:
                 await self._follow()
-            except REDIS_ERRORS as exc:
+            except FallbackUnavailable as exc:
                 log.debug("switch watch: Redis unavailable (%s)", exc)
                 await self._pause(self._poll)
 
@@ -179,6 +184,7 @@ class Switch:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
+    @translating
     async def _follow(self) -> None:
         pubsub = self._redis.pubsub()
         try:

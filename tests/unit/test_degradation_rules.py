@@ -17,7 +17,7 @@ from reliable_msg.transports.publisher import SwitchingPublisher
 from reliable_msg.transports.redis import shard_keys
 
 
-class RefusingBroker:
+class RefusingRabbitMQ:
     """A RabbitMQ that refuses every publish with ``error`` (or takes them, when None)."""
 
     publish_timeout = 1.0
@@ -57,8 +57,8 @@ def message(id: str) -> Outgoing:
     return Outgoing(id, "order.paid", "order", "{}", {}, None, datetime.now(UTC), 1)
 
 
-def publisher(threshold: int) -> tuple[SwitchingPublisher, RefusingBroker, SwitchFlag, Fallback]:
-    rabbit, switch, fallback = RefusingBroker(), SwitchFlag(), Fallback()
+def publisher(threshold: int) -> tuple[SwitchingPublisher, RefusingRabbitMQ, SwitchFlag, Fallback]:
+    rabbit, switch, fallback = RefusingRabbitMQ(), SwitchFlag(), Fallback()
     sp = SwitchingPublisher(
         cast(Any, rabbit), cast(Any, fallback), cast(Any, switch), failure_threshold=threshold
     )

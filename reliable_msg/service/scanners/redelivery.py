@@ -28,10 +28,10 @@ class RedeliveryScanner:
     not published.
     """
 
-    def __init__(self, settings: Settings, store: Store, broker: Publisher) -> None:
+    def __init__(self, settings: Settings, store: Store, publisher: Publisher) -> None:
         self._settings = settings
         self._store = store
-        self._publish = one_by_one(broker)
+        self._publish = one_by_one(publisher)
         self._failed: list[tuple[Outgoing, BrokerError]] = []  # in the pass under way
 
     async def run_once(self) -> int:

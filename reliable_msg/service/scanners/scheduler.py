@@ -18,7 +18,6 @@ from reliable_msg.service.scanners.checkback import CheckBackScanner
 from reliable_msg.service.scanners.purger import Purger
 from reliable_msg.service.scanners.redelivery import RedeliveryScanner
 from reliable_msg.service.settings import Settings
-from reliable_msg.transports.publisher import SwitchingPublisher
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ class Scanners:
         checkback: CheckBackScanner,
         redelivery: RedeliveryScanner,
         purger: Purger,
-        publisher: SwitchingPublisher,
+        probe: Callable[[], Awaitable[object]],
         report: Callable[[], Awaitable[object]],
     ) -> None:
         self._settings = settings
@@ -47,7 +46,7 @@ class Scanners:
             "checkback": checkback.run_once,
             "redelivery": redelivery.run_once,
             "purge": purger.run_once,
-            "probe": lambda: _as_count(publisher.probe()),
+            "probe": lambda: _as_count(probe()),
             "report": lambda: _as_count(report()),
         }
 
