@@ -25,8 +25,11 @@
     ├── CheckBackError              a producer's check-back endpoint gave no usable answer
     ├── ServiceUnavailable          (SDK) the service did not answer, or answered 5xx,
     │                               after the retries
-    └── Fenced                      (SDK) a check-back decided "rolled back" before the
-                                    producer's transaction could commit
+    ├── Fenced                      (SDK) a check-back decided "rolled back" before the
+    │                               producer's transaction could commit
+    ├── Poison                      (SDK, also a ValueError) a delivery no handler can
+    │                               ever take: no id, not JSON, no handler for its topic
+    └── NotReady                    (harness) a process the tools started never got ready
 
 Every error carries a :class:`Code`: the string the API answers, which names the HTTP
 status and the error class it stands for, so that the service raises and the SDK client

@@ -15,11 +15,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from reliable_msg.errors import BrokerUnavailable, FallbackUnavailable
+from reliable_msg.harness.ports import free_port
 from reliable_msg.message import Outgoing
 from reliable_msg.transports.publisher import SwitchingPublisher
 from reliable_msg.transports.redis import FallbackReader, FallbackWriter, ping
 from reliable_msg.transports.switch import Switch
-from tests.helpers.processes import free_port
 
 
 @pytest.fixture

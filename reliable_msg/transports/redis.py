@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 #: next call connects afresh.
 REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError, RuntimeError)
 
-#: The name ``reliable_msg.sdk.consumer`` still catches: what the transports raise for a
-#: Redis failure. To go once the consumer catches :class:`FallbackUnavailable` itself.
-REDIS_ERRORS: tuple[type[BaseException], ...] = (FallbackUnavailable,)
-
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from reliable_msg.errors import ReliableMsgError
+from reliable_msg.errors import Code, ReliableMsgError
 from reliable_msg.sdk.client import ServiceClient
 
 from .source import Source
@@ -21,7 +21,7 @@ log = logging.getLogger("reliable_msg.sdk.consumer")
 
 #: Ack errors that mean "not yet": the message was published by a confirm that has not
 #: committed (or whose commit failed, until check-back confirms it again).
-ACK_AGAIN = frozenset({"not_sent", "busy"})
+ACK_AGAIN = frozenset({Code.NOT_SENT, Code.BUSY})
 #: Tries of such an ack, 0.2 s, 0.4 s, ... apart (about a minute in all), before the
 #: service's redelivery is left to bring the message again.
 MAX_ACK_TRIES = 25

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import redis.asyncio as aioredis
 
 from reliable_msg.aio import stop_task
-from reliable_msg.transports.redis import REDIS_ERRORS, FallbackReader, Malformed, Read
+from reliable_msg.errors import FallbackUnavailable
+from reliable_msg.transports.redis import FallbackReader, Malformed, Read
 from reliable_msg.transports.switch import Mode, Switch
 
 from .message import Poison, Received
@@ -91,7 +92,7 @@ class FallbackDrain:
         try:
             await self.reader.learn_shards()
             return self.switch.degraded or await self.reader.depth() > 0
-        except REDIS_ERRORS:
+        except FallbackUnavailable:
             return self.switch.degraded
 
     async def _pause(self) -> None:
@@ -139,14 +140,14 @@ class FallbackDrain:
     async def _resharded(self, keys: list[str]) -> bool:
         try:
             await self.reader.learn_shards()
-        except REDIS_ERRORS:
+        except FallbackUnavailable:
             return False
         return self.reader.keys != keys
 
     async def _empty(self) -> bool:
         try:
             return await self.reader.depth() == 0
-        except REDIS_ERRORS:
+        except FallbackUnavailable:
             return False
 
     async def _work(self, keys: list[str]) -> None:
@@ -174,7 +175,7 @@ class FallbackDrain:
                 if loop.time() - last_claim > self._claim_idle / 2:
                     entries += await self.reader.reclaim(keys, self._claim_idle, count=16)
                     last_claim = loop.time()
-            except REDIS_ERRORS as exc:
+            except FallbackUnavailable as exc:
                 log.warning("consumer %s: Redis unavailable (%s)", self._consumer.group, exc)
                 await self._sleep(self._poll)
                 continue
@@ -192,7 +193,7 @@ class FallbackDrain:
             try:
                 await action()
                 return
-            except REDIS_ERRORS as exc:
+            except FallbackUnavailable as exc:
                 log.warning("consumer %s: Redis unavailable (%s)", self._consumer.group, exc)
                 await self._sleep(self._poll)
 

@@ -17,6 +17,7 @@ from typing import cast
 
 import asyncpg
 
+from reliable_msg.errors import Code
 from reliable_msg.sdk.client import ItemResult, ServiceClient
 
 from .message import Handler, Received
@@ -106,7 +107,7 @@ def _final(acked: ItemResult, done_before: datetime) -> bool:
     ``done_before`` (``done_at`` is set only when it was done before this ack), or the
     service no longer knows the message."""
     if acked.error is not None:
-        return acked.error.code == "not_found"
+        return acked.error.code == Code.NOT_FOUND
     return acked.done_at is not None and acked.done_at < done_before
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
-from reliable_msg.errors import BrokerError
+from reliable_msg.errors import BrokerError, ReliableMsgError
 from reliable_msg.message import Message, NewMessage, Outgoing
 from reliable_msg.service.ports import Confirmed, Publish
 from reliable_msg.service.store.connection import Conn, Pooled, translated
@@ -14,10 +14,12 @@ from reliable_msg.service.store.rows import MESSAGE_COLUMNS, TRANSITION, as_mess
 from reliable_msg.states import CANCEL, CONFIRM, GIVE_UP, D, M
 
 
-class _Refused(Exception):
-    """The broker did not take the message: roll its confirm back."""
+class _Refused(ReliableMsgError):
+    """The broker did not take the message: roll its confirm back (never leaves the
+    store: the confirm answers ``error`` for the message)."""
 
     def __init__(self, error: BrokerError) -> None:
+        super().__init__(error.message)
         self.error = error
 
 
