@@ -58,7 +58,7 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
-class Outgoing:
+class Publication:
     """A message on its way to the broker, for all subscribed groups or for one."""
 
     id: str
@@ -77,7 +77,7 @@ class Outgoing:
     refusals: int = 0
 
     @classmethod
-    def first(cls, message: Message) -> Outgoing:
+    def first(cls, message: Message) -> Publication:
         """The first publish of a confirmed message, to the topic exchange."""
         return cls(
             id=message.id,

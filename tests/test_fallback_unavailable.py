@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from reliable_msg.errors import BrokerUnavailable, FallbackUnavailable
 from reliable_msg.harness.ports import free_port
-from reliable_msg.message import Outgoing
+from reliable_msg.message import Publication
 from reliable_msg.transports.publisher import SwitchingPublisher
 from reliable_msg.transports.redis import FallbackReader, FallbackWriter, ping
 from reliable_msg.transports.switch import Switch
@@ -29,9 +29,9 @@ async def nobody() -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-def message() -> Outgoing:
+def message() -> Publication:
     now = datetime.now(UTC)
-    return Outgoing("m1", "order.paid", "order", "{}", {}, None, now, 1, groups=("wms",))
+    return Publication("m1", "order.paid", "order", "{}", {}, None, now, 1, groups=("wms",))
 
 
 def calls(redis: aioredis.Redis) -> dict[str, Callable[[], Awaitable[Any]]]:

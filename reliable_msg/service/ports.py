@@ -19,12 +19,12 @@ from reliable_msg.message import (
     DueCheck,
     Message,
     NewMessage,
-    Outgoing,
+    Publication,
     Transition,
 )
 from reliable_msg.states import DeliveryStatus, MessageStatus
 
-Publish = Callable[[Sequence[Outgoing]], Awaitable[list[BrokerError | None]]]
+Publish = Callable[[Sequence[Publication]], Awaitable[list[BrokerError | None]]]
 """Publishes a batch and answers for each message, in order: None when taken, else why
 not. The one shape in which the store is handed a publish (confirm, redelivery,
 requeue); :mod:`reliable_msg.service.publishing` makes it from a :class:`Publisher`."""
@@ -60,10 +60,10 @@ class Requeued:
 class Redelivery(Protocol):
     """What a redelivery pass decides for each due delivery, inside the store's claim."""
 
-    def exhausted(self, out: Outgoing) -> DeliveryUpdate | None:
+    def exhausted(self, out: Publication) -> DeliveryUpdate | None:
         """The update of a delivery out of attempts (not published again), else None."""
 
-    def published(self, out: Outgoing, error: BrokerError | None) -> DeliveryUpdate:
+    def published(self, out: Publication, error: BrokerError | None) -> DeliveryUpdate:
         """The update of a delivery republished (``error`` None) or not taken."""
 
 
@@ -71,13 +71,13 @@ class Publisher(Protocol):
     @property
     def connected(self) -> bool: ...
 
-    async def publish(self, out: Outgoing) -> None:
+    async def publish(self, out: Publication) -> None:
         """Publish one message, confirmed; raise :class:`BrokerError` if not taken."""
 
-    async def publish_many(self, outs: list[Outgoing]) -> dict[str, BrokerError]:
+    async def publish_many(self, outs: list[Publication]) -> dict[str, BrokerError]:
         """Publish messages; return the ids not taken, with the error."""
 
-    def header_bytes(self, out: Outgoing) -> int:
+    def header_bytes(self, out: Publication) -> int:
         """The size of the AMQP content header ``out`` makes; raise
         :class:`~reliable_msg.errors.Unpublishable` for a value AMQP cannot carry."""
 

@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import Sequence
 
 from reliable_msg.errors import BrokerError
-from reliable_msg.message import Outgoing
+from reliable_msg.message import Publication
 from reliable_msg.service.ports import Publish, Publisher
 
 
@@ -17,8 +17,8 @@ def in_batches(publisher: Publisher) -> Publish:
     publishes, else each group): the publisher answers by message id, and a batch may
     hold one message for several groups (a requeue)."""
 
-    async def publish(outs: Sequence[Outgoing]) -> list[BrokerError | None]:
-        by_group: dict[str | None, list[Outgoing]] = {}
+    async def publish(outs: Sequence[Publication]) -> list[BrokerError | None]:
+        by_group: dict[str | None, list[Publication]] = {}
         for out in outs:
             by_group.setdefault(out.group, []).append(out)
         if len(by_group) == 1:  # a confirm: no task for the one batch
@@ -36,7 +36,7 @@ def one_by_one(publisher: Publisher) -> Publish:
     """Publish each message on its own, all at once (redelivery: each publish counts
     on its own towards the degradation switch)."""
 
-    async def publish(outs: Sequence[Outgoing]) -> list[BrokerError | None]:
+    async def publish(outs: Sequence[Publication]) -> list[BrokerError | None]:
         results = await asyncio.gather(
             *(publisher.publish(o) for o in outs), return_exceptions=True
         )

@@ -30,7 +30,7 @@ from reliable_msg.errors import (
     Unpublishable,
     Unroutable,
 )
-from reliable_msg.message import Message, NewMessage, Outgoing, Transition
+from reliable_msg.message import Message, NewMessage, Publication, Transition
 from reliable_msg.metrics import ACKS, CONFIRM_SECONDS, DEAD, TRANSITIONS
 from reliable_msg.service.ports import Page, Publisher, Requeued, Store
 from reliable_msg.service.publishing import in_batches
@@ -111,7 +111,7 @@ class MessageService:
     def _check_header(self, producer: str, message: NewMessage) -> None:
         """Refuse a message whose AMQP header would be over ``max_header_bytes``: one
         frame larger than RabbitMQ's ``frame_max`` costs every message the connection."""
-        first = Outgoing(
+        first = Publication(
             id=message.id,
             topic=message.topic,
             producer=producer,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from reliable_msg.errors import BrokerError, BrokerUnavailable, FallbackUnavailable
-from reliable_msg.message import Outgoing
+from reliable_msg.message import Publication
 from reliable_msg.transports.rabbitmq import RabbitMQ
 from reliable_msg.transports.redis import FallbackWriter
 from reliable_msg.transports.switch import Switch, SwitchState
@@ -51,15 +51,15 @@ class SwitchingPublisher:
     def degraded(self) -> bool:
         return self._switch is not None and self._switch.degraded
 
-    def header_bytes(self, out: Outgoing) -> int:
+    def header_bytes(self, out: Publication) -> int:
         return self.rabbitmq.header_bytes(out)
 
-    async def publish(self, out: Outgoing) -> None:
+    async def publish(self, out: Publication) -> None:
         refused = await self.publish_many([out])
         if refused:
             raise refused[out.id]
 
-    async def publish_many(self, outs: list[Outgoing]) -> dict[str, BrokerError]:
+    async def publish_many(self, outs: list[Publication]) -> dict[str, BrokerError]:
         """Publish each message; return the ids not taken, with the error."""
         if self.degraded:
             return await self._to_fallback(outs)
@@ -92,7 +92,7 @@ class SwitchingPublisher:
             return False
         return True
 
-    async def _to_fallback(self, outs: list[Outgoing]) -> dict[str, BrokerError]:
+    async def _to_fallback(self, outs: list[Publication]) -> dict[str, BrokerError]:
         if self._fallback is None:
             error = BrokerUnavailable("degraded, and no fallback is configured")
             return {o.id: error for o in outs}

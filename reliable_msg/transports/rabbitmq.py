@@ -29,7 +29,7 @@ from pamqp.header import ContentHeader
 
 from reliable_msg import constants
 from reliable_msg.errors import BrokerError, BrokerUnavailable, Unpublishable, Unroutable
-from reliable_msg.message import Outgoing
+from reliable_msg.message import Publication
 from reliable_msg.metrics import PUBLISH_REFUSALS, PUBLISH_SECONDS
 from reliable_msg.service.settings import Settings
 
@@ -57,7 +57,7 @@ RECONNECT_INTERVAL = 1.0
 REDECLARE_INTERVAL = 5.0
 
 
-def amqp_message(out: Outgoing) -> aio_pika.Message:
+def amqp_message(out: Publication) -> aio_pika.Message:
     """The wire form of DESIGN §5: a plain AMQP client can read it without our SDK."""
     headers: dict[str, Any] = dict(out.headers)
     headers[constants.HEADER_ATTEMPT] = out.attempt
@@ -84,7 +84,7 @@ def header_frame_bytes(wire: aio_pika.Message) -> int:
     return len(frame.marshal(ContentHeader(0, len(wire.body), wire.properties), 1))
 
 
-def _unencodable(out: Outgoing, exc: BaseException) -> Unpublishable:
+def _unencodable(out: Publication, exc: BaseException) -> Unpublishable:
     PUBLISH_REFUSALS.labels(Unpublishable.code).inc()
     return Unpublishable(f"message {out.id} cannot be encoded for AMQP: {exc!r}")
 
@@ -202,7 +202,7 @@ class RabbitMQ:
         if self._connection is not None:
             await self._connection.close()
 
-    async def publish(self, out: Outgoing) -> None:
+    async def publish(self, out: Publication) -> None:
         """Publish one message and wait for the broker's confirm.
 
         Raises :class:`Unroutable` when no queue took it and :class:`BrokerUnavailable`
@@ -237,7 +237,7 @@ class RabbitMQ:
             raise BrokerUnavailable(f"publish failed: {exc!r}") from exc
         PUBLISH_SECONDS.observe(time.perf_counter() - started)
 
-    def _fits_a_frame(self, out: Outgoing, wire: aio_pika.Message) -> None:
+    def _fits_a_frame(self, out: Publication, wire: aio_pika.Message) -> None:
         """Raise :class:`Unpublishable` for a message RabbitMQ could never take."""
         try:
             size = header_frame_bytes(wire)
@@ -252,7 +252,7 @@ class RabbitMQ:
             )
 
     @staticmethod
-    def header_bytes(out: Outgoing) -> int:
+    def header_bytes(out: Publication) -> int:
         """The size of the content header frame ``out`` makes; :class:`Unpublishable`
         for a value AMQP cannot carry."""
         try:
@@ -283,7 +283,7 @@ class RabbitMQ:
         except TRANSIENT_ERRORS as exc:
             raise BrokerUnavailable(f"probe failed: {exc!r}") from exc
 
-    async def publish_many(self, outs: list[Outgoing]) -> dict[str, BrokerError]:
+    async def publish_many(self, outs: list[Publication]) -> dict[str, BrokerError]:
         """Publish concurrently; return the ids not taken, with the error."""
         results = await asyncio.gather(*(self.publish(o) for o in outs), return_exceptions=True)
         refused: dict[str, BrokerError] = {}

@@ -28,7 +28,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from reliable_msg import constants
 from reliable_msg.errors import FallbackUnavailable
-from reliable_msg.message import Outgoing
+from reliable_msg.message import Publication
 from reliable_msg.metrics import FALLBACK_WRITES, SHARD_ALARMS
 from reliable_msg.policy import shard_of
 
@@ -74,7 +74,7 @@ def shard_keys(namespace: str, group: str, shards: int) -> list[str]:
     return [shard_key(namespace, group, i) for i in range(shards)]
 
 
-def entry_fields(out: Outgoing) -> dict[str, str]:
+def entry_fields(out: Publication) -> dict[str, str]:
     return {
         "id": out.id,
         "topic": out.topic,
@@ -174,7 +174,7 @@ class FallbackWriter:
         self._shards_key = constants.SHARDS_KEY.format(ns=namespace)
         self._recorded = False
 
-    def key_for(self, group: str, out: Outgoing) -> str:
+    def key_for(self, group: str, out: Publication) -> str:
         shards = self._shards.get(group, self._default)
         return shard_key(self._ns, group, shard_of(out.key or out.id, shards))
 
@@ -186,7 +186,7 @@ class FallbackWriter:
         self._recorded = True
 
     @translating
-    async def write(self, outs: Sequence[Outgoing]) -> None:
+    async def write(self, outs: Sequence[Publication]) -> None:
         """Append each message to the shard of each of its groups; return once Redis has
         them all."""
         writes = [(group, self.key_for(group, out), out) for out in outs for group in out.targets()]

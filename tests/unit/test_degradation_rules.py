@@ -11,7 +11,7 @@ from redis.crc import key_slot
 
 from reliable_msg import constants
 from reliable_msg.errors import BrokerError, BrokerUnavailable, Unpublishable, Unroutable
-from reliable_msg.message import Outgoing
+from reliable_msg.message import Publication
 from reliable_msg.service.settings import FallbackSettings
 from reliable_msg.transports.publisher import SwitchingPublisher
 from reliable_msg.transports.redis import shard_keys
@@ -26,7 +26,7 @@ class RefusingRabbitMQ:
     def __init__(self) -> None:
         self.error: BrokerError | None = BrokerUnavailable("no publisher confirm within 1.0s")
 
-    async def publish_many(self, outs: list[Outgoing]) -> dict[str, BrokerError]:
+    async def publish_many(self, outs: list[Publication]) -> dict[str, BrokerError]:
         return {} if self.error is None else {o.id: self.error for o in outs}
 
 
@@ -49,12 +49,12 @@ class Fallback:
     def __init__(self) -> None:
         self.written: list[str] = []
 
-    async def write(self, outs: list[Outgoing]) -> None:
+    async def write(self, outs: list[Publication]) -> None:
         self.written += [o.id for o in outs]
 
 
-def message(id: str) -> Outgoing:
-    return Outgoing(id, "order.paid", "order", "{}", {}, None, datetime.now(UTC), 1)
+def message(id: str) -> Publication:
+    return Publication(id, "order.paid", "order", "{}", {}, None, datetime.now(UTC), 1)
 
 
 def publisher(threshold: int) -> tuple[SwitchingPublisher, RefusingRabbitMQ, SwitchFlag, Fallback]:
@@ -102,7 +102,7 @@ async def test_a_batch_taken_in_part_starts_the_count_again() -> None:
         await sp.publish_many([message(id)])
     error = BrokerUnavailable("no publisher confirm within 1.0s")
 
-    async def refuse_one(outs: list[Outgoing]) -> dict[str, BrokerError]:
+    async def refuse_one(outs: list[Publication]) -> dict[str, BrokerError]:
         return {outs[0].id: error}
 
     rabbit.publish_many = refuse_one  # type: ignore[method-assign]
@@ -129,7 +129,7 @@ async def test_the_trip_sends_only_the_outage_failures_to_the_fallback() -> None
         "unpublishable": Unpublishable("its header is 200,111 bytes"),
     }
 
-    async def mixed(outs: list[Outgoing]) -> dict[str, BrokerError]:
+    async def mixed(outs: list[Publication]) -> dict[str, BrokerError]:
         return {o.id: refusals.get(o.id, outage) for o in outs}
 
     rabbit.publish_many = mixed  # type: ignore[method-assign]

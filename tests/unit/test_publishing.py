@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from reliable_msg.errors import BrokerError, BrokerUnavailable, Unroutable
-from reliable_msg.message import Outgoing
+from reliable_msg.message import Publication
 from reliable_msg.service.publishing import in_batches, one_by_one
 
 
@@ -23,21 +23,21 @@ class Recording:
         self.refuse = refuse
         self.batches: list[list[tuple[str, str | None]]] = []
 
-    async def publish(self, out: Outgoing) -> None:
+    async def publish(self, out: Publication) -> None:
         self.batches.append([(out.id, out.group)])
         if (out.id, out.group) in self.refuse:
             raise self.refuse[out.id, out.group]
 
-    async def publish_many(self, outs: list[Outgoing]) -> dict[str, BrokerError]:
+    async def publish_many(self, outs: list[Publication]) -> dict[str, BrokerError]:
         self.batches.append([(o.id, o.group) for o in outs])
         return {o.id: self.refuse[o.id, o.group] for o in outs if (o.id, o.group) in self.refuse}
 
-    def header_bytes(self, out: Outgoing) -> int:
+    def header_bytes(self, out: Publication) -> int:
         return 0
 
 
-def out(id: str, group: str | None = None) -> Outgoing:
-    return Outgoing(id, "order.paid", "order", "{}", {}, None, datetime.now(UTC), 1, group)
+def out(id: str, group: str | None = None) -> Publication:
+    return Publication(id, "order.paid", "order", "{}", {}, None, datetime.now(UTC), 1, group)
 
 
 async def test_first_publishes_go_in_one_batch_and_are_answered_in_order() -> None:
@@ -69,7 +69,7 @@ async def test_one_by_one_publishes_each_alone() -> None:
 
 async def test_one_by_one_raises_what_is_not_a_broker_error() -> None:
     class Broken(Recording):
-        async def publish(self, out: Outgoing) -> None:
+        async def publish(self, out: Publication) -> None:
             raise RuntimeError("a bug")
 
     with pytest.raises(RuntimeError):

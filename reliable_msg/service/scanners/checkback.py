@@ -9,13 +9,13 @@ from collections import Counter
 from typing import Any
 
 from reliable_msg.aio import stop_task
-from reliable_msg.errors import BrokerError, CheckBackError, ReliableMsgError, StoreError
+from reliable_msg.errors import BrokerError, CheckBackError, ReliableMsgError
 from reliable_msg.message import DueCheck
 from reliable_msg.metrics import CHECKBACKS, DEAD, SCANNER_ERRORS, TRANSITIONS
 from reliable_msg.policy import backoff
 from reliable_msg.service.checkback import Answer, CheckBackClient
 from reliable_msg.service.ports import Store
-from reliable_msg.service.scanners.refusals import warn_failed
+from reliable_msg.service.scanners.refusals import PASS_ERRORS, warn_failed
 from reliable_msg.service.settings import Settings
 from reliable_msg.service.usecases import MessageService
 from reliable_msg.states import M
@@ -135,7 +135,7 @@ class CheckBackScanner:
                 extra={"message_id": check.id},
             )
             raise
-        except (StoreError, BrokerError) as exc:
+        except PASS_ERRORS as exc:
             # A dependency away: a line per call, not a traceback.
             SCANNER_ERRORS.labels("checkback").inc()
             log.warning(
@@ -165,7 +165,7 @@ class CheckBackScanner:
     async def _fill_guarded(self) -> None:
         try:
             await self._fill()
-        except (StoreError, BrokerError) as exc:
+        except PASS_ERRORS as exc:
             SCANNER_ERRORS.labels("checkback").inc()
             log.warning("check-back refill failed (%s); the next pass runs on schedule", exc)
         except Exception:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from reliable_msg.errors import BrokerError, BrokerUnavailable, Unpublishable
-from reliable_msg.message import DeliveryUpdate, Outgoing
+from reliable_msg.message import DeliveryUpdate, Publication
 from reliable_msg.metrics import DEAD, REDELIVERIES
 from reliable_msg.policy import backoff
 from reliable_msg.service.ports import Publisher, Store
@@ -32,7 +32,7 @@ class RedeliveryScanner:
         self._settings = settings
         self._store = store
         self._publish = one_by_one(publisher)
-        self._failed: list[tuple[Outgoing, BrokerError]] = []  # in the pass under way
+        self._failed: list[tuple[Publication, BrokerError]] = []  # in the pass under way
 
     async def run_once(self) -> int:
         """One pass: every delivery due now is republished (or made dead) once."""
@@ -48,13 +48,13 @@ class RedeliveryScanner:
         finally:
             warn_failed("redelivery", [(f"{o.id} to {o.group}", e) for o, e in self._failed])
 
-    def exhausted(self, out: Outgoing) -> DeliveryUpdate | None:
+    def exhausted(self, out: Publication) -> DeliveryUpdate | None:
         """Dead without a republish when out of attempts; else None (republish it)."""
         if out.group and out.attempt > self._settings.max_attempts(out.group):
             return self._not_acked(out)
         return None
 
-    def published(self, out: Outgoing, error: BrokerError | None) -> DeliveryUpdate:
+    def published(self, out: Publication, error: BrokerError | None) -> DeliveryUpdate:
         """What a republish makes of the delivery: ``sent`` again with the next backoff,
         or, not taken, tried again later or ``dead`` (see the class docstring)."""
         if error is None:
@@ -62,7 +62,7 @@ class RedeliveryScanner:
         self._failed.append((out, error))
         return self._refused(out, error)
 
-    def _resent(self, out: Outgoing) -> DeliveryUpdate:
+    def _resent(self, out: Publication) -> DeliveryUpdate:
         assert out.group is not None
         cfg = self._settings.redelivery
         REDELIVERIES.labels(out.group).inc()
@@ -82,7 +82,7 @@ class RedeliveryScanner:
         )
         return DeliveryUpdate(out.id, out.group, D.SENT, out.attempt, delay)
 
-    def _refused(self, out: Outgoing, error: BrokerError) -> DeliveryUpdate:
+    def _refused(self, out: Publication, error: BrokerError) -> DeliveryUpdate:
         assert out.group is not None
         retry = self._settings.redelivery.retry_after_failure
         tries = out.attempt - 1
@@ -99,11 +99,11 @@ class RedeliveryScanner:
             reason = f"the broker refused it {refusals} times; last: {reason}"
         return self._dead(out, reason, "refused", refusals)
 
-    def _not_acked(self, out: Outgoing) -> DeliveryUpdate:
+    def _not_acked(self, out: Publication) -> DeliveryUpdate:
         reason = f"not acked by {out.group} after {out.attempt - 1} deliveries"
         return self._dead(out, reason, "redelivery", out.refusals)
 
-    def _dead(self, out: Outgoing, reason: str, why: str, refusals: int) -> DeliveryUpdate:
+    def _dead(self, out: Publication, reason: str, why: str, refusals: int) -> DeliveryUpdate:
         assert out.group is not None
         DEAD.labels(why).inc()
         log.error(

@@ -1,12 +1,17 @@
-"""The one warning a scanner pass logs for the publishes the broker did not take."""
+"""What a scanner pass logs when something it needs fails: one warning for the publishes
+the broker did not take, one line (not a traceback) for a dependency away."""
 
 from __future__ import annotations
 
 import logging
 
-from reliable_msg.errors import BrokerError
+from reliable_msg.errors import TRANSIENT, BrokerError, ReliableMsgError
 
 log = logging.getLogger(__name__)
+
+#: Failures a pass logs in one line: an outage (PostgreSQL, RabbitMQ, Redis) or a refusal
+#: of the broker. Anything else is a bug and gets its traceback.
+PASS_ERRORS: tuple[type[ReliableMsgError], ...] = (*TRANSIENT, BrokerError)
 
 #: How many refused publishes one warning names; the rest are counted.
 WARN_NAMES = 20

@@ -12,11 +12,11 @@ from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from reliable_msg.errors import BrokerError, StoreError
 from reliable_msg.metrics import SCANNER_ERRORS
 from reliable_msg.service.scanners.checkback import CheckBackScanner
 from reliable_msg.service.scanners.purger import Purger
 from reliable_msg.service.scanners.redelivery import RedeliveryScanner
+from reliable_msg.service.scanners.refusals import PASS_ERRORS
 from reliable_msg.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class Scanners:
             self._running.add(task)
         try:
             await self._jobs[name]()
-        except (StoreError, BrokerError) as exc:
+        except PASS_ERRORS as exc:
             # A dependency away: a line each pass until it is back, not a traceback each.
             SCANNER_ERRORS.labels(name).inc()
             log.warning("%s pass failed (%s); the next pass runs on schedule", name, exc)

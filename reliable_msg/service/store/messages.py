@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping, Sequence
 
 from reliable_msg.errors import BrokerError, ReliableMsgError
-from reliable_msg.message import Message, NewMessage, Outgoing
+from reliable_msg.message import Message, NewMessage, Publication
 from reliable_msg.service.ports import Confirmed, Publish
 from reliable_msg.service.store.connection import Conn, Pooled, translated
 from reliable_msg.service.store.rows import MESSAGE_COLUMNS, TRANSITION, as_message
@@ -244,6 +244,6 @@ async def _publish_first(publish: Publish, sent: list[Message]) -> dict[str, Bro
     """The first publish of confirmed messages; returns those not taken, with why."""
     if not sent:
         return {}
-    outs = [Outgoing.first(m) for m in sent]
+    outs = [Publication.first(m) for m in sent]
     errors = await publish(outs)
     return {o.id: e for o, e in zip(outs, errors, strict=True) if e is not None}

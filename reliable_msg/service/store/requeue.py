@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from reliable_msg.errors import BrokerError, Unpublishable, Unroutable
-from reliable_msg.message import Message, Outgoing
+from reliable_msg.message import Message, Publication
 from reliable_msg.service.ports import Publish, Requeued
 from reliable_msg.service.store.connection import Conn, Pooled, translated
 from reliable_msg.service.store.rows import MESSAGE_COLUMNS, TRANSITION, as_message
@@ -119,7 +119,7 @@ class Requeues(Pooled):
         )
         by_id = {m.id: m for m in messages}
         outs = [
-            replace(Outgoing.first(by_id[r["message_id"]]), group=r["group_name"]) for r in dead
+            replace(Publication.first(by_id[r["message_id"]]), group=r["group_name"]) for r in dead
         ]
         answers = list(zip(dead, await publish(outs), strict=True))
         refused = {(r["message_id"], r["group_name"]): e for r, e in answers if e is not None}

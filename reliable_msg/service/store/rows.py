@@ -6,7 +6,7 @@ import json
 
 import asyncpg
 
-from reliable_msg.message import Delivery, Message, Outgoing
+from reliable_msg.message import Delivery, Message, Publication
 from reliable_msg.states import D, DeliveryStatus, MessageStatus
 
 #: The columns :func:`as_message` reads.
@@ -57,9 +57,9 @@ def as_delivery(row: asyncpg.Record) -> Delivery:
     )
 
 
-def as_due(row: asyncpg.Record) -> Outgoing:
+def as_due(row: asyncpg.Record) -> Publication:
     """A delivery due again, as its next publish to its group."""
-    return Outgoing(
+    return Publication(
         id=row["message_id"],
         topic=row["topic"],
         producer=row["producer"],
