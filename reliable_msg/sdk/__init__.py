@@ -20,9 +20,12 @@ from reliable_msg.errors import (
     BadRequest,
     BrokerError,
     BrokerUnavailable,
+    Code,
     Conflict,
+    FallbackUnavailable,
     Fenced,
     Forbidden,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     RateLimited,
@@ -38,7 +41,7 @@ from reliable_msg.errors import (
 
 if TYPE_CHECKING:
     from reliable_msg.sdk.client import ItemResult, RetryPolicy, ServiceClient
-    from reliable_msg.sdk.consumer import Consumer, Received, purge_inbox
+    from reliable_msg.sdk.consumer import Consumer, Poison, Received, purge_inbox
     from reliable_msg.sdk.producer import (
         Outgoing,
         Producer,
@@ -53,6 +56,7 @@ HOMES = {
     "RetryPolicy": "client",
     "ServiceClient": "client",
     "Consumer": "consumer",
+    "Poison": "consumer",
     "Received": "consumer",
     "purge_inbox": "consumer",
     "Outgoing": "producer",
@@ -66,14 +70,18 @@ __all__ = [
     "BadRequest",
     "BrokerError",
     "BrokerUnavailable",
+    "Code",
     "Conflict",
     "Consumer",
+    "FallbackUnavailable",
     "Fenced",
     "Forbidden",
     "ItemResult",
+    "MethodNotAllowed",
     "NotFound",
     "Outgoing",
     "PayloadTooLarge",
+    "Poison",
     "Producer",
     "RateLimited",
     "Received",

@@ -25,6 +25,7 @@ EXPECTED = {
     "purge_markers": "reliable_msg.sdk.producer",
     "Consumer": "reliable_msg.sdk.consumer",
     "Received": "reliable_msg.sdk.consumer",
+    "Poison": "reliable_msg.sdk.consumer.message",
     "purge_inbox": "reliable_msg.sdk.consumer",
     "ServiceClient": "reliable_msg.sdk.client",
     "RetryPolicy": "reliable_msg.sdk.client",
@@ -33,6 +34,9 @@ EXPECTED = {
         name: "reliable_msg.errors"
         for name in (
             "ReliableMsgError",
+            "Code",
+            "FallbackUnavailable",
+            "MethodNotAllowed",
             "RequestError",
             "BadRequest",
             "Unauthorized",
@@ -73,8 +77,9 @@ def test_every_name_in_all_resolves(package: ModuleType) -> None:
 
 
 def test_the_errors_exported_are_the_one_tree() -> None:
-    errors = [getattr(reliable_msg, n) for n, home in EXPECTED.items() if home.endswith("errors")]
-    assert all(issubclass(e, ReliableMsgError) for e in errors)
+    names = [n for n, home in EXPECTED.items() if home.endswith("errors") and n != "Code"]
+    assert all(issubclass(getattr(reliable_msg, n), ReliableMsgError) for n in names)
+    assert "Poison" not in names and issubclass(reliable_msg.Poison, ReliableMsgError)
 
 
 def test_an_unknown_name_is_an_attribute_error() -> None:
