@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 
 from reliable_msg.errors import (
     BrokerError,
+    Code,
     Conflict,
     ReliableMsgError,
     ServiceUnavailable,
@@ -158,7 +159,7 @@ class Payments:
                 await store.mark_failed(conn, order.id)
                 raise OrderError(500, "payment_failed", str(exc)) from exc
             except Conflict as exc:
-                if exc.code != "message_cancelled":
+                if exc.code != Code.MESSAGE_CANCELLED:
                     raise _translated(exc) from exc
                 # An earlier attempt rolled back and its message was cancelled: the
                 # order's one message id is spent, so the order fails as that attempt did.

@@ -39,6 +39,7 @@ from pydantic import BaseModel
 from reliable_msg.errors import Code, Conflict, Fenced, ReliableMsgError
 from reliable_msg.message import HeaderValue
 from reliable_msg.sdk.client import RETRIED, ItemResult, RetryPolicy, ServiceClient
+from reliable_msg.states import M
 
 log = logging.getLogger(__name__)
 
@@ -309,14 +310,14 @@ def _refuse_decided(statuses: dict[str, Any]) -> None:
     transaction was decided, running this one would commit business data whose message
     can never be sent (cancelled), or commit it a second time (sent or done).
     """
-    cancelled = sorted(i for i, s in statuses.items() if s == "cancelled")
+    cancelled = sorted(i for i, s in statuses.items() if s == M.CANCELLED)
     if cancelled:
         raise Conflict(
             f"messages {cancelled} were cancelled: an earlier transaction with these ids"
             " rolled back; use new ids",
             code=Code.MESSAGE_CANCELLED,
         )
-    sent = sorted(i for i, s in statuses.items() if s not in ("pending", "cancelled"))
+    sent = sorted(i for i, s in statuses.items() if s not in (M.PENDING, M.CANCELLED))
     if sent:
         raise Conflict(
             f"messages {sent} were already committed by another transaction",

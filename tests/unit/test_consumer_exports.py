@@ -16,7 +16,6 @@ PUBLIC = {
     "Received",
     "Source",
     "install",
-    "log",
     "purge_inbox",
 }
 

@@ -91,3 +91,19 @@ def test_poison_is_in_the_one_tree_and_still_a_value_error() -> None:
     poison = Poison("body is not JSON", id="m-1")
     assert isinstance(poison, ReliableMsgError) and isinstance(poison, ValueError)
     assert (str(poison), poison.id) == ("body is not JSON", "m-1")
+
+
+async def test_a_rejection_the_source_lost_is_not_logged_as_done(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The log says "rejected" only once the source took the rejection; a lost one is a
+    warning, and the message comes back from its source."""
+    poison = Poison("no handler for topic 'order.paid'", id="m-1")
+    caplog.set_level(logging.INFO, logger="reliable_msg.sdk.consumer")
+    settler = Settler("inventory", batcher())
+    assert await settler.settle(MESSAGE, poison, Recording(fails=True)) is Verdict.DEAD
+    assert not [r for r in caplog.records if "rejected message" in r.getMessage()]
+    assert [r for r in caplog.records if "rejection of m-1" in r.getMessage()]
+    caplog.clear()
+    assert await settler.settle(MESSAGE, poison, Recording()) is Verdict.DEAD
+    assert [r for r in caplog.records if "rejected message m-1" in r.getMessage()]

@@ -29,8 +29,7 @@ The modules, one concept each:
 - :mod:`.message`: :class:`Received`, :data:`Handler` and :class:`Poison`.
 """
 
-import logging
-
+from ._log import log as log
 from .acks import ACK_AGAIN, MAX_ACK_TRIES, RELEASE_AT_ONCE, AckBatcher
 from .consumer import STOP_TIMEOUT, Consumer
 from .fallback import REDIS_TIMEOUT, FallbackDrain
@@ -46,9 +45,6 @@ from .inbox import (
 from .message import Handler, Poison, Received
 from .settle import Outcome, Verdict
 from .source import Source
-
-#: The consumer SDK's one logger: every module of the package logs to it.
-log = logging.getLogger(__name__)
 
 __all__ = [
     "ACK_AGAIN",
@@ -71,6 +67,5 @@ __all__ = [
     "Source",
     "Verdict",
     "install",
-    "log",
     "purge_inbox",
 ]

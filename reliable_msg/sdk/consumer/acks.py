@@ -9,15 +9,12 @@ service answered, since a handled message has its inbox row and a copy of it is 
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from reliable_msg.errors import Code, ReliableMsgError
 from reliable_msg.sdk.client import ServiceClient
 
+from ._log import log
 from .source import Source
-
-#: The consumer SDK's one logger, whichever of its modules logs.
-log = logging.getLogger("reliable_msg.sdk.consumer")
 
 #: Ack errors that mean "not yet": the message was published by a confirm that has not
 #: committed (or whose commit failed, until check-back confirms it again).

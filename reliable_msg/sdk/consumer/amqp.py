@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from typing import TYPE_CHECKING
 
 import aio_pika
@@ -15,13 +14,11 @@ from reliable_msg import constants
 from reliable_msg.aio import first_of
 from reliable_msg.transports.switch import Mode
 
+from ._log import log
 from .message import Poison, Received
 
 if TYPE_CHECKING:
     from .consumer import Consumer
-
-#: The consumer SDK's one logger, whichever of its modules logs.
-log = logging.getLogger("reliable_msg.sdk.consumer")
 
 
 class QueueReader:

@@ -4,7 +4,6 @@ it reads)."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -16,6 +15,7 @@ from reliable_msg.aio import first_of
 from reliable_msg.sdk.client import RetryPolicy, ServiceClient
 from reliable_msg.transports.switch import Mode
 
+from ._log import log
 from .acks import AckBatcher
 from .amqp import QueueReader
 from .fallback import FallbackDrain
@@ -23,9 +23,6 @@ from .inbox import Inbox
 from .message import Handler, Poison, Received
 from .settle import Outcome, Settler
 from .source import Source
-
-#: The consumer SDK's one logger, whichever of its modules logs.
-log = logging.getLogger("reliable_msg.sdk.consumer")
 
 #: Seconds a stopping consumer waits at most for the service to take its last acks.
 STOP_TIMEOUT = 10.0

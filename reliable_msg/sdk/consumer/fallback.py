@@ -5,7 +5,6 @@ and each entry read as a :class:`~.source.Source`."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
 import uuid
@@ -19,13 +18,12 @@ from reliable_msg.errors import FallbackUnavailable
 from reliable_msg.transports.redis import FallbackReader, Malformed, Read
 from reliable_msg.transports.switch import Mode, Switch
 
+from ._log import log
 from .message import Poison, Received
 
 if TYPE_CHECKING:
     from .consumer import Consumer
 
-#: The consumer SDK's one logger, whichever of its modules logs.
-log = logging.getLogger("reliable_msg.sdk.consumer")
 
 #: Seconds one Redis call of the fallback workers may take.
 REDIS_TIMEOUT = 5.0

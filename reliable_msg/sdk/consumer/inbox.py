@@ -10,7 +10,6 @@ failing handler holds back no other message and its effect is never half kept.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import cast
@@ -20,10 +19,8 @@ import asyncpg
 from reliable_msg.errors import Code
 from reliable_msg.sdk.client import ItemResult, ServiceClient
 
+from ._log import log
 from .message import Handler, Received
-
-#: The consumer SDK's one logger, whichever of its modules logs.
-log = logging.getLogger("reliable_msg.sdk.consumer")
 
 #: The consumer's inbox table, created by :func:`install` in the consumer's database.
 INBOX_TABLE = "rmsg_inbox"

@@ -14,20 +14,20 @@ transaction) raised                    source, redelivers it, with its backoff
 cancelled: the consumer is    LEAVE    nothing: the source brings it again (RabbitMQ
 stopping                               requeues it, a Redis entry is reclaimed)
 ============================  =======  ==================================================
+
+An ACK the service cannot take yet (``not_sent``, ``busy``) is sent again by the batcher
+(:data:`.acks.ACK_AGAIN`): that is carrying out the verdict, not another decision.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable
 from enum import Enum
 
+from ._log import log
 from .acks import AckBatcher
 from .message import Poison, Received
 from .source import Source
-
-#: The consumer SDK's one logger, whichever of its modules logs.
-log = logging.getLogger("reliable_msg.sdk.consumer")
 
 #: What handling a message came to: handled (True), a duplicate (False), the
 #: :class:`Poison` no handler can take, its handler's error, or ``CancelledError``.
@@ -55,15 +55,15 @@ class Settler:
         too)."""
         match message, outcome:
             case _, Poison() as poison:
-                log.error(
-                    "consumer %s: rejected message %s (%s): %s",
-                    self._group,
-                    message.id or "without an id",
-                    source.where,
-                    poison,
-                    extra={"message_id": message.id},
-                )
-                await self._at_source(message.id, "rejection", source.reject(str(poison)))
+                if await self._at_source(message.id, "rejection", source.reject(str(poison))):
+                    log.error(
+                        "consumer %s: rejected message %s (%s): %s",
+                        self._group,
+                        message.id or "without an id",
+                        source.where,
+                        poison,
+                        extra={"message_id": message.id},
+                    )
                 return Verdict.DEAD
             case Received(), bool():
                 self._acks.add(message.id, source)
@@ -90,11 +90,13 @@ class Settler:
         )
         return Verdict.LEAVE
 
-    async def _at_source(self, id: str, what: str, action: Awaitable[None]) -> None:
-        """Carry out a verdict at the source; if the source went away, it is its own to
-        deliver the message again (RabbitMQ requeues, a Redis entry is reclaimed)."""
+    async def _at_source(self, id: str, what: str, action: Awaitable[None]) -> bool:
+        """Carry out a verdict at the source (True when done); if the source went away,
+        it is its own to deliver the message again (RabbitMQ requeues, a Redis entry is
+        reclaimed)."""
         try:
             await action
+            return True
         except Exception as exc:
             log.warning(
                 "consumer %s: %s of %s at its source lost (%s)",
@@ -104,3 +106,4 @@ class Settler:
                 exc,
                 extra={"message_id": id},
             )
+            return False
