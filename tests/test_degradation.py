@@ -333,6 +333,32 @@ async def test_racing_trips_flip_once_and_watchers_see_it(redis: aioredis.Redis)
         await redis.delete(f"{{{ns}}}:switch", f"{{{ns}}}:switch:history")
 
 
+async def test_a_failing_switch_listener_neither_stops_the_flip_nor_passes_for_redis(
+    redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A listener's bug is logged; the trip still happens and answers True (before: the
+    listener's error came out of ``trip``, and the publisher, which stays normal when
+    Redis fails, took it for a Redis failure or let it out of a confirm)."""
+    from reliable_msg.transports.switch import Switch, SwitchState
+
+    ns = f"listener-{os.getpid()}"
+    switch = Switch(redis, who="s", namespace=ns, poll_interval=60.0)
+    seen: list[SwitchState] = []
+
+    def broken(state: SwitchState) -> None:
+        raise ValueError("a listener's bug")
+
+    switch.on_change(broken)
+    switch.on_change(seen.append)
+    try:
+        with caplog.at_level(logging.ERROR, logger="reliable_msg.transports.switch"):
+            assert await switch.trip("test") is True
+        assert switch.degraded and [s.mode.value for s in seen] == ["degraded"]
+        assert any("listener of the switch failed" in r.getMessage() for r in caplog.records)
+    finally:
+        await redis.delete(f"{{{ns}}}:switch", f"{{{ns}}}:switch:history")
+
+
 async def test_redelivery_while_degraded_goes_to_the_groups_shards_only(
     runtime: Runtime,
     client: httpx.AsyncClient,

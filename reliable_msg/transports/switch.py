@@ -149,7 +149,10 @@ class Switch:
             log.info("%s sees the switch %s", self._who, state.mode.value)
             self._changed.set()
             for listener in self._listeners:
-                listener(state)
+                try:
+                    listener(state)
+                except Exception:  # a listener's bug must not pass for a Redis failure
+                    log.exception("a listener of the switch failed on %s", state.mode.value)
         MODE.set(1 if state.mode is Mode.DEGRADED else 0)
 
     async def changed(self) -> None:
