@@ -1,4 +1,4 @@
-"""The e-commerce demo of reliable-msg (DESIGN §8), run by ``python -m demo``.
+"""The e-commerce demo of reliable-msg (README: The demo), run by ``python -m demo``.
 
 It starts the service, the order service (:mod:`upstream_demo`) and the three consumer
 groups (:mod:`downstream_demo`) as processes of their own, pays orders through the order

@@ -1,4 +1,4 @@
-"""Degradation to the Redis fallback when RabbitMQ is down, and recovery (DESIGN §6).
+"""Degradation to the Redis fallback when RabbitMQ is down, and recovery (README: When RabbitMQ is down).
 
 RabbitMQ and Redis are stopped for real; the autouse fixture in conftest starts them
 again whatever happens.

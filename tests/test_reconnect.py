@@ -350,7 +350,7 @@ async def test_rabbitmq_gone_and_back(
 
                 await wait_until(disconnected, within=30, every=0.5)
                 # Confirms fail with 503 until the failures trip the switch; from then
-                # on they go to the Redis fallback (DESIGN §6).
+                # on they go to the Redis fallback (README: When RabbitMQ is down).
                 refused: list[httpx.Response] = []
                 for id in during:
                     assert (await prepare(api, id)).status_code == 201

@@ -102,7 +102,7 @@ class RedeliverySettings(_Section):
 
 
 class FallbackSettings(_Section):
-    """Degradation to Redis while RabbitMQ is down (DESIGN §6)."""
+    """Degradation to Redis while RabbitMQ is down (README: When RabbitMQ is down)."""
 
     enabled: bool = True
     namespace: str = Field(default=constants.REDIS_NAMESPACE, pattern=r"^[A-Za-z0-9_.\-]+$")
@@ -135,7 +135,7 @@ class ScannerSettings(_Section):
 
 
 class MonitorSettings(_Section):
-    """Samples for the dashboard's chart and the gauges of ``/metrics`` (DESIGN §4)."""
+    """Samples for the dashboard's chart and the gauges of ``/metrics`` (README: HTTP API)."""
 
     interval: Seconds = 5.0  #: seconds between samples of the rates and the scanner lag
     #: seconds between counts of messages per status and deliveries per group: each is a

@@ -283,7 +283,7 @@ def bench(
     paths: str,
     json_path: str,
 ) -> None:
-    """Measure the full path against the PostgreSQL and RabbitMQ ceilings (DESIGN §9)."""
+    """Measure the full path against the PostgreSQL and RabbitMQ ceilings (see BENCHMARKS.md)."""
     from pathlib import Path
 
     import uvloop

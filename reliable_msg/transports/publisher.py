@@ -1,5 +1,5 @@
 """The publisher the use-cases talk to: RabbitMQ normally, the Redis fallback while the
-degradation switch is on (DESIGN §6).
+degradation switch is on (README: When RabbitMQ is down).
 
 It counts consecutive failed publishes (timeouts included); at ``failure_threshold`` it
 trips the shared switch and writes the failed message to the fallback at once, so the

@@ -1,4 +1,4 @@
-"""The HTTP API (DESIGN §4): routes parse, authorise and call a use-case; no SQL here.
+"""The HTTP API (README: HTTP API): routes parse, authorise and call a use-case; no SQL here.
 
 - :mod:`.app`: :func:`create_app`, the FastAPI app with its middleware and routers
 - :mod:`.errors`: every error answered as ``{"error": {"code", "message"}}``, and the

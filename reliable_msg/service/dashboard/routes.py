@@ -1,7 +1,7 @@
 """The dashboard's routes, under ``/dashboard``: its static files here, and the pages
 (:mod:`.pages`), logging in (:mod:`.login`) and requeueing (:mod:`.requeue`).
 
-Routes check the session, parse, and call the service, the store's history, the
+Routes check the session, parse, and call the use-cases (a message's history too), the
 monitor and the runtime's broker report; no SQL here. Pages are Jinja2 templates
 rendered on the server; ``static/dashboard.js`` polls ``api/overview`` and draws the
 chart. Every state change is a POST carrying the session's CSRF token, reached through

@@ -1,1 +1,1 @@
-"""The benchmark: the full path against the ceilings it is held to (DESIGN §9)."""
+"""The benchmark: the full path against the ceilings it is held to (see BENCHMARKS.md)."""

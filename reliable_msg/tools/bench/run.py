@@ -1,4 +1,4 @@
-"""``reliable-msg bench``: every figure of DESIGN §9 in one run, as a table and as JSON."""
+"""``reliable-msg bench``: every target figure in one run, as a table and as JSON."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class Options:
     paths: tuple[str, ...] = PATHS
 
 
-#: The targets of DESIGN §9: figure, comparison, bound.
+#: The targets: figure, comparison, bound.
 TARGETS = [
     ("single-message API, msgs/s", "single_msgs_per_s", ">=", 1000.0),
     ("batch API, msgs/s", "batch_msgs_per_s", ">=", 5000.0),
