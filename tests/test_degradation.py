@@ -1,4 +1,5 @@
-"""Degradation to the Redis fallback when RabbitMQ is down, and recovery (README: When RabbitMQ is down).
+"""Degradation to the Redis fallback when RabbitMQ is down, and recovery (README: When
+RabbitMQ is down).
 
 RabbitMQ and Redis are stopped for real; the autouse fixture in conftest starts them
 again whatever happens.

@@ -1,4 +1,5 @@
-"""How messages travel, and how they still do while RabbitMQ is down (README: When RabbitMQ is down).
+"""How messages travel, and how they still do while RabbitMQ is down (README: When
+RabbitMQ is down).
 
     normal    use-cases ─► SwitchingPublisher ─► RabbitMQ (rabbitmq.py) ─► queues ─► consumers
     N failed publishes in a row: the publisher trips the Switch (switch.py), a Redis hash

@@ -1,7 +1,7 @@
-"""The service's side of degradation (README: When RabbitMQ is down) as one object: the RabbitMQ client, the
-Redis client, the shared switch, the fallback writer and the publisher that chooses
-between them, started and stopped together; what readiness, stats and the scanners'
-probe and report jobs ask of them.
+"""The service's side of degradation (README: When RabbitMQ is down) as one object: the
+RabbitMQ client, the Redis client, the shared switch, the fallback writer and the
+publisher that chooses between them, started and stopped together; what readiness, stats
+and the scanners' probe and report jobs ask of them.
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ REDECLARE_INTERVAL = 5.0
 
 
 def amqp_message(out: Publication) -> aio_pika.Message:
-    """The wire form (README: Wire format on RabbitMQ): a plain AMQP client can read it without our SDK."""
+    """The wire form (README: Wire format on RabbitMQ): a plain AMQP client can read it
+    without our SDK."""
     headers: dict[str, Any] = dict(out.headers)
     headers[constants.HEADER_ATTEMPT] = out.attempt
     headers[constants.HEADER_PRODUCER] = out.producer

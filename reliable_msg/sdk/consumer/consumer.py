@@ -34,8 +34,8 @@ class Consumer:
     """Consumes one group's messages and hands each to the handler of its topic.
 
     Normally from the group's RabbitMQ queue. With ``redis_url`` it also follows the
-    degradation switch (README: When RabbitMQ is down): when the switch is on it keeps its RabbitMQ consumer
-    while that still works, and starts ``redis_workers`` workers over the group's
+    degradation switch (README: When RabbitMQ is down): when the switch is on it keeps its
+    RabbitMQ consumer while that still works, and starts ``redis_workers`` workers over the group's
     fallback shards; after the switch clears, the workers drain the shards until they are
     empty, and only then does the consumer go back to RabbitMQ alone (reconnecting to it
     if it had lost it). Every path uses the same handler, inbox and acks. The group's
