@@ -14,7 +14,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from reliable_msg.service.checkback import MAX_ANSWER_BYTES
+from reliable_msg.service.checkback_client import MAX_ANSWER_BYTES
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from tests.conftest import PRODUCER, auth

@@ -10,12 +10,12 @@ from typing import Any
 
 from reliable_msg.errors import ReliableMsgError
 from reliable_msg.service.auth import Authenticator
-from reliable_msg.service.checkback import CheckBackClient
+from reliable_msg.service.checkback_client import CheckBackClient
 from reliable_msg.service.monitor import Monitor
 from reliable_msg.service.scanners import CheckBackScanner, Purger, RedeliveryScanner, Scanners
 from reliable_msg.service.settings import Settings
 from reliable_msg.service.store import PgStore
-from reliable_msg.service.usecases import MessageService
+from reliable_msg.service.usecases import UseCases
 from reliable_msg.transports.degradation import PROBE_TIMEOUT, Degradation
 
 
@@ -42,9 +42,9 @@ class Runtime:
         self.degradation = degradation
         self.publisher = degradation.publisher
         self.switch = degradation.switch
-        self.service = MessageService(settings, store, self.publisher)
+        self.usecases = UseCases(settings, store, self.publisher)
         self.checkback_client = checkback
-        self.checkback = CheckBackScanner(settings, store, self.service, checkback)
+        self.checkback = CheckBackScanner(settings, store, self.usecases, checkback)
         self.redelivery = RedeliveryScanner(settings, store, self.publisher)
         self.purger = Purger(settings, store)
         self.monitor = Monitor(settings, store)

@@ -62,7 +62,10 @@ class BulkRequeued:
     refused: list[str]  #: messages with a delivery the broker refused: they stay ``dead``
 
 
-class MessageService:
+class UseCases:
+    """The use-cases of the reliable messages: what the HTTP API, the dashboard, the admin
+    commands and the scanners ask for, over the store and publisher ports."""
+
     def __init__(self, settings: Settings, store: Store, publisher: Publisher) -> None:
         self._settings = settings
         self._store = store

@@ -61,7 +61,7 @@ async def opened(settings: Settings, *, rabbitmq: bool = False) -> AsyncIterator
 async def status(settings: Settings, console: Console) -> None:
     """Counts per status, per topic and per group; mode, fallback depth, switch history."""
     async with opened(settings) as runtime:
-        stats = await runtime.service.stats()
+        stats = await runtime.usecases.stats()
         report = await runtime.broker_report()
     console.print(_counts_table(stats["messages"]))
     console.print(_groups_table(settings, stats["groups"], report.get("fallback_depth", {})))
@@ -84,7 +84,7 @@ async def list_messages(
     limit: int,
 ) -> None:
     async with opened(settings) as runtime:
-        page = await runtime.service.page(
+        page = await runtime.usecases.page(
             status=status, topic=topic, group=group, limit=limit, after=None
         )
     console.print(_messages_table(page.messages))
@@ -95,14 +95,14 @@ async def list_messages(
 async def show(settings: Settings, console: Console, id: str) -> None:
     """One message with its deliveries and history; raises :class:`NotFound`."""
     async with opened(settings) as runtime:
-        message = await runtime.service.get(id, None)
-        history = await runtime.service.history(id)
+        message = await runtime.usecases.get(id, None)
+        history = await runtime.usecases.history(id)
     _print_detail(console, message, history)
 
 
 async def requeue_one(settings: Settings, console: Console, id: str) -> None:
     async with opened(settings, rabbitmq=True) as runtime:
-        message = await runtime.service.requeue(id)
+        message = await runtime.usecases.requeue(id)
     what = "check-back starts again" if message.status is MessageStatus.PENDING else "republished"
     console.print(f"requeued {id}: now {message.status} ({what})")
 
@@ -120,15 +120,15 @@ async def requeue_group(
     if group not in settings.groups:
         raise Unprocessable(f"no consumer group {group!r}", code=Code.UNKNOWN_GROUP)
     async with opened(settings, rabbitmq=True) as runtime:
-        dead = (await runtime.service.stats())["groups"].get(group, {}).get("dead", 0)
+        dead = (await runtime.usecases.stats())["groups"].get(group, {}).get("dead", 0)
         if not dead:
             console.print(f"group {group} has no dead delivery: nothing to requeue")
             return
         if not confirm(dead):
             console.print("nothing requeued")
             return
-        done = await runtime.service.requeue_all(topic, group)
-        left = (await runtime.service.stats())["groups"].get(group, {}).get("dead", 0)
+        done = await runtime.usecases.requeue_all(topic, group)
+        left = (await runtime.usecases.stats())["groups"].get(group, {}).get("dead", 0)
     console.print(
         f"republished {max(0, dead - left)} dead deliveries of group {group};"
         f" {done.requeued} message(s) requeued"
@@ -141,7 +141,7 @@ async def requeue_group(
 
 async def purge(settings: Settings, console: Console, older_than: float) -> None:
     async with opened(settings) as runtime:
-        deleted = await runtime.service.purge(older_than)
+        deleted = await runtime.usecases.purge(older_than)
     console.print(f"purged {deleted} done or cancelled message(s) older than {older_than:g}s")
 
 

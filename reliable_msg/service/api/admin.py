@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 
 from reliable_msg.errors import Code, Unprocessable
 from reliable_msg.service import cursor as page_cursor
-from reliable_msg.service.api.deps import Admin, PathId, Service, runtime_of
+from reliable_msg.service.api.deps import Admin, PathId, UseCasesOf, runtime_of
 from reliable_msg.service.api.errors import LIMITED
 from reliable_msg.service.schemas import GroupName, MessageOut, PageOut, RequeuedOut, Topic
 from reliable_msg.states import MessageStatus
@@ -19,14 +19,14 @@ router = APIRouter(responses=LIMITED)
 @router.get("/v1/messages", response_model=PageOut)
 async def list_messages(
     _: Admin,
-    service: Service,
+    usecases: UseCasesOf,
     status: MessageStatus | None = None,
     topic: Topic | None = None,
     group: GroupName | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: str | None = None,
 ) -> PageOut:
-    page = await service.page(
+    page = await usecases.page(
         status=status, topic=topic, group=group, limit=limit, after=page_cursor.decode(cursor)
     )
     return PageOut(
@@ -36,26 +36,26 @@ async def list_messages(
 
 
 @router.post("/v1/messages/{id}/requeue", response_model=MessageOut)
-async def requeue(id: PathId, _: Admin, service: Service) -> MessageOut:
-    return MessageOut.of(await service.requeue(id))
+async def requeue(id: PathId, _: Admin, usecases: UseCasesOf) -> MessageOut:
+    return MessageOut.of(await usecases.requeue(id))
 
 
 @router.post("/v1/requeue", response_model=RequeuedOut)
 async def requeue_all(
     _: Admin,
-    service: Service,
+    usecases: UseCasesOf,
     request: Request,
     topic: Topic | None = None,
     group: GroupName | None = None,
 ) -> RequeuedOut:
     if group is not None and group not in runtime_of(request).settings.groups:
         raise Unprocessable(f"no consumer group {group!r}", code=Code.UNKNOWN_GROUP)
-    done = await service.requeue_all(topic, group)
+    done = await usecases.requeue_all(topic, group)
     return RequeuedOut(requeued=done.requeued, refused=done.refused)
 
 
 @router.get("/v1/stats")
-async def stats(_: Admin, service: Service, request: Request) -> dict[str, Any]:
-    stats = await service.stats()
+async def stats(_: Admin, usecases: UseCasesOf, request: Request) -> dict[str, Any]:
+    stats = await usecases.stats()
     stats["broker"] = await runtime_of(request).broker_report()
     return stats

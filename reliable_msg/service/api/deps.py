@@ -10,7 +10,7 @@ from fastapi import Depends, Header, Path, Request
 from reliable_msg.service.auth import Principal, Role
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.schemas import MessageId
-from reliable_msg.service.usecases import MessageService
+from reliable_msg.service.usecases import UseCases
 
 
 def runtime_of(request: Request) -> Runtime:
@@ -22,8 +22,8 @@ def runtime_of(request: Request) -> Runtime:
 # a thread hop per dependency per request.
 
 
-async def _service(request: Request) -> MessageService:
-    return runtime_of(request).service
+async def _usecases(request: Request) -> UseCases:
+    return runtime_of(request).usecases
 
 
 def _role(*roles: Role) -> Callable[..., Coroutine[Any, Any, Principal]]:
@@ -46,7 +46,7 @@ def _role(*roles: Role) -> Callable[..., Coroutine[Any, Any, Principal]]:
     return admit
 
 
-Service = Annotated[MessageService, Depends(_service)]
+UseCasesOf = Annotated[UseCases, Depends(_usecases)]
 Producer = Annotated[Principal, Depends(_role(Role.PRODUCER))]
 Group = Annotated[Principal, Depends(_role(Role.GROUP))]
 Admin = Annotated[Principal, Depends(_role(Role.ADMIN))]

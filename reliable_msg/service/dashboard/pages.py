@@ -78,7 +78,7 @@ async def messages(
         after = page_cursor.decode(cursor)
     except BadRequest:  # an edited or stale link: the first page
         after = None
-    page = await visit.runtime.service.page(
+    page = await visit.runtime.usecases.page(
         status=MessageStatus(status) if status else None,
         topic=filters["topic"] or None,
         group=group or None,
@@ -97,7 +97,7 @@ async def message(request: Request, id: str) -> Response:
     found = await visit.find(id)
     if found is None:
         return visit.not_found(id)
-    history = await visit.runtime.service.history(id)
+    history = await visit.runtime.usecases.history(id)
     return visit.render("message.html", m=found, history=history, final=found.status in FINAL)
 
 

@@ -36,7 +36,7 @@ async def requeue(request: Request, id: str, csrf: Annotated[str, Form()] = "") 
     if not visit.sessions.check_csrf(visit.session, csrf):
         return visit.forbidden()
     try:
-        moved = await visit.runtime.service.requeue(id)
+        moved = await visit.runtime.usecases.requeue(id)
     except ReliableMsgError as exc:
         found = await visit.find(id)
         if found is None:
@@ -83,7 +83,7 @@ async def requeue_group(
         return visit.not_found(None, f"{topic!r} is not a topic.")
     dead = await _dead_deliveries(visit.runtime, group)
     try:
-        count = (await visit.runtime.service.requeue_all(topic or None, group)).requeued
+        count = (await visit.runtime.usecases.requeue_all(topic or None, group)).requeued
     except ReliableMsgError as exc:
         return visit.render(
             "requeue.html",

@@ -124,7 +124,7 @@ class Visit:
         if not ID_RE.fullmatch(id):
             return None
         try:
-            return await self.runtime.service.get(id, None)
+            return await self.runtime.usecases.get(id, None)
         except NotFound:
             return None
 

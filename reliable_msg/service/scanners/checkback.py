@@ -13,11 +13,11 @@ from reliable_msg.errors import BrokerError, CheckBackError, ReliableMsgError
 from reliable_msg.message import DueCheck
 from reliable_msg.metrics import CHECKBACKS, DEAD, SCANNER_ERRORS, TRANSITIONS
 from reliable_msg.policy import backoff
-from reliable_msg.service.checkback import Answer, CheckBackClient
+from reliable_msg.service.checkback_client import Answer, CheckBackClient
 from reliable_msg.service.ports import Store
 from reliable_msg.service.scanners.refusals import PASS_ERRORS, warn_failed
 from reliable_msg.service.settings import Settings
-from reliable_msg.service.usecases import MessageService
+from reliable_msg.service.usecases import UseCases
 from reliable_msg.states import M
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,12 @@ class CheckBackScanner:
         self,
         settings: Settings,
         store: Store,
-        service: MessageService,
+        usecases: UseCases,
         client: CheckBackClient,
     ) -> None:
         self._settings = settings
         self._store = store
-        self._service = service
+        self._usecases = usecases
         self._client = client
         cfg = settings.checkback
         self._slots = Slots(cfg.concurrency, cfg.per_producer)
@@ -212,7 +212,7 @@ class CheckBackScanner:
 
     async def _apply(self, check: DueCheck, answer: Answer) -> None:
         if answer is Answer.COMMITTED:
-            [result] = await self._service.confirm(None, [check.id])
+            [result] = await self._usecases.confirm(None, [check.id])
             if isinstance(result, BrokerError):
                 # A refusal was counted by the confirm (an outage is not); the message
                 # is asked about again when its lease runs out.
@@ -232,7 +232,7 @@ class CheckBackScanner:
                     extra={"message_id": check.id},
                 )
         elif answer is Answer.ROLLED_BACK:
-            await self._service.cancel(None, [check.id])
+            await self._usecases.cancel(None, [check.id])
             log.info(
                 "check-back of %s: rolled back; cancelled", check.id, extra={"message_id": check.id}
             )
