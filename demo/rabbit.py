@@ -3,7 +3,6 @@ it, and the broker's application, stopped and started again for the outage."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import aio_pika
 import aiormq
+
+from reliable_msg.harness import servers
 
 from .errors import DemoError
 from .options import Names
@@ -90,11 +91,8 @@ class Outage:
         """Start the application, then wait until RabbitMQ takes a connection again."""
         await self._ctl("start_app")
         self.started_at = self._now()
-        deadline = time.monotonic() + COMEBACK
-        while not await answers(self._url):
-            if time.monotonic() > deadline:
-                raise DemoError(f"RabbitMQ does not answer {COMEBACK:.0f} s after start_app")
-            await asyncio.sleep(0.2)
+        if not await servers.wait_until(self._answers, within=COMEBACK, every=0.2):
+            raise DemoError(f"RabbitMQ does not answer {COMEBACK:.0f} s after start_app")
         self.answering_at = self._now()
         self.down = False
 
@@ -102,14 +100,7 @@ class Outage:
         return time.monotonic() - self._started
 
     async def _ctl(self, command: str) -> None:
-        await run_logged(["rabbitmqctl", command], self._log)
+        await run_logged(servers.rabbitmqctl(command), self._log)
 
-
-async def answers(url: str) -> bool:
-    """Whether RabbitMQ takes an AMQP connection now."""
-    try:
-        connection = await aio_pika.connect(url, timeout=2)
-    except (OSError, aio_pika.exceptions.AMQPError, TimeoutError):
-        return False
-    await connection.close()
-    return True
+    async def _answers(self) -> bool:
+        return await servers.rabbitmq_answers(self._url)

@@ -20,6 +20,7 @@ import asyncpg
 from demo import rabbit
 from demo.errors import DemoError
 from demo.processes import Child, run_logged
+from reliable_msg.harness import servers
 from reliable_msg.harness.proxy import FaultProxy
 
 from .plan import Fault, Kind
@@ -28,8 +29,6 @@ from .plan import Fault, Kind
 ADMIN_PATIENCE = 30.0
 #: Seconds PostgreSQL gets to take connections again after a restart.
 PG_COMEBACK = 60.0
-#: Where Debian's PostgreSQL clusters are configured (``/etc/postgresql/<version>/main``).
-PG_CLUSTERS = Path("/etc/postgresql")
 
 
 class Injector:
@@ -58,7 +57,9 @@ class Injector:
             case Kind.KILL_INSTANCE:
                 return self._kill(fault.target)
             case Kind.CLOSE_CONNECTIONS:
-                await self._ctl("rabbitmqctl", "close_all_connections", "soak: injected fault")
+                await self._ctl(
+                    servers.rabbitmqctl("close_all_connections", "soak: injected fault")
+                )
                 return "RabbitMQ closed every AMQP connection"
             case Kind.BROKER_RESTART:
                 await self._outage.stop()
@@ -130,38 +131,18 @@ class Injector:
         return time.monotonic() - started
 
     async def _pg_back(self) -> None:
-        deadline = time.monotonic() + PG_COMEBACK
-        while not await self._pg_answers():
-            if time.monotonic() > deadline:
-                raise DemoError(f"PostgreSQL does not answer {PG_COMEBACK:.0f} s after a restart")
-            await asyncio.sleep(0.2)
+        if not await servers.wait_until(self._pg_answers, within=PG_COMEBACK, every=0.2):
+            raise DemoError(f"PostgreSQL does not answer {PG_COMEBACK:.0f} s after a restart")
         self._pg_down = False
 
     async def _pg_answers(self) -> bool:
-        try:
-            conn = await asyncpg.connect(self._admin_dsn, timeout=2)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-            return False
-        await conn.close()
-        return True
+        return await servers.postgres_answers(self._admin_dsn)
 
     async def _pg_ctl(self, action: str) -> None:
-        version = pg_version()
+        version = servers.pg_version()
         if version is None:
-            raise DemoError(f"cannot {action} PostgreSQL: no cluster under {PG_CLUSTERS}")
-        await self._ctl("pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action)
+            raise DemoError(f"cannot {action} PostgreSQL: no cluster under {servers.PG_CLUSTERS}")
+        await self._ctl(servers.pg_ctlcluster(version, action))
 
-    async def _ctl(self, *argv: str) -> None:
+    async def _ctl(self, argv: list[str]) -> None:
         await run_logged(argv, self._log)
-
-
-def pg_version() -> str | None:
-    """The version of Debian's PostgreSQL cluster ``main``; None if there is none here."""
-    if not PG_CLUSTERS.is_dir():
-        return None
-    versions = sorted((p.name for p in PG_CLUSTERS.iterdir()), key=_numeric)
-    return versions[-1] if versions else None
-
-
-def _numeric(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split(".") if part.isdigit())

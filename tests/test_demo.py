@@ -26,9 +26,9 @@ import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from demo import rabbit
+from reliable_msg.harness import servers
+from reliable_msg.harness.ports import port_open
 from tests.conftest import AMQP_URL, SERVER_URL
-from tests.helpers.rabbit import port_open
 from tests.helpers.runs import GROUPS, isolated, own_names, run_group
 
 ORDERS = 30
@@ -110,8 +110,8 @@ def test_demo_balances_the_books_through_every_injected_failure_and_an_outage(
     assert code == 0, out
     assert "verdict: BALANCED" in out, out
     assert processes_of(tag) == [], "the demo left processes behind"
-    assert port_open(), "the demo left RabbitMQ stopped"
-    assert asyncio.run(rabbit.answers(AMQP_URL))
+    assert port_open(servers.RABBITMQ_PORT), "the demo left RabbitMQ stopped"
+    assert asyncio.run(servers.rabbitmq_answers(AMQP_URL))
 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert_no_token_logged(tmp_path / "run", out)

@@ -26,10 +26,10 @@ import pytest
 from demo import books
 from demo.books import OrderRow
 from demo.verdict import EFFECTS
+from reliable_msg.harness.ports import port_open
 from soak.options import SHORT_FAULTS
 from soak.plan import Kind
 from tests.conftest import SERVER_URL
-from tests.helpers.rabbit import port_open
 from tests.helpers.runs import GROUPS, isolated, own_names, run_group
 from upstream_demo.store import message_id
 

@@ -1,4 +1,5 @@
-"""Free localhost ports for the processes and servers a tool starts."""
+"""Free localhost ports for the processes and servers a tool starts, and whether a port
+takes connections."""
 
 from __future__ import annotations
 
@@ -19,3 +20,10 @@ def free_ports(count: int) -> list[int]:
 def free_port() -> int:
     """One free port."""
     return free_ports(1)[0]
+
+
+def port_open(port: int, host: str = "127.0.0.1", *, timeout: float = 0.5) -> bool:
+    """Whether something takes TCP connections on ``host``:``port`` now."""
+    with socket.socket() as s:
+        s.settimeout(timeout)
+        return s.connect_ex((host, port)) == 0

@@ -5,47 +5,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 
 import aio_pika
 
+from reliable_msg.harness import servers
 from reliable_msg.service.settings import Settings
 
-
-def port_open(port: int = 5672) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _ctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+#: Seconds RabbitMQ gets to answer again after a test stopped or killed it.
+COMEBACK = 120.0
+#: Seconds the port of a killed node gets to close.
+KILL_WAIT = 30.0
 
 
 def ensure_running() -> None:
     """Start the RabbitMQ application (or the node) if it does not answer."""
-    if port_open():
-        return
-    try:
-        _ctl("start_app")
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
-        # The node itself is gone: start it again.
-        subprocess.run(["rabbitmq-server", "-detached"], check=True, timeout=60)
-    deadline = time.monotonic() + 120
-    while not port_open():
-        if time.monotonic() > deadline:
-            raise RuntimeError("RabbitMQ did not come back within 120 s")
-        time.sleep(0.5)
-    subprocess.run(["rabbitmqctl", "-q", "await_startup"], capture_output=True, timeout=120)
+    servers.start_rabbitmq(within=COMEBACK)
 
 
 @contextlib.contextmanager
 def stopped() -> Iterator[None]:
     """RabbitMQ's application stopped for the block, started again whatever happens."""
-    _ctl("stop_app")
+    servers.stop_rabbitmq_app()
     try:
         yield
     finally:
@@ -55,10 +38,7 @@ def stopped() -> Iterator[None]:
 @contextlib.contextmanager
 def killed() -> Iterator[None]:
     """The whole RabbitMQ node killed with SIGKILL for the block, started again after."""
-    subprocess.run(["pkill", "-KILL", "-f", "beam.smp.*rabbit"], timeout=30)
-    deadline = time.monotonic() + 30
-    while port_open() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    servers.kill_rabbitmq_node(within=KILL_WAIT)
     try:
         yield
     finally:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from reliable_msg.harness import servers
 from reliable_msg.harness.config import settings_data, toml, write_config
-from reliable_msg.harness.ports import free_ports
+from reliable_msg.harness.ports import free_ports, port_open
 from reliable_msg.service.settings import Settings, load_settings
 
 
@@ -42,3 +43,32 @@ def test_free_ports_are_distinct_and_bindable() -> None:
     for port in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_a_port_is_open_while_something_listens_on_it() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = int(s.getsockname()[1])
+        assert port_open(port)
+        assert servers.wait_port(port, within=1, every=0.01)
+    assert not port_open(port)
+    assert servers.wait_port(port, open=False, within=1, every=0.01)
+
+
+def test_waiting_for_a_port_that_stays_closed_says_so() -> None:
+    assert not servers.wait_port(free_ports(1)[0], within=0.05, every=0.01)
+
+
+async def test_waiting_asks_until_the_check_says_yes() -> None:
+    answers = iter([False, False, True])
+
+    async def check() -> bool:
+        return next(answers)
+
+    assert await servers.wait_until(check, within=5, every=0.01)
+    assert not await servers.wait_until(_never, within=0.05, every=0.01)
+
+
+async def _never() -> bool:
+    return False
