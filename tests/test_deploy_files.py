@@ -97,9 +97,11 @@ def test_example_config_lists_every_setting_and_loads() -> None:
         return [(n, f.annotation) for n, f in model.model_fields.items()]
 
     sections = {n for n, a in fields(Settings) if hasattr(a, "model_fields")}
-    assert {"checkback", "redelivery", "scanner", "fallback", "monitor", "dashboard"} <= sections
+    assert {"checkback", "redelivery", "scanner", "fallback", "monitor", "dashboard", "tcc"} <= (
+        sections
+    )
     for name, annotation in fields(Settings):
-        if name in {"producers", "groups", "admin_token"}:
+        if name in {"producers", "groups", "participants", "admin_token"}:
             continue
         if name in sections:
             assert f"[{name}]" in text, f"section [{name}] missing"

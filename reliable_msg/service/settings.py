@@ -1,7 +1,8 @@
 """Typed settings: one TOML file plus ``RMSG_*`` environment variables (env wins).
 
 Nested values use ``__`` in variable names: ``RMSG_PRODUCERS__ORDER__TOKEN`` sets the
-token of producer ``order``; ``RMSG_REDELIVERY__MAX_ATTEMPTS`` a scanner setting.
+token of producer ``order``, ``RMSG_PARTICIPANTS__INVENTORY__TOKEN`` that of TCC
+participant ``inventory``; ``RMSG_REDELIVERY__MAX_ATTEMPTS`` a scanner setting.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from reliable_msg import constants
 from reliable_msg.errors import ConfigError
 from reliable_msg.policy import NAME_RE, PATTERN_RE, topic_matches
+from reliable_msg.tcc import Op
 
 #: Environment variable naming the TOML file when no ``--config`` is given.
 CONFIG_ENV = "RMSG_CONFIG"
@@ -44,6 +46,68 @@ class ProducerSettings(_Section):
 
     check_url: AnyHttpUrl
     token: SecretStr | None = None
+
+
+class ParticipantSettings(_Section):
+    """A TCC participant: the coordinator calls ``<url>/confirm`` and ``<url>/cancel``
+    (the initiator ``<url>/try``), and no URL a request names (DESIGN.md §11)."""
+
+    url: AnyHttpUrl
+    #: the key of the calls' proofs (:func:`reliable_msg.tcc.proof`); required, given
+    #: like a producer's token (``RMSG_PARTICIPANTS__<NAME>__TOKEN``)
+    token: SecretStr
+    #: one call to this participant, connect to last byte; unset: ``tcc.call_timeout``
+    timeout: Seconds | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _plain(cls, url: AnyHttpUrl) -> AnyHttpUrl:
+        if url.username is not None or url.password is not None:
+            raise ValueError("must not carry credentials (the token authenticates the calls)")
+        if url.query is not None:
+            raise ValueError("must not have a query (?...)")
+        if url.fragment is not None:
+            raise ValueError("must not have a fragment (#...)")
+        return url
+
+    def op_url(self, op: Op) -> str:
+        """Where this participant takes ``op``: ``<url>/try``, ``/confirm`` or ``/cancel``."""
+        return f"{str(self.url).rstrip('/')}/{op.value}"
+
+
+class TccSettings(_Section):
+    """The TCC coordinator (DESIGN.md §11; issue 13: the coordinator itself is coming)."""
+
+    call_timeout: Seconds = 10.0  #: one Confirm or Cancel call, unless the participant says
+    #: wait after a branch's first failed Confirm or Cancel; doubled after each one
+    backoff_base: Seconds = 1.0
+    backoff_cap: Seconds = 300.0  #: the longest wait between two calls of a branch
+    jitter: float = Field(default=0.2, ge=0.0, lt=1.0)  #: each wait drawn within ± this share
+    #: a transaction still confirming or cancelling this long after its commit or cancel
+    #: is flagged stalled (a metric, a WARNING with the gid); it is still retried
+    stalled_after: Seconds = 600.0
+    #: how long a claimed transaction is hidden from other instances: its calls must end
+    #: well within it
+    lease: Seconds = 30.0
+    max_timeout: Seconds = 3600.0  #: the longest timeout a begin may ask for
+    max_branches: int = Field(default=32, ge=1)  #: branches one transaction may have
+    max_payload_bytes: int = Field(default=64 * 1024, ge=1)  #: one branch's payload, as JSON
+    retention: Seconds = 7 * 24 * 3600.0  #: confirmed and cancelled transactions kept this long
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TccSettings:
+        if self.backoff_cap < self.backoff_base:
+            raise ValueError(
+                f"tcc.backoff_cap ({self.backoff_cap:g} s) must be at least tcc.backoff_base "
+                f"({self.backoff_base:g} s)"
+            )
+        if self.lease <= self.call_timeout:
+            raise ValueError(
+                f"tcc.lease ({self.lease:g} s) must be longer than tcc.call_timeout "
+                f"({self.call_timeout:g} s): a transaction would be claimed again while its "
+                "calls are still in flight"
+            )
+        return self
 
 
 class GroupSettings(_Section):
@@ -216,9 +280,11 @@ class Settings(BaseSettings):
     monitor: MonitorSettings = MonitorSettings()
     dashboard: DashboardSettings = DashboardSettings()
     limits: LimitSettings = LimitSettings()
+    tcc: TccSettings = TccSettings()
 
     producers: dict[str, ProducerSettings] = {}
     groups: dict[str, GroupSettings] = {}
+    participants: dict[str, ParticipantSettings] = {}
 
     @classmethod
     def settings_customise_sources(
@@ -234,7 +300,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _names(self) -> Settings:
-        for kind, names in (("producer", self.producers), ("group", self.groups)):
+        for kind, names in (
+            ("producer", self.producers),
+            ("group", self.groups),
+            ("participant", self.participants),
+        ):
             for name in names:
                 if not NAME_RE.match(name):
                     raise ValueError(
@@ -242,8 +312,26 @@ class Settings(BaseSettings):
                     )
         tokens = [t.get_secret_value() for t in self._tokens() if t is not None]
         if len(tokens) != len(set(tokens)):
-            raise ValueError("two principals (admin, producers, groups) have the same token")
+            raise ValueError(
+                "two principals (admin, producers, groups, participants) have the same token"
+            )
         return self
+
+    @model_validator(mode="after")
+    def _calls_end_within_the_lease(self) -> Settings:
+        for name, participant in self.participants.items():
+            if participant.timeout is not None and participant.timeout >= self.tcc.lease:
+                raise ValueError(
+                    f"participants.{name}.timeout ({participant.timeout:g} s) must be shorter "
+                    f"than tcc.lease ({self.tcc.lease:g} s): a transaction would be claimed "
+                    "again while its calls are still in flight"
+                )
+        return self
+
+    def call_timeout(self, participant: str) -> float:
+        """How long one call to ``participant`` may take."""
+        timeout = self.participants[participant].timeout
+        return timeout if timeout is not None else self.tcc.call_timeout
 
     @model_validator(mode="after")
     def _header_fits_a_frame(self) -> Settings:
@@ -261,6 +349,7 @@ class Settings(BaseSettings):
             self.admin_token,
             *(p.token for p in self.producers.values()),
             *(g.token for g in self.groups.values()),
+            *(p.token for p in self.participants.values()),
         ]
 
     def queue_name(self, group: str) -> str:
