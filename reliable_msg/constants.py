@@ -32,6 +32,9 @@ HEADER_GROWTH = 64
 MIGRATION_LOCK_NAME = "reliable_msg.migrate"
 #: Table recording which migrations were applied.
 MIGRATION_TABLE = "rmsg_schema_migrations"
+#: PostgreSQL setting the TCC retention purge sets (``SET LOCAL ... = 'on'``) in its
+#: transaction: the only way past the trigger that keeps ``rmsg_tcc_event`` append-only.
+TCC_PURGE_SETTING = "rmsg.tcc_purge"
 #: AMQP header carrying the message's ordering / sharding key, when it has one.
 HEADER_KEY = "x-rmsg-key"
 
