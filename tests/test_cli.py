@@ -40,6 +40,18 @@ def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
     assert result.stdout.strip().endswith("configuration ok")
 
 
+def test_check_config_prints_the_tcc_participants(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text(GOOD + '[participants.credit]\nurl = "http://credit:8502/tcc"\n')
+    result = run(
+        "--config", str(path), "check-config", env={"RMSG_PARTICIPANTS__CREDIT__TOKEN": "c"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "participant credit: http://credit:8502/tcc (calls time out after 10 s)" in (
+        result.stdout
+    )
+
+
 def test_env_overrides_the_file_and_supplies_tokens(tmp_path: Path) -> None:
     path = tmp_path / "ok.toml"
     path.write_text(GOOD.replace('token = "g"\n', ""))
@@ -65,6 +77,9 @@ def test_env_overrides_the_file_and_supplies_tokens(tmp_path: Path) -> None:
         (GOOD + "\nunknown_setting = 1\n", "unknown_setting"),
         (GOOD.replace("[groups.inventory]", "[groups.Inventory]"), "lower case"),
         (GOOD.replace('["order.paid"]', '["order..paid"]'), "not a topic pattern"),
+        (GOOD + '[participants.credit]\ntoken = "c"\n', "participants.credit.url"),
+        (GOOD + '[participants.credit]\nurl = "http://credit"\n', "participants.credit.token"),
+        (GOOD + "[tcc]\njitter = 1\n", "tcc.jitter"),
     ],
     ids=[
         "missing",
@@ -75,6 +90,9 @@ def test_env_overrides_the_file_and_supplies_tokens(tmp_path: Path) -> None:
         "unknown-key",
         "upper-case-name",
         "bad-pattern",
+        "participant-without-url",
+        "participant-without-token",
+        "bad-tcc",
     ],
 )
 @pytest.mark.parametrize("command", ["check-config", "serve", "migrate"])

@@ -72,6 +72,9 @@ def check_config(ctx: click.Context) -> None:
     click.echo(f"producers: {', '.join(settings.producers) or '(none)'}")
     for name, group in settings.groups.items():
         click.echo(f"group {name}: queue {settings.queue_name(name)} <- {', '.join(group.topics)}")
+    for name, participant in settings.participants.items():
+        timeout = settings.call_timeout(name)
+        click.echo(f"participant {name}: {participant.url} (calls time out after {timeout:g} s)")
     if settings.admin_token is None:
         click.echo("warning: no admin token: admin calls are refused", err=True)
     if missing:
