@@ -160,16 +160,20 @@ BRANCH_CANCEL = Move(
 
 BRANCH_MOVES: tuple[Move[BranchStatus], ...] = (BRANCH_CONFIRM, BRANCH_CANCEL)
 
-#: Every move a transaction may make, and what makes it (reasons of a shared pair joined).
-TX_TRANSITIONS: dict[tuple[TxStatus, TxStatus], str] = {}
-for _move in TX_MOVES:
-    _key = (_move.src, _move.dst)
-    TX_TRANSITIONS[_key] = "; ".join(filter(None, (TX_TRANSITIONS.get(_key), _move.why)))
 
+def _table(moves: tuple[Move[S], ...]) -> dict[tuple[S, S], str]:
+    """``(src, dst)`` -> what makes it; the reasons of moves sharing a pair joined."""
+    table: dict[tuple[S, S], str] = {}
+    for move in moves:
+        key = (move.src, move.dst)
+        table[key] = "; ".join(filter(None, (table.get(key), move.why)))
+    return table
+
+
+#: Every move a transaction may make, and what makes it.
+TX_TRANSITIONS: dict[tuple[TxStatus, TxStatus], str] = _table(TX_MOVES)
 #: Every move a branch may make, and what makes it.
-BRANCH_TRANSITIONS: dict[tuple[BranchStatus, BranchStatus], str] = {
-    (m.src, m.dst): m.why for m in BRANCH_MOVES
-}
+BRANCH_TRANSITIONS: dict[tuple[BranchStatus, BranchStatus], str] = _table(BRANCH_MOVES)
 
 #: Statuses a transaction never leaves except by the retention purge.
 TX_FINAL: frozenset[TxStatus] = frozenset({T.CONFIRMED, T.CANCELLED})
