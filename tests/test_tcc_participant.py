@@ -32,7 +32,9 @@ class Inventory:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.participant = Participant(pool, TOKEN, name="inventory")
         self.fail: set[Op] = set()  #: ops whose handler raises once (then works)
-        self.delay = 0.0  #: seconds each handler sleeps in its transaction
+        #: when set, each handler waits for it in its transaction, having set ``entered``
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
         self.runs: Counter[Op] = Counter()
         p = self.participant
         p.on_try(self.freeze)
@@ -47,7 +49,9 @@ class Inventory:
             call.branch,
             call.op.value,
         )
-        await asyncio.sleep(self.delay)
+        if self.gate is not None:
+            self.entered.set()
+            await self.gate.wait()
         if call.op in self.fail:
             self.fail.discard(call.op)
             raise RuntimeError(f"{call.op.value} failed")
@@ -213,16 +217,28 @@ async def test_a_failing_handler_writes_nothing_and_a_retry_succeeds(
     assert await stock(tcc_db) == want[op]
 
 
-@pytest.mark.parametrize("op", [Op.CONFIRM, Op.CANCEL])
+async def twins(http: httpx.AsyncClient, inventory: Inventory, op: Op) -> list[httpx.Response]:
+    """Two identical calls of ``op``, the second made while the first one's handler is in
+    its transaction: it must wait on the barrier's key until the first one ends."""
+    inventory.gate = asyncio.Event()
+    first = asyncio.create_task(call(http, op))
+    await asyncio.wait_for(inventory.entered.wait(), 5)
+    second = asyncio.create_task(call(http, op))
+    await asyncio.sleep(0.5)
+    assert not second.done() and inventory.runs[op] == 1  # blocked before its handler
+    inventory.gate.set()
+    return [await first, await second]
+
+
+@pytest.mark.parametrize("op", list(Op))
 async def test_concurrent_duplicates_wait_and_run_once(
     http: httpx.AsyncClient, inventory: Inventory, tcc_db: asyncpg.Connection, op: Op
 ) -> None:
-    await call(http, Op.TRY)
-    inventory.delay = 0.5
-    answers = await asyncio.gather(*(call(http, op) for _ in range(2)))
-    assert sorted(outcome(a) for a in answers) == ["done", "duplicate"]
+    if op is not Op.TRY:
+        await call(http, Op.TRY)
+    assert [outcome(a) for a in await twins(http, inventory, op)] == ["done", "duplicate"]
     assert inventory.runs[op] == 1
-    want = {Op.CONFIRM: (98, 0, 2), Op.CANCEL: (START, 0, 0)}
+    want = {Op.TRY: (98, 2, 0), Op.CONFIRM: (98, 0, 2), Op.CANCEL: (START, 0, 0)}
     assert await stock(tcc_db) == want[op]
 
 
@@ -230,10 +246,26 @@ async def test_a_failing_twin_lets_the_waiting_one_run(
     http: httpx.AsyncClient, inventory: Inventory, tcc_db: asyncpg.Connection
 ) -> None:
     await call(http, Op.TRY)
-    inventory.delay, inventory.fail = 0.5, {Op.CONFIRM}
-    answers = await asyncio.gather(*(call(http, Op.CONFIRM) for _ in range(2)))
-    assert sorted(a.status_code for a in answers) == [200, 500]
+    inventory.fail = {Op.CONFIRM}
+    answers = await twins(http, inventory, Op.CONFIRM)
+    assert [a.status_code for a in answers] == [500, 200]
+    assert inventory.runs[Op.CONFIRM] == 2
     assert await stock(tcc_db) == (98, 0, 2)
+
+
+async def test_a_cancel_waits_for_its_running_try_then_gives_back(
+    http: httpx.AsyncClient, inventory: Inventory, tcc_db: asyncpg.Connection
+) -> None:
+    inventory.gate = asyncio.Event()
+    trying = asyncio.create_task(call(http, Op.TRY))
+    await asyncio.wait_for(inventory.entered.wait(), 5)
+    cancelling = asyncio.create_task(call(http, Op.CANCEL))
+    await asyncio.sleep(0.5)
+    assert not cancelling.done()  # neither an empty rollback nor a second handler
+    assert inventory.runs == {Op.TRY: 1}
+    inventory.gate.set()
+    assert [outcome(await trying), outcome(await cancelling)] == ["done", "done"]
+    assert await stock(tcc_db) == (START, 0, 0)
 
 
 def _good(op: Op = Op.CONFIRM) -> tuple[dict[str, str], bytes]:
