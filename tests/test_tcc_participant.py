@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -203,13 +204,20 @@ async def test_a_refused_try_writes_nothing(
 
 @pytest.mark.parametrize("op", list(Op))
 async def test_a_failing_handler_writes_nothing_and_a_retry_succeeds(
-    http: httpx.AsyncClient, inventory: Inventory, tcc_db: asyncpg.Connection, op: Op
+    http: httpx.AsyncClient,
+    inventory: Inventory,
+    tcc_db: asyncpg.Connection,
+    op: Op,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     if op is not Op.TRY:
         await call(http, Op.TRY)
     before = await snapshot(tcc_db)
     inventory.fail.add(op)
-    assert error(await call(http, op), 500) == "internal"
+    with caplog.at_level(logging.ERROR, logger="reliable_msg.sdk.tcc"):
+        assert error(await call(http, op), 500) == "internal"
+    logged = [tuple(getattr(r, k) for k in ("gid", "branch", "op")) for r in caplog.records]
+    assert logged == [("g1", "b1", op.value)]
     assert await snapshot(tcc_db) == before
     assert outcome(await call(http, op)) == "done"
     assert inventory.runs[op] == 2
