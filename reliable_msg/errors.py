@@ -27,6 +27,8 @@
     │                               after the retries
     ├── Fenced                      (SDK) a check-back decided "rolled back" before the
     │                               producer's transaction could commit
+    ├── Refused                     (TCC participant SDK, HTTP 409) a Try's business
+    │                               refusal: out of stock, say
     ├── Poison                      (SDK, also a ValueError) a delivery no handler can
     │                               ever take: no id, not JSON, no handler for its topic
     └── NotReady                    (harness) a process the tools started never got ready
@@ -148,6 +150,14 @@ class Fenced(ReliableMsgError):
     status = 409
 
 
+class Refused(ReliableMsgError):
+    """Raised by a TCC participant's Try handler to refuse the call for a business reason
+    (out of stock, say): its transaction rolls back and the call is answered 409, so that
+    the initiator cancels the global transaction."""
+
+    status = 409
+
+
 class Code(StrEnum):
     """Every error code: the string on the wire, and the error it stands for, whose
     HTTP status it answers with. A batch answers HTTP 200 and gives a failed item only
@@ -193,6 +203,10 @@ class Code(StrEnum):
     MESSAGE_CANCELLED = "message_cancelled", Conflict
     #: (SDK) a check-back decided "rolled back" before the transaction could commit
     FENCED = "fenced", Fenced
+    #: (TCC participant) a Try's business refusal, raised by its handler
+    REFUSED = "refused", Refused
+    #: (TCC participant) a Try that arrives after its branch's Cancel: refused, no effect
+    CANCELLED_BEFORE_TRY = "cancelled_before_try", Conflict
     PAYLOAD_TOO_LARGE = "payload_too_large", PayloadTooLarge  #: request body or payload
     #: the AMQP properties and headers over ``max_header_bytes``
     HEADERS_TOO_LARGE = "headers_too_large", PayloadTooLarge
@@ -234,6 +248,7 @@ FallbackUnavailable.code = Code.FALLBACK_UNAVAILABLE
 CheckBackError.code = Code.CHECK_BACK_FAILED
 ServiceUnavailable.code = Code.SERVICE_UNAVAILABLE
 Fenced.code = Code.FENCED
+Refused.code = Code.REFUSED
 
 #: Our errors that mean an outage rather than a refusal: the same call may succeed later.
 #: (The third-party errors behind them stay private to the adapter that translates them.)
