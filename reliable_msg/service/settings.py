@@ -50,7 +50,7 @@ class ProducerSettings(_Section):
 
 class ParticipantSettings(_Section):
     """A TCC participant: the coordinator calls ``<url>/confirm`` and ``<url>/cancel``
-    (the initiator ``<url>/try``), and no URL a request names (DESIGN.md §11)."""
+    (the initiator ``<url>/try``), and no URL a request names."""
 
     url: AnyHttpUrl
     #: the key of the calls' proofs (:func:`reliable_msg.tcc.proof`); required, given
@@ -76,7 +76,7 @@ class ParticipantSettings(_Section):
 
 
 class TccSettings(_Section):
-    """The TCC coordinator (DESIGN.md §11; issue 13: the coordinator itself is coming)."""
+    """The TCC coordinator (issue 13: the coordinator itself is coming)."""
 
     call_timeout: Seconds = 10.0  #: one Confirm or Cancel call, unless the participant says
     #: wait after a branch's first failed Confirm or Cancel; doubled after each one

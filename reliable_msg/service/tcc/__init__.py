@@ -1,4 +1,4 @@
-"""The TCC coordinator (DESIGN.md §11, issue 13), in the service's own process and database.
+"""The TCC coordinator (issue 13), in the service's own process and database.
 
 Here now: :mod:`.states`, the state machine of transactions and branches with the guard
 SQL of every move. Coming next (issue 13 in progress): the store (guarded updates of
