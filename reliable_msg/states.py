@@ -54,7 +54,8 @@ class DeliveryStatus(StrEnum):
 M = MessageStatus
 D = DeliveryStatus
 
-S = TypeVar("S", MessageStatus, DeliveryStatus)
+#: Any status enum: these messages' and their deliveries', and the TCC coordinator's.
+S = TypeVar("S", bound=StrEnum)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,11 +25,10 @@ using it must not alias the table it updates. Deadlines are compared with the da
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Generic, TypeVar
+from typing import TypeVar
 
-from reliable_msg.states import IllegalTransition
+from reliable_msg.states import IllegalTransition, Move
 from reliable_msg.tcc import Op
 
 __all__ = [
@@ -86,28 +85,6 @@ T = TxStatus
 B = BranchStatus
 
 S = TypeVar("S", TxStatus, BranchStatus)
-
-
-@dataclass(frozen=True, slots=True)
-class Move(Generic[S]):
-    """One allowed move, ``src`` → ``dst``, and what makes it."""
-
-    src: S
-    dst: S
-    why: str
-    #: The SQL condition beyond the status that makes the move (see the module's
-    #: docstring for how it names columns); empty when the status alone decides.
-    when: str = ""
-
-    @property
-    def params(self) -> tuple[str, str]:
-        """``(src, dst)`` as SQL parameters."""
-        return self.src.value, self.dst.value
-
-    def applies(self) -> str:
-        """The SQL condition under which a row makes this move (guard included)."""
-        guard = f"status = '{self.src.value}'"
-        return f"{guard} AND {self.when}" if self.when else guard
 
 
 def _every_branch(status: BranchStatus) -> str:
