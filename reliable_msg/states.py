@@ -132,15 +132,21 @@ REQUEUE_DELIVERY = Move(D.DEAD, D.SENT, "requeue")
 
 DELIVERY_MOVES: tuple[Move[DeliveryStatus], ...] = (ACK, REDELIVER, EXHAUSTED, REQUEUE_DELIVERY)
 
+
+def transitions(moves: tuple[Move[S], ...]) -> dict[tuple[S, S], str]:
+    """``(src, dst)`` -> what makes it; the reasons of moves sharing a pair joined."""
+    table: dict[tuple[S, S], str] = {}
+    for move in moves:
+        key = (move.src, move.dst)
+        table[key] = "; ".join(filter(None, (table.get(key), move.why)))
+    return table
+
+
 #: Every move a message may make, and what makes it.
-MESSAGE_TRANSITIONS: dict[tuple[MessageStatus, MessageStatus], str] = {
-    (m.src, m.dst): m.why for m in MESSAGE_MOVES
-}
+MESSAGE_TRANSITIONS: dict[tuple[MessageStatus, MessageStatus], str] = transitions(MESSAGE_MOVES)
 
 #: Every move a delivery may make, and what makes it.
-DELIVERY_TRANSITIONS: dict[tuple[DeliveryStatus, DeliveryStatus], str] = {
-    (m.src, m.dst): m.why for m in DELIVERY_MOVES
-}
+DELIVERY_TRANSITIONS: dict[tuple[DeliveryStatus, DeliveryStatus], str] = transitions(DELIVERY_MOVES)
 
 #: Statuses a message never leaves except by purge.
 FINAL: frozenset[MessageStatus] = frozenset({M.DONE, M.CANCELLED})
@@ -150,18 +156,19 @@ class IllegalTransition(ReliableMsgError):
     """A move that the tables above do not allow; a programming error."""
 
 
-def message_move(src: MessageStatus, dst: MessageStatus) -> tuple[str, str]:
-    """Return ``(src, dst)`` as SQL parameters, refusing a move the machine forbids."""
-    if (src, dst) not in MESSAGE_TRANSITIONS:
-        raise IllegalTransition(f"message {src} -> {dst}")
+def checked(table: dict[tuple[S, S], str], what: str, src: S, dst: S) -> tuple[str, str]:
+    """Return ``(src, dst)`` as SQL parameters, refusing a move ``table`` forbids."""
+    if (src, dst) not in table:
+        raise IllegalTransition(f"{what} {src} -> {dst}")
     return src.value, dst.value
+
+
+def message_move(src: MessageStatus, dst: MessageStatus) -> tuple[str, str]:
+    return checked(MESSAGE_TRANSITIONS, "message", src, dst)
 
 
 def delivery_move(src: DeliveryStatus, dst: DeliveryStatus) -> tuple[str, str]:
-    """Return ``(src, dst)`` as SQL parameters, refusing a move the machine forbids."""
-    if (src, dst) not in DELIVERY_TRANSITIONS:
-        raise IllegalTransition(f"delivery {src} -> {dst}")
-    return src.value, dst.value
+    return checked(DELIVERY_TRANSITIONS, "delivery", src, dst)
 
 
 def died_from(sent_at: datetime | None) -> MessageStatus:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import TypeVar
 
-from reliable_msg.states import IllegalTransition, Move
+from reliable_msg.states import IllegalTransition, Move, checked, transitions
 from reliable_msg.tcc import Op
 
 __all__ = [
@@ -138,19 +138,10 @@ BRANCH_CANCEL = Move(
 BRANCH_MOVES: tuple[Move[BranchStatus], ...] = (BRANCH_CONFIRM, BRANCH_CANCEL)
 
 
-def _table(moves: tuple[Move[S], ...]) -> dict[tuple[S, S], str]:
-    """``(src, dst)`` -> what makes it; the reasons of moves sharing a pair joined."""
-    table: dict[tuple[S, S], str] = {}
-    for move in moves:
-        key = (move.src, move.dst)
-        table[key] = "; ".join(filter(None, (table.get(key), move.why)))
-    return table
-
-
 #: Every move a transaction may make, and what makes it.
-TX_TRANSITIONS: dict[tuple[TxStatus, TxStatus], str] = _table(TX_MOVES)
+TX_TRANSITIONS: dict[tuple[TxStatus, TxStatus], str] = transitions(TX_MOVES)
 #: Every move a branch may make, and what makes it.
-BRANCH_TRANSITIONS: dict[tuple[BranchStatus, BranchStatus], str] = _table(BRANCH_MOVES)
+BRANCH_TRANSITIONS: dict[tuple[BranchStatus, BranchStatus], str] = transitions(BRANCH_MOVES)
 
 #: Statuses a transaction never leaves except by the retention purge.
 TX_FINAL: frozenset[TxStatus] = frozenset({T.CONFIRMED, T.CANCELLED})
@@ -166,17 +157,11 @@ DRIVEN: dict[TxStatus, tuple[Op, Move[BranchStatus]]] = {
 
 
 def tx_move(src: TxStatus, dst: TxStatus) -> tuple[str, str]:
-    """Return ``(src, dst)`` as SQL parameters, refusing a move the machine forbids."""
-    if (src, dst) not in TX_TRANSITIONS:
-        raise IllegalTransition(f"tcc transaction {src} -> {dst}")
-    return src.value, dst.value
+    return checked(TX_TRANSITIONS, "tcc transaction", src, dst)
 
 
 def branch_move(src: BranchStatus, dst: BranchStatus) -> tuple[str, str]:
-    """Return ``(src, dst)`` as SQL parameters, refusing a move the machine forbids."""
-    if (src, dst) not in BRANCH_TRANSITIONS:
-        raise IllegalTransition(f"tcc branch {src} -> {dst}")
-    return src.value, dst.value
+    return checked(BRANCH_TRANSITIONS, "tcc branch", src, dst)
 
 
 def check_values(statuses: type[TxStatus] | type[BranchStatus]) -> str:
