@@ -207,6 +207,18 @@ class Code(StrEnum):
     REFUSED = "refused", Refused
     #: (TCC participant) a Try that arrives after its branch's Cancel: refused, no effect
     CANCELLED_BEFORE_TRY = "cancelled_before_try", Conflict
+    #: (TCC) register or commit of a transaction that is no longer ``trying``
+    NOT_TRYING = "not_trying", Conflict
+    #: (TCC) commit or register past the transaction's deadline: it is being cancelled
+    EXPIRED = "expired", Conflict
+    #: (TCC) cancel of a transaction already committed (confirming or confirmed)
+    COMMITTED = "committed", Conflict
+    #: (TCC) commit of a transaction already cancelled (cancelling or cancelled)
+    ROLLED_BACK = "rolled_back", Conflict
+    #: (TCC) a branch names no ``[participants.<name>]`` of the configuration
+    UNKNOWN_PARTICIPANT = "unknown_participant", Unprocessable
+    #: (TCC) more branches than ``tcc.max_branches`` in one transaction
+    TOO_MANY_BRANCHES = "too_many_branches", Unprocessable
     PAYLOAD_TOO_LARGE = "payload_too_large", PayloadTooLarge  #: request body or payload
     #: the AMQP properties and headers over ``max_header_bytes``
     HEADERS_TOO_LARGE = "headers_too_large", PayloadTooLarge
