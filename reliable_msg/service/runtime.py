@@ -15,6 +15,8 @@ from reliable_msg.service.monitor import Monitor
 from reliable_msg.service.scanners import CheckBackScanner, Purger, RedeliveryScanner, Scanners
 from reliable_msg.service.settings import Settings
 from reliable_msg.service.store import PgStore
+from reliable_msg.service.tcc.driver import Driver
+from reliable_msg.service.tcc.driving import Driving
 from reliable_msg.service.usecases import UseCases
 from reliable_msg.transports.degradation import PROBE_TIMEOUT, Degradation
 
@@ -47,7 +49,8 @@ class Runtime:
         self.checkback = CheckBackScanner(settings, store, self.usecases, checkback)
         self.redelivery = RedeliveryScanner(settings, store, self.publisher)
         self.purger = Purger(settings, store)
-        self.monitor = Monitor(settings, store)
+        self.tcc_driver = Driver(settings, store.share(Driving), instance=instance_name())
+        self.monitor = Monitor(settings, store, reports=[self.tcc_driver.report])
         self.scanners = (
             Scanners(
                 settings,
@@ -56,6 +59,7 @@ class Runtime:
                 self.purger,
                 degradation.probe,
                 degradation.periodic_report,
+                self.tcc_driver,
             )
             if scanners
             else None
@@ -78,6 +82,7 @@ class Runtime:
     async def start(self) -> None:
         await self.degradation.start()
         await self.checkback_client.start()
+        await self.tcc_driver.start()
         if self.scanners is not None:
             self.scanners.start()
         self.monitor.start()
@@ -88,6 +93,7 @@ class Runtime:
             await self.scanners.stop()
         else:  # passes run by hand (tests, tools) may have left calls in flight
             await self.checkback.stop()
+        await self.tcc_driver.stop()
         await self.checkback_client.close()
         await self.degradation.stop()
         await self.store.close()
