@@ -49,7 +49,7 @@ class Runtime:
         self.checkback = CheckBackScanner(settings, store, self.usecases, checkback)
         self.redelivery = RedeliveryScanner(settings, store, self.publisher)
         self.purger = Purger(settings, store)
-        self.tcc_driver = Driver(settings, store.share(Driving), instance=instance_name())
+        self.tcc_driver = Driver(settings, Driving(store.pool), instance=instance_name())
         self.monitor = Monitor(settings, store, reports=[self.tcc_driver.report])
         self.scanners = (
             Scanners(
