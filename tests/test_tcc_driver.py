@@ -465,7 +465,6 @@ async def test_a_participant_down_for_thirty_seconds_is_confirmed_when_back(
             {"inventory": f"http://127.0.0.1:{port}", "credit": credit_url},
             tcc={"backoff_base": base, "backoff_cap": cap, "jitter": jitter},
         )
-        await insert(tcc_db, "g8", "confirming", [("inv", "inventory"), ("cr", "credit")])
         async with driver(settings) as d:
             stop = asyncio.Event()
 
@@ -474,16 +473,20 @@ async def test_a_participant_down_for_thirty_seconds_is_confirmed_when_back(
                     await d.run_once(wait=False)
                     await asyncio.sleep(0.1)
 
+            async def confirmed(gid: str) -> bool:
+                return await status_of(tcc_db, gid) == "confirmed"
+
             loop = asyncio.create_task(passes())
             try:
-                await asyncio.sleep(30)  # inventory down all along
+                async with serving(inventory_app, port):  # up: a first order goes through
+                    await insert(tcc_db, "g0", "confirming", [("inv", "inventory")])
+                    await wait_until(lambda: confirmed("g0"), within=5)
+                # inventory down from here, for 30 s: the Confirm of g8 comes meanwhile
+                await insert(tcc_db, "g8", "confirming", [("inv", "inventory"), ("cr", "credit")])
+                await asyncio.sleep(30)
                 assert (await transaction(tcc_db, "g8"))["status"] == "confirming"
-                async with serving(inventory_app, port):
-
-                    async def confirmed() -> bool:
-                        return await status_of(tcc_db, "g8") == "confirmed"
-
-                    await wait_until(confirmed, within=cap * (1 + jitter) + 5)
+                async with serving(inventory_app, port):  # back, on the same port
+                    await wait_until(lambda: confirmed("g8"), within=cap * (1 + jitter) + 5)
             finally:
                 stop.set()
                 await loop
