@@ -15,6 +15,8 @@ from reliable_msg.service.monitor import Monitor
 from reliable_msg.service.scanners import CheckBackScanner, Purger, RedeliveryScanner, Scanners
 from reliable_msg.service.settings import Settings
 from reliable_msg.service.store import PgStore
+from reliable_msg.service.tcc.store import TccStore
+from reliable_msg.service.tcc.usecases import Coordinator
 from reliable_msg.service.usecases import UseCases
 from reliable_msg.transports.degradation import PROBE_TIMEOUT, Degradation
 
@@ -46,7 +48,11 @@ class Runtime:
         self.checkback_client = checkback
         self.checkback = CheckBackScanner(settings, store, self.usecases, checkback)
         self.redelivery = RedeliveryScanner(settings, store, self.publisher)
-        self.purger = Purger(settings, store)
+        self.tcc_store = TccStore(
+            store.pool, instance=instance_name(), stalled_after=settings.tcc.stalled_after
+        )
+        self.coordinator = Coordinator(settings, self.tcc_store)
+        self.purger = Purger(settings, store, self.tcc_store)
         self.monitor = Monitor(settings, store)
         self.scanners = (
             Scanners(
