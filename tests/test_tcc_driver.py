@@ -20,10 +20,12 @@ from prometheus_client import REGISTRY
 
 from reliable_msg.harness.ports import free_port
 from reliable_msg.sdk import tcc
+from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.service.tcc.driver import Driver
 from reliable_msg.service.tcc.driving import Driving
 from reliable_msg.tcc import BRANCH_HEADER, GID_HEADER, OP_HEADER, Op, proof
+from tests.conftest import PRODUCER
 from tests.helpers.tcc import (
     TOKENS,
     Scripted,
@@ -96,6 +98,15 @@ async def effects(db: asyncpg.Connection) -> Counter[tuple[str, str, str, str]]:
 async def barrier(db: asyncpg.Connection) -> set[tuple[str, str, str, str]]:
     rows = await db.fetch(f"SELECT gid, branch, op, origin FROM {tcc.BARRIER_TABLE}")
     return {(r["gid"], r["branch"], r["op"], r["origin"]) for r in rows}
+
+
+TX = "/v1/tcc/transactions"
+#: The branches of the API test: (branch, participant).
+BRANCHES = [("b1", "inventory"), ("b2", "credit")]
+
+
+async def status_is(db: asyncpg.Connection, gid: str, status: str) -> bool:
+    return await status_of(db, gid) == status
 
 
 async def claims(d: Driver) -> bool:
@@ -509,3 +520,42 @@ async def test_a_participant_down_for_thirty_seconds_is_confirmed_when_back(
     assert (cr["status"], cr["attempts"]) == ("confirmed", 1)
     tx = await transaction(tcc_db, "g8")
     assert tx["attempts"] == inv["attempts"]
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings], sdk_url: str) -> Settings:
+    """The service's settings (for ``runtime``) with the SDK participants declared."""
+    return configure(make_settings, {"inventory": sdk_url, "credit": sdk_url})
+
+
+async def test_a_commit_through_the_api_kicks_the_runtime_s_driver(
+    runtime: Runtime, client: httpx.AsyncClient, tcc_db: asyncpg.Connection
+) -> None:
+    """Begin, register, the Trys (by the initiator, to the try URLs the answer gave), then
+    commit: the runtime's driver confirms every branch at once, with no pass run."""
+    producer = {"Authorization": f"Bearer {PRODUCER}"}
+    r = await client.post(TX, json={"gid": "api-1", "timeout": 30}, headers=producer)
+    assert r.status_code == 201, r.text
+    wanted = [{"branch": b, "participant": p, "payload": {"qty": 1}} for b, p in BRANCHES]
+    r = await client.post(f"{TX}/api-1/branches", json={"branches": wanted}, headers=producer)
+    assert r.status_code == 200, r.text
+    async with httpx.AsyncClient() as http:
+        for answer in r.json()["branches"]:
+            body = {"gid": "api-1", "branch": answer["branch"], "op": "try", "payload": {}}
+            headers = {
+                GID_HEADER: "api-1",
+                BRANCH_HEADER: answer["branch"],
+                OP_HEADER: "try",
+                "Authorization": f"Bearer {answer['proof']}",
+            }
+            tried = await http.post(answer["try_url"], json=body, headers=headers)
+            assert tried.status_code == 200, tried.text
+    r = await client.post(f"{TX}/api-1/commit", headers=producer)
+    assert r.status_code == 200 and r.json()["status"] in ("confirming", "confirmed"), r.text
+    await wait_until(lambda: status_is(tcc_db, "api-1", "confirmed"), within=10)
+    assert await effects(tcc_db) == {
+        (p, "api-1", b, op): 1 for b, p in BRANCHES for op in ("try", "confirm")
+    }
+    calls = [r for r in await events(tcc_db, "api-1") if r["op"] == "confirm"]
+    assert sorted((r["branch"], r["outcome"]) for r in calls) == [("b1", "ok"), ("b2", "ok")]
+    assert {r["instance"] for r in calls} == {runtime.tcc_driver.instance}
