@@ -30,7 +30,8 @@ from reliable_msg.metrics import (
 )
 from reliable_msg.policy import backoff
 from reliable_msg.service.settings import Settings
-from reliable_msg.service.tcc.driving import Claimed, Driving, DueBranch
+from reliable_msg.service.tcc.ports import DrivingStore
+from reliable_msg.service.tcc.rounds import Claimed, DueBranch
 from reliable_msg.service.tcc.states import TxStatus
 from reliable_msg.tcc import BRANCH_HEADER, GID_HEADER, OP_HEADER, proof
 
@@ -48,7 +49,7 @@ class Driver:
     """Drives confirming and cancelling transactions to their end; see the module."""
 
     def __init__(
-        self, settings: Settings, driving: Driving, *, instance: str, rounds: int = ROUNDS
+        self, settings: Settings, driving: DrivingStore, *, instance: str, rounds: int = ROUNDS
     ) -> None:
         self._settings = settings
         self._driving = driving
