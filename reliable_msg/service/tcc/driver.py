@@ -110,11 +110,16 @@ class Driver:
         claimed like any other, so that no other instance drives it at the same time.
         Nothing happens when it is not due, leased, or every round is busy: a pass
         takes it later."""
+        self.drive(gid)
+
+    def drive(self, gid: str) -> asyncio.Task[None] | None:
+        """:meth:`kick`, returning the task of its claim and round (None: not started)."""
         if self._stopping or self._session is None or self._busy >= self._rounds:
-            return
+            return None
         task = asyncio.create_task(self._kick(gid), name=f"tcc kick of {gid}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _kick(self, gid: str) -> None:
         try:
