@@ -5,7 +5,8 @@
 - ``transaction``: transactions, branches and events as the coordinator sees them
 - ``ports``: what the use-cases need of a store; ``store``: that store in PostgreSQL
   (``rmsg_tcc_*``, migration ``0005_tcc.sql``)
-- ``usecases``: begin, register, commit, cancel, get, list, retry now, purge
+- ``usecases``: begin, register, commit, cancel, get, list, retry now (the retention
+  purge is the ``Purger`` job's, on the store)
 - ``schemas``: the bodies of the ``/v1/tcc/`` API (its routes: ``service/api/tcc.py``)
 
 Still to come (issue 13 in progress): the driver that claims due transactions and calls
