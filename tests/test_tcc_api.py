@@ -205,7 +205,7 @@ async def test_cancel_and_its_repeat(
 
 
 async def test_the_admin_lists_newest_first_with_filters_and_a_cursor(
-    client: httpx.AsyncClient, tcc_db: asyncpg.Connection
+    client: httpx.AsyncClient, tcc_db: asyncpg.Connection, kicked: list[str]
 ) -> None:
     for gid in ("l-1", "l-2", "l-3"):
         await begin(client, gid)
@@ -270,9 +270,11 @@ async def test_retry_now_resets_the_waits_and_kicks_the_driver(
 
 
 @pytest.fixture
-async def seeded(client: httpx.AsyncClient, tcc_db: asyncpg.Connection) -> None:
+async def seeded(client: httpx.AsyncClient, tcc_db: asyncpg.Connection, kicked: list[str]) -> None:
     """``t-1`` trying with branch ``stock``; ``t-ok`` committed; ``t-no`` cancelled;
-    ``t-other`` trying, begun by the other producer; ``t-done`` confirmed (no branch)."""
+    ``t-other`` trying, begun by the other producer; ``t-done`` confirmed (no branch).
+    The driver is not kicked (``kicked`` is emptied after): it would call ``t-ok``'s and
+    ``t-no``'s branches in the background, and change their rows under the test."""
     await begin(client, "t-1")
     await register(client, "t-1", branch("stock", payload={"n": 1}))
     await begin(client, "t-ok")
@@ -284,6 +286,7 @@ async def seeded(client: httpx.AsyncClient, tcc_db: asyncpg.Connection) -> None:
     await begin(client, "t-other", token=OTHER_PRODUCER)
     await begin(client, "t-done")
     await move(client, "t-done", "commit")
+    kicked.clear()
 
 
 def _begin(gid: Any = "new-1", timeout: Any = 30, **more: Any) -> dict[str, Any]:
@@ -518,7 +521,7 @@ async def test_a_registration_past_the_deadline_expires_the_transaction(
 
 
 async def test_a_commit_racing_a_cancel_exactly_one_wins(
-    client: httpx.AsyncClient, tcc_db: asyncpg.Connection
+    client: httpx.AsyncClient, tcc_db: asyncpg.Connection, kicked: list[str]
 ) -> None:
     for i in range(20):
         gid = f"race-{i}"
@@ -540,9 +543,12 @@ async def test_a_commit_racing_a_cancel_exactly_one_wins(
         else:
             assert status == "cancelling" and commit.json()["error"]["code"] == "rolled_back"
         moves = await tcc_db.fetch(
-            "SELECT op FROM rmsg_tcc_event WHERE gid = $1 AND op IN ('commit', 'cancel')", gid
+            "SELECT op FROM rmsg_tcc_event"
+            " WHERE gid = $1 AND branch IS NULL AND op IN ('commit', 'cancel')",
+            gid,
         )
         assert len(moves) == 1
+    assert len(kicked) == 20
 
 
 # -- URLs come from the configuration only -------------------------------------------------
