@@ -1,0 +1,274 @@
+"""TCC end to end: the coordinator as a ``reliable-msg serve`` process, the seed's four
+participants (tests/helpers/tcc_shop.py: the initiator's own order step, inventory,
+credit, wms) as uvicorn servers with their own tables, and the initiator SDK in the test
+(or in a process of its own that is killed). Every global transaction ends all done or
+all undone, each effect once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from reliable_msg.errors import TryRefused
+from reliable_msg.sdk.tcc import Initiator
+from reliable_msg.service.settings import Settings
+from tests.conftest import PRODUCER
+from tests.helpers import tcc_shop
+from tests.helpers.service import remove_traces, running_async, write_config
+from tests.helpers.tcc_shop import branches, effects, member, stock
+from tests.helpers.waiting import wait_until
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Scope]]
+Send = Callable[[Scope], Awaitable[None]]
+
+FINAL = ("confirmed", "cancelled")
+
+
+@pytest.fixture
+def shop_ports() -> dict[str, int]:
+    return tcc_shop.ports()
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings], shop_ports: dict[str, int]) -> Settings:
+    return make_settings(
+        participants=tcc_shop.participants_config(shop_ports),
+        tcc={"call_timeout": 2.0, "lease": 5.0, "backoff_base": 0.1, "backoff_cap": 0.5},
+    )
+
+
+@pytest.fixture
+async def service(settings: Settings, db: asyncpg.Connection, tmp_path: Path) -> AsyncIterator[str]:
+    """The coordinator: one ``serve`` process with its scanners (the TCC driver too)."""
+    config = write_config(settings, tmp_path / "config.toml", db_pool_size=10)
+    try:
+        async with running_async(config, tmp_path) as instance:
+            yield instance.url
+    finally:
+        await remove_traces(settings)
+
+
+@pytest.fixture
+async def initiator(service: str) -> AsyncIterator[Initiator]:
+    async with Initiator(service, PRODUCER) as tcc:
+        yield tcc
+
+
+async def finished(tcc: Initiator, gid: str, within: float = 30.0) -> dict[str, Any]:
+    """``gid`` once the coordinator has confirmed or cancelled every branch."""
+    state: dict[str, Any] = {}
+
+    async def final() -> bool:
+        state.update(await tcc.get(gid))
+        return state["status"] in FINAL
+
+    await wait_until(final, within=within, every=0.1)
+    return state
+
+
+def branch_statuses(state: dict[str, Any]) -> dict[str, str]:
+    return {b["branch"]: b["status"] for b in state["branches"]}
+
+
+async def order_status(db: asyncpg.Connection, order_id: int) -> str:
+    status: str = await db.fetchval("SELECT status FROM shop_orders WHERE id = $1", order_id)
+    return status
+
+
+async def test_a_paid_order_is_confirmed_at_every_participant_once(
+    db: asyncpg.Connection, pool: asyncpg.Pool, shop_ports: dict[str, int], initiator: Initiator
+) -> None:
+    await tcc_shop.reset(db, stock=100, orders=1)
+    async with tcc_shop.serving(pool, shop_ports):
+        async with initiator.transaction(timeout=30, wait=True) as tx:
+            await tx.try_all(branches(1, qty=2, points=10))
+            assert await stock(db) == (98, 2, 0)  # tried: frozen, not sold
+            assert await order_status(db, 1) == "UPDATING"
+        assert tx.status == "confirmed"
+        state = await initiator.get(tx.gid)
+    assert set(branch_statuses(state).values()) == {"confirmed"}
+    assert len(state["branches"]) == 4
+    assert await stock(db) == (98, 0, 2)
+    assert await member(db) == (1200, 0)
+    assert await order_status(db, 1) == "PAYED"
+    assert await db.fetchval("SELECT status FROM shop_delivery WHERE order_id = 1") == "CREATED"
+    ran = await effects(db)
+    for name in tcc_shop.TOKENS:
+        assert ran.get((name, "try")) == 1 and ran.get((name, "confirm")) == 1, name
+        assert (name, "cancel") not in ran, name
+
+
+class HeldTrys:
+    """ASGI middleware holding every Try until :attr:`release` is set (its body read
+    first, so that the call still reaches the participant after its caller hung up),
+    and keeping the status the participant then answered."""
+
+    def __init__(self, app: Any, holding: asyncio.Event) -> None:
+        self.app = app
+        self.release = asyncio.Event()
+        self.holding = holding
+        self.answered: list[int] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith("/try"):
+            await self.app(scope, receive, send)
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.holding.set()
+        await self.release.wait()
+
+        async def replay() -> Scope:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def keep(message: Scope) -> None:
+            if message["type"] == "http.response.start":
+                self.answered.append(message["status"])
+            await send(message)
+
+        await self.app(scope, replay, keep)
+
+
+class TrysAfter:
+    """ASGI middleware letting a Try through once ``holding`` is set."""
+
+    def __init__(self, app: Any, holding: asyncio.Event) -> None:
+        self.app = app
+        self.holding = holding
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].endswith("/try"):
+            await self.holding.wait()
+        await self.app(scope, receive, send)
+
+
+async def test_a_refused_try_cancels_every_branch_and_the_late_try_is_refused(
+    db: asyncpg.Connection, pool: asyncpg.Pool, shop_ports: dict[str, int], initiator: Initiator
+) -> None:
+    await tcc_shop.reset(db, stock=1, orders=1)  # the order wants 2: inventory refuses
+    holding = asyncio.Event()
+    held: list[HeldTrys] = []
+
+    def hold_wms(name: str, app: Any) -> Any:
+        """wms's Try is held; inventory refuses only once it is (so it is in flight)."""
+        if name == "wms":
+            held.append(HeldTrys(app, holding))
+            return held[0]
+        return TrysAfter(app, holding) if name == "inventory" else app
+
+    async with tcc_shop.serving(pool, shop_ports, hold_wms):
+        with pytest.raises(TryRefused) as refused:
+            async with initiator.transaction(timeout=30) as tx:
+                await tx.try_all(branches(1, qty=2))
+        assert refused.value.participant == "inventory" and refused.value.branch == "stock-1"
+        assert refused.value.answer["code"] == "refused"
+        assert held[0].holding.is_set()  # wms's Try was sent, and never reached wms
+        state = await finished(initiator, tx.gid)
+        assert state["status"] == "cancelled"
+        assert set(branch_statuses(state).values()) == {"cancelled"}
+        # The Cancels of inventory (refused) and wms (never tried) were empty rollbacks.
+        rows = await tcc_shop.barrier(db, tx.gid)
+        for never_tried in ("stock-1", "delivery-1"):
+            assert {(never_tried, "try", "cancel"), (never_tried, "cancel", "cancel")} <= rows
+        held[0].release.set()  # wms's Try arrives now, after its Cancel
+        await wait_until(lambda: bool(held[0].answered), within=10)
+    assert held[0].answered == [409]
+    assert await db.fetchval("SELECT count(*) FROM shop_delivery") == 0
+    ran = await effects(db)
+    assert ("wms", "try") not in ran and ("wms", "cancel") not in ran
+    assert ("inventory", "cancel") not in ran
+    assert ran[("order", "cancel")] == 1 and ran[("credit", "cancel")] == 1
+    assert await stock(db) == (1, 0, 0)
+    assert await member(db) == (tcc_shop.START_POINTS, 0)
+    assert await order_status(db, 1) == "CANCELED"
+
+
+ORDERS = 200
+STOCK = 100
+
+
+async def test_concurrent_orders_never_oversell_and_all_end(
+    db: asyncpg.Connection, pool: asyncpg.Pool, shop_ports: dict[str, int], initiator: Initiator
+) -> None:
+    await tcc_shop.reset(db, stock=STOCK, orders=ORDERS)
+
+    async def pay(order_id: int) -> str | None:
+        """The order's gid once committed; None when refused (out of stock)."""
+        try:
+            async with initiator.transaction(f"pay-{order_id}", timeout=120) as tx:
+                await tx.try_all(branches(order_id, qty=1, points=10))
+        except TryRefused as exc:
+            assert exc.participant == "inventory", exc
+            return None
+        return tx.gid
+
+    async with tcc_shop.serving(pool, shop_ports):
+        paid = await asyncio.gather(*(pay(i) for i in range(1, ORDERS + 1)))
+        states = [await finished(initiator, f"pay-{i}", within=120) for i in range(1, ORDERS + 1)]
+    confirmed = [s["gid"] for s in states if s["status"] == "confirmed"]
+    assert sorted(confirmed) == sorted(g for g in paid if g is not None)
+    assert len(confirmed) == STOCK  # only inventory refuses, and only once it is out
+    available, frozen, sold = await stock(db)
+    assert (available, frozen, sold) == (0, 0, STOCK)
+    assert available + frozen + sold == STOCK
+    assert await member(db) == (tcc_shop.START_POINTS + 10 * STOCK, 0)
+    rows = await db.fetch("SELECT status, count(*) AS n FROM shop_orders GROUP BY status")
+    statuses = {r["status"]: r["n"] for r in rows}
+    assert statuses == {"PAYED": STOCK, "CANCELED": ORDERS - STOCK}
+    ran = await effects(db)
+    for name in tcc_shop.TOKENS:
+        assert ran[(name, "confirm")] == STOCK, name
+
+
+async def test_a_killed_initiator_is_cancelled_at_its_deadline(
+    db: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    shop_ports: dict[str, int],
+    service: str,
+    initiator: Initiator,
+) -> None:
+    await tcc_shop.reset(db, stock=100, orders=1)
+    gid = "killed-1"
+    async with tcc_shop.serving(pool, shop_ports):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.helpers.tcc_initiator",
+            gid,
+            "1",
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "SERVICE": service, "TOKEN": PRODUCER, "TIMEOUT": "3"},
+        )
+        try:
+            assert process.stdout is not None
+            line = await asyncio.wait_for(process.stdout.readline(), 60)
+            assert line == b"tried\n", line
+            assert await stock(db) == (98, 2, 0)
+        finally:
+            if process.returncode is None:
+                process.send_signal(signal.SIGKILL)
+            await process.wait()
+        state = await finished(initiator, gid)
+    assert state["status"] == "cancelled"
+    assert set(branch_statuses(state).values()) == {"cancelled"}
+    assert "expire" in [e["op"] for e in state["events"]]
+    assert await stock(db) == (100, 0, 0)
+    assert await member(db) == (tcc_shop.START_POINTS, 0)
+    assert await order_status(db, 1) == "CANCELED"
+    assert await db.fetchval("SELECT status FROM shop_delivery WHERE order_id = 1") == "CANCELED"
+    ran = await effects(db)
+    for name in tcc_shop.TOKENS:
+        assert ran.get((name, "try")) == 1 and ran.get((name, "cancel")) == 1, name
