@@ -6,8 +6,10 @@ all undone, each effect once."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -16,12 +18,14 @@ from typing import Any
 
 import asyncpg
 import pytest
+from fastapi import FastAPI
 
 from reliable_msg.errors import TryRefused
 from reliable_msg.sdk.tcc import Initiator
 from reliable_msg.service.settings import Settings
 from tests.conftest import PRODUCER
 from tests.helpers import tcc_shop
+from tests.helpers.servers import serving_app
 from tests.helpers.service import remove_traces, running_async, write_config
 from tests.helpers.tcc_shop import branches, effects, member, stock
 from tests.helpers.waiting import wait_until
@@ -31,6 +35,7 @@ Receive = Callable[[], Awaitable[Scope]]
 Send = Callable[[Scope], Awaitable[None]]
 
 FINAL = ("confirmed", "cancelled")
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture
@@ -272,3 +277,56 @@ async def test_a_killed_initiator_is_cancelled_at_its_deadline(
     ran = await effects(db)
     for name in tcc_shop.TOKENS:
         assert ran.get((name, "try")) == 1 and ran.get((name, "cancel")) == 1, name
+
+
+def readme_examples() -> tuple[str, str]:
+    """The initiator's and the participant's examples of the README's TCC section."""
+    section = README.read_text().split("\n## TCC\n", 1)[1].split("\n## ", 1)[0]
+    initiator, participant = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    return initiator, participant
+
+
+async def run_example(code: str, names: dict[str, Any]) -> None:
+    """Run ``code`` as written (top-level awaits included) with ``names`` defined."""
+    compiled = compile(code, "README.md", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    running = eval(compiled, names)
+    if running is not None:
+        await running
+
+
+async def test_the_readme_examples_run(
+    db: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    shop_ports: dict[str, int],
+    service: str,
+    initiator: Initiator,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await tcc_shop.reset(db, stock=100, orders=0)
+    await db.execute(
+        "CREATE TABLE IF NOT EXISTS orders (id int PRIMARY KEY, status text NOT NULL);"
+        " DELETE FROM orders; INSERT INTO orders VALUES (7, 'CREATED')"
+    )
+    initiating, participating = readme_examples()
+    order_app = FastAPI()
+    order = {"pool": pool, "ORDER_TCC_TOKEN": tcc_shop.TOKENS["order"], "app": order_app}
+    await run_example(participating, order)
+    others = [name for name in tcc_shop.TOKENS if name != "order"]
+    async with (
+        serving_app(order_app, shop_ports["order"]),
+        tcc_shop.serving(pool, shop_ports, only=others),
+    ):
+        paying: dict[str, Any] = {"SERVICE_URL": service, "ORDER_TOKEN": PRODUCER}
+        try:
+            await run_example(initiating, paying)  # pays order 7
+            first = paying["tx"].gid
+            await run_example(initiating, paying)  # order 7 is not payable any more
+            second = paying["tx"].gid
+        finally:
+            await paying["tcc"].close()
+        assert (await finished(initiator, first))["status"] == "confirmed"
+        assert (await finished(initiator, second))["status"] == "cancelled"
+    assert capsys.readouterr().out == "not paid: order not payable\n"
+    assert await db.fetchval("SELECT status FROM orders WHERE id = 7") == "PAYED"
+    assert await stock(db) == (98, 0, 2)
+    assert await member(db) == (tcc_shop.START_POINTS + 10, 0)

@@ -6,7 +6,7 @@ order UNKNOWN → CREATED / CANCELED). Every handler run is counted in ``shop_ef
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -176,11 +176,15 @@ async def serving(
     pool: asyncpg.Pool,
     ports: dict[str, int],
     wrap: Callable[[str, Any], Any] = lambda name, app: app,
+    *,
+    only: Collection[str] = tuple(TOKENS),
 ) -> AsyncIterator[None]:
-    """Every participant on its port, each a uvicorn server of its own; ``wrap`` may put
-    ASGI middleware around one."""
+    """Every participant (or those named in ``only``) on its port, each a uvicorn server of
+    its own; ``wrap`` may put ASGI middleware around one."""
     async with AsyncExitStack() as stack:
         for name, port in ports.items():
+            if name not in only:
+                continue
             app = FastAPI()
             app.include_router(participant(name, pool).router(f"/tcc/{name}"))
             await stack.enter_async_context(serving_app(wrap(name, app), port))

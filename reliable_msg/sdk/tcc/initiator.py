@@ -211,7 +211,7 @@ class Initiator:
         """
         gid = gid or uuid.uuid4().hex
         state = await self.client.call(
-            "POST", "/v1/tcc/transactions", {"gid": gid, "timeout": timeout}
+            "POST", "/v1/tcc/transactions", {"gid": gid, "timeout": float(timeout)}
         )
         tx = GlobalTransaction(self, gid, state)
         _refuse_decided(tx)
