@@ -55,3 +55,20 @@ SCANNER_LAG = Gauge(
 RATE_LIMITED = Counter(
     "rmsg_rate_limited_total", "API requests refused by the rate limit", ["role"]
 )
+TCC_TRANSACTIONS = Gauge(
+    "rmsg_tcc_transactions", "TCC transactions by status, counted in the database", ["status"]
+)
+TCC_BRANCH_CALLS = Counter(
+    "rmsg_tcc_branch_calls_total",
+    "Confirm and Cancel calls this instance made to participants, by op and outcome "
+    "(ok: 2xx; failed: any other answer, or none)",
+    ["op", "outcome"],
+)
+TCC_OLDEST_UNFINISHED = Gauge(
+    "rmsg_tcc_oldest_unfinished_seconds",
+    "Age of the oldest TCC transaction not yet confirmed or cancelled (0: none)",
+)
+TCC_STALLED = Gauge(
+    "rmsg_tcc_stalled",
+    "TCC transactions confirming or cancelling for longer than tcc.stalled_after",
+)

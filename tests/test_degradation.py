@@ -66,6 +66,7 @@ async def scheduled(runtime: Runtime) -> AsyncIterator[Runtime]:
         runtime.purger,
         runtime.degradation.probe,
         runtime.degradation.periodic_report,
+        runtime.tcc_driver,
     )
     scanners.start()
     yield runtime

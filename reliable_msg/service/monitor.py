@@ -5,8 +5,9 @@ Every ``monitor.interval`` seconds it appends this instance's counters (prepares
 confirms, acks, redeliveries, deaths, check-back errors) to a ring buffer, from which
 the dashboard draws rates over time, and sets the scanner lag gauges. Every
 ``monitor.counts_interval`` seconds it counts messages per status and deliveries per
-group and status for the ``rmsg_messages`` and ``rmsg_deliveries`` gauges; the
-dashboard reuses a count younger than ``monitor.interval`` instead of counting again.
+group and status for the ``rmsg_messages`` and ``rmsg_deliveries`` gauges, and runs the
+other counts it was given (the TCC driver's gauges); the dashboard reuses a count
+younger than ``monitor.interval`` instead of counting again.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,9 +76,15 @@ class Sample:
 class Monitor:
     """Samples and counts for one instance; :meth:`start` runs it in the background."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        reports: Sequence[Callable[[], Awaitable[None]]] = (),
+    ) -> None:
         self._settings = settings
         self._store = store
+        self._reports = tuple(reports)
         self._samples: deque[Sample] = deque(maxlen=settings.monitor.samples)
         self._counts: dict[str, Any] | None = None
         self._counted_at = 0.0
@@ -138,6 +145,8 @@ class Monitor:
                 self._counts = await self._store.stats()
                 self._counted_at = time.time()
                 self._set_gauges(self._counts)
+                for report in self._reports:
+                    await report()
             return {**self._counts, "counted_at": self._counted_at}
 
     def _set_gauges(self, counts: dict[str, Any]) -> None:

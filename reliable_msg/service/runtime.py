@@ -15,6 +15,10 @@ from reliable_msg.service.monitor import Monitor
 from reliable_msg.service.scanners import CheckBackScanner, Purger, RedeliveryScanner, Scanners
 from reliable_msg.service.settings import Settings
 from reliable_msg.service.store import PgStore
+from reliable_msg.service.tcc.driver import Driver
+from reliable_msg.service.tcc.driving import Driving
+from reliable_msg.service.tcc.store import TccStore
+from reliable_msg.service.tcc.usecases import Coordinator
 from reliable_msg.service.usecases import UseCases
 from reliable_msg.transports.degradation import PROBE_TIMEOUT, Degradation
 
@@ -46,8 +50,13 @@ class Runtime:
         self.checkback_client = checkback
         self.checkback = CheckBackScanner(settings, store, self.usecases, checkback)
         self.redelivery = RedeliveryScanner(settings, store, self.publisher)
-        self.purger = Purger(settings, store)
-        self.monitor = Monitor(settings, store)
+        self.tcc_store = TccStore(
+            store.pool, instance=instance_name(), stalled_after=settings.tcc.stalled_after
+        )
+        self.tcc_driver = Driver(settings, Driving(store.pool), instance=instance_name())
+        self.coordinator = Coordinator(settings, self.tcc_store, kick=self.tcc_driver.kick)
+        self.purger = Purger(settings, store, self.tcc_store)
+        self.monitor = Monitor(settings, store, reports=[self.tcc_driver.report])
         self.scanners = (
             Scanners(
                 settings,
@@ -56,6 +65,7 @@ class Runtime:
                 self.purger,
                 degradation.probe,
                 degradation.periodic_report,
+                self.tcc_driver,
             )
             if scanners
             else None
@@ -78,6 +88,7 @@ class Runtime:
     async def start(self) -> None:
         await self.degradation.start()
         await self.checkback_client.start()
+        await self.tcc_driver.start()
         if self.scanners is not None:
             self.scanners.start()
         self.monitor.start()
@@ -88,6 +99,7 @@ class Runtime:
             await self.scanners.stop()
         else:  # passes run by hand (tests, tools) may have left calls in flight
             await self.checkback.stop()
+        await self.tcc_driver.stop()
         await self.checkback_client.close()
         await self.degradation.stop()
         await self.store.close()

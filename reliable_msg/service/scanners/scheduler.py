@@ -1,5 +1,5 @@
 """The scheduler: one APScheduler per instance runs the scanners' passes (check-back,
-redelivery, purge), the recovery probe and the periodic report. A pass that fails is
+redelivery, purge, the TCC driver), the recovery probe and the periodic report. A pass that fails is
 logged and counted; the next one runs on schedule, so the loops outlive a lost
 dependency."""
 
@@ -18,6 +18,7 @@ from reliable_msg.service.scanners.purger import Purger
 from reliable_msg.service.scanners.redelivery import RedeliveryScanner
 from reliable_msg.service.scanners.refusals import PASS_ERRORS
 from reliable_msg.service.settings import Settings
+from reliable_msg.service.tcc.driver import Driver
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ REPORT_INTERVAL = 5.0
 
 class Scanners:
     """One APScheduler scheduler per instance running the jobs: check-back, redelivery,
-    purge, and the recovery probe (which does nothing unless degraded)."""
+    purge, the TCC driver's pass (``tcc``), and the recovery probe (which does nothing
+    unless degraded)."""
 
     def __init__(
         self,
@@ -37,6 +39,7 @@ class Scanners:
         purger: Purger,
         probe: Callable[[], Awaitable[object]],
         report: Callable[[], Awaitable[object]],
+        tcc: Driver,
     ) -> None:
         self._settings = settings
         self._checkback = checkback
@@ -46,6 +49,8 @@ class Scanners:
             "checkback": checkback.run_once,
             "redelivery": redelivery.run_once,
             "purge": purger.run_once,
+            # Not waiting for its rounds: a branch slow to answer delays no pass.
+            "tcc": lambda: tcc.run_once(wait=False),
             "probe": lambda: _as_count(probe()),
             "report": lambda: _as_count(report()),
         }
@@ -53,7 +58,7 @@ class Scanners:
     def start(self) -> None:
         cfg = self._settings.scanner
         now = datetime.now(UTC)
-        for name in ("checkback", "redelivery"):
+        for name in ("checkback", "redelivery", "tcc"):
             self._add(name, cfg.interval, now)
         self._add("purge", cfg.purge_interval, now)
         self._add("probe", self._settings.fallback.probe_interval, now)
