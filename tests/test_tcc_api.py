@@ -14,6 +14,7 @@ import asyncpg
 import httpx
 import pytest
 
+from reliable_msg.errors import ConfigError
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.service.tcc.usecases import Coordinator
@@ -542,3 +543,56 @@ async def test_a_commit_racing_a_cancel_exactly_one_wins(
             "SELECT op FROM rmsg_tcc_event WHERE gid = $1 AND op IN ('commit', 'cancel')", gid
         )
         assert len(moves) == 1
+
+
+# -- URLs come from the configuration only -------------------------------------------------
+
+
+def test_the_configuration_refuses_a_participant_without_a_url(
+    make_settings: Callable[..., Settings],
+) -> None:
+    with pytest.raises(ConfigError, match=r"participants\.inventory\.url"):
+        make_settings(participants={"inventory": {"token": "inventory-participant-token"}})
+
+
+HOSTILE_PARTICIPANTS = [
+    "http://127.0.0.1:6666/evil",
+    "//127.0.0.1:6666",
+    "inventory/../evil",
+    "inventory?url=http://evil",
+    "inventory#x",
+    "INVENTORY",
+    " inventory",
+    "inventory\u0000",
+    "",
+]
+
+
+async def test_no_request_makes_the_coordinator_answer_a_url_not_configured(
+    client: httpx.AsyncClient, tcc_db: asyncpg.Connection
+) -> None:
+    configured = {INVENTORY_TRY, CREDIT_TRY}
+    evil = {"url": "http://127.0.0.1:6666/evil", "try_url": "http://127.0.0.1:6666/try"}
+    await begin(client, "http:..127.0.0.1:6666")
+    answers = []
+    for name in HOSTILE_PARTICIPANTS:
+        r = await send(
+            client,
+            "POST",
+            f"{TX}/http:..127.0.0.1:6666/branches",
+            PRODUCER,
+            _branches(branch("b", name, evil)),
+        )
+        assert_error(r, 422)
+    for i, name in enumerate(PARTICIPANTS):
+        body = _branches(branch(f"http:..127.0.0.1:6666.{i}", name, evil))
+        r = await send(client, "POST", f"{TX}/http:..127.0.0.1:6666/branches", PRODUCER, body)
+        assert r.status_code == 200, r.text
+        answers += r.json()["branches"]
+    assert {a["try_url"] for a in answers} == configured
+    stored = await tcc_db.fetch("SELECT DISTINCT participant FROM rmsg_tcc_branch")
+    assert {r["participant"] for r in stored} == set(PARTICIPANTS)
+    # nor does any answer carry a participant's token
+    tx = await send(client, "GET", f"{TX}/http:..127.0.0.1:6666", ADMIN)
+    for _, token in PARTICIPANTS.values():
+        assert token not in tx.text and token not in json.dumps(answers)
