@@ -2,11 +2,12 @@
 database, served as real uvicorn servers: ``order`` (the initiator's own local step:
 CREATED → UPDATING → PAYED / CANCELED), ``inventory`` (available → frozen → sold, or back
 to available), ``credit`` (points prepared → added, or cleared) and ``wms`` (a delivery
-order UNKNOWN → CREATED / CANCELED). Every handler run is counted in ``shop_effects``."""
+order UNKNOWN → CREATED / CANCELED, one per transaction). Every handler run is counted
+in ``shop_effects``."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -29,12 +30,11 @@ CREATE TABLE IF NOT EXISTS shop_stock (available int NOT NULL, frozen int NOT NU
                                        sold int NOT NULL);
 CREATE TABLE IF NOT EXISTS shop_member (id int PRIMARY KEY, points int NOT NULL,
                                         prepared int NOT NULL);
-CREATE TABLE IF NOT EXISTS shop_delivery (order_id int PRIMARY KEY, status text NOT NULL);
+CREATE TABLE IF NOT EXISTS shop_delivery (gid text PRIMARY KEY, order_id int NOT NULL,
+                                          status text NOT NULL);
 CREATE TABLE IF NOT EXISTS shop_effects (participant text, gid text, branch text, op text);
 TRUNCATE shop_orders, shop_stock, shop_member, shop_delivery, shop_effects, {BARRIER_TABLE};
 """
-
-Sql = Callable[[asyncpg.Connection, Any], Awaitable[str]]
 
 
 async def reset(db: asyncpg.Connection, *, stock: int, orders: int) -> None:
@@ -58,22 +58,24 @@ def branches(order_id: int, *, qty: int = 2, points: int = 10) -> list[Branch]:
     ]
 
 
-#: participant → op → (SQL, the payload's arguments, refused when it changes no row)
-HANDLERS: dict[str, dict[Op, tuple[str, Callable[[Any], tuple[Any, ...]], bool]]] = {
+#: participant → op → (SQL, its arguments from the call, refused when it changes no row).
+#: A delivery order is the transaction's (keyed by gid): another payment of the same
+#: order has its own.
+HANDLERS: dict[str, dict[Op, tuple[str, Callable[[Call], tuple[Any, ...]], bool]]] = {
     "order": {
         Op.TRY: (
             "UPDATE shop_orders SET status = 'UPDATING' WHERE id = $1 AND status = 'CREATED'",
-            lambda p: (p["order_id"],),
+            lambda c: (c.payload["order_id"],),
             True,
         ),
         Op.CONFIRM: (
             "UPDATE shop_orders SET status = 'PAYED' WHERE id = $1",
-            lambda p: (p["order_id"],),
+            lambda c: (c.payload["order_id"],),
             False,
         ),
         Op.CANCEL: (
             "UPDATE shop_orders SET status = 'CANCELED' WHERE id = $1",
-            lambda p: (p["order_id"],),
+            lambda c: (c.payload["order_id"],),
             False,
         ),
     },
@@ -81,51 +83,51 @@ HANDLERS: dict[str, dict[Op, tuple[str, Callable[[Any], tuple[Any, ...]], bool]]
         Op.TRY: (
             "UPDATE shop_stock SET available = available - $1, frozen = frozen + $1"
             " WHERE available >= $1",
-            lambda p: (p["qty"],),
+            lambda c: (c.payload["qty"],),
             True,
         ),
         Op.CONFIRM: (
             "UPDATE shop_stock SET frozen = frozen - $1, sold = sold + $1",
-            lambda p: (p["qty"],),
+            lambda c: (c.payload["qty"],),
             False,
         ),
         Op.CANCEL: (
             "UPDATE shop_stock SET frozen = frozen - $1, available = available + $1",
-            lambda p: (p["qty"],),
+            lambda c: (c.payload["qty"],),
             False,
         ),
     },
     "credit": {
         Op.TRY: (
             "UPDATE shop_member SET prepared = prepared + $2 WHERE id = $1",
-            lambda p: (p["member"], p["points"]),
+            lambda c: (c.payload["member"], c.payload["points"]),
             True,
         ),
         Op.CONFIRM: (
             "UPDATE shop_member SET prepared = prepared - $2, points = points + $2 WHERE id = $1",
-            lambda p: (p["member"], p["points"]),
+            lambda c: (c.payload["member"], c.payload["points"]),
             False,
         ),
         Op.CANCEL: (
             "UPDATE shop_member SET prepared = prepared - $2 WHERE id = $1",
-            lambda p: (p["member"], p["points"]),
+            lambda c: (c.payload["member"], c.payload["points"]),
             False,
         ),
     },
     "wms": {
         Op.TRY: (
-            "INSERT INTO shop_delivery VALUES ($1, 'UNKNOWN')",
-            lambda p: (p["order_id"],),
+            "INSERT INTO shop_delivery VALUES ($1, $2, 'UNKNOWN')",
+            lambda c: (c.gid, c.payload["order_id"]),
             False,
         ),
         Op.CONFIRM: (
-            "UPDATE shop_delivery SET status = 'CREATED' WHERE order_id = $1",
-            lambda p: (p["order_id"],),
+            "UPDATE shop_delivery SET status = 'CREATED' WHERE gid = $1",
+            lambda c: (c.gid,),
             False,
         ),
         Op.CANCEL: (
-            "UPDATE shop_delivery SET status = 'CANCELED' WHERE order_id = $1",
-            lambda p: (p["order_id"],),
+            "UPDATE shop_delivery SET status = 'CANCELED' WHERE gid = $1",
+            lambda c: (c.gid,),
             False,
         ),
     },
@@ -151,7 +153,7 @@ def participant(name: str, pool: asyncpg.Pool) -> Participant:
                 call.branch,
                 call.op.value,
             )
-            if await conn.execute(sql, *args(call.payload)) == "UPDATE 0" and r:
+            if await conn.execute(sql, *args(call)) == "UPDATE 0" and r:
                 raise Refused(f"{name}: nothing to reserve for {call.payload}")
 
         {Op.TRY: p.on_try, Op.CONFIRM: p.on_confirm, Op.CANCEL: p.on_cancel}[op](handler)
