@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from reliable_msg.errors import ConfigError
+from reliable_msg.logs import JsonFormatter
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.service.tcc.usecases import Coordinator
@@ -596,3 +598,37 @@ async def test_no_request_makes_the_coordinator_answer_a_url_not_configured(
     tx = await send(client, "GET", f"{TX}/http:..127.0.0.1:6666", ADMIN)
     for _, token in PARTICIPANTS.values():
         assert token not in tx.text and token not in json.dumps(answers)
+
+
+# -- logs and the driver's kick ------------------------------------------------------------
+
+
+async def test_moves_are_logged_with_the_gid_as_a_json_field(
+    client: httpx.AsyncClient, tcc_db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="reliable_msg.service.tcc")
+    await begin(client, "log-1")
+    await register(client, "log-1", branch("a"))
+    await move(client, "log-1", "commit")
+    records = [r for r in caplog.records if r.name == "reliable_msg.service.tcc.usecases"]
+    assert len(records) == 3
+    for record in records:
+        assert json.loads(JsonFormatter().format(record))["gid"] == "log-1"
+
+
+async def test_a_kick_that_fails_leaves_the_commit_made(
+    client: httpx.AsyncClient,
+    tcc_db: asyncpg.Connection,
+    runtime: Runtime,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(gid: str) -> None:
+        raise RuntimeError("driver stopped")
+
+    runtime.coordinator = Coordinator(runtime.settings, runtime.tcc_store, kick=broken)
+    await begin(client, "k-1")
+    await register(client, "k-1", branch("a"))
+    assert (await move(client, "k-1", "commit"))["status"] == "confirming"
+    assert any(
+        r.levelno == logging.ERROR and getattr(r, "gid", None) == "k-1" for r in caplog.records
+    )
