@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 from fastapi import FastAPI
 
-from reliable_msg.errors import TryRefused
+from reliable_msg.errors import TryFailed, TryRefused
 from reliable_msg.sdk.tcc import Initiator
 from reliable_msg.service.settings import Settings
 from tests.conftest import PRODUCER
@@ -199,6 +199,61 @@ async def test_a_refused_try_cancels_every_branch_and_the_late_try_is_refused(
     assert await stock(db) == (1, 0, 0)
     assert await member(db) == (tcc_shop.START_POINTS, 0)
     assert await order_status(db, 1) == "CANCELED"
+
+
+async def test_a_try_without_an_answer_fails_and_cancels_every_branch(
+    db: asyncpg.Connection, pool: asyncpg.Pool, shop_ports: dict[str, int], service: str
+) -> None:
+    await tcc_shop.reset(db, stock=100, orders=1)
+    holding = asyncio.Event()
+    held: list[HeldTrys] = []
+
+    def hold_wms(name: str, app: Any) -> Any:
+        if name != "wms":
+            return app
+        held.append(HeldTrys(app, holding))
+        return held[0]
+
+    async with (
+        tcc_shop.serving(pool, shop_ports, hold_wms),
+        Initiator(service, PRODUCER, try_timeout=1.0) as impatient,
+    ):
+        with pytest.raises(TryFailed) as failed:
+            async with impatient.transaction(timeout=30) as tx:
+                await tx.try_all(branches(1))
+        assert (failed.value.participant, failed.value.branch) == ("wms", "delivery-1")
+        assert failed.value.http_status is None  # no answer within try_timeout
+        state = await finished(impatient, tx.gid)
+        assert set(branch_statuses(state).values()) == {"cancelled"}
+        held[0].release.set()  # the timed-out Try reaches wms after its Cancel
+        await wait_until(lambda: bool(held[0].answered), within=10)
+    assert held[0].answered == [409]
+    assert await db.fetchval("SELECT count(*) FROM shop_delivery") == 0
+    assert await stock(db) == (100, 0, 0)
+    assert await order_status(db, 1) == "CANCELED"
+
+
+async def test_a_failing_try_raises_try_failed_even_when_the_block_catches_it(
+    db: asyncpg.Connection, pool: asyncpg.Pool, shop_ports: dict[str, int], initiator: Initiator
+) -> None:
+    await tcc_shop.reset(db, stock=100, orders=1)
+    gid = "fails-1"
+    await db.execute("INSERT INTO shop_delivery VALUES ($1, 1, 'CREATED')", gid)  # wms: 500
+    caught: list[TryFailed] = []
+    async with tcc_shop.serving(pool, shop_ports):
+        with pytest.raises(TryFailed) as failed:
+            async with initiator.transaction(gid, timeout=30) as tx:
+                await tx.branch("inventory", "stock-1", {"qty": 2})
+                try:
+                    await tx.branch("wms", "delivery-1", {"order_id": 1})
+                except TryFailed as exc:
+                    caught.append(exc)  # and carries on as if nothing happened
+        assert failed.value is caught[0]
+        assert failed.value.http_status == 500 and failed.value.answer["code"] == "internal"
+        state = await finished(initiator, gid)
+    assert state["status"] == "cancelled"
+    assert await stock(db) == (100, 0, 0)
+    assert await db.fetchval("SELECT status FROM shop_delivery WHERE gid = $1", gid) == "CREATED"
 
 
 ORDERS = 200
