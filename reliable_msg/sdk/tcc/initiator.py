@@ -14,10 +14,10 @@ branches, calls every Try itself, then commits, or cancels on any failure.
 
 A clean exit of the block commits; an exception cancels, then goes on up. A Try answered
 409 raises :class:`TryRefused` (a business refusal: out of stock), any other failure
-:class:`TryFailed`; either dooms the transaction, so the exit cancels it even if the
-block caught the error, and raises it again. After the commit or the cancel the
-coordinator drives every branch's Confirm or Cancel on its own (an initiator that dies
-mid-block leaves its transaction to the deadline, which cancels it).
+:class:`TryFailed`; either (or a failed registration) dooms the transaction, so the exit
+cancels it even if the block caught the error, and raises it again. After the commit or
+the cancel the coordinator drives every branch's Confirm or Cancel on its own (an
+initiator that dies mid-block leaves its transaction to the deadline, which cancels it).
 
 The initiator's own local step is a branch like the others: the initiator serves a
 :class:`~reliable_msg.sdk.tcc.Participant` of its own (its Try marks the order
@@ -79,8 +79,8 @@ class GlobalTransaction:
         self.gid = gid
         #: The coordinator's last answer about this transaction (its JSON).
         self.state = state
-        #: The first Try failure: the transaction can only be cancelled.
-        self.failure: TryRefused | TryFailed | None = None
+        #: The first failure of :meth:`try_all`: the transaction can only be cancelled.
+        self.failure: Exception | None = None
 
     @property
     def status(self) -> str:
@@ -98,11 +98,22 @@ class GlobalTransaction:
         still in flight and is raised: :class:`TryRefused` for a 409, :class:`TryFailed`
         otherwise. A stopped Try may still reach its participant; the Cancel undoes it,
         or, arriving first, is recorded as an empty rollback that refuses the late Try.
+
+        Any failure here (a registration's too: it may have been taken with its answer
+        lost) dooms the transaction: the block's exit cancels it and raises the failure,
+        even if the block caught it, since a branch whose Try did not run must never be
+        confirmed.
         """
         if self.failure is not None:
             raise self.failure
-        client = self._initiator.client
-        answer = await client.call(
+        try:
+            await self._try_all(branches)
+        except Exception as exc:
+            self.failure = exc
+            raise
+
+    async def _try_all(self, branches: Sequence[Branch]) -> None:
+        answer = await self._initiator.client.call(
             "POST",
             f"/v1/tcc/transactions/{self.gid}/branches",
             {"branches": [b.body() for b in branches]},
@@ -120,8 +131,6 @@ class GlobalTransaction:
         for call in calls:
             failure = None if call.cancelled() else call.exception()
             if failure is not None:
-                if isinstance(failure, TryRefused | TryFailed):
-                    self.failure = failure
                 raise failure
 
     async def wait(self, *, poll: float = 0.05, max_poll: float = 1.0) -> str:
