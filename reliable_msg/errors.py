@@ -28,7 +28,11 @@
     ├── Fenced                      (SDK) a check-back decided "rolled back" before the
     │                               producer's transaction could commit
     ├── Refused                     (TCC participant SDK, HTTP 409) a Try's business
-    │                               refusal: out of stock, say
+    │   │                           refusal: out of stock, say
+    │   └── TryRefused              (TCC initiator SDK) a participant answered a Try 409:
+    │                               the global transaction is cancelled
+    ├── TryFailed                   (TCC initiator SDK) a Try got no answer, or neither
+    │                               200 nor 409: the global transaction is cancelled
     ├── Poison                      (SDK, also a ValueError) a delivery no handler can
     │                               ever take: no id, not JSON, no handler for its topic
     └── NotReady                    (harness) a process the tools started never got ready
@@ -43,7 +47,7 @@ which of ours mean an outage rather than a refusal.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class ReliableMsgError(Exception):
@@ -158,6 +162,52 @@ class Refused(ReliableMsgError):
     status = 409
 
 
+class TryRefused(Refused):
+    """A participant refused a branch's Try (it answered 409): the initiator SDK cancels
+    the global transaction and raises this from its block, carrying the branch and the
+    participant's error answer (``{"code", "message"}``, its code ``refused`` or
+    ``cancelled_before_try``)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        participant: str = "",
+        branch: str = "",
+        answer: dict[str, Any] | None = None,
+        code: Code | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.participant = participant
+        self.branch = branch
+        self.answer: dict[str, Any] = answer or {}
+
+
+class TryFailed(ReliableMsgError):
+    """A branch's Try failed otherwise than by a refusal: no answer in time, or an answer
+    neither 2xx nor 409. The Try may have run; the Cancel the initiator SDK then asks for
+    gives it back (or is recorded as an empty rollback, and the late Try refused)."""
+
+    status = 502
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        participant: str = "",
+        branch: str = "",
+        http_status: int | None = None,
+        answer: dict[str, Any] | None = None,
+        code: Code | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.participant = participant
+        self.branch = branch
+        #: the participant's HTTP status; None when it gave no answer
+        self.http_status = http_status
+        self.answer: dict[str, Any] = answer or {}
+
+
 class Code(StrEnum):
     """Every error code: the string on the wire, and the error it stands for, whose
     HTTP status it answers with. A batch answers HTTP 200 and gives a failed item only
@@ -207,6 +257,10 @@ class Code(StrEnum):
     REFUSED = "refused", Refused
     #: (TCC participant) a Try that arrives after its branch's Cancel: refused, no effect
     CANCELLED_BEFORE_TRY = "cancelled_before_try", Conflict
+    #: (TCC initiator SDK) a participant refused a Try (409): the transaction is cancelled
+    TRY_REFUSED = "try_refused", TryRefused
+    #: (TCC initiator SDK) a Try got no answer, or a failure: the transaction is cancelled
+    TRY_FAILED = "try_failed", TryFailed
     #: (TCC) register or commit of a transaction that is no longer ``trying``
     NOT_TRYING = "not_trying", Conflict
     #: (TCC) commit or register past the transaction's deadline: it is being cancelled
@@ -261,6 +315,8 @@ CheckBackError.code = Code.CHECK_BACK_FAILED
 ServiceUnavailable.code = Code.SERVICE_UNAVAILABLE
 Fenced.code = Code.FENCED
 Refused.code = Code.REFUSED
+TryRefused.code = Code.TRY_REFUSED
+TryFailed.code = Code.TRY_FAILED
 
 #: Our errors that mean an outage rather than a refusal: the same call may succeed later.
 #: (The third-party errors behind them stay private to the adapter that translates them.)

@@ -1,14 +1,16 @@
 """The SDKs, which run inside the users' processes: the producer (a local transaction and
-its message, all or nothing), the consumer (one effect per message and group) and the
-HTTP client of the service they share.
+its message, all or nothing), the consumer (one effect per message and group), the TCC
+initiator and participant (one global transaction over synchronous calls, all or
+nothing) and the HTTP client of the service they share.
 
 ::
 
-    from reliable_msg.sdk import Consumer, Producer
+    from reliable_msg.sdk import Consumer, Initiator, Participant, Producer
 
 Each SDK name is imported from its module on first use, so that a producer does not load
 the consumer's RabbitMQ and Redis clients. The tables' ``install`` functions keep their
-modules' names: ``reliable_msg.sdk.producer.install``, ``reliable_msg.sdk.consumer.install``.
+modules' names: ``reliable_msg.sdk.producer.install``, ``reliable_msg.sdk.consumer.install``,
+``reliable_msg.sdk.tcc.install``.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ from reliable_msg.errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    Refused,
     ReliableMsgError,
     RequestError,
     ServiceUnavailable,
     StoreError,
+    TryFailed,
+    TryRefused,
     Unauthorized,
     Unprocessable,
     Unpublishable,
@@ -49,6 +54,14 @@ if TYPE_CHECKING:
         check_back_router,
         purge_markers,
     )
+    from reliable_msg.sdk.tcc import (
+        Branch,
+        Call,
+        GlobalTransaction,
+        Initiator,
+        Participant,
+        purge_barriers,
+    )
 
 #: The module of each SDK name, imported on first use.
 HOMES = {
@@ -64,27 +77,39 @@ HOMES = {
     "Sent": "producer",
     "check_back_router": "producer",
     "purge_markers": "producer",
+    "Branch": "tcc",
+    "Call": "tcc",
+    "GlobalTransaction": "tcc",
+    "Initiator": "tcc",
+    "Participant": "tcc",
+    "purge_barriers": "tcc",
 }
 
 __all__ = [
     "BadRequest",
+    "Branch",
     "BrokerError",
     "BrokerUnavailable",
+    "Call",
     "Code",
     "Conflict",
     "Consumer",
     "FallbackUnavailable",
     "Fenced",
     "Forbidden",
+    "GlobalTransaction",
+    "Initiator",
     "ItemResult",
     "MethodNotAllowed",
     "NotFound",
     "Outgoing",
+    "Participant",
     "PayloadTooLarge",
     "Poison",
     "Producer",
     "RateLimited",
     "Received",
+    "Refused",
     "ReliableMsgError",
     "RequestError",
     "RetryPolicy",
@@ -92,11 +117,14 @@ __all__ = [
     "ServiceClient",
     "ServiceUnavailable",
     "StoreError",
+    "TryFailed",
+    "TryRefused",
     "Unauthorized",
     "Unprocessable",
     "Unpublishable",
     "Unroutable",
     "check_back_router",
+    "purge_barriers",
     "purge_inbox",
     "purge_markers",
 ]

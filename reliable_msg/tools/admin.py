@@ -148,7 +148,7 @@ async def purge(settings: Settings, console: Console, older_than: float) -> None
 # -- tables ------------------------------------------------------------------------------
 
 
-def _when(value: datetime | float | None) -> str:
+def when(value: datetime | float | None) -> str:
     if value is None:
         return "-"
     if isinstance(value, int | float):
@@ -192,7 +192,7 @@ def _history_table(history: list[dict[str, Any]]) -> Table:
     for name in ("at", "mode", "by", "reason"):
         table.add_column(name)
     for h in history:
-        table.add_row(_when(h.get("at")), h.get("mode", ""), h.get("by", ""), h.get("reason", ""))
+        table.add_row(when(h.get("at")), h.get("mode", ""), h.get("by", ""), h.get("reason", ""))
     return table
 
 
@@ -203,7 +203,7 @@ def _messages_table(messages: list[Message]) -> Table:
         table.add_column(name)
     for m in messages:
         error = (m.last_error or "")[:60]
-        table.add_row(m.id, m.topic, m.status.value, m.producer, _when(m.created_at), error)
+        table.add_row(m.id, m.topic, m.status.value, m.producer, when(m.created_at), error)
     return table
 
 
@@ -217,9 +217,9 @@ def _print_detail(console: Console, m: Message, history: list[Transition]) -> No
         ("producer", m.producer),
         ("key", m.key or "-"),
         ("groups", ", ".join(m.groups)),
-        ("created", _when(m.created_at)),
-        ("sent", _when(m.sent_at)),
-        ("finished", _when(m.finished_at)),
+        ("created", when(m.created_at)),
+        ("sent", when(m.sent_at)),
+        ("finished", when(m.finished_at)),
         ("check-backs", str(m.check_attempts)),
         ("last error", m.last_error or "-"),
         ("headers", json.dumps(m.headers, ensure_ascii=False)),
@@ -235,9 +235,9 @@ def _print_detail(console: Console, m: Message, history: list[Transition]) -> No
             d.group,
             d.status.value,
             str(d.attempts),
-            _when(d.next_attempt_at),
+            when(d.next_attempt_at),
             d.last_error or "-",
-            _when(d.done_at),
+            when(d.done_at),
         )
     console.print(deliveries)
     moves = Table(title="history")
@@ -245,7 +245,7 @@ def _print_detail(console: Console, m: Message, history: list[Transition]) -> No
         moves.add_column(name)
     for t in history:
         moves.add_row(
-            _when(t.at),
+            when(t.at),
             t.group_name or "message",
             t.from_status or "-",
             t.to_status,

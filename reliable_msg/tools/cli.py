@@ -13,6 +13,7 @@ import click
 from reliable_msg import logs
 from reliable_msg.errors import ReliableMsgError
 from reliable_msg.service.settings import Settings, load_settings
+from reliable_msg.service.tcc.states import TxStatus
 from reliable_msg.states import MessageStatus
 
 if TYPE_CHECKING:
@@ -237,6 +238,66 @@ def purge(ctx: click.Context, older_than: str) -> None:
     except ValueError as exc:
         _fail(str(exc))
     _admin(ctx, lambda s, c: admin.purge(s, c, seconds))
+
+
+@main.group()
+def tcc() -> None:
+    """TCC global transactions: list them, show one, retry one now."""
+
+
+@tcc.command("list")
+@click.option("--status", type=click.Choice([s.value for s in TxStatus]))
+@click.option("--stalled", is_flag=True, help="Only the stalled ones.")
+@click.option("--participant", help="Only those with a branch at this participant.")
+@click.option("--initiator", help="Only those this producer began.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 500))
+@click.pass_context
+def list_tcc(
+    ctx: click.Context,
+    status: str | None,
+    stalled: bool,
+    participant: str | None,
+    initiator: str | None,
+    limit: int,
+) -> None:
+    """Global transactions, newest first."""
+    from reliable_msg.tools import tcc_admin
+
+    state = TxStatus(status) if status else None
+    _admin(
+        ctx,
+        lambda s, c: tcc_admin.list_transactions(
+            s,
+            c,
+            status=state,
+            stalled=True if stalled else None,
+            participant=participant,
+            initiator=initiator,
+            limit=limit,
+        ),
+    )
+
+
+@tcc.command("show")
+@click.argument("gid")
+@click.pass_context
+def show_tcc(ctx: click.Context, gid: str) -> None:
+    """One global transaction: its branches (attempts, next try, last error) and its
+    event log."""
+    from reliable_msg.tools import tcc_admin
+
+    _admin(ctx, lambda s, c: tcc_admin.show(s, c, gid))
+
+
+@tcc.command("retry")
+@click.argument("gid")
+@click.pass_context
+def retry_tcc(ctx: click.Context, gid: str) -> None:
+    """Call a confirming or cancelling transaction's branches again now, without waiting
+    for their backoff."""
+    from reliable_msg.tools import tcc_admin
+
+    _admin(ctx, lambda s, c: tcc_admin.retry(s, c, gid))
 
 
 @main.command()

@@ -26,6 +26,9 @@ def test_a_written_config_reads_back_as_its_settings(
         admin_token='admin-"quoted"-\\token',
         producers={"order": {"check_url": "http://127.0.0.1:9/check", "token": "p" * 24}},
         groups={"credit": {"topics": ["order.*"], "token": "g" * 24}},
+        participants={
+            "inventory": {"url": "http://127.0.0.1:9/tcc", "token": "t" * 24, "timeout": 2.0}
+        },
         fallback={"namespace": "ns", "shards": 8},
     )
     path = write_config(tmp_path / "config.toml", settings_data(settings))

@@ -30,6 +30,12 @@ EXPECTED = {
     "ServiceClient": "reliable_msg.sdk.client",
     "RetryPolicy": "reliable_msg.sdk.client",
     "ItemResult": "reliable_msg.sdk.client",
+    "Initiator": "reliable_msg.sdk.tcc.initiator",
+    "GlobalTransaction": "reliable_msg.sdk.tcc.initiator",
+    "Branch": "reliable_msg.sdk.tcc.initiator",
+    "Participant": "reliable_msg.sdk.tcc.participant",
+    "Call": "reliable_msg.sdk.tcc.call",
+    "purge_barriers": "reliable_msg.sdk.tcc.barrier",
     **{
         name: "reliable_msg.errors"
         for name in (
@@ -53,6 +59,9 @@ EXPECTED = {
             "StoreError",
             "ServiceUnavailable",
             "Fenced",
+            "Refused",
+            "TryRefused",
+            "TryFailed",
         )
     },
 }
@@ -97,6 +106,7 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
         "reliable_msg.sdk.consumer",
         "reliable_msg.sdk.producer",
         "reliable_msg.sdk.client",
+        "reliable_msg.sdk.tcc",
         "reliable_msg.service.api",
         "reliable_msg.tools.cli",
     ],
