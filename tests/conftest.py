@@ -72,7 +72,12 @@ def database_url() -> Iterator[str]:
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the test database, with the tables emptied first."""
     conn = await asyncpg.connect(database_url)
-    await conn.execute("TRUNCATE rmsg_message, rmsg_used_id CASCADE")
+    # TCC's tables too: a test that counts transactions must not see another test's
+    # (TRUNCATE passes the events' append-only trigger, which guards rows, not tables)
+    await conn.execute(
+        "TRUNCATE rmsg_message, rmsg_used_id, rmsg_tcc_transaction, rmsg_tcc_branch,"
+        " rmsg_tcc_event CASCADE"
+    )
     yield conn
     await conn.close()
 
