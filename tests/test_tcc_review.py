@@ -1,0 +1,55 @@
+"""Findings of a review of the TCC coordinator, each pinned by a test that failed before
+its fix: hostile participant answers and hostile list cursors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+import pytest
+from fastapi import FastAPI, Request, Response
+
+from reliable_msg.service.settings import Settings
+from reliable_msg.tcc import Op
+from tests.helpers.tcc import branch, events, insert, reset, serving, transaction
+from tests.test_tcc_driver import configure, driver, summary
+
+
+@pytest.fixture
+async def tcc_db(db: asyncpg.Connection) -> asyncpg.Connection:
+    await reset(db)
+    return db
+
+
+@pytest.fixture
+async def nul_answering(tcc_db: asyncpg.Connection) -> AsyncIterator[str]:
+    """A credit participant answering every Confirm and Cancel 500 with a NUL byte in
+    its body (PostgreSQL text cannot hold one)."""
+    app = FastAPI()
+
+    async def broken(request: Request) -> Response:
+        return Response(b"oops\x00here", status_code=500, media_type="text/plain")
+
+    for op in (Op.CONFIRM, Op.CANCEL):
+        app.add_api_route(f"/credit/{op.value}", broken, methods=["POST"])
+    async with serving(app) as url:
+        yield url
+
+
+async def test_an_answer_with_a_nul_byte_is_recorded_as_a_failed_call(
+    make_settings: Callable[..., Settings], nul_answering: str, tcc_db: asyncpg.Connection
+) -> None:
+    """Its event row, the branch's attempt and backoff, and the lease released: not a
+    round that fails to record, keeps the lease and calls again with no trace."""
+    settings = configure(make_settings, {"credit": nul_answering})
+    await insert(tcc_db, "nul-1", "confirming", [("b1", "credit")])
+    async with driver(settings) as d:
+        assert await d.run_once() == 1
+    row = await branch(tcc_db, "nul-1", "b1")
+    assert (row["status"], row["attempts"], row["last_status"]) == ("registered", 1, 500)
+    assert row["next_try_at"] is not None and "\x00" not in row["last_error"]
+    assert row["last_error"].startswith("HTTP 500: oops")
+    tx = await transaction(tcc_db, "nul-1")
+    assert (tx["attempts"], tx["lease_owner"]) == (1, None)
+    assert tx["next_try_at"] == row["next_try_at"]
+    assert summary(await events(tcc_db, "nul-1")) == [("b1", "confirm", "failed", 500)]
