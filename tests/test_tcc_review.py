@@ -3,15 +3,19 @@ its fix: hostile participant answers and hostile list cursors."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Callable
 
 import asyncpg
+import httpx
 import pytest
 from fastapi import FastAPI, Request, Response
 
 from reliable_msg.service.settings import Settings
 from reliable_msg.tcc import Op
+from tests.conftest import ADMIN, auth
 from tests.helpers.tcc import branch, events, insert, reset, serving, transaction
+from tests.test_api_errors import assert_error
 from tests.test_tcc_driver import configure, driver, summary
 
 
@@ -53,3 +57,12 @@ async def test_an_answer_with_a_nul_byte_is_recorded_as_a_failed_call(
     assert (tx["attempts"], tx["lease_owner"]) == (1, None)
     assert tx["next_try_at"] == row["next_try_at"]
     assert summary(await events(tcc_db, "nul-1")) == [("b1", "confirm", "failed", 500)]
+
+
+async def test_a_cursor_of_deeply_nested_json_is_a_bad_cursor(
+    client: httpx.AsyncClient, tcc_db: asyncpg.Connection
+) -> None:
+    """Not a 500: json.loads raises RecursionError on it, which is no ValueError."""
+    cursor = base64.urlsafe_b64encode(b"[" * 5000).decode().rstrip("=")
+    r = await client.get("/v1/tcc/transactions", params={"cursor": cursor}, headers=auth(ADMIN))
+    assert_error(r, 400, "bad_cursor")
