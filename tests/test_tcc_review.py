@@ -3,7 +3,9 @@ its fix: hostile participant answers and hostile list cursors."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 from collections.abc import AsyncIterator, Callable
 
 import asyncpg
@@ -12,9 +14,9 @@ import pytest
 from fastapi import FastAPI, Request, Response
 
 from reliable_msg.service.settings import Settings
-from reliable_msg.tcc import Op
+from reliable_msg.tcc import Op, proof
 from tests.conftest import ADMIN, auth
-from tests.helpers.tcc import branch, events, insert, reset, serving, transaction
+from tests.helpers.tcc import TOKENS, branch, events, insert, reset, serving, transaction
 from tests.test_api_errors import assert_error
 from tests.test_tcc_driver import configure, driver, summary
 
@@ -57,6 +59,64 @@ async def test_an_answer_with_a_nul_byte_is_recorded_as_a_failed_call(
     assert (tx["attempts"], tx["lease_owner"]) == (1, None)
     assert tx["next_try_at"] == row["next_try_at"]
     assert summary(await events(tcc_db, "nul-1")) == [("b1", "confirm", "failed", 500)]
+
+
+@pytest.fixture
+async def malformed(tcc_db: asyncpg.Connection) -> AsyncIterator[str]:
+    """A credit participant answering every call with a malformed HTTP response (a header
+    line without a colon): aiohttp raises ClientResponseError, whose repr holds the
+    request's headers, the Authorization proof among them."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nBad Header Line\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"http://127.0.0.1:{port}"
+
+
+async def test_a_malformed_answer_leaks_no_proof_into_the_events_or_the_log(
+    make_settings: Callable[..., Settings],
+    malformed: str,
+    tcc_db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The event's error and the branch's last error are read by the initiator (GET):
+    the Confirm proof must not be in them, nor in the log."""
+    settings = configure(make_settings, {"credit": malformed})
+    await insert(tcc_db, "leak-1", "confirming", [("b1", "credit")])
+    secret = proof(TOKENS["credit"], "leak-1", "b1", Op.CONFIRM)
+    with caplog.at_level(logging.DEBUG):
+        async with driver(settings) as d:
+            assert await d.run_once() == 1
+    row = await branch(tcc_db, "leak-1", "b1")
+    assert (row["status"], row["attempts"], row["last_status"]) == ("registered", 1, None)
+    assert row["last_error"].startswith("call failed: ")
+    assert secret not in row["last_error"] and "Authorization" not in row["last_error"]
+    (event,) = await events(tcc_db, "leak-1")
+    assert (event["outcome"], event["error"]) == ("failed", row["last_error"])
+    assert secret not in caplog.text
+
+
+async def test_an_answer_echoing_the_authorization_keeps_the_proof_out_of_the_events(
+    make_settings: Callable[..., Settings], tcc_db: asyncpg.Connection
+) -> None:
+    app = FastAPI()
+
+    async def echo(request: Request) -> Response:
+        return Response(f"bad: {request.headers['authorization']}", status_code=401)
+
+    app.add_api_route("/credit/cancel", echo, methods=["POST"])
+    await insert(tcc_db, "leak-2", "cancelling", [("b1", "credit")])
+    async with serving(app) as url, driver(configure(make_settings, {"credit": url})) as d:
+        assert await d.run_once() == 1
+    row = await branch(tcc_db, "leak-2", "b1")
+    assert (row["last_status"], row["last_error"]) == (401, "HTTP 401: bad: Bearer <proof>")
+    assert [e["error"] for e in await events(tcc_db, "leak-2")] == [row["last_error"]]
 
 
 async def test_a_cursor_of_deeply_nested_json_is_a_bad_cursor(

@@ -228,11 +228,12 @@ class Driver:
             raise RuntimeError("Driver.start() was not awaited")
         op = tx.op
         token = participant.token.get_secret_value()
+        bearer = proof(token, tx.gid, branch.branch, op)
         headers = {
             GID_HEADER: tx.gid,
             BRANCH_HEADER: branch.branch,
             OP_HEADER: op.value,
-            "Authorization": f"Bearer {proof(token, tx.gid, branch.branch, op)}",
+            "Authorization": f"Bearer {bearer}",
         }
         body = {"gid": tx.gid, "branch": branch.branch, "op": op.value, "payload": branch.payload}
         timeout = self._settings.call_timeout(branch.participant)
@@ -252,7 +253,14 @@ class Driver:
             refused = isinstance(exc.os_error, ConnectionRefusedError)
             return None, "connection refused" if refused else f"cannot connect: {exc.os_error}"
         except (aiohttp.ClientError, OSError) as exc:
-            return None, f"call failed: {exc!r}"
+            # str, not repr: a ClientResponseError's repr holds the request's headers
+            return None, _unproved(f"call failed: {type(exc).__name__}: {exc}", bearer)
         if 200 <= status < 300:
             return status, None
-        return status, f"HTTP {status}: {answer.decode(errors='replace')}"
+        return status, _unproved(f"HTTP {status}: {answer.decode(errors='replace')}", bearer)
+
+
+def _unproved(error: str, bearer: str) -> str:
+    """``error`` without the call's proof (an answer may echo it): the error goes to the
+    events and the branch, which the initiator reads, and to the log."""
+    return error.replace(bearer, "<proof>")
