@@ -13,10 +13,21 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request, Response
 
-from reliable_msg.service.settings import Settings
+from reliable_msg.service.settings import Settings, TccSettings
+from reliable_msg.service.usecases import payload_text
 from reliable_msg.tcc import Op, proof
 from tests.conftest import ADMIN, auth
-from tests.helpers.tcc import TOKENS, branch, events, insert, reset, serving, transaction
+from tests.helpers.tcc import (
+    TOKENS,
+    branch,
+    events,
+    insert,
+    participant,
+    reset,
+    sdk_app,
+    serving,
+    transaction,
+)
 from tests.test_api_errors import assert_error
 from tests.test_tcc_driver import configure, driver, summary
 
@@ -117,6 +128,29 @@ async def test_an_answer_echoing_the_authorization_keeps_the_proof_out_of_the_ev
     row = await branch(tcc_db, "leak-2", "b1")
     assert (row["last_status"], row["last_error"]) == (401, "HTTP 401: bad: Bearer <proof>")
     assert [e["error"] for e in await events(tcc_db, "leak-2")] == [row["last_error"]]
+
+
+async def test_a_payload_at_the_coordinator_s_limit_is_confirmed_by_a_default_participant(
+    make_settings: Callable[..., Settings], pool: asyncpg.Pool, tcc_db: asyncpg.Connection
+) -> None:
+    """The coordinator takes a payload up to tcc.max_payload_bytes as compact UTF-8 JSON;
+    the SDK's participant, with its default body bound, must take the Confirm that carries
+    it, or the branch is retried for ever (413 each time) and never confirmed."""
+    limit = TccSettings().max_payload_bytes
+    payload = {"note": "数" * ((limit - 11) // 3)}
+    assert limit - 3 < len(payload_text(payload).encode()) <= limit
+    await insert(tcc_db, "big-1", "confirming", [])
+    await tcc_db.execute(
+        "INSERT INTO rmsg_tcc_branch (gid, branch, participant, payload, status)"
+        " VALUES ('big-1', 'b1', 'inventory', $1::jsonb, 'registered')",
+        payload_text(payload),
+    )
+    async with serving(sdk_app(participant(pool, "inventory"))) as url:
+        async with driver(configure(make_settings, {"inventory": url})) as d:
+            assert await d.run_once() == 1
+    row = await branch(tcc_db, "big-1", "b1")
+    assert (row["status"], row["last_status"], row["last_error"]) == ("confirmed", 200, None)
+    assert (await transaction(tcc_db, "big-1"))["status"] == "confirmed"
 
 
 async def test_a_cursor_of_deeply_nested_json_is_a_bad_cursor(

@@ -33,6 +33,7 @@ from reliable_msg.service.settings import Settings
 from reliable_msg.service.tcc.ports import DrivingStore
 from reliable_msg.service.tcc.rounds import Claimed, DueBranch
 from reliable_msg.service.tcc.states import TxStatus
+from reliable_msg.service.usecases import payload_text
 from reliable_msg.tcc import BRANCH_HEADER, GID_HEADER, OP_HEADER, proof
 
 log = logging.getLogger(__name__)
@@ -234,13 +235,17 @@ class Driver:
             BRANCH_HEADER: branch.branch,
             OP_HEADER: op.value,
             "Authorization": f"Bearer {bearer}",
+            "Content-Type": "application/json",
         }
+        # Compact UTF-8 JSON, as tcc.max_payload_bytes measures the payload: the default
+        # (ASCII escapes, spaces) could make a payload within the limit twice as long,
+        # over the body bound of a participant (the SDK's MAX_BODY), and refused for ever.
         body = {"gid": tx.gid, "branch": branch.branch, "op": op.value, "payload": branch.payload}
         timeout = self._settings.call_timeout(branch.participant)
         try:
             async with self._session.post(
                 participant.op_url(op),
-                json=body,
+                data=payload_text(body).encode(),
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
                 allow_redirects=False,
