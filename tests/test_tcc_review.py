@@ -1,5 +1,5 @@
 """Findings of a review of the TCC coordinator, each pinned by a test that failed before
-its fix: hostile participant answers and hostile list cursors."""
+its fix: hostile participant answers, a payload at the limit, hostile list cursors."""
 
 from __future__ import annotations
 
@@ -7,13 +7,22 @@ import asyncio
 import base64
 import logging
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 
 import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI, Request, Response
 
-from reliable_msg.service.settings import Settings, TccSettings
+from reliable_msg.errors import CheckBackError
+from reliable_msg.message import DueCheck
+from reliable_msg.service.checkback_client import CheckBackClient
+from reliable_msg.service.settings import (
+    CheckBackSettings,
+    ProducerSettings,
+    Settings,
+    TccSettings,
+)
 from reliable_msg.service.usecases import payload_text
 from reliable_msg.tcc import Op, proof
 from tests.conftest import ADMIN, auth
@@ -151,6 +160,22 @@ async def test_a_payload_at_the_coordinator_s_limit_is_confirmed_by_a_default_pa
     row = await branch(tcc_db, "big-1", "b1")
     assert (row["status"], row["last_status"], row["last_error"]) == ("confirmed", 200, None)
     assert (await transaction(tcc_db, "big-1"))["status"] == "confirmed"
+
+
+async def test_a_malformed_check_back_answer_leaks_no_producer_token(malformed: str) -> None:
+    """The same repr in the check-back client carried the producer's own token into the
+    error, which becomes the message's last error (API, dashboard) and a log line."""
+    token = "order-producer-secret-token"
+    producer = ProducerSettings(check_url=f"{malformed}/check", token=token)
+    client = CheckBackClient(CheckBackSettings())
+    await client.start()
+    try:
+        with pytest.raises(CheckBackError) as raised:
+            await client.ask(producer, DueCheck("m-1", "orders", "order", datetime.now(UTC), 0))
+    finally:
+        await client.close()
+    assert raised.value.message.startswith("check-back call failed: ")
+    assert token not in raised.value.message
 
 
 async def test_a_cursor_of_deeply_nested_json_is_a_bad_cursor(
