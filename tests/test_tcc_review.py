@@ -14,8 +14,9 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request, Response
 
-from reliable_msg.errors import CheckBackError
+from reliable_msg.errors import CheckBackError, ServiceUnavailable
 from reliable_msg.message import DueCheck
+from reliable_msg.sdk.client import RetryPolicy, ServiceClient
 from reliable_msg.service.checkback_client import CheckBackClient
 from reliable_msg.service.settings import (
     CheckBackSettings,
@@ -175,6 +176,19 @@ async def test_a_malformed_check_back_answer_leaks_no_producer_token(malformed: 
     finally:
         await client.close()
     assert raised.value.message.startswith("check-back call failed: ")
+    assert token not in raised.value.message
+
+
+async def test_a_malformed_service_answer_leaks_no_token_from_the_sdk_client(
+    malformed: str,
+) -> None:
+    """The SDK's client (the initiator's and the producer's) made the same repr of its
+    failure: its error, which the application logs, held the producer's token."""
+    token = "order-producer-secret-token"
+    async with ServiceClient(malformed, token, retry=RetryPolicy(attempts=1)) as client:
+        with pytest.raises(ServiceUnavailable) as raised:
+            await client.get("m-1")
+    assert raised.value.message.startswith("GET /v1/messages/m-1: ")
     assert token not in raised.value.message
 
 
