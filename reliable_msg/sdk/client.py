@@ -188,7 +188,8 @@ class ServiceClient:
                 status = response.status
                 retry_after = response.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise ServiceUnavailable(f"{method} {path}: {exc!r}") from exc
+            # str, not repr: a ClientResponseError's repr holds the request's headers
+            raise ServiceUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
         answer = _json(raw)
         if status < 400:
             return answer

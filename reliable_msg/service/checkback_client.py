@@ -62,7 +62,9 @@ class CheckBackClient:
                 raw = await response.content.read(MAX_ANSWER_BYTES)
                 status = response.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise CheckBackError(f"check-back call failed: {exc!r}") from exc
+            # str, not repr: a ClientResponseError's repr holds the request's headers, the
+            # producer's token among them, and this error is logged and kept on the message
+            raise CheckBackError(f"check-back call failed: {type(exc).__name__}: {exc}") from exc
         if status != 200:
             raise CheckBackError(f"check-back answered HTTP {status}")
         return _parse(raw)

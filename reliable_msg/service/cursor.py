@@ -37,5 +37,6 @@ def decode(cursor: str | None) -> Position | None:
             raise ValueError("not a message id")
         # in UTC here, so that a date out of range fails here rather than in asyncpg
         return datetime.fromisoformat(at).astimezone(UTC), id
-    except (ValueError, TypeError, OverflowError) as exc:
+    # RecursionError: json.loads of deeply nested arrays (a hostile cursor), no ValueError
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise BadRequest("cursor is not one this service handed out", code=Code.BAD_CURSOR) from exc

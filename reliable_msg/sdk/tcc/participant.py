@@ -32,8 +32,10 @@ log = logging.getLogger("reliable_msg.sdk.tcc")
 #: transaction together with the call's barrier row.
 Handler = Callable[[asyncpg.Connection, Call], Awaitable[None]]
 
-#: The default bound of a call's body, in bytes (answered 413 above it).
-MAX_BODY = 64 * 1024
+#: The default bound of a call's body, in bytes (answered 413 above it): the
+#: coordinator's default ``tcc.max_payload_bytes`` (64 KiB of compact JSON) and room for
+#: the rest of the call (gid, branch, op), so that every payload it takes gets through.
+MAX_BODY = 65 * 1024
 
 
 class Participant:

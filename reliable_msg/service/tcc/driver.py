@@ -33,6 +33,7 @@ from reliable_msg.service.settings import Settings
 from reliable_msg.service.tcc.ports import DrivingStore
 from reliable_msg.service.tcc.rounds import Claimed, DueBranch
 from reliable_msg.service.tcc.states import TxStatus
+from reliable_msg.service.usecases import payload_text
 from reliable_msg.tcc import BRANCH_HEADER, GID_HEADER, OP_HEADER, proof
 
 log = logging.getLogger(__name__)
@@ -228,18 +229,23 @@ class Driver:
             raise RuntimeError("Driver.start() was not awaited")
         op = tx.op
         token = participant.token.get_secret_value()
+        bearer = proof(token, tx.gid, branch.branch, op)
         headers = {
             GID_HEADER: tx.gid,
             BRANCH_HEADER: branch.branch,
             OP_HEADER: op.value,
-            "Authorization": f"Bearer {proof(token, tx.gid, branch.branch, op)}",
+            "Authorization": f"Bearer {bearer}",
+            "Content-Type": "application/json",
         }
+        # Compact UTF-8 JSON, as tcc.max_payload_bytes measures the payload: the default
+        # (ASCII escapes, spaces) could make a payload within the limit twice as long,
+        # over the body bound of a participant (the SDK's MAX_BODY), and refused for ever.
         body = {"gid": tx.gid, "branch": branch.branch, "op": op.value, "payload": branch.payload}
         timeout = self._settings.call_timeout(branch.participant)
         try:
             async with self._session.post(
                 participant.op_url(op),
-                json=body,
+                data=payload_text(body).encode(),
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
                 allow_redirects=False,
@@ -252,7 +258,14 @@ class Driver:
             refused = isinstance(exc.os_error, ConnectionRefusedError)
             return None, "connection refused" if refused else f"cannot connect: {exc.os_error}"
         except (aiohttp.ClientError, OSError) as exc:
-            return None, f"call failed: {exc!r}"
+            # str, not repr: a ClientResponseError's repr holds the request's headers
+            return None, _unproved(f"call failed: {type(exc).__name__}: {exc}", bearer)
         if 200 <= status < 300:
             return status, None
-        return status, f"HTTP {status}: {answer.decode(errors='replace')}"
+        return status, _unproved(f"HTTP {status}: {answer.decode(errors='replace')}", bearer)
+
+
+def _unproved(error: str, bearer: str) -> str:
+    """``error`` without the call's proof (an answer may echo it): the error goes to the
+    events and the branch, which the initiator reads, and to the log."""
+    return error.replace(bearer, "<proof>")

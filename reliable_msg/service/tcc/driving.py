@@ -214,14 +214,16 @@ class Driving(Pooled):
         retry_in: float,
         instance: str,
     ) -> None:
-        """Record a failed call: the branch is due again in ``retry_in`` seconds."""
+        """Record a failed call: the branch is due again in ``retry_in`` seconds. A NUL in
+        ``error`` (a participant's answer may hold one; PostgreSQL text cannot) is
+        replaced, so that the call is recorded all the same."""
         await self._pool.fetchval(
             _CALL_FAILED,
             tx.gid,
             branch,
             EventOp(tx.op.value),
             http_status,
-            error[:1000],
+            error.replace("\x00", "\ufffd")[:1000],
             retry_in,
             BranchStatus.REGISTERED.value,
             instance,
