@@ -28,7 +28,7 @@ START = 100
 
 class Inventory:
     """A participant freezing stock on Try, selling it on Confirm, giving it back on
-    Cancel; each handler also records its effect in ``tcc_effects``."""
+    Cancel; each handler also records its effect in ``inventory_effects``."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.participant = Participant(pool, TOKEN, name="inventory")
@@ -45,7 +45,7 @@ class Inventory:
     async def _effect(self, conn: asyncpg.Connection, call: Call, sql: str) -> None:
         self.runs[call.op] += 1
         await conn.execute(
-            "INSERT INTO tcc_effects (gid, branch, op) VALUES ($1, $2, $3)",
+            "INSERT INTO inventory_effects (gid, branch, op) VALUES ($1, $2, $3)",
             call.gid,
             call.branch,
             call.op.value,
@@ -81,8 +81,8 @@ async def tcc_db(db: asyncpg.Connection) -> asyncpg.Connection:
     await db.execute(
         f"""
         CREATE TABLE IF NOT EXISTS tcc_stock (available int, frozen int, sold int);
-        CREATE TABLE IF NOT EXISTS tcc_effects (gid text, branch text, op text);
-        TRUNCATE tcc_stock, tcc_effects, {tcc.BARRIER_TABLE};
+        CREATE TABLE IF NOT EXISTS inventory_effects (gid text, branch text, op text);
+        TRUNCATE tcc_stock, inventory_effects, {tcc.BARRIER_TABLE};
         INSERT INTO tcc_stock VALUES ({START}, 0, 0);
         """
     )
@@ -131,7 +131,7 @@ async def barrier(db: asyncpg.Connection) -> set[tuple[str, str, str, str]]:
 
 
 async def snapshot(db: asyncpg.Connection) -> list[Any]:
-    tables = ["tcc_stock", "tcc_effects", tcc.BARRIER_TABLE]
+    tables = ["tcc_stock", "inventory_effects", tcc.BARRIER_TABLE]
     return [sorted(map(tuple, await db.fetch(f"SELECT * FROM {t}"))) for t in tables]
 
 
