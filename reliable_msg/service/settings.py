@@ -122,7 +122,7 @@ class GroupSettings(_Section):
     @field_validator("topics")
     @classmethod
     def _patterns(cls, topics: list[str]) -> list[str]:
-        bad = [t for t in topics if not PATTERN_RE.match(t)]
+        bad = [t for t in topics if not PATTERN_RE.fullmatch(t)]
         if bad:
             raise ValueError(f"not a topic pattern: {', '.join(bad)}")
         return topics
@@ -306,7 +306,7 @@ class Settings(BaseSettings):
             ("participant", self.participants),
         ):
             for name in names:
-                if not NAME_RE.match(name):
+                if not NAME_RE.fullmatch(name):
                     raise ValueError(
                         f"{kind} name {name!r} must be lower case letters, digits, - or _"
                     )

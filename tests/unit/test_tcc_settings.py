@@ -109,6 +109,26 @@ def test_a_bad_participant_name_is_refused() -> None:
         load_settings(None, **bad)
 
 
+@pytest.mark.parametrize(
+    ("kind", "section"),
+    [
+        ("participant", {"url": "http://inventory", "token": TOKEN}),
+        ("producer", {"check_url": "http://inventory/check", "token": TOKEN}),
+        ("group", {"topics": ["order.*"], "token": TOKEN}),
+    ],
+)
+def test_a_name_with_a_trailing_newline_is_refused(kind: str, section: dict[str, Any]) -> None:
+    """``$`` of ``re.match`` also matches before a final newline: "inventory\\n" passed."""
+    with pytest.raises(ConfigError, match=rf"{kind} name 'inventory\\n'"):
+        load_settings(None, **{f"{kind}s": {"inventory\n": section}})
+
+
+def test_a_topic_pattern_with_a_trailing_newline_is_refused() -> None:
+    group = {"topics": ["order.*\n"], "token": TOKEN}
+    with pytest.raises(ConfigError, match=r"groups\.inventory\.topics"):
+        load_settings(None, groups={"inventory": group})
+
+
 def test_a_participant_sharing_a_token_is_refused() -> None:
     with pytest.raises(ConfigError, match="same token"):
         load_settings(None, admin_token=TOKEN, **participant())
