@@ -123,15 +123,14 @@ class GlobalTransaction:
             for branch, registered in zip(branches, answer["branches"], strict=True)
         ]
         try:
-            await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
+            # in the order they end: the first failure to happen is raised, not the first
+            # of the list (which may have failed later, once the others were doomed)
+            for ended in asyncio.as_completed(calls):
+                await ended
         finally:
             for call in calls:
                 call.cancel()
             await asyncio.gather(*calls, return_exceptions=True)
-        for call in calls:
-            failure = None if call.cancelled() else call.exception()
-            if failure is not None:
-                raise failure
 
     async def wait(self, *, poll: float = 0.05, max_poll: float = 1.0) -> str:
         """Wait until the coordinator has confirmed or cancelled every branch; return
