@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from enum import StrEnum
+from typing import Any
 
 #: The global transaction a call belongs to.
 GID_HEADER = "X-Rmsg-Gid"
@@ -45,3 +47,19 @@ def proof(token: str, gid: str, branch: str, op: Op) -> str:
 def proof_matches(token: str, gid: str, branch: str, op: Op, given: str) -> bool:
     """Whether ``given`` is the proof of this call (compared in constant time)."""
     return hmac.compare_digest(proof(token, gid, branch, op), given)
+
+
+def call_body(gid: str, branch: str, op: Op, payload: Any) -> bytes:
+    """The body of a call: compact UTF-8 JSON, as ``tcc.max_payload_bytes`` measures the
+    payload. The default (``\\uXXXX`` escapes, spaces) could make a payload within that
+    limit twice as long, over a participant's body bound (the SDK's ``MAX_BODY``), and
+    refused every time."""
+    body = {"gid": gid, "branch": branch, "op": op.value, "payload": payload}
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def unproved(text: str, bearer: str) -> str:
+    """``text`` without the call's proof ``bearer``: an error about a call (an answer may
+    echo the proof, an HTTP library's error may hold the request's headers) is logged and
+    shown, and the proof opens that call for anyone who reads it."""
+    return text.replace(bearer, "<proof>")

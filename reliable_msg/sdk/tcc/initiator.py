@@ -47,7 +47,7 @@ from reliable_msg.errors import (
     TryRefused,
 )
 from reliable_msg.sdk.client import RetryPolicy, ServiceClient
-from reliable_msg.tcc import BRANCH_HEADER, GID_HEADER, OP_HEADER, Op
+from reliable_msg.tcc import BRANCH_HEADER, GID_HEADER, OP_HEADER, Op, call_body, unproved
 
 log = logging.getLogger(__name__)
 
@@ -245,23 +245,27 @@ class Initiator:
 
     async def call_try(self, gid: str, branch: Branch, registered: dict[str, Any]) -> None:
         """POST ``branch``'s Try to the URL the coordinator gave, with its proof."""
+        bearer = str(registered["proof"])
         headers = {
             GID_HEADER: gid,
             BRANCH_HEADER: branch.branch,
             OP_HEADER: Op.TRY.value,
-            "Authorization": f"Bearer {registered['proof']}",
+            "Authorization": f"Bearer {bearer}",
+            "Content-Type": "application/json",
         }
-        body = {"gid": gid, "branch": branch.branch, "op": Op.TRY.value, "payload": branch.payload}
+        body = call_body(gid, branch.branch, Op.TRY, branch.payload)
         where = f"Try of {gid}/{branch.branch} at {branch.participant}"
         try:
             async with self._http().post(
-                registered["try_url"], json=body, headers=headers, allow_redirects=False
+                registered["try_url"], data=body, headers=headers, allow_redirects=False
             ) as response:
                 status = response.status
                 raw = await response.content.read(MAX_ANSWER)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # str, not repr: a ClientResponseError's repr holds the request's headers
+            why = unproved(f"{type(exc).__name__}: {exc}".rstrip(": "), bearer)
             raise TryFailed(
-                f"{where}: no answer ({exc!r})",
+                f"{where}: no answer ({why})",
                 participant=branch.participant,
                 branch=branch.branch,
             ) from exc

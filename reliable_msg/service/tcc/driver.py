@@ -33,8 +33,7 @@ from reliable_msg.service.settings import Settings
 from reliable_msg.service.tcc.ports import DrivingStore
 from reliable_msg.service.tcc.rounds import Claimed, DueBranch
 from reliable_msg.service.tcc.states import TxStatus
-from reliable_msg.service.usecases import payload_text
-from reliable_msg.tcc import BRANCH_HEADER, GID_HEADER, OP_HEADER, proof
+from reliable_msg.tcc import BRANCH_HEADER, GID_HEADER, OP_HEADER, call_body, proof, unproved
 
 log = logging.getLogger(__name__)
 
@@ -237,15 +236,11 @@ class Driver:
             "Authorization": f"Bearer {bearer}",
             "Content-Type": "application/json",
         }
-        # Compact UTF-8 JSON, as tcc.max_payload_bytes measures the payload: the default
-        # (ASCII escapes, spaces) could make a payload within the limit twice as long,
-        # over the body bound of a participant (the SDK's MAX_BODY), and refused for ever.
-        body = {"gid": tx.gid, "branch": branch.branch, "op": op.value, "payload": branch.payload}
         timeout = self._settings.call_timeout(branch.participant)
         try:
             async with self._session.post(
                 participant.op_url(op),
-                data=payload_text(body).encode(),
+                data=call_body(tx.gid, branch.branch, op, branch.payload),
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
                 allow_redirects=False,
@@ -259,13 +254,7 @@ class Driver:
             return None, "connection refused" if refused else f"cannot connect: {exc.os_error}"
         except (aiohttp.ClientError, OSError) as exc:
             # str, not repr: a ClientResponseError's repr holds the request's headers
-            return None, _unproved(f"call failed: {type(exc).__name__}: {exc}", bearer)
+            return None, unproved(f"call failed: {type(exc).__name__}: {exc}", bearer)
         if 200 <= status < 300:
             return status, None
-        return status, _unproved(f"HTTP {status}: {answer.decode(errors='replace')}", bearer)
-
-
-def _unproved(error: str, bearer: str) -> str:
-    """``error`` without the call's proof (an answer may echo it): the error goes to the
-    events and the branch, which the initiator reads, and to the log."""
-    return error.replace(bearer, "<proof>")
+        return status, unproved(f"HTTP {status}: {answer.decode(errors='replace')}", bearer)
