@@ -57,6 +57,8 @@ def test_a_wrong_proof_is_unauthorized(sent: dict[str, str]) -> None:
         headers(gid="g/1"),
         headers(branch="b 1"),
         headers(gid="g" * (MAX_ID_LENGTH + 1)),
+        headers(gid="g1\n"),  # ``$`` alone takes a trailing newline
+        headers(branch="b1\n"),
         headers(op=Op.CONFIRM),  # a proven Confirm sent to the Try path
     ],
 )

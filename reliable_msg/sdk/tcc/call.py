@@ -39,7 +39,7 @@ def authenticate(token: str, op: Op, headers: Mapping[str, str]) -> tuple[str, s
             f"a call needs {GID_HEADER}, {BRANCH_HEADER}, {OP_HEADER} and a Bearer proof"
         )
     for what, value in (("gid", gid), ("branch", branch)):
-        if len(value) > MAX_ID_LENGTH or not ID_RE.match(value):
+        if len(value) > MAX_ID_LENGTH or not ID_RE.fullmatch(value):
             raise BadRequest(f"{what} must be 1 to {MAX_ID_LENGTH} of A-Z a-z 0-9 . _ : -")
     if named != op.value:
         raise BadRequest(f"{OP_HEADER} is {named!r} on the {op.value} path")
