@@ -1,0 +1,319 @@
+"""Crash injection for the TCC coordinator: a ``reliable-msg serve`` instance SIGKILLed
+while it drives a committed transaction (before any Confirm answered, or after one), or
+its PostgreSQL backends terminated mid-drive, loses nothing: another instance, or the
+restarted one, confirms every branch, and each participant applies each branch once.
+
+The coordinator runs as real processes; the participants are real HTTP servers built
+with the participant SDK (tests/helpers/tcc_parties.py), a fault proxy in front of those
+whose Confirm must hang while the instance dies. "Once" is read from the participants'
+business rows, their handler runs and their barrier rows; what the coordinator did from
+its rows and its event log. The initiator is the test, over the HTTP API.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from reliable_msg.harness.proxy import FaultProxy
+from reliable_msg.sdk.tcc import Op
+from reliable_msg.service.settings import Settings
+from tests.conftest import PRODUCER, auth
+from tests.helpers.service import Instance, remove_traces, running_async, write_config
+from tests.helpers.tcc_parties import START, Party, run_trys, serving_party
+from tests.helpers.waiting import wait_until
+
+#: What each branch's Try freezes and its Confirm takes.
+QTY = 2
+#: The transaction's timeout: far beyond the test, so that only a commit ends it.
+TIMEOUT = 120.0
+#: Seconds a successor may take to finish what a killed instance left (its lease first).
+FINISH_WITHIN = 60.0
+#: The coordinator's TCC settings: a call stuck in a stalled proxy outlives the moment
+#: its instance is killed (call_timeout), and a short lease hands the transaction to
+#: another instance soon after; failed calls are retried fast.
+TCC = {"call_timeout": 5.0, "lease": 6.0, "backoff_base": 0.2, "backoff_cap": 1.0, "jitter": 0.0}
+
+
+@pytest.fixture
+async def tcc_db(db: asyncpg.Connection) -> asyncpg.Connection:
+    """The test database with no TCC transaction (their branches and events go too)."""
+    await db.execute("TRUNCATE rmsg_tcc_transaction CASCADE")
+    return db
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[AsyncExitStack]:
+    """Everything a test starts (participants, proxies, instances), stopped in reverse
+    order whatever happens."""
+    async with AsyncExitStack() as stack:
+        yield stack
+
+
+def coordinator(
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+    stack: AsyncExitStack,
+    participants: dict[str, dict[str, Any]],
+) -> Path:
+    """The config file of the test's instances, calling ``participants``; the queues and
+    Redis keys they declare are removed at the end."""
+    settings = make_settings(participants=participants, tcc=TCC)
+    stack.push_async_callback(remove_traces, settings)
+    # The participants' tables in full: a written config's tokens must be the real ones.
+    return write_config(settings, tmp_path / "config.toml", participants=participants)
+
+
+async def start(stack: AsyncExitStack, config: Path, tmp_path: Path, name: str) -> Instance:
+    return await stack.enter_async_context(running_async(config, tmp_path, name=name))
+
+
+async def stalled_proxy(stack: AsyncExitStack, party: Party) -> FaultProxy:
+    """A fault proxy in front of ``party`` (flowing until stalled)."""
+    return await stack.enter_async_context(FaultProxy("127.0.0.1", party.port))
+
+
+def via(proxy: FaultProxy, party: Party) -> dict[str, Any]:
+    return party.config(proxy.url("http", path=f"/tcc/{party.name}"))
+
+
+def instance_name(instance: Instance) -> str:
+    """The ``instance`` of its events and leases (``runtime.instance_name()``)."""
+    return f"{socket.gethostname()}:{instance.pid}"
+
+
+@asynccontextmanager
+async def initiator(instance: Instance) -> AsyncIterator[httpx.AsyncClient]:
+    """The order service's client of the coordinator at ``instance``."""
+    async with httpx.AsyncClient(base_url=instance.url, headers=auth(PRODUCER), timeout=30) as c:
+        yield c
+
+
+async def begin_and_try(instance: Instance, gid: str, parties: list[Party]) -> None:
+    """Begin ``gid``, register one branch per party (named like it), run every Try."""
+    async with initiator(instance) as api:
+        begun = await api.post("/v1/tcc/transactions", json={"gid": gid, "timeout": TIMEOUT})
+        assert begun.status_code == 201, begun.text
+        branches = [
+            {"branch": p.name, "participant": p.name, "payload": {"qty": QTY}} for p in parties
+        ]
+        registered = await api.post(
+            f"/v1/tcc/transactions/{gid}/branches", json={"branches": branches}
+        )
+        assert registered.status_code == 200, registered.text
+        await run_trys(gid, registered.json()["branches"], {"qty": QTY})
+    for party in parties:
+        assert await party.account() == (START - QTY, QTY, 0)
+
+
+async def commit(instance: Instance, gid: str) -> None:
+    async with initiator(instance) as api:
+        committed = await api.post(f"/v1/tcc/transactions/{gid}/commit")
+    assert committed.status_code == 200, committed.text
+    assert committed.json()["status"] == "confirming"
+
+
+async def transaction(db: asyncpg.Connection, gid: str) -> asyncpg.Record:
+    row = await db.fetchrow("SELECT * FROM rmsg_tcc_transaction WHERE gid = $1", gid)
+    assert row is not None
+    return row
+
+
+async def branches(db: asyncpg.Connection, gid: str) -> dict[str, asyncpg.Record]:
+    rows = await db.fetch("SELECT * FROM rmsg_tcc_branch WHERE gid = $1", gid)
+    return {r["branch"]: r for r in rows}
+
+
+async def events(db: asyncpg.Connection, gid: str) -> list[asyncpg.Record]:
+    return list(await db.fetch("SELECT * FROM rmsg_tcc_event WHERE gid = $1 ORDER BY id", gid))
+
+
+async def finished(db: asyncpg.Connection, gid: str) -> None:
+    async def confirmed() -> bool:
+        return bool((await transaction(db, gid))["status"] == "confirmed")
+
+    await wait_until(confirmed, within=FINISH_WITHIN, every=0.2)
+
+
+async def assert_applied_once(parties: list[Party], gid: str) -> None:
+    """Each party ran its branch's Try and Confirm once (business rows, handler runs,
+    barrier rows), and every Confirm it was called for beyond the first was answered
+    as a duplicate by the barrier."""
+    for party in parties:
+        b = party.name
+        assert await party.account() == (START - QTY, 0, QTY), b
+        assert await party.runs(gid) == [(b, "confirm"), (b, "try")], b
+        assert await party.barrier(gid) == [(b, "confirm", "confirm"), (b, "try", "try")], b
+        confirms = party.outcomes(Op.CONFIRM, gid)
+        assert confirms.count("done") == 1, (b, confirms)
+        assert set(confirms) <= {"done", "duplicate"}, (b, confirms)
+
+
+def confirm_events(log: list[asyncpg.Record], branch: str) -> list[tuple[str, int | None, str]]:
+    """The Confirm calls of ``branch`` in the event log: (outcome, HTTP status, instance)."""
+    return [
+        (e["outcome"], e["http_status"], e["instance"])
+        for e in log
+        if e["op"] == "confirm" and e["branch"] == branch
+    ]
+
+
+def moves(log: list[asyncpg.Record]) -> list[tuple[str, str]]:
+    """The transaction's moves in the event log: (op, instance)."""
+    return [(e["op"], e["instance"]) for e in log if e["branch"] is None]
+
+
+async def test_a_coordinator_killed_before_any_confirm_is_finished_by_its_restart(
+    make_settings: Callable[..., Settings],
+    tcc_db: asyncpg.Connection,
+    database_url: str,
+    stack: AsyncExitStack,
+    tmp_path: Path,
+) -> None:
+    gid = "crash-before-confirm"
+    parties = [
+        await stack.enter_async_context(serving_party(database_url, name))
+        for name in ("inventory", "credit")
+    ]
+    proxies = [await stalled_proxy(stack, p) for p in parties]
+    config = coordinator(
+        make_settings,
+        tmp_path,
+        stack,
+        {p.name: via(proxy, p) for p, proxy in zip(parties, proxies, strict=True)},
+    )
+    first = await start(stack, config, tmp_path, "first")
+    await begin_and_try(first, gid, parties)
+
+    # The commit is taken; its Confirms hang in the proxies, unanswered.
+    accepted = [proxy.accepted for proxy in proxies]
+    for proxy in proxies:
+        proxy.stall()
+    await commit(first, gid)
+    await wait_until(
+        lambda: all(p.accepted > n for p, n in zip(proxies, accepted, strict=True)), within=30
+    )
+    first.kill()
+    assert [await p.runs(gid) for p in parties] == [[(p.name, "try")] for p in parties]
+    assert {b["status"] for b in (await branches(tcc_db, gid)).values()} == {"registered"}
+
+    for proxy in proxies:
+        proxy.resume()
+    second = await start(stack, config, tmp_path, "second")
+    await finished(tcc_db, gid)
+
+    await assert_applied_once(parties, gid)
+    log = await events(tcc_db, gid)
+    one, two = instance_name(first), instance_name(second)
+    assert moves(log) == [("begin", one), ("commit", one), ("confirmed", two)]
+    rows = await branches(tcc_db, gid)
+    for party in parties:
+        # The killed instance's calls got no answer before it died: none was recorded,
+        # and the restarted one's first call of each branch was answered 200.
+        assert confirm_events(log, party.name) == [("ok", 200, two)], party.name
+        row = rows[party.name]
+        assert (row["status"], row["attempts"], row["last_status"]) == ("confirmed", 1, 200)
+    tx = await transaction(tcc_db, gid)
+    assert (tx["attempts"], tx["lease_owner"], tx["stalled"]) == (1, None, False)
+
+
+async def test_a_coordinator_killed_after_one_confirm_is_finished_by_another_instance(
+    make_settings: Callable[..., Settings],
+    tcc_db: asyncpg.Connection,
+    database_url: str,
+    stack: AsyncExitStack,
+    tmp_path: Path,
+) -> None:
+    gid = "crash-after-one-confirm"
+    quick = await stack.enter_async_context(serving_party(database_url, "inventory"))
+    slow = await stack.enter_async_context(serving_party(database_url, "credit"))
+    proxy = await stalled_proxy(stack, slow)
+    config = coordinator(
+        make_settings, tmp_path, stack, {quick.name: quick.config(), slow.name: via(proxy, slow)}
+    )
+    instances = [await start(stack, config, tmp_path, name) for name in ("a", "b")]
+    await begin_and_try(instances[0], gid, [quick, slow])
+
+    accepted = proxy.accepted
+    proxy.stall()
+    await commit(instances[0], gid)
+
+    async def one_confirmed() -> bool:
+        return proxy.accepted > accepted and await quick.has_barrier(gid, quick.name, Op.CONFIRM)
+
+    await wait_until(one_confirmed, within=30)
+    # The instance driving it is the one holding its lease: that one dies.
+    owner = (await transaction(tcc_db, gid))["lease_owner"]
+    [driver] = [i for i in instances if instance_name(i) == owner]
+    [survivor] = [i for i in instances if i is not driver]
+    driver.kill()
+    assert await slow.runs(gid) == [(slow.name, "try")]
+
+    proxy.resume()
+    await finished(tcc_db, gid)
+
+    await assert_applied_once([quick, slow], gid)
+    log = await events(tcc_db, gid)
+    survived = instance_name(survivor)
+    assert moves(log)[-1] == ("confirmed", survived)
+    # The slow branch's Confirm was recorded by the survivor alone; the quick one's by
+    # whichever instance saw its answer (the killed one, unless it died first).
+    assert confirm_events(log, slow.name) == [("ok", 200, survived)]
+    [(outcome, status, _)] = confirm_events(log, quick.name)
+    assert (outcome, status) == ("ok", 200)
+    for row in (await branches(tcc_db, gid)).values():
+        assert (row["status"], row["attempts"], row["last_status"]) == ("confirmed", 1, 200)
+
+
+async def test_the_coordinators_database_backends_terminated_mid_drive(
+    make_settings: Callable[..., Settings],
+    tcc_db: asyncpg.Connection,
+    database_url: str,
+    stack: AsyncExitStack,
+    tmp_path: Path,
+) -> None:
+    gid = "backends-terminated"
+    quick = await stack.enter_async_context(serving_party(database_url, "inventory"))
+    slow = await stack.enter_async_context(serving_party(database_url, "credit"))
+    proxy = await stalled_proxy(stack, slow)
+    config = coordinator(
+        make_settings, tmp_path, stack, {quick.name: quick.config(), slow.name: via(proxy, slow)}
+    )
+    instance = await start(stack, config, tmp_path, "only")
+    await begin_and_try(instance, gid, [quick, slow])
+
+    accepted = proxy.accepted
+    proxy.stall()
+    await commit(instance, gid)
+
+    async def one_confirmed() -> bool:
+        return proxy.accepted > accepted and await quick.has_barrier(gid, quick.name, Op.CONFIRM)
+
+    await wait_until(one_confirmed, within=30)
+    # Every connection to the database but this one: the instance's pool and the
+    # participants', while the slow Confirm is in flight.
+    terminated = await tcc_db.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    assert terminated > 0
+    proxy.resume()
+    await finished(tcc_db, gid)
+
+    await assert_applied_once([quick, slow], gid)
+    log = await events(tcc_db, gid)
+    assert moves(log)[-1][0] == "confirmed"
+    for party in (quick, slow):
+        calls = confirm_events(log, party.name)
+        assert calls[-1][:2] == ("ok", 200), (party.name, calls)
+        assert [c[0] for c in calls[:-1]] == ["failed"] * (len(calls) - 1), calls
+        row = (await branches(tcc_db, gid))[party.name]
+        assert (row["status"], row["attempts"]) == ("confirmed", len(calls)), party.name
+    assert instance.exit_code() is None, instance.log_tail()
