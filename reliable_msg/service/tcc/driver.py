@@ -160,6 +160,13 @@ class Driver:
                 extra={"gid": tx.gid},
             )
             return
+        except Exception:
+            log.exception(
+                "tcc round of %s failed; driven again when its lease ends",
+                tx.gid,
+                extra={"gid": tx.gid},
+            )
+            return
         if finished:
             log.info("tcc transaction %s %s", tx.gid, tx.move.dst.value, extra={"gid": tx.gid})
 

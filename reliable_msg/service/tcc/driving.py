@@ -117,12 +117,12 @@ _CALL_FAILED = f"""
 _FINISH = """
     WITH t AS (
         UPDATE rmsg_tcc_transaction
-        SET status = $3, updated_at = now(), finished_at = now(), next_try_at = NULL,
-            attempts = attempts + $4, stalled = false, lease_owner = NULL, lease_until = NULL
+        SET status = $2, updated_at = now(), finished_at = now(), next_try_at = NULL,
+            attempts = attempts + $3, stalled = false, lease_owner = NULL, lease_until = NULL
         WHERE gid = $1 AND {applies}
         RETURNING gid
     ), e AS (
-        {event} SELECT gid, NULL, $3, 'ok', NULL, NULL, $5 FROM t
+        {event} SELECT gid, NULL, $2, 'ok', NULL, NULL, $4 FROM t
     )
     SELECT count(*) FROM t
 """
@@ -269,9 +269,7 @@ class Driving(Pooled):
         attempts = int(called)
         async with self._tx() as conn:
             sql = _FINISH.format(applies=final.applies(), event=_EVENT)
-            if await conn.fetchval(
-                sql, tx.gid, final.src.value, final.dst.value, attempts, instance
-            ):
+            if await conn.fetchval(sql, tx.gid, final.dst.value, attempts, instance):
                 return True
             await conn.execute(
                 _RELEASE,
