@@ -11,7 +11,9 @@ if TYPE_CHECKING:
 
 def settings_data(settings: Settings) -> dict[str, Any]:
     """Everything ``settings`` holds, tokens included, as plain data for :func:`toml`."""
-    data = settings.model_dump(mode="json", exclude={"producers", "groups", "admin_token"})
+    data = settings.model_dump(
+        mode="json", exclude={"producers", "groups", "participants", "admin_token"}
+    )
     if settings.admin_token is not None:
         data["admin_token"] = settings.admin_token.get_secret_value()
     data["producers"] = {
@@ -21,6 +23,10 @@ def settings_data(settings: Settings) -> dict[str, Any]:
     data["groups"] = {
         name: {**g.model_dump(mode="json", exclude={"token"}), **_token(g.token)}
         for name, g in settings.groups.items()
+    }
+    data["participants"] = {
+        name: {**p.model_dump(mode="json", exclude={"token"}), **_token(p.token)}
+        for name, p in settings.participants.items()
     }
     return data
 

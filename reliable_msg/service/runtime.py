@@ -17,6 +17,8 @@ from reliable_msg.service.settings import Settings
 from reliable_msg.service.store import PgStore
 from reliable_msg.service.tcc.driver import Driver
 from reliable_msg.service.tcc.driving import Driving
+from reliable_msg.service.tcc.store import TccStore
+from reliable_msg.service.tcc.usecases import Coordinator
 from reliable_msg.service.usecases import UseCases
 from reliable_msg.transports.degradation import PROBE_TIMEOUT, Degradation
 
@@ -48,8 +50,12 @@ class Runtime:
         self.checkback_client = checkback
         self.checkback = CheckBackScanner(settings, store, self.usecases, checkback)
         self.redelivery = RedeliveryScanner(settings, store, self.publisher)
-        self.purger = Purger(settings, store)
         self.tcc_driver = Driver(settings, store.share(Driving), instance=instance_name())
+        self.tcc_store = TccStore(
+            store.pool, instance=instance_name(), stalled_after=settings.tcc.stalled_after
+        )
+        self.coordinator = Coordinator(settings, self.tcc_store, kick=self.tcc_driver.kick)
+        self.purger = Purger(settings, store, self.tcc_store)
         self.monitor = Monitor(settings, store, reports=[self.tcc_driver.report])
         self.scanners = (
             Scanners(

@@ -31,7 +31,7 @@ _INT64 = range(-(2**63), 2**63)
 MAX_HEADER_NAME_BYTES = 128
 
 
-def _storable(value: V) -> V:
+def storable(value: V) -> V:
     """Refuse, as bad input, what PostgreSQL or AMQP would fail on later: NUL characters
     and lone surrogates in strings, NaN and infinities, integers over 64 bits."""
     if isinstance(value, str):
@@ -45,11 +45,11 @@ def _storable(value: V) -> V:
         raise ValueError("NaN and infinities are not JSON")
     elif isinstance(value, dict):
         for k, v in value.items():
-            _storable(k)
-            _storable(v)
+            storable(k)
+            storable(v)
     elif isinstance(value, list):
         for v in value:
-            _storable(v)
+            storable(v)
     return value
 
 
@@ -94,15 +94,15 @@ class _In(BaseModel):
 class MessageIn(_In):
     id: MessageId | None = Field(default=None, description="Client-chosen id; generated if absent")
     topic: Topic
-    payload: Annotated[JsonValue, AfterValidator(_storable)] = Field(
+    payload: Annotated[JsonValue, AfterValidator(storable)] = Field(
         description="Any JSON value; sent as the AMQP body"
     )
-    headers: Annotated[dict[HeaderName, HeaderValue], AfterValidator(_storable)] = {}
+    headers: Annotated[dict[HeaderName, HeaderValue], AfterValidator(storable)] = {}
     key: (
         Annotated[
             str,
             StringConstraints(max_length=constants.MAX_KEY_LENGTH),
-            AfterValidator(_storable),
+            AfterValidator(storable),
         ]
         | None
     ) = None

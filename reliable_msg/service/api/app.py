@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from reliable_msg.service import dashboard
-from reliable_msg.service.api import admin, deliveries, messages, probes
+from reliable_msg.service.api import admin, deliveries, messages, probes, tcc
 from reliable_msg.service.api.errors import ERRORS, BodyLimit, install_error_handlers
 from reliable_msg.service.runtime import Runtime
 
@@ -35,7 +35,7 @@ def create_app(runtime: Runtime, *, manage: bool = False) -> FastAPI:
     app.state.runtime = runtime
     app.add_middleware(BodyLimit, limit=runtime.settings.max_request_bytes)
     install_error_handlers(app)
-    routers = [messages.router, deliveries.router, admin.router, probes.router]
+    routers = [messages.router, deliveries.router, admin.router, tcc.router, probes.router]
     # for the Allow header of a 405
     app.state.api_routes = [route for router in routers for route in router.routes]
     for router in routers:

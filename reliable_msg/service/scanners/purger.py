@@ -1,4 +1,5 @@
-"""Retention: delete finished messages, and free the ids of purged ones."""
+"""Retention: delete finished messages, and free the ids of purged ones; delete finished
+TCC transactions with their branches and events."""
 
 from __future__ import annotations
 
@@ -6,16 +7,22 @@ import logging
 
 from reliable_msg.service.ports import Store
 from reliable_msg.service.settings import Settings
+from reliable_msg.service.tcc.ports import TransactionStore
 
 log = logging.getLogger(__name__)
 
 
 class Purger:
-    """Deletes ``done`` and ``cancelled`` messages older than the retention period."""
+    """Deletes ``done`` and ``cancelled`` messages older than the retention period, and
+    (given ``tcc``) ``confirmed`` and ``cancelled`` TCC transactions older than
+    ``tcc.retention``."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, tcc: TransactionStore | None = None
+    ) -> None:
         self._settings = settings
         self._store = store
+        self._tcc = tcc
 
     async def run_once(self) -> int:
         cfg = self._settings.scanner
@@ -27,4 +34,8 @@ class Purger:
             freed = await self._store.forget_ids(cfg.id_retention, batch=batch)
             if freed:
                 log.info("freed %d ids of purged messages", freed)
+        if self._tcc is not None:
+            finished = await self._tcc.purge(self._settings.tcc.retention, batch=batch)
+            if finished:
+                log.info("purged %d finished TCC transactions", finished)
         return deleted

@@ -107,6 +107,12 @@ class Pooled:
             raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
         return cls(pool)
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The pool itself, for another store over the same database (the TCC
+        coordinator's) to share rather than open its own."""
+        return self._pool
+
     async def close(self) -> None:
         await self._pool.close()
 
