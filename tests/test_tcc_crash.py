@@ -272,7 +272,22 @@ async def test_a_coordinator_killed_after_one_confirm_is_finished_by_another_ins
         assert (row["status"], row["attempts"], row["last_status"]) == ("confirmed", 1, 200)
 
 
-async def test_the_coordinators_database_backends_terminated_mid_drive(
+async def blocked_recordings(database_url: str) -> int:
+    """The coordinator's statements on branch rows that wait for a row lock (asked on a
+    connection of its own: the test terminates the others)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        n = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'reliable-msg' AND wait_event_type = 'Lock'"
+            " AND query LIKE '%rmsg_tcc_branch%'"
+        )
+    finally:
+        await conn.close()
+    return int(n)
+
+
+async def test_the_coordinators_backends_terminated_while_it_records_a_confirm(
     make_settings: Callable[..., Settings],
     tcc_db: asyncpg.Connection,
     database_url: str,
@@ -293,27 +308,54 @@ async def test_the_coordinators_database_backends_terminated_mid_drive(
     proxy.stall()
     await commit(instance, gid)
 
-    async def one_confirmed() -> bool:
-        return proxy.accepted > accepted and await quick.has_barrier(gid, quick.name, Op.CONFIRM)
+    async def one_recorded() -> bool:
+        rows = await branches(tcc_db, gid)
+        return proxy.accepted > accepted and rows[quick.name]["status"] == "confirmed"
 
-    await wait_until(one_confirmed, within=30)
-    # Every connection to the database but this one: the instance's pool and the
-    # participants', while the slow Confirm is in flight.
-    terminated = await tcc_db.fetchval(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-    )
-    assert terminated > 0
-    proxy.resume()
+    await wait_until(one_recorded, within=30)
+    # The slow participant confirms, and the coordinator's record of its answer waits
+    # in PostgreSQL behind a lock this test holds on the branch's row...
+    locker = await asyncpg.connect(database_url)
+    stack.push_async_callback(locker.close)
+    async with locker.transaction():
+        await locker.execute(
+            "SELECT 1 FROM rmsg_tcc_branch WHERE gid = $1 AND branch = $2 FOR UPDATE",
+            gid,
+            slow.name,
+        )
+        proxy.resume()
+        await wait_until(lambda: slow.outcomes(Op.CONFIRM, gid) == ["done"], within=30)
+
+        async def blocked() -> bool:
+            return await blocked_recordings(database_url) > 0
+
+        await wait_until(blocked, within=30)
+        # ... when every other backend of the database is terminated: the instance's
+        # (the waiting one with them) and the participants'.
+        terminated = await locker.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        assert terminated >= 2
+
+        async def gone() -> bool:
+            return await blocked_recordings(database_url) == 0
+
+        await wait_until(gone, within=30)
+    # The test's own connection was terminated with the others: a new one.
+    tcc_db = await asyncpg.connect(database_url)
+    stack.push_async_callback(tcc_db.close)
     await finished(tcc_db, gid)
 
     await assert_applied_once([quick, slow], gid)
+    # The answer the coordinator could not record is asked for again: the barrier
+    # answers it as a duplicate, and only that second call is in the log and the rows.
+    assert slow.outcomes(Op.CONFIRM, gid) == ["done", "duplicate"]
     log = await events(tcc_db, gid)
-    assert moves(log)[-1][0] == "confirmed"
+    name = instance_name(instance)
+    assert moves(log) == [("begin", name), ("commit", name), ("confirmed", name)]
+    rows = await branches(tcc_db, gid)
     for party in (quick, slow):
-        calls = confirm_events(log, party.name)
-        assert calls[-1][:2] == ("ok", 200), (party.name, calls)
-        assert [c[0] for c in calls[:-1]] == ["failed"] * (len(calls) - 1), calls
-        row = (await branches(tcc_db, gid))[party.name]
-        assert (row["status"], row["attempts"]) == ("confirmed", len(calls)), party.name
+        assert confirm_events(log, party.name) == [("ok", 200, name)], party.name
+        assert (rows[party.name]["status"], rows[party.name]["attempts"]) == ("confirmed", 1)
     assert instance.exit_code() is None, instance.log_tail()
