@@ -27,7 +27,7 @@ from reliable_msg.sdk.tcc import Op
 from reliable_msg.service.settings import Settings
 from tests.conftest import PRODUCER, auth
 from tests.helpers.service import Instance, remove_traces, running_async, write_config
-from tests.helpers.tcc_parties import START, Party, run_trys, serving_party
+from tests.helpers.tcc_parties import START, Party, call_try, run_trys, serving_party
 from tests.helpers.waiting import wait_until
 
 #: What each branch's Try freezes and its Confirm takes.
@@ -96,8 +96,11 @@ async def initiator(instance: Instance) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-async def begin_and_try(instance: Instance, gid: str, parties: list[Party]) -> None:
-    """Begin ``gid``, register one branch per party (named like it), run every Try."""
+async def begin_and_register(
+    instance: Instance, gid: str, parties: list[Party]
+) -> list[dict[str, Any]]:
+    """Begin ``gid`` and register one branch per party (named like it); the branches as
+    the coordinator answered them (try URL and proof each)."""
     async with initiator(instance) as api:
         begun = await api.post("/v1/tcc/transactions", json={"gid": gid, "timeout": TIMEOUT})
         assert begun.status_code == 201, begun.text
@@ -107,17 +110,28 @@ async def begin_and_try(instance: Instance, gid: str, parties: list[Party]) -> N
         registered = await api.post(
             f"/v1/tcc/transactions/{gid}/branches", json={"branches": branches}
         )
-        assert registered.status_code == 200, registered.text
-        await run_trys(gid, registered.json()["branches"], {"qty": QTY})
+    assert registered.status_code == 200, registered.text
+    answered: list[dict[str, Any]] = registered.json()["branches"]
+    return answered
+
+
+async def begin_and_try(instance: Instance, gid: str, parties: list[Party]) -> None:
+    """Begin ``gid``, register one branch per party (named like it), run every Try."""
+    await run_trys(gid, await begin_and_register(instance, gid, parties), {"qty": QTY})
     for party in parties:
         assert await party.account() == (START - QTY, QTY, 0)
 
 
-async def commit(instance: Instance, gid: str) -> None:
+async def decide(instance: Instance, gid: str, how: str = "commit") -> None:
+    """The initiator's commit (or ``how="cancel"``), which the coordinator takes."""
     async with initiator(instance) as api:
-        committed = await api.post(f"/v1/tcc/transactions/{gid}/commit")
-    assert committed.status_code == 200, committed.text
-    assert committed.json()["status"] == "confirming"
+        decided = await api.post(f"/v1/tcc/transactions/{gid}/{how}")
+    assert decided.status_code == 200, decided.text
+    assert decided.json()["status"] == {"commit": "confirming", "cancel": "cancelling"}[how]
+
+
+async def commit(instance: Instance, gid: str) -> None:
+    await decide(instance, gid)
 
 
 async def transaction(db: asyncpg.Connection, gid: str) -> asyncpg.Record:
@@ -135,11 +149,11 @@ async def events(db: asyncpg.Connection, gid: str) -> list[asyncpg.Record]:
     return list(await db.fetch("SELECT * FROM rmsg_tcc_event WHERE gid = $1 ORDER BY id", gid))
 
 
-async def finished(db: asyncpg.Connection, gid: str) -> None:
-    async def confirmed() -> bool:
-        return bool((await transaction(db, gid))["status"] == "confirmed")
+async def finished(db: asyncpg.Connection, gid: str, status: str = "confirmed") -> None:
+    async def done() -> bool:
+        return bool((await transaction(db, gid))["status"] == status)
 
-    await wait_until(confirmed, within=FINISH_WITHIN, every=0.2)
+    await wait_until(done, within=FINISH_WITHIN, every=0.2)
 
 
 async def assert_applied_once(parties: list[Party], gid: str) -> None:
@@ -156,12 +170,15 @@ async def assert_applied_once(parties: list[Party], gid: str) -> None:
         assert set(confirms) <= {"done", "duplicate"}, (b, confirms)
 
 
-def confirm_events(log: list[asyncpg.Record], branch: str) -> list[tuple[str, int | None, str]]:
-    """The Confirm calls of ``branch`` in the event log: (outcome, HTTP status, instance)."""
+def calls(
+    log: list[asyncpg.Record], branch: str, op: Op = Op.CONFIRM
+) -> list[tuple[str, int | None, str]]:
+    """The Confirm (or ``op``) calls of ``branch`` in the event log: (outcome, HTTP
+    status, instance)."""
     return [
         (e["outcome"], e["http_status"], e["instance"])
         for e in log
-        if e["op"] == "confirm" and e["branch"] == branch
+        if e["op"] == op.value and e["branch"] == branch
     ]
 
 
@@ -217,7 +234,7 @@ async def test_a_coordinator_killed_before_any_confirm_is_finished_by_its_restar
     for party in parties:
         # The killed instance's calls got no answer before it died: none was recorded,
         # and the restarted one's first call of each branch was answered 200.
-        assert confirm_events(log, party.name) == [("ok", 200, two)], party.name
+        assert calls(log, party.name) == [("ok", 200, two)], party.name
         row = rows[party.name]
         assert (row["status"], row["attempts"], row["last_status"]) == ("confirmed", 1, 200)
     tx = await transaction(tcc_db, gid)
@@ -265,11 +282,85 @@ async def test_a_coordinator_killed_after_one_confirm_is_finished_by_another_ins
     assert moves(log)[-1] == ("confirmed", survived)
     # The slow branch's Confirm was recorded by the survivor alone; the quick one's by
     # whichever instance saw its answer (the killed one, unless it died first).
-    assert confirm_events(log, slow.name) == [("ok", 200, survived)]
-    [(outcome, status, _)] = confirm_events(log, quick.name)
+    assert calls(log, slow.name) == [("ok", 200, survived)]
+    [(outcome, status, _)] = calls(log, quick.name)
     assert (outcome, status) == ("ok", 200)
     for row in (await branches(tcc_db, gid)).values():
         assert (row["status"], row["attempts"], row["last_status"]) == ("confirmed", 1, 200)
+
+
+async def test_a_coordinator_killed_mid_cancel_is_finished_by_another_instance(
+    make_settings: Callable[..., Settings],
+    tcc_db: asyncpg.Connection,
+    database_url: str,
+    stack: AsyncExitStack,
+    tmp_path: Path,
+) -> None:
+    """The initiator cancels after one Try ran and before the other did; the instance
+    driving the Cancels dies while the untried branch's Cancel hangs."""
+    gid = "crash-mid-cancel"
+    tried = await stack.enter_async_context(serving_party(database_url, "inventory"))
+    untried = await stack.enter_async_context(serving_party(database_url, "credit"))
+    proxy = await stalled_proxy(stack, untried)
+    config = coordinator(
+        make_settings,
+        tmp_path,
+        stack,
+        {tried.name: tried.config(), untried.name: via(proxy, untried)},
+    )
+    instances = [await start(stack, config, tmp_path, name) for name in ("a", "b")]
+    registered = await begin_and_register(instances[0], gid, [tried, untried])
+    [try_tried, try_untried] = registered
+    await run_trys(gid, [try_tried], {"qty": QTY})
+
+    accepted = proxy.accepted
+    proxy.stall()
+    await decide(instances[0], gid, "cancel")
+
+    async def one_cancelled() -> bool:
+        return proxy.accepted > accepted and await tried.has_barrier(gid, tried.name, Op.CANCEL)
+
+    await wait_until(one_cancelled, within=30)
+    owner = (await transaction(tcc_db, gid))["lease_owner"]
+    [driver] = [i for i in instances if instance_name(i) == owner]
+    [survivor] = [i for i in instances if i is not driver]
+    driver.kill()
+    proxy.resume()
+    await finished(tcc_db, gid, "cancelled")
+
+    # The tried branch: frozen, then given back, once each.
+    assert await tried.account() == (START, 0, 0)
+    assert await tried.runs(gid) == [(tried.name, "cancel"), (tried.name, "try")]
+    assert await tried.barrier(gid) == [
+        (tried.name, "cancel", "cancel"),
+        (tried.name, "try", "try"),
+    ]
+    # The untried one: an empty rollback, recorded once (the killed instance's call,
+    # delivered late, or the survivor's), no handler run; and its Try, arriving now,
+    # is refused with no effect.
+    assert await untried.runs(gid) == []
+    assert await untried.barrier(gid) == [
+        (untried.name, "cancel", "cancel"),
+        (untried.name, "try", "cancel"),
+    ]
+    cancels = untried.outcomes(Op.CANCEL, gid)
+    assert cancels.count("empty_rollback") == 1 and set(cancels) <= {
+        "empty_rollback",
+        "duplicate",
+    }, cancels
+    async with httpx.AsyncClient() as http:
+        late = await call_try(http, gid, try_untried, {"qty": QTY})
+    assert late.status_code == 409, late.text
+    assert late.json()["error"]["code"] == "cancelled_before_try"
+    assert await untried.account() == (START, 0, 0)
+    assert await untried.runs(gid) == []
+
+    log = await events(tcc_db, gid)
+    survived = instance_name(survivor)
+    assert moves(log)[-1] == ("cancelled", survived)
+    assert calls(log, untried.name, Op.CANCEL) == [("ok", 200, survived)]
+    for row in (await branches(tcc_db, gid)).values():
+        assert (row["status"], row["attempts"], row["last_status"]) == ("cancelled", 1, 200)
 
 
 async def blocked_recordings(database_url: str) -> int:
@@ -356,6 +447,6 @@ async def test_the_coordinators_backends_terminated_while_it_records_a_confirm(
     assert moves(log) == [("begin", name), ("commit", name), ("confirmed", name)]
     rows = await branches(tcc_db, gid)
     for party in (quick, slow):
-        assert confirm_events(log, party.name) == [("ok", 200, name)], party.name
+        assert calls(log, party.name) == [("ok", 200, name)], party.name
         assert (rows[party.name]["status"], rows[party.name]["attempts"]) == ("confirmed", 1)
     assert instance.exit_code() is None, instance.log_tail()

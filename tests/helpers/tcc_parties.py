@@ -191,10 +191,12 @@ async def serving_party(database_url: str, name: str) -> AsyncIterator[Party]:
         await pool.close()
 
 
-async def run_try(http: httpx.AsyncClient, gid: str, branch: dict[str, Any], payload: Any) -> None:
+async def call_try(
+    http: httpx.AsyncClient, gid: str, branch: dict[str, Any], payload: Any
+) -> httpx.Response:
     """The initiator's Try of one registered ``branch`` (an item of the register
-    answer: its try URL and proof), which must succeed."""
-    answer = await http.post(
+    answer: its try URL and proof)."""
+    return await http.post(
         branch["try_url"],
         json={"gid": gid, "branch": branch["branch"], "op": Op.TRY.value, "payload": payload},
         headers={
@@ -204,6 +206,11 @@ async def run_try(http: httpx.AsyncClient, gid: str, branch: dict[str, Any], pay
             "Authorization": f"Bearer {branch['proof']}",
         },
     )
+
+
+async def run_try(http: httpx.AsyncClient, gid: str, branch: dict[str, Any], payload: Any) -> None:
+    """:func:`call_try`, which must succeed."""
+    answer = await call_try(http, gid, branch, payload)
     assert answer.status_code == 200, answer.text
 
 
