@@ -2,7 +2,8 @@
 
 Log calls about a message pass its id as ``extra={"message_id": ...}``: in JSON it is a
 field of its own (``"message_id": "o-1001"``), so a log pipeline can follow a message
-across instances; in text the message already names it.
+across instances; in text the message already names it. Log calls about a TCC
+transaction pass its gid the same way, ``extra={"gid": ...}``.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from reliable_msg.service.settings import Settings
 from tests.conftest import ADMIN, GROUP_TOKENS, PRODUCER
 from tests.helpers.service import remove_traces, running, write_config
+from tests.helpers.tcc_api import tcc_settings
 
 #: Checks every answer must pass.
 CHECKS = ",".join(
@@ -45,6 +47,25 @@ ROLES = [
         ],
     ),
     ("group", GROUP_TOKENS["inventory"], ["--include-path-regex", r"(/ack|/batch/ack)$"]),
+    # --include-name-regex matches "METHOD /path": the method and the path together
+    # (an --include-path-regex and an --include-method select either)
+    (
+        "tcc-producer",
+        PRODUCER,
+        [
+            "--include-name-regex",
+            r"^(POST /v1/tcc/transactions(/\{gid\}/(branches|commit|cancel))?"
+            r"|GET /v1/tcc/transactions/\{gid\})$",
+        ],
+    ),
+    (
+        "tcc-admin",
+        ADMIN,
+        [
+            "--include-name-regex",
+            r"^(GET /v1/tcc/transactions(/\{gid\})?|POST /v1/tcc/transactions/\{gid\}/retry)$",
+        ],
+    ),
     (
         "admin",
         ADMIN,
@@ -56,6 +77,12 @@ ROLES = [
         ],
     ),
 ]
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    """The test settings with TCC participants, for the coordinator's routes."""
+    return tcc_settings(make_settings)
 
 
 @pytest.mark.parametrize(("role", "token", "selection"), ROLES, ids=[r[0] for r in ROLES])

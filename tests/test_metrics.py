@@ -1,5 +1,6 @@
-"""``/metrics`` of a real service process moves with the traffic it serves, and its JSON
-log (``RMSG_LOG_FORMAT=json``) names the message of every line about a message."""
+"""``/metrics`` of a real service process moves with the traffic it serves (messages and
+TCC transactions), and its JSON log (``RMSG_LOG_FORMAT=json``) names the message of
+every line about a message, and the gid of a stalled transaction."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from reliable_msg.harness.ports import free_port
 from reliable_msg.service.settings import Settings
 from tests.conftest import GROUP_TOKENS, PRODUCER, auth
+from tests.helpers import tcc as tcc_rows
 from tests.helpers.service import Instance, remove_traces, running, write_config
 from tests.helpers.waiting import wait_until
 
@@ -137,3 +140,58 @@ def check_json_log(log: Path) -> None:
     assert about[UNACKED] and about[UNCONFIRMED], "no log line about the dead messages"
     for id, found in about.items():
         assert all(line.get("message_id") == id for line in found), found
+
+
+async def test_tcc_metrics_count_transactions_calls_and_the_stalled(
+    make_settings: Callable[..., Settings],
+    db: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    tmp_path: Path,
+) -> None:
+    """A real service process drives TCC transactions (written straight into its tables)
+    against a participant served here and one that is down: ``/metrics`` counts them by
+    status, its calls by op and outcome, the oldest unfinished and the stalled one, and
+    its JSON log names the stalled transaction's gid."""
+    await tcc_rows.reset(db)
+    down = f"http://127.0.0.1:{free_port()}"
+    async with tcc_rows.serving(tcc_rows.sdk_app(tcc_rows.participant(pool, "inventory"))) as up:
+        urls = {"inventory": f"{up}/inventory", "credit": f"{down}/credit"}
+        participants = {n: {"url": u, "token": tcc_rows.TOKENS[n]} for n, u in urls.items()}
+        settings = make_settings(
+            participants=participants,
+            scanner={"interval": 0.2},
+            monitor={"interval": 0.2, "counts_interval": 0.2},
+            tcc={"stalled_after": 600, "backoff_base": 0.2, "backoff_cap": 0.5},
+        )
+        config = write_config(settings, tmp_path / "config.toml", participants=participants)
+        await tcc_rows.insert(db, "t-ok", "confirming", [("b1", "inventory"), ("b2", "inventory")])
+        await tcc_rows.insert(db, "t-stuck", "cancelling", [("b1", "credit")], age=3600)
+        await tcc_rows.insert(db, "t-trying", "trying", [("b1", "inventory")], age=5)
+        try:
+            with running(config, tmp_path, env={"RMSG_LOG_FORMAT": "json"}) as [instance]:
+                async with httpx.AsyncClient(base_url=instance.url, timeout=10) as api:
+
+                    async def counted() -> bool:
+                        samples = await scrape(api)
+                        return (
+                            value(samples, "rmsg_tcc_transactions", status="confirmed") == 1
+                            and value(samples, "rmsg_tcc_stalled") == 1
+                            and value(samples, "rmsg_tcc_branch_calls_total", outcome="failed") >= 2
+                        )
+
+                    await wait_until(counted, within=20, every=0.2)
+                    after = await scrape(api)
+        finally:
+            await remove_traces(settings)
+    assert value(after, "rmsg_tcc_transactions", status="trying") == 1
+    assert value(after, "rmsg_tcc_transactions", status="cancelling") == 1
+    assert value(after, "rmsg_tcc_transactions", status="confirming") == 0
+    ok = value(after, "rmsg_tcc_branch_calls_total", op="confirm", outcome="ok")
+    assert ok == 2 and value(after, "rmsg_tcc_branch_calls_total", op="cancel", outcome="ok") == 0
+    assert value(after, "rmsg_tcc_branch_calls_total", op="cancel", outcome="failed") >= 2
+    assert value(after, "rmsg_tcc_oldest_unfinished_seconds") >= 3600
+    lines = [json.loads(line) for line in instance.log.read_text().splitlines() if line.strip()]
+    stalled = [
+        line for line in lines if line["level"] == "warning" and "stalled" in line["message"]
+    ]
+    assert [line.get("gid") for line in stalled] == ["t-stuck"]

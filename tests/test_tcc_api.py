@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,8 @@ import asyncpg
 import httpx
 import pytest
 
+from reliable_msg.errors import ConfigError
+from reliable_msg.logs import JsonFormatter
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.service.tcc.usecases import Coordinator
@@ -267,9 +270,11 @@ async def test_retry_now_resets_the_waits_and_kicks_the_driver(
 
 
 @pytest.fixture
-async def seeded(client: httpx.AsyncClient, tcc_db: asyncpg.Connection) -> None:
+async def seeded(client: httpx.AsyncClient, tcc_db: asyncpg.Connection, kicked: list[str]) -> None:
     """``t-1`` trying with branch ``stock``; ``t-ok`` committed; ``t-no`` cancelled;
-    ``t-other`` trying, begun by the other producer; ``t-done`` confirmed (no branch)."""
+    ``t-other`` trying, begun by the other producer; ``t-done`` confirmed (no branch).
+    The driver is not kicked (``kicked`` is emptied after): it would call ``t-ok``'s and
+    ``t-no``'s branches in the background, and change their rows under the test."""
     await begin(client, "t-1")
     await register(client, "t-1", branch("stock", payload={"n": 1}))
     await begin(client, "t-ok")
@@ -281,6 +286,7 @@ async def seeded(client: httpx.AsyncClient, tcc_db: asyncpg.Connection) -> None:
     await begin(client, "t-other", token=OTHER_PRODUCER)
     await begin(client, "t-done")
     await move(client, "t-done", "commit")
+    kicked.clear()
 
 
 def _begin(gid: Any = "new-1", timeout: Any = 30, **more: Any) -> dict[str, Any]:
@@ -535,7 +541,97 @@ async def test_a_commit_racing_a_cancel_exactly_one_wins(
             assert status == "confirming" and cancel.json()["error"]["code"] == "committed"
         else:
             assert status == "cancelling" and commit.json()["error"]["code"] == "rolled_back"
+        # The moves only (branch NULL): the kicked driver's Cancel calls are events too.
         moves = await tcc_db.fetch(
-            "SELECT op FROM rmsg_tcc_event WHERE gid = $1 AND op IN ('commit', 'cancel')", gid
+            "SELECT op FROM rmsg_tcc_event"
+            " WHERE gid = $1 AND op IN ('commit', 'cancel') AND branch IS NULL",
+            gid,
         )
         assert len(moves) == 1
+
+
+# -- URLs come from the configuration only -------------------------------------------------
+
+
+def test_the_configuration_refuses_a_participant_without_a_url(
+    make_settings: Callable[..., Settings],
+) -> None:
+    with pytest.raises(ConfigError, match=r"participants\.inventory\.url"):
+        make_settings(participants={"inventory": {"token": "inventory-participant-token"}})
+
+
+HOSTILE_PARTICIPANTS = [
+    "http://127.0.0.1:6666/evil",
+    "//127.0.0.1:6666",
+    "inventory/../evil",
+    "inventory?url=http://evil",
+    "inventory#x",
+    "INVENTORY",
+    " inventory",
+    "inventory\u0000",
+    "",
+]
+
+
+async def test_no_request_makes_the_coordinator_answer_a_url_not_configured(
+    client: httpx.AsyncClient, tcc_db: asyncpg.Connection
+) -> None:
+    configured = {INVENTORY_TRY, CREDIT_TRY}
+    evil = {"url": "http://127.0.0.1:6666/evil", "try_url": "http://127.0.0.1:6666/try"}
+    await begin(client, "http:..127.0.0.1:6666")
+    answers = []
+    for name in HOSTILE_PARTICIPANTS:
+        r = await send(
+            client,
+            "POST",
+            f"{TX}/http:..127.0.0.1:6666/branches",
+            PRODUCER,
+            _branches(branch("b", name, evil)),
+        )
+        assert_error(r, 422)
+    for i, name in enumerate(PARTICIPANTS):
+        body = _branches(branch(f"http:..127.0.0.1:6666.{i}", name, evil))
+        r = await send(client, "POST", f"{TX}/http:..127.0.0.1:6666/branches", PRODUCER, body)
+        assert r.status_code == 200, r.text
+        answers += r.json()["branches"]
+    assert {a["try_url"] for a in answers} == configured
+    stored = await tcc_db.fetch("SELECT DISTINCT participant FROM rmsg_tcc_branch")
+    assert {r["participant"] for r in stored} == set(PARTICIPANTS)
+    # nor does any answer carry a participant's token
+    tx = await send(client, "GET", f"{TX}/http:..127.0.0.1:6666", ADMIN)
+    for _, token in PARTICIPANTS.values():
+        assert token not in tx.text and token not in json.dumps(answers)
+
+
+# -- logs and the driver's kick ------------------------------------------------------------
+
+
+async def test_moves_are_logged_with_the_gid_as_a_json_field(
+    client: httpx.AsyncClient, tcc_db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="reliable_msg.service.tcc")
+    await begin(client, "log-1")
+    await register(client, "log-1", branch("a"))
+    await move(client, "log-1", "commit")
+    records = [r for r in caplog.records if r.name == "reliable_msg.service.tcc.usecases"]
+    assert len(records) == 3
+    for record in records:
+        assert json.loads(JsonFormatter().format(record))["gid"] == "log-1"
+
+
+async def test_a_kick_that_fails_leaves_the_commit_made(
+    client: httpx.AsyncClient,
+    tcc_db: asyncpg.Connection,
+    runtime: Runtime,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(gid: str) -> None:
+        raise RuntimeError("driver stopped")
+
+    runtime.coordinator = Coordinator(runtime.settings, runtime.tcc_store, kick=broken)
+    await begin(client, "k-1")
+    await register(client, "k-1", branch("a"))
+    assert (await move(client, "k-1", "commit"))["status"] == "confirming"
+    assert any(
+        r.levelno == logging.ERROR and getattr(r, "gid", None) == "k-1" for r in caplog.records
+    )

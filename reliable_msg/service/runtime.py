@@ -50,10 +50,10 @@ class Runtime:
         self.checkback_client = checkback
         self.checkback = CheckBackScanner(settings, store, self.usecases, checkback)
         self.redelivery = RedeliveryScanner(settings, store, self.publisher)
-        self.tcc_driver = Driver(settings, store.share(Driving), instance=instance_name())
         self.tcc_store = TccStore(
             store.pool, instance=instance_name(), stalled_after=settings.tcc.stalled_after
         )
+        self.tcc_driver = Driver(settings, Driving(store.pool), instance=instance_name())
         self.coordinator = Coordinator(settings, self.tcc_store, kick=self.tcc_driver.kick)
         self.purger = Purger(settings, store, self.tcc_store)
         self.monitor = Monitor(settings, store, reports=[self.tcc_driver.report])

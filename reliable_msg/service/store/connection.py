@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
-PartT = TypeVar("PartT", bound="Pooled")
 
 #: PostgreSQL errors worth one more try of the same short transaction.
 RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
@@ -115,11 +114,6 @@ class Pooled:
 
     async def close(self) -> None:
         await self._pool.close()
-
-    def share(self, part: type[PartT]) -> PartT:
-        """Another part of the store on this same pool (the TCC driver's, say), so that
-        one instance holds one pool whatever the parts it runs."""
-        return part(self._pool)
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[Conn]:

@@ -1,9 +1,17 @@
 """The TCC coordinator (issue 13), in the service's own process and database.
 
-Here now: :mod:`.states`, the state machine of transactions and branches with the guard
-SQL of every move. Coming next (issue 13 in progress): the store (guarded updates of
-``rmsg_tcc_*``, migration ``0005_tcc.sql``), the use-cases (begin, register, commit,
-cancel, get, list, retry now), the ``/v1/tcc/`` HTTP API, and the driver that claims due
-transactions and calls every branch's Confirm or Cancel until it answers 200. Its
-settings are ``[participants.<name>]`` and ``[tcc]`` in :mod:`reliable_msg.service.settings`.
+- ``states``: the state machine of transactions and branches, with the guard SQL of every
+  move
+- ``transaction``: transactions, branches and events as the coordinator sees them
+- ``ports``: what the use-cases and the driver need of a store; ``store``: the
+  use-cases' store in PostgreSQL (``rmsg_tcc_*``, migration ``0005_tcc.sql``)
+- ``usecases``: begin, register, commit, cancel, get, list, retry now, purge
+- ``schemas``: the bodies of the ``/v1/tcc/`` API (its routes: ``service/api/tcc.py``)
+- ``driver``: the driver, which claims due transactions under a lease and calls every
+  branch's Confirm or Cancel until it answers 2xx (the scheduler's ``tcc`` job, and a
+  kick after each commit, cancel and retry now); ``rounds``: what it claims;
+  ``driving``: its store in PostgreSQL
+
+Their settings are ``[participants.<name>]`` and ``[tcc]`` in
+:mod:`reliable_msg.service.settings`.
 """

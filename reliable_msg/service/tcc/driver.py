@@ -30,7 +30,8 @@ from reliable_msg.metrics import (
 )
 from reliable_msg.policy import backoff
 from reliable_msg.service.settings import Settings
-from reliable_msg.service.tcc.driving import Claimed, Driving, DueBranch
+from reliable_msg.service.tcc.ports import DrivingStore
+from reliable_msg.service.tcc.rounds import Claimed, DueBranch
 from reliable_msg.service.tcc.states import TxStatus
 from reliable_msg.tcc import BRANCH_HEADER, GID_HEADER, OP_HEADER, proof
 
@@ -48,7 +49,7 @@ class Driver:
     """Drives confirming and cancelling transactions to their end; see the module."""
 
     def __init__(
-        self, settings: Settings, driving: Driving, *, instance: str, rounds: int = ROUNDS
+        self, settings: Settings, driving: DrivingStore, *, instance: str, rounds: int = ROUNDS
     ) -> None:
         self._settings = settings
         self._driving = driving
@@ -109,11 +110,16 @@ class Driver:
         claimed like any other, so that no other instance drives it at the same time.
         Nothing happens when it is not due, leased, or every round is busy: a pass
         takes it later."""
+        self.drive(gid)
+
+    def drive(self, gid: str) -> asyncio.Task[None] | None:
+        """:meth:`kick`, returning the task of its claim and round (None: not started)."""
         if self._stopping or self._session is None or self._busy >= self._rounds:
-            return
+            return None
         task = asyncio.create_task(self._kick(gid), name=f"tcc kick of {gid}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _kick(self, gid: str) -> None:
         try:

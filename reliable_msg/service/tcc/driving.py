@@ -12,13 +12,11 @@ transaction at once, and one that died mid-round loses it only until the lease e
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
 import asyncpg
 
 from reliable_msg.service.store.connection import Pooled, translated
+from reliable_msg.service.tcc.rounds import Claimed, DueBranch, TccCounts
 from reliable_msg.service.tcc.states import (
     CANCELLED,
     CONFIRMED,
@@ -28,7 +26,7 @@ from reliable_msg.service.tcc.states import (
     Move,
     TxStatus,
 )
-from reliable_msg.tcc import Op
+from reliable_msg.service.tcc.transaction import EventOp, Outcome
 
 #: The statuses the driver calls branches in, as an SQL list.
 _DRIVEN = "(" + ", ".join(f"'{s.value}'" for s in DRIVEN) + ")"
@@ -37,6 +35,8 @@ _UNFINISHED = f"('{TxStatus.TRYING.value}', " + _DRIVEN[1:]
 
 #: One event row: gid, branch, op, outcome, http_status, error, instance.
 _EVENT = "INSERT INTO rmsg_tcc_event (gid, branch, op, outcome, http_status, error, instance)"
+_OK = f"'{Outcome.OK.value}'"
+_FAILED = f"'{Outcome.FAILED.value}'"
 
 #: Cancels trying transactions past their deadline (EXPIRE); due at once after it.
 _EXPIRE = f"""
@@ -52,7 +52,7 @@ _EXPIRE = f"""
         ) AND {EXPIRE.applies()}
         RETURNING gid
     ), e AS (
-        {_EVENT} SELECT gid, NULL, 'expire', 'ok', NULL, NULL, $4 FROM x
+        {_EVENT} SELECT gid, NULL, '{EventOp.EXPIRE.value}', {_OK}, NULL, NULL, $4 FROM x
     )
     SELECT gid FROM x
 """
@@ -94,7 +94,7 @@ _CALL_OK = """
         WHERE gid = $1 AND branch = $2 AND {applies}
         RETURNING gid
     ), e AS (
-        {event} VALUES ($1, $2, $3, 'ok', $5, NULL, $6)
+        {event} VALUES ($1, $2, $3, {ok}, $5, NULL, $6)
     )
     SELECT count(*) FROM b
 """
@@ -108,7 +108,7 @@ _CALL_FAILED = f"""
         WHERE gid = $1 AND branch = $2 AND status = $7
         RETURNING attempts
     ), e AS (
-        {_EVENT} VALUES ($1, $2, $3, 'failed', $4, $5, $8)
+        {_EVENT} VALUES ($1, $2, $3, {_FAILED}, $4, $5, $8)
     )
     SELECT attempts FROM b
 """
@@ -118,11 +118,11 @@ _FINISH = """
     WITH t AS (
         UPDATE rmsg_tcc_transaction
         SET status = $2, updated_at = now(), finished_at = now(), next_try_at = NULL,
-            attempts = attempts + $3, stalled = false, lease_owner = NULL, lease_until = NULL
+            attempts = attempts + $4, stalled = false, lease_owner = NULL, lease_until = NULL
         WHERE gid = $1 AND {applies}
         RETURNING gid
     ), e AS (
-        {event} SELECT gid, NULL, $2, 'ok', NULL, NULL, $4 FROM t
+        {event} SELECT gid, NULL, $3, {ok}, NULL, NULL, $5 FROM t
     )
     SELECT count(*) FROM t
 """
@@ -148,7 +148,7 @@ _STALLED = f"""
           AND updated_at < now() - make_interval(secs => $1)
         RETURNING gid
     ), e AS (
-        {_EVENT} SELECT gid, NULL, 'stalled', 'ok', NULL, NULL, $2 FROM s
+        {_EVENT} SELECT gid, NULL, '{EventOp.STALLED.value}', {_OK}, NULL, NULL, $2 FROM s
     )
     SELECT gid FROM s ORDER BY gid
 """
@@ -166,50 +166,16 @@ _COUNTS = f"""
 """
 
 
-@dataclass(frozen=True, slots=True)
-class DueBranch:
-    """A registered branch whose Confirm or Cancel is due."""
-
-    branch: str
-    participant: str
-    payload: Any  #: the JSON registered with it
-    attempts: int  #: calls made before this one
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """A transaction leased to this instance for one round, with its due branches."""
-
-    gid: str
-    status: TxStatus
-    lease_until: datetime  #: the lease's token: the round's end releases only this lease
-    branches: tuple[DueBranch, ...]
-
-    @property
-    def op(self) -> Op:
-        return DRIVEN[self.status][0]
-
-    @property
-    def move(self) -> Move[BranchStatus]:
-        return DRIVEN[self.status][1]
-
-
-@dataclass(frozen=True, slots=True)
-class TccCounts:
-    statuses: dict[str, int]
-    oldest: float  #: seconds since the oldest unfinished transaction began (0: none)
-    stalled: int
-
-
-#: The final move of a transaction in each driven status.
-_FINAL: dict[TxStatus, Move[TxStatus]] = {
-    TxStatus.CONFIRMING: CONFIRMED,
-    TxStatus.CANCELLING: CANCELLED,
+#: The final move of a transaction in each driven status, and its event.
+_FINAL: dict[TxStatus, tuple[Move[TxStatus], EventOp]] = {
+    TxStatus.CONFIRMING: (CONFIRMED, EventOp.CONFIRMED),
+    TxStatus.CANCELLING: (CANCELLED, EventOp.CANCELLED),
 }
 
 
 class Driving(Pooled):
-    """The SQL of :class:`~reliable_msg.service.tcc.driver.Driver`, on the service's pool."""
+    """The SQL of :class:`~reliable_msg.service.tcc.driver.Driver`, on the service's pool;
+    implements :class:`~reliable_msg.service.tcc.ports.DrivingStore`."""
 
     @translated
     async def expire(self, instance: str, limit: int) -> list[str]:
@@ -232,9 +198,9 @@ class Driving(Pooled):
     async def call_ok(self, tx: Claimed, branch: str, http_status: int, instance: str) -> bool:
         """Record a 2xx answer: the branch's move, if its transaction is still driven
         that way; whether it moved. The call's event either way."""
-        sql = _CALL_OK.format(applies=tx.move.applies(), event=_EVENT)
+        sql = _CALL_OK.format(applies=tx.move.applies(), event=_EVENT, ok=_OK)
         moved = await self._pool.fetchval(
-            sql, tx.gid, branch, tx.op.value, tx.move.dst.value, http_status, instance
+            sql, tx.gid, branch, EventOp(tx.op.value), tx.move.dst.value, http_status, instance
         )
         return bool(moved)
 
@@ -253,7 +219,7 @@ class Driving(Pooled):
             _CALL_FAILED,
             tx.gid,
             branch,
-            tx.op.value,
+            EventOp(tx.op.value),
             http_status,
             error[:1000],
             retry_in,
@@ -265,11 +231,11 @@ class Driving(Pooled):
     async def end_round(self, tx: Claimed, owner: str, instance: str, *, called: bool) -> bool:
         """Close a round: the final move when every branch is done (whether it was
         made), else release the lease, if still ours, until the earliest branch is due."""
-        final = _FINAL[tx.status]
+        final, event = _FINAL[tx.status]
         attempts = int(called)
         async with self._tx() as conn:
-            sql = _FINISH.format(applies=final.applies(), event=_EVENT)
-            if await conn.fetchval(sql, tx.gid, final.dst.value, attempts, instance):
+            sql = _FINISH.format(applies=final.applies(), event=_EVENT, ok=_OK)
+            if await conn.fetchval(sql, tx.gid, final.dst.value, event, attempts, instance):
                 return True
             await conn.execute(
                 _RELEASE,

@@ -1,6 +1,7 @@
-"""The narrow interface the coordinator's use-cases need of a store, as
-:mod:`reliable_msg.service.ports` is for the messages'. The adapter is
-:class:`reliable_msg.service.tcc.store.TccStore` (PostgreSQL)."""
+"""The narrow interfaces the coordinator's use-cases and its driver need of a store, as
+:mod:`reliable_msg.service.ports` is for the messages'. The adapters are
+:class:`reliable_msg.service.tcc.store.TccStore` and
+:class:`reliable_msg.service.tcc.driving.Driving` (PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
+from reliable_msg.service.tcc.rounds import Claimed, TccCounts
 from reliable_msg.service.tcc.states import TxStatus
 from reliable_msg.service.tcc.transaction import Decided, NewBranch, Transaction, TxPage
 
@@ -39,3 +41,31 @@ class TransactionStore(Protocol):
     ) -> TxPage: ...
 
     async def purge(self, older_than: float, batch: int) -> int: ...
+
+
+class DrivingStore(Protocol):
+    """What :class:`~reliable_msg.service.tcc.driver.Driver` needs: see ``Driving``."""
+
+    async def expire(self, instance: str, limit: int) -> list[str]: ...
+
+    async def claim(
+        self, owner: str, lease: float, limit: int, gid: str | None = None
+    ) -> list[Claimed]: ...
+
+    async def call_ok(self, tx: Claimed, branch: str, http_status: int, instance: str) -> bool: ...
+
+    async def call_failed(
+        self,
+        tx: Claimed,
+        branch: str,
+        http_status: int | None,
+        error: str,
+        retry_in: float,
+        instance: str,
+    ) -> None: ...
+
+    async def end_round(self, tx: Claimed, owner: str, instance: str, *, called: bool) -> bool: ...
+
+    async def flag_stalled(self, after: float, instance: str) -> list[str]: ...
+
+    async def counts(self) -> TccCounts: ...
