@@ -117,8 +117,7 @@ class TccStore(Pooled):
             if status is not T.TRYING:
                 return Decided(Verdict.WRONG_STATUS, await self._read(conn, gid))
             if not on_time:
-                await self._move(conn, gid, EXPIRE)
-                return Decided(Verdict.EXPIRED, await self._read(conn, gid))
+                return await self._expire(conn, gid)
             return await self._insert_branches(conn, gid, branches, max_branches)
 
     async def _insert_branches(
@@ -197,8 +196,13 @@ class TccStore(Pooled):
                 await self._move(conn, gid, _FINISH[move])
                 return Decided(Verdict.DONE, await self._read(conn, gid))
             # COMMIT's guard refused a trying transaction: its deadline passed.
-            await self._move(conn, gid, EXPIRE)
-            return Decided(Verdict.EXPIRED, await self._read(conn, gid))
+            return await self._expire(conn, gid)
+
+    async def _expire(self, conn: Conn, gid: str) -> Decided:
+        """EXPIRE (then CANCELLED at once when it has no branch)."""
+        await self._move(conn, gid, EXPIRE)
+        await self._move(conn, gid, CANCELLED)
+        return Decided(Verdict.EXPIRED, await self._read(conn, gid))
 
     async def _lock(self, conn: Conn, gid: str, initiator: str | None) -> tuple[T, bool] | None:
         """Lock the transaction's row: its status and whether it is before its deadline

@@ -252,10 +252,6 @@ class Coordinator:
         self._drive(tx)
         return tx
 
-    async def purge(self, older_than: float, batch: int) -> int:
-        """Delete transactions finished more than ``older_than`` seconds ago."""
-        return await self._store.purge(older_than, batch)
-
 
 def _unknown(gid: str) -> NotFound:
     return NotFound(f"no transaction {gid!r}")
