@@ -12,6 +12,7 @@ its rows and its event log. The initiator is the test, over the HTTP API.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -156,13 +157,13 @@ async def finished(db: asyncpg.Connection, gid: str, status: str = "confirmed") 
     await wait_until(done, within=FINISH_WITHIN, every=0.2)
 
 
-async def assert_applied_once(parties: list[Party], gid: str) -> None:
+async def assert_applied_once(parties: list[Party], gid: str, *, of: int = 1) -> None:
     """Each party ran its branch's Try and Confirm once (business rows, handler runs,
     barrier rows), and every Confirm it was called for beyond the first was answered
-    as a duplicate by the barrier."""
+    as a duplicate by the barrier; ``of`` transactions were confirmed in all."""
     for party in parties:
         b = party.name
-        assert await party.account() == (START - QTY, 0, QTY), b
+        assert await party.account() == (START - QTY * of, 0, QTY * of), b
         assert await party.runs(gid) == [(b, "confirm"), (b, "try")], b
         assert await party.barrier(gid) == [(b, "confirm", "confirm"), (b, "try", "try")], b
         confirms = party.outcomes(Op.CONFIRM, gid)
@@ -239,6 +240,64 @@ async def test_a_coordinator_killed_before_any_confirm_is_finished_by_its_restar
         assert (row["status"], row["attempts"], row["last_status"]) == ("confirmed", 1, 200)
     tx = await transaction(tcc_db, gid)
     assert (tx["attempts"], tx["lease_owner"], tx["stalled"]) == (1, None, False)
+
+
+#: Transactions whose Confirms are in flight when their instance dies.
+IN_FLIGHT = 30
+
+
+async def test_a_coordinator_killed_with_many_commits_in_flight_loses_none(
+    make_settings: Callable[..., Settings],
+    tcc_db: asyncpg.Connection,
+    database_url: str,
+    stack: AsyncExitStack,
+    tmp_path: Path,
+) -> None:
+    gids = [f"in-flight-{n}" for n in range(IN_FLIGHT)]
+    parties = [
+        await stack.enter_async_context(serving_party(database_url, name))
+        for name in ("inventory", "credit")
+    ]
+    proxies = [await stalled_proxy(stack, p) for p in parties]
+    config = coordinator(
+        make_settings,
+        tmp_path,
+        stack,
+        {p.name: via(proxy, p) for p, proxy in zip(parties, proxies, strict=True)},
+    )
+    first, second = [await start(stack, config, tmp_path, name) for name in ("a", "b")]
+    for gid in gids:
+        await run_trys(gid, await begin_and_register(first, gid, parties), {"qty": QTY})
+
+    # Every Confirm of every transaction hangs in the proxies, most of them (or all)
+    # called by the instance that took the commits: it dies.
+    accepted = [proxy.accepted for proxy in proxies]
+    for proxy in proxies:
+        proxy.stall()
+    await asyncio.gather(*(commit(first, gid) for gid in gids))
+    await wait_until(
+        lambda: all(p.accepted - n >= IN_FLIGHT for p, n in zip(proxies, accepted, strict=True)),
+        within=30,
+    )
+    first.kill()
+    for proxy in proxies:
+        proxy.resume()
+
+    async def all_confirmed() -> bool:
+        n = await tcc_db.fetchval(
+            "SELECT count(*) FROM rmsg_tcc_transaction WHERE status = 'confirmed'"
+        )
+        return bool(n == IN_FLIGHT)
+
+    await wait_until(all_confirmed, within=FINISH_WITHIN, every=0.2)
+    for gid in gids:
+        await assert_applied_once(parties, gid, of=IN_FLIGHT)
+        log = await events(tcc_db, gid)
+        assert [op for op, _ in moves(log)] == ["begin", "commit", "confirmed"], gid
+        for party in parties:
+            [(outcome, status, _)] = calls(log, party.name)
+            assert (outcome, status) == ("ok", 200), (gid, party.name)
+    assert second.exit_code() is None, second.log_tail()
 
 
 async def test_a_coordinator_killed_after_one_confirm_is_finished_by_another_instance(
