@@ -13,9 +13,11 @@ its rows and its event log. The initiator is the test, over the HTTP API.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,16 @@ def via(proxy: FaultProxy, party: Party) -> dict[str, Any]:
 def instance_name(instance: Instance) -> str:
     """The ``instance`` of its events and leases (``runtime.instance_name()``)."""
     return f"{socket.gethostname()}:{instance.pid}"
+
+
+@contextmanager
+def paused(instance: Instance) -> Iterator[None]:
+    """``instance`` frozen (SIGSTOP) for the block, then woken (SIGCONT)."""
+    os.kill(instance.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(instance.pid, signal.SIGCONT)
 
 
 @asynccontextmanager
@@ -346,6 +358,63 @@ async def test_a_coordinator_killed_after_one_confirm_is_finished_by_another_ins
     assert (outcome, status) == ("ok", 200)
     for row in (await branches(tcc_db, gid)).values():
         assert (row["status"], row["attempts"], row["last_status"]) == ("confirmed", 1, 200)
+
+
+async def test_a_coordinator_paused_past_its_lease_changes_nothing_when_it_wakes(
+    make_settings: Callable[..., Settings],
+    tcc_db: asyncpg.Connection,
+    database_url: str,
+    stack: AsyncExitStack,
+    tmp_path: Path,
+) -> None:
+    """Not dead but frozen (SIGSTOP: a stop-the-world pause, a VM migrated) while its
+    Confirm is in flight: the other instance takes the transaction when the lease ends
+    and confirms it; the frozen one, woken, gets its old call's end and moves nothing
+    back and nothing twice."""
+    gid = "paused-past-lease"
+    quick = await stack.enter_async_context(serving_party(database_url, "inventory"))
+    slow = await stack.enter_async_context(serving_party(database_url, "credit"))
+    proxy = await stalled_proxy(stack, slow)
+    config = coordinator(
+        make_settings, tmp_path, stack, {quick.name: quick.config(), slow.name: via(proxy, slow)}
+    )
+    instances = [await start(stack, config, tmp_path, name) for name in ("a", "b")]
+    await begin_and_try(instances[0], gid, [quick, slow])
+
+    accepted = proxy.accepted
+    proxy.stall()
+    await commit(instances[0], gid)
+
+    async def one_confirmed() -> bool:
+        return proxy.accepted > accepted and await quick.has_barrier(gid, quick.name, Op.CONFIRM)
+
+    await wait_until(one_confirmed, within=30)
+    owner = (await transaction(tcc_db, gid))["lease_owner"]
+    [frozen] = [i for i in instances if instance_name(i) == owner]
+    [other] = [i for i in instances if i is not frozen]
+    with paused(frozen):
+        # Its call goes through now; the answer waits in its socket, unread.
+        proxy.resume()
+        await finished(tcc_db, gid)
+        confirmed_at = (await transaction(tcc_db, gid))["finished_at"]
+
+    # Woken, it reads its call's end (an answer, or its timeout, long past) and records it.
+    async def recorded() -> bool:
+        return any(i == owner for _, _, i in calls(await events(tcc_db, gid), slow.name))
+
+    await wait_until(recorded, within=30)
+    await finished(tcc_db, gid)
+    tx = await transaction(tcc_db, gid)
+    assert (tx["status"], tx["finished_at"], tx["lease_owner"]) == ("confirmed", confirmed_at, None)
+    await assert_applied_once([quick, slow], gid)
+    # The slow branch's first call was the frozen instance's (answered done), the other
+    # instance's a duplicate; only the other's moved the branch.
+    assert slow.outcomes(Op.CONFIRM, gid) == ["done", "duplicate"]
+    log = await events(tcc_db, gid)
+    assert [m for m in moves(log) if m[0] == "confirmed"] == [("confirmed", instance_name(other))]
+    row = (await branches(tcc_db, gid))[slow.name]
+    assert (row["status"], row["attempts"], row["last_status"]) == ("confirmed", 1, 200)
+    assert frozen.exit_code() is None, frozen.log_tail()
 
 
 async def test_a_coordinator_killed_mid_cancel_is_finished_by_another_instance(
