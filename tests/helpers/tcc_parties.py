@@ -158,7 +158,8 @@ def _participant(pool: asyncpg.Pool, name: str, token: str) -> RecordingParticip
 @asynccontextmanager
 async def serving_party(database_url: str, name: str) -> AsyncIterator[Party]:
     """The participant ``name`` served on a free port, over a schema ``tcc_<name>`` of
-    the test database made afresh (its account at :data:`START`, no runs, no barrier)."""
+    the test database made afresh (its account at :data:`START`, no runs, no barrier)
+    and dropped afterwards."""
     schema = f"tcc_{name}"
     conn = await asyncpg.connect(database_url)
     try:
@@ -189,6 +190,11 @@ async def serving_party(database_url: str, name: str) -> AsyncIterator[Party]:
             yield Party(name, token, port, url + prefix, database_url, participant)
     finally:
         await pool.close()
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        finally:
+            await conn.close()
 
 
 async def call_try(
