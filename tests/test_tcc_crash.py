@@ -1,7 +1,8 @@
 """Crash injection for the TCC coordinator: a ``reliable-msg serve`` instance SIGKILLed
-while it drives a committed transaction (before any Confirm answered, or after one), or
-its PostgreSQL backends terminated mid-drive, loses nothing: another instance, or the
-restarted one, confirms every branch, and each participant applies each branch once.
+while it drives a committed transaction (before any Confirm answered, after one, with
+thirty in flight) or a cancelled one, frozen past its lease, or its PostgreSQL backends
+terminated while it records an answer, loses nothing: another instance, or the restarted
+one, finishes every branch, and each participant applies each branch once.
 
 The coordinator runs as real processes; the participants are real HTTP servers built
 with the participant SDK (tests/helpers/tcc_parties.py), a fault proxy in front of those
@@ -70,7 +71,8 @@ def coordinator(
     Redis keys they declare are removed at the end."""
     settings = make_settings(participants=participants, tcc=TCC)
     stack.push_async_callback(remove_traces, settings)
-    # The participants' tables in full: a written config's tokens must be the real ones.
+    # The participants' tables in full: a written config's tokens must be the real ones
+    # (the harness on main writes them masked; tcc-initiator's caed960 fixes that).
     return write_config(settings, tmp_path / "config.toml", participants=participants)
 
 
@@ -78,8 +80,8 @@ async def start(stack: AsyncExitStack, config: Path, tmp_path: Path, name: str) 
     return await stack.enter_async_context(running_async(config, tmp_path, name=name))
 
 
-async def stalled_proxy(stack: AsyncExitStack, party: Party) -> FaultProxy:
-    """A fault proxy in front of ``party`` (flowing until stalled)."""
+async def proxy_before(stack: AsyncExitStack, party: Party) -> FaultProxy:
+    """A fault proxy in front of ``party``, flowing until the test stalls it."""
     return await stack.enter_async_context(FaultProxy("127.0.0.1", party.port))
 
 
@@ -212,7 +214,7 @@ async def test_a_coordinator_killed_before_any_confirm_is_finished_by_its_restar
         await stack.enter_async_context(serving_party(database_url, name))
         for name in ("inventory", "credit")
     ]
-    proxies = [await stalled_proxy(stack, p) for p in parties]
+    proxies = [await proxy_before(stack, p) for p in parties]
     config = coordinator(
         make_settings,
         tmp_path,
@@ -270,7 +272,7 @@ async def test_a_coordinator_killed_with_many_commits_in_flight_loses_none(
         await stack.enter_async_context(serving_party(database_url, name))
         for name in ("inventory", "credit")
     ]
-    proxies = [await stalled_proxy(stack, p) for p in parties]
+    proxies = [await proxy_before(stack, p) for p in parties]
     config = coordinator(
         make_settings,
         tmp_path,
@@ -322,7 +324,7 @@ async def test_a_coordinator_killed_after_one_confirm_is_finished_by_another_ins
     gid = "crash-after-one-confirm"
     quick = await stack.enter_async_context(serving_party(database_url, "inventory"))
     slow = await stack.enter_async_context(serving_party(database_url, "credit"))
-    proxy = await stalled_proxy(stack, slow)
+    proxy = await proxy_before(stack, slow)
     config = coordinator(
         make_settings, tmp_path, stack, {quick.name: quick.config(), slow.name: via(proxy, slow)}
     )
@@ -374,7 +376,7 @@ async def test_a_coordinator_paused_past_its_lease_changes_nothing_when_it_wakes
     gid = "paused-past-lease"
     quick = await stack.enter_async_context(serving_party(database_url, "inventory"))
     slow = await stack.enter_async_context(serving_party(database_url, "credit"))
-    proxy = await stalled_proxy(stack, slow)
+    proxy = await proxy_before(stack, slow)
     config = coordinator(
         make_settings, tmp_path, stack, {quick.name: quick.config(), slow.name: via(proxy, slow)}
     )
@@ -429,7 +431,7 @@ async def test_a_coordinator_killed_mid_cancel_is_finished_by_another_instance(
     gid = "crash-mid-cancel"
     tried = await stack.enter_async_context(serving_party(database_url, "inventory"))
     untried = await stack.enter_async_context(serving_party(database_url, "credit"))
-    proxy = await stalled_proxy(stack, untried)
+    proxy = await proxy_before(stack, untried)
     config = coordinator(
         make_settings,
         tmp_path,
@@ -516,7 +518,7 @@ async def test_the_coordinators_backends_terminated_while_it_records_a_confirm(
     gid = "backends-terminated"
     quick = await stack.enter_async_context(serving_party(database_url, "inventory"))
     slow = await stack.enter_async_context(serving_party(database_url, "credit"))
-    proxy = await stalled_proxy(stack, slow)
+    proxy = await proxy_before(stack, slow)
     config = coordinator(
         make_settings, tmp_path, stack, {quick.name: quick.config(), slow.name: via(proxy, slow)}
     )
