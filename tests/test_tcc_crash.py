@@ -89,6 +89,14 @@ def via(proxy: FaultProxy, party: Party) -> dict[str, Any]:
     return party.config(proxy.url("http", path=f"/tcc/{party.name}"))
 
 
+def called_since(
+    proxies: list[FaultProxy], before: list[int], calls: int = 1
+) -> Callable[[], bool]:
+    """Whether each proxy took ``calls`` new connections since it had ``before`` (the
+    count of each, in order)."""
+    return lambda: all(p.accepted - n >= calls for p, n in zip(proxies, before, strict=True))
+
+
 def instance_name(instance: Instance) -> str:
     """The ``instance`` of its events and leases (``runtime.instance_name()``)."""
     return f"{socket.gethostname()}:{instance.pid}"
@@ -202,14 +210,19 @@ def moves(log: list[asyncpg.Record]) -> list[tuple[str, str]]:
     return [(e["op"], e["instance"]) for e in log if e["branch"] is None]
 
 
+@pytest.mark.parametrize("kills", [1, 3])
 async def test_a_coordinator_killed_before_any_confirm_is_finished_by_its_restart(
     make_settings: Callable[..., Settings],
     tcc_db: asyncpg.Connection,
     database_url: str,
     stack: AsyncExitStack,
     tmp_path: Path,
+    kills: int,
 ) -> None:
-    gid = "crash-before-confirm"
+    """Killed ``kills`` times in a row, each restart killed in its turn while its own
+    Confirms hang: every killed instance's calls arrive late, together, when the
+    proxies resume, with the last restart's."""
+    gid = f"crash-before-confirm-{kills}"
     parties = [
         await stack.enter_async_context(serving_party(database_url, name))
         for name in ("inventory", "credit")
@@ -221,34 +234,37 @@ async def test_a_coordinator_killed_before_any_confirm_is_finished_by_its_restar
         stack,
         {p.name: via(proxy, p) for p, proxy in zip(parties, proxies, strict=True)},
     )
-    first = await start(stack, config, tmp_path, "first")
+    first = instance = await start(stack, config, tmp_path, "first")
     await begin_and_try(first, gid, parties)
 
-    # The commit is taken; its Confirms hang in the proxies, unanswered.
-    accepted = [proxy.accepted for proxy in proxies]
+    # The commit is taken; its Confirms hang in the proxies, unanswered, and so do
+    # those of each restart once the lease of the killed one ended.
     for proxy in proxies:
         proxy.stall()
-    await commit(first, gid)
-    await wait_until(
-        lambda: all(p.accepted > n for p, n in zip(proxies, accepted, strict=True)), within=30
-    )
-    first.kill()
+    for n in range(kills):
+        accepted = [proxy.accepted for proxy in proxies]
+        if n == 0:
+            await commit(first, gid)
+        else:
+            instance = await start(stack, config, tmp_path, f"restart-{n}")
+        await wait_until(called_since(proxies, accepted), within=30)
+        instance.kill()
     assert [await p.runs(gid) for p in parties] == [[(p.name, "try")] for p in parties]
     assert {b["status"] for b in (await branches(tcc_db, gid)).values()} == {"registered"}
 
     for proxy in proxies:
         proxy.resume()
-    second = await start(stack, config, tmp_path, "second")
+    last = await start(stack, config, tmp_path, "last")
     await finished(tcc_db, gid)
 
     await assert_applied_once(parties, gid)
     log = await events(tcc_db, gid)
-    one, two = instance_name(first), instance_name(second)
+    one, two = instance_name(first), instance_name(last)
     assert moves(log) == [("begin", one), ("commit", one), ("confirmed", two)]
     rows = await branches(tcc_db, gid)
     for party in parties:
-        # The killed instance's calls got no answer before it died: none was recorded,
-        # and the restarted one's first call of each branch was answered 200.
+        # The killed instances' calls got no answer before they died: none was recorded,
+        # and the last one's first call of each branch was answered 200.
         assert calls(log, party.name) == [("ok", 200, two)], party.name
         row = rows[party.name]
         assert (row["status"], row["attempts"], row["last_status"]) == ("confirmed", 1, 200)
@@ -289,10 +305,7 @@ async def test_a_coordinator_killed_with_many_commits_in_flight_loses_none(
     for proxy in proxies:
         proxy.stall()
     await asyncio.gather(*(commit(first, gid) for gid in gids))
-    await wait_until(
-        lambda: all(p.accepted - n >= IN_FLIGHT for p, n in zip(proxies, accepted, strict=True)),
-        within=30,
-    )
+    await wait_until(called_since(proxies, accepted, IN_FLIGHT), within=30)
     first.kill()
     for proxy in proxies:
         proxy.resume()
