@@ -43,7 +43,7 @@ FINISH_WITHIN = 60.0
 #: The coordinator's TCC settings: a call stuck in a stalled proxy outlives the moment
 #: its instance is killed (call_timeout), and a short lease hands the transaction to
 #: another instance soon after; failed calls are retried fast.
-TCC = {"call_timeout": 5.0, "lease": 6.0, "backoff_base": 0.2, "backoff_cap": 1.0, "jitter": 0.0}
+TCC = {"call_timeout": 8.0, "lease": 9.0, "backoff_base": 0.2, "backoff_cap": 1.0, "jitter": 0.0}
 
 
 @pytest.fixture
