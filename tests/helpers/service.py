@@ -70,12 +70,13 @@ def running(
 
 @asynccontextmanager
 async def running_async(
-    config: Path, log_dir: Path, *, env: dict[str, str] | None = None
+    config: Path, log_dir: Path, *, env: dict[str, str] | None = None, name: str = "serve-0"
 ) -> AsyncIterator[Instance]:
     """One instance as :func:`running` starts it, waited for and stopped without blocking
     the event loop: for tests whose loop also carries the instance's traffic (a fault
-    proxy between it and PostgreSQL, RabbitMQ or Redis)."""
-    instance = _start(config, log_dir / "serve-0.log", env)
+    proxy between it and PostgreSQL, RabbitMQ or Redis, a participant it calls). ``name``
+    names its log, so that several instances of one test keep theirs apart."""
+    instance = _start(config, log_dir / f"{name}.log", env)
     try:
         await wait_ready(instance.url, instance, within=STARTUP)
         yield instance
