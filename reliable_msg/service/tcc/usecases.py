@@ -30,6 +30,7 @@ from reliable_msg.service.tcc.ports import TransactionStore
 from reliable_msg.service.tcc.states import TX_FINAL, TxStatus
 from reliable_msg.service.tcc.transaction import (
     Decided,
+    EventOp,
     NewBranch,
     Transaction,
     TxPage,
@@ -200,6 +201,13 @@ class Coordinator:
                 code=Code.ID_CONFLICT,
             )
         assert tx is not None
+        if wrong_status is Code.ROLLED_BACK and _expired(tx):
+            # Not the initiator's cancel: its deadline passed (the scanner's or an earlier
+            # request's EXPIRE); the initiator is told why, as on the request that expired it.
+            return Conflict(
+                f"transaction {gid!r} expired: its deadline passed; it is {tx.status}",
+                code=Code.EXPIRED,
+            )
         return Conflict(f"transaction {gid!r} is {tx.status}", code=wrong_status)
 
     def _drive(self, tx: Transaction) -> None:
@@ -251,6 +259,11 @@ class Coordinator:
         log.info("tcc %s: retry now asked", gid, extra={"gid": gid})
         self._drive(tx)
         return tx
+
+
+def _expired(tx: Transaction) -> bool:
+    """Whether ``tx`` was cancelled by its deadline: its events hold the EXPIRE move."""
+    return any(e.op == EventOp.EXPIRE and e.branch is None for e in tx.events)
 
 
 def _unknown(gid: str) -> NotFound:
