@@ -42,6 +42,8 @@ class TransactionStore(Protocol):
 
     async def purge(self, older_than: float, batch: int) -> int: ...
 
+    async def forget_gids(self, older_than: float, batch: int) -> int: ...
+
 
 class DrivingStore(Protocol):
     """What :class:`~reliable_msg.service.tcc.driver.Driver` needs: see ``Driving``."""

@@ -78,6 +78,12 @@ class Coordinator:
         one begun before with the same initiator and timeout, whatever its status now."""
         self._check_timeout(seconds)
         decided = await self._store.begin(gid, initiator, seconds)
+        if decided.verdict is Verdict.REUSED:
+            raise Conflict(
+                f"transaction id {gid!r} was used by a transaction that is now purged; a gid"
+                " is never reused (a participant's barrier still holds its rows)",
+                code=Code.ID_REUSED,
+            )
         tx = decided.tx
         assert tx is not None
         if decided.verdict is Verdict.DONE:
