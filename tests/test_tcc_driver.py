@@ -452,6 +452,34 @@ async def test_a_stalled_transaction_is_flagged_once_logged_and_counted(
     assert gauge("rmsg_tcc_transactions", status="confirmed") == 1
 
 
+async def test_the_stalled_pass_flags_at_most_scanner_batch_each_once(
+    make_settings: Callable[..., Settings],
+    tcc_db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Like the other passes, the stalled one is bounded by ``scanner.batch``: 5 stalled
+    transactions at batch 2 take three passes, each flagged (event, WARNING) once."""
+    settings = make_settings(scanner={"batch": 2}, tcc={"stalled_after": 60})
+    for i in range(5):
+        await insert(tcc_db, f"st-{i}", "confirming", [("b1", "inventory")], age=3600)
+    await tcc_db.execute(  # not due: only the stalled pass sees them
+        "UPDATE rmsg_tcc_transaction SET next_try_at = now() + interval '1 hour'"
+    )
+    flagged = []
+    async with driver(settings) as d:
+        with caplog.at_level(logging.WARNING, logger="reliable_msg.service.tcc.driver"):
+            for _ in range(4):
+                assert await d.run_once() == 0
+                flagged.append(
+                    await tcc_db.fetchval("SELECT count(*) FROM rmsg_tcc_transaction WHERE stalled")
+                )
+    assert flagged == [2, 4, 5, 5]
+    stalled_events = [r["gid"] for r in await events(tcc_db) if r["op"] == "stalled"]
+    assert sorted(stalled_events) == [f"st-{i}" for i in range(5)]
+    warned = [str(getattr(r, "gid", "")) for r in caplog.records if "stalled" in r.getMessage()]
+    assert sorted(warned) == [f"st-{i}" for i in range(5)]
+
+
 async def test_two_drivers_share_a_thousand_due_transactions_each_branch_called_once(
     make_settings: Callable[..., Settings], sdk_url: str, tcc_db: asyncpg.Connection
 ) -> None:

@@ -89,7 +89,10 @@ class Driver:
         ended; the scheduler's job does not wait, so a slow round delays no pass."""
         cfg = self._settings
         await self._driving.expire(self.instance, cfg.scanner.batch)
-        for gid in await self._driving.flag_stalled(cfg.tcc.stalled_after, self.instance):
+        stalled = await self._driving.flag_stalled(
+            cfg.tcc.stalled_after, self.instance, cfg.scanner.batch
+        )
+        for gid in stalled:
             log.warning(
                 "tcc transaction %s stalled: not finished %g s after its commit or cancel;"
                 " still retried",

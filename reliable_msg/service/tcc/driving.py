@@ -140,12 +140,19 @@ _RELEASE = """
     WHERE gid = $1 AND status = $2 AND lease_owner = $3 AND lease_until = $4
 """
 
-#: Flags transactions confirming or cancelling since longer than $1 seconds, once each.
+#: Flags transactions confirming or cancelling since longer than $1 seconds, once each,
+#: at most $3 (the oldest first; the next pass takes the rest).
 _STALLED = f"""
     WITH s AS (
         UPDATE rmsg_tcc_transaction SET stalled = true
-        WHERE status IN {_DRIVEN} AND NOT stalled
-          AND updated_at < now() - make_interval(secs => $1)
+        WHERE gid IN (
+            SELECT gid FROM rmsg_tcc_transaction
+            WHERE status IN {_DRIVEN} AND NOT stalled
+              AND updated_at < now() - make_interval(secs => $1)
+            ORDER BY updated_at
+            LIMIT $3
+            FOR UPDATE SKIP LOCKED
+        ) AND NOT stalled
         RETURNING gid
     ), e AS (
         {_EVENT} SELECT gid, NULL, '{EventOp.STALLED.value}', {_OK}, NULL, NULL, $2 FROM s
@@ -251,10 +258,10 @@ class Driving(Pooled):
         return False
 
     @translated
-    async def flag_stalled(self, after: float, instance: str) -> list[str]:
-        """Flag transactions confirming or cancelling for longer than ``after`` seconds
-        as stalled (once each, with an event); the gids flagged now."""
-        rows = await self._pool.fetch(_STALLED, after, instance)
+    async def flag_stalled(self, after: float, instance: str, limit: int) -> list[str]:
+        """Flag up to ``limit`` transactions confirming or cancelling for longer than
+        ``after`` seconds as stalled (once each, with an event); the gids flagged now."""
+        rows = await self._pool.fetch(_STALLED, after, instance, limit)
         return [r["gid"] for r in rows]
 
     @translated
