@@ -6,7 +6,8 @@ Every move is a guarded update built from :mod:`reliable_msg.service.tcc.states`
 time the database's ``now()``, and every move and call appends its row to
 ``rmsg_tcc_event``. A claim takes rows with ``FOR UPDATE SKIP LOCKED`` and hides them
 behind a lease (``lease_owner``, ``lease_until``), so two instances never drive one
-transaction at once, and one that died mid-round loses it only until the lease ends.
+transaction at once, and one that died mid-round loses it only until the lease ends (a
+round that failed or was cancelled at a stop gives its lease up at once).
 """
 
 from __future__ import annotations
@@ -140,6 +141,13 @@ _RELEASE = """
     WHERE gid = $1 AND status = $2 AND lease_owner = $3 AND lease_until = $4
 """
 
+#: A round that did not end (an error, or cancelled at a stop): the lease given up, if
+#: still ours, and nothing else; due as it was, so the next pass takes it again.
+_GIVE_UP = """
+    UPDATE rmsg_tcc_transaction SET lease_owner = NULL, lease_until = NULL
+    WHERE gid = $1 AND lease_owner = $2 AND lease_until = $3
+"""
+
 #: Flags transactions confirming or cancelling since longer than $1 seconds, once each,
 #: at most $3 (the oldest first; the next pass takes the rest).
 _STALLED = f"""
@@ -256,6 +264,11 @@ class Driving(Pooled):
                 BranchStatus.REGISTERED.value,
             )
         return False
+
+    @translated
+    async def release(self, tx: Claimed, owner: str) -> None:
+        """Give up the lease of a round that did not end, if still ``owner``'s."""
+        await self._pool.execute(_GIVE_UP, tx.gid, owner, tx.lease_until)
 
     @translated
     async def flag_stalled(self, after: float, instance: str, limit: int) -> list[str]:
