@@ -76,7 +76,7 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     # (TRUNCATE passes the events' append-only trigger, which guards rows, not tables)
     await conn.execute(
         "TRUNCATE rmsg_message, rmsg_used_id, rmsg_tcc_transaction, rmsg_tcc_branch,"
-        " rmsg_tcc_event CASCADE"
+        " rmsg_tcc_event, rmsg_tcc_used_gid CASCADE"
     )
     yield conn
     await conn.close()

@@ -66,6 +66,7 @@ async def test_four_concurrent_migrates_create_and_migrate_once(fresh_database: 
         "rmsg_tcc_branch",
         "rmsg_tcc_event",
         "rmsg_tcc_transaction",
+        "rmsg_tcc_used_gid",
         "rmsg_transition",
         "rmsg_used_id",
     ]

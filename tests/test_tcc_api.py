@@ -31,7 +31,6 @@ from tests.helpers.tcc_api import (
     snapshot,
     tcc_settings,
 )
-from tests.helpers.waiting import wait_until
 from tests.test_api_errors import assert_error
 
 TX = "/v1/tcc/transactions"
@@ -478,26 +477,47 @@ async def test_a_body_with_nan_is_refused(
 async def test_a_commit_past_the_deadline_is_refused_and_the_transaction_cancelled(
     client: httpx.AsyncClient, tcc_db: asyncpg.Connection, kicked: list[str]
 ) -> None:
-    await begin(client, "late-1", seconds=0.2)
+    await begin(client, "late-1", seconds=30)
     await register(client, "late-1", branch("stock"))
-
-    async def past_deadline() -> bool:
-        return bool(
-            await tcc_db.fetchval(
-                "SELECT deadline <= now() FROM rmsg_tcc_transaction WHERE gid = 'late-1'"
-            )
-        )
-
-    await wait_until(past_deadline, within=10, every=0.05)
+    # past the deadline (not a short timeout: on a loaded machine the registration came
+    # after it, and was refused)
+    await tcc_db.execute(
+        "UPDATE rmsg_tcc_transaction SET created_at = now() - interval '1 min',"
+        " deadline = now() - interval '1 s' WHERE gid = 'late-1'"
+    )
     r = await send(client, "POST", f"{TX}/late-1/commit", PRODUCER)
     assert_error(r, 409, "expired")
     tx = (await send(client, "GET", f"{TX}/late-1", PRODUCER)).json()
     assert tx["status"] == "cancelling"
     assert [e["op"] for e in tx["events"]] == ["begin", "register", "expire"]
     assert kicked == ["late-1"]
-    # and it stays refused: the initiator's commit never wins after an expiry
-    assert_error(await send(client, "POST", f"{TX}/late-1/commit", PRODUCER), 409, "rolled_back")
+    # and it stays refused, as expired: the initiator's commit never wins after an expiry
+    assert_error(await send(client, "POST", f"{TX}/late-1/commit", PRODUCER), 409, "expired")
     assert (await move(client, "late-1", "cancel"))["status"] == "cancelling"
+
+
+async def test_a_commit_after_the_scanner_expired_it_answers_expired_not_rolled_back(
+    runtime: Runtime, client: httpx.AsyncClient, tcc_db: asyncpg.Connection, kicked: list[str]
+) -> None:
+    """The initiator learns why: cancelled by its deadline (an ``expire`` event), not by a
+    cancel; a transaction the initiator cancelled still answers ``rolled_back``."""
+    for gid in ("late-3", "late-4"):
+        await begin(client, gid, seconds=30)
+        await register(client, gid, branch("stock"))
+    await move(client, "late-4", "cancel")
+    await tcc_db.execute(
+        "UPDATE rmsg_tcc_transaction SET created_at = now() - interval '1 min',"
+        " deadline = now() - interval '1 s' WHERE gid = 'late-3'"
+    )
+    await runtime.tcc_driver.run_once()  # the deadline scanner (the branch's call fails)
+    assert await tcc_db.fetchval(
+        "SELECT status FROM rmsg_tcc_transaction WHERE gid = 'late-3'"
+    ) in ("cancelling", "cancelled")
+    before = await snapshot(tcc_db)
+    r = await send(client, "POST", f"{TX}/late-3/commit", PRODUCER)
+    assert_error(r, 409, "expired")
+    assert_error(await send(client, "POST", f"{TX}/late-4/commit", PRODUCER), 409, "rolled_back")
+    assert await snapshot(tcc_db) == before
 
 
 async def test_a_registration_past_the_deadline_expires_the_transaction(

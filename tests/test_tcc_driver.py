@@ -398,6 +398,62 @@ async def test_a_round_ending_after_its_lease_leaves_the_new_holder_s_lease(
     assert (tx["lease_owner"], tx["attempts"], tx["status"]) == ("driver-b", 0, "confirming")
 
 
+async def test_a_round_that_fails_to_record_releases_its_lease_at_once(
+    make_settings: Callable[..., Settings], sdk_url: str, tcc_db: asyncpg.Connection
+) -> None:
+    """The database refuses the round's end (its attempts count): the lease is released
+    at once (not held for ``tcc.lease``) with nothing else written, and the next pass
+    claims the transaction."""
+    settings = configure(make_settings, {"inventory": sdk_url}, tcc={"lease": 30})
+    await insert(tcc_db, "rf", "confirming", [("b1", "inventory")])
+    await tcc_db.execute(
+        """
+        CREATE FUNCTION pg_temp_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'refused by the test'; END; $$;
+        CREATE TRIGGER refuse_round_end BEFORE UPDATE ON rmsg_tcc_transaction
+            FOR EACH ROW WHEN (NEW.attempts > OLD.attempts OR NEW.status <> OLD.status)
+            EXECUTE FUNCTION pg_temp_refuse();
+        """
+    )
+    try:
+        async with driver(settings) as d:
+            assert await d.run_once() == 1
+            tx = await transaction(tcc_db, "rf")
+            assert (tx["lease_owner"], tx["lease_until"]) == (None, None)
+            assert (tx["status"], tx["attempts"]) == ("confirming", 0)
+            await tcc_db.execute("DROP TRIGGER refuse_round_end ON rmsg_tcc_transaction")
+            assert await d.run_once() == 1  # claimed again at once
+    finally:
+        await tcc_db.execute("DROP TRIGGER IF EXISTS refuse_round_end ON rmsg_tcc_transaction")
+        await tcc_db.execute("DROP FUNCTION IF EXISTS pg_temp_refuse()")
+    tx = await transaction(tcc_db, "rf")
+    assert (tx["status"], tx["lease_owner"]) == ("confirmed", None)
+    assert sum((await effects(tcc_db)).values()) == 1
+
+
+async def test_a_driver_stopped_mid_call_releases_the_lease_and_records_no_call(
+    make_settings: Callable[..., Settings],
+    scripted: tuple[Scripted, str],
+    tcc_db: asyncpg.Connection,
+) -> None:
+    """A restarted instance must not wait ``tcc.lease`` for the rounds a stop cancelled:
+    their leases are released, the calls cut short recorded as nothing."""
+    credit, credit_url = scripted
+    credit.hold = True
+    settings = configure(make_settings, {"credit": credit_url}, tcc={"lease": 30})
+    await insert(tcc_db, "held", "confirming", [("b1", "credit")])
+    async with driver(settings) as d:
+        run = asyncio.create_task(d.run_once())
+        await asyncio.wait_for(credit.holding.wait(), 10)
+        assert (await transaction(tcc_db, "held"))["lease_owner"] == "driver-a"
+        await d.stop(grace=0.1)
+        await asyncio.wait_for(run, 10)
+        tx = await transaction(tcc_db, "held")
+        assert (tx["lease_owner"], tx["lease_until"], tx["attempts"]) == (None, None, 0)
+        assert (await branch(tcc_db, "held", "b1"))["attempts"] == 0
+        assert await events(tcc_db, "held") == []
+
+
 def gauge(name: str, **labels: str) -> float | None:
     return REGISTRY.get_sample_value(name, labels)
 
@@ -450,6 +506,34 @@ async def test_a_stalled_transaction_is_flagged_once_logged_and_counted(
     assert (old["status"], old["stalled"]) == ("confirmed", False)
     assert gauge("rmsg_tcc_stalled") == 0
     assert gauge("rmsg_tcc_transactions", status="confirmed") == 1
+
+
+async def test_the_stalled_pass_flags_at_most_scanner_batch_each_once(
+    make_settings: Callable[..., Settings],
+    tcc_db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Like the other passes, the stalled one is bounded by ``scanner.batch``: 5 stalled
+    transactions at batch 2 take three passes, each flagged (event, WARNING) once."""
+    settings = make_settings(scanner={"batch": 2}, tcc={"stalled_after": 60})
+    for i in range(5):
+        await insert(tcc_db, f"st-{i}", "confirming", [("b1", "inventory")], age=3600)
+    await tcc_db.execute(  # not due: only the stalled pass sees them
+        "UPDATE rmsg_tcc_transaction SET next_try_at = now() + interval '1 hour'"
+    )
+    flagged = []
+    async with driver(settings) as d:
+        with caplog.at_level(logging.WARNING, logger="reliable_msg.service.tcc.driver"):
+            for _ in range(4):
+                assert await d.run_once() == 0
+                flagged.append(
+                    await tcc_db.fetchval("SELECT count(*) FROM rmsg_tcc_transaction WHERE stalled")
+                )
+    assert flagged == [2, 4, 5, 5]
+    stalled_events = [r["gid"] for r in await events(tcc_db) if r["op"] == "stalled"]
+    assert sorted(stalled_events) == [f"st-{i}" for i in range(5)]
+    warned = [str(getattr(r, "gid", "")) for r in caplog.records if "stalled" in r.getMessage()]
+    assert sorted(warned) == [f"st-{i}" for i in range(5)]
 
 
 async def test_two_drivers_share_a_thousand_due_transactions_each_branch_called_once(

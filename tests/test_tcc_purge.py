@@ -3,15 +3,22 @@ their branches and events, nothing else does; the events stay append-only otherw
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import timedelta
 
 import asyncpg
+import httpx
 import pytest
 
+from reliable_msg.constants import TCC_PURGE_SETTING
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
-from tests.helpers.tcc_api import empty_tcc_tables, tcc_settings
+from tests.conftest import OTHER_PRODUCER, PRODUCER, auth
+from tests.helpers.tcc_api import empty_tcc_tables, snapshot, tcc_settings
+from tests.test_api_errors import assert_error
+
+BEGIN = {"gid": "racing", "timeout": 30}
 
 
 @pytest.fixture
@@ -88,3 +95,101 @@ async def test_a_plain_delete_of_events_is_still_refused(
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
         await db.execute("DELETE FROM rmsg_tcc_transaction WHERE gid = 'kept'")
     assert await db.fetchval("SELECT count(*) FROM rmsg_tcc_event") == 1
+
+
+async def _used_gids(db: asyncpg.Connection) -> list[tuple[str, str]]:
+    rows = await db.fetch("SELECT gid, initiator FROM rmsg_tcc_used_gid ORDER BY gid")
+    return [(r["gid"], r["initiator"]) for r in rows]
+
+
+async def test_a_purged_gid_is_refused_to_every_producer_and_nothing_is_written(
+    runtime: Runtime, client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    """The participants' barriers still hold the purged gid's rows: a new transaction with
+    it would have its Try and Confirm answered as repeats and end confirmed, doing
+    nothing. So the purge remembers the gid (in its own database transaction) and a
+    begin with it is refused, 409 ``id_reused``."""
+    await empty_tcc_tables(db)
+    await db.execute("TRUNCATE rmsg_tcc_used_gid")
+    await add(db, "old-confirmed", "confirmed", timedelta(hours=2))
+    await add(db, "new-confirmed", "confirmed", timedelta(minutes=10))
+    await runtime.purger.run_once()
+    assert await _used_gids(db) == [("old-confirmed", "order")]
+
+    before = await snapshot(db), await _used_gids(db)
+    for token in (PRODUCER, OTHER_PRODUCER):
+        r = await client.post(
+            "/v1/tcc/transactions", json={**BEGIN, "gid": "old-confirmed"}, headers=auth(token)
+        )
+        assert_error(r, 409, "id_reused")
+    assert (await snapshot(db), await _used_gids(db)) == before
+    # a gid still stored is not "used": its begin is answered as before (a repeat)
+    r = await client.post(
+        "/v1/tcc/transactions", json={**BEGIN, "gid": "new-confirmed"}, headers=auth(PRODUCER)
+    )
+    assert r.status_code == 200 and r.json()["status"] == "confirmed", r.text
+
+
+async def test_a_begin_racing_the_purge_never_takes_the_gid(
+    runtime: Runtime, client: httpx.AsyncClient, db: asyncpg.Connection, database_url: str
+) -> None:
+    """The purge's delete is open (uncommitted) while the gid is begun again: the begin
+    waits for it, then must not take the gid."""
+    await empty_tcc_tables(db)
+    await db.execute("TRUNCATE rmsg_tcc_used_gid")
+    await add(db, "racing", "confirmed", timedelta(hours=2))
+    purge = await asyncpg.connect(database_url)
+    try:
+        tx = purge.transaction()
+        await tx.start()
+        # as the purge does, in one database transaction
+        await purge.execute(f"SET LOCAL {TCC_PURGE_SETTING} = 'on'")
+        await purge.execute("DELETE FROM rmsg_tcc_transaction WHERE gid = 'racing'")
+        await purge.execute(
+            "INSERT INTO rmsg_tcc_used_gid (gid, initiator) VALUES ('racing', 'order')"
+        )
+        racing = asyncio.create_task(
+            client.post("/v1/tcc/transactions", json=BEGIN, headers=auth(PRODUCER))
+        )
+        await asyncio.sleep(0.5)
+        await tx.commit()
+        r = await asyncio.wait_for(racing, 10)
+    finally:
+        await purge.close()
+    assert_error(r, 409, "id_reused")
+    assert await snapshot(db) == []
+
+
+async def test_used_gids_are_forgotten_after_id_retention_when_it_is_set(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    make_settings: Callable[..., Settings],
+    db: asyncpg.Connection,
+) -> None:
+    """``scanner.id_retention`` bounds ``rmsg_tcc_used_gid`` as it does the message ids
+    (counted from the purge); unset (the ``runtime``'s), a purged gid stays refused."""
+    await empty_tcc_tables(db)
+    await db.execute("TRUNCATE rmsg_tcc_used_gid")
+    for gid in ("old-1", "old-2"):
+        await add(db, gid, "cancelled", timedelta(hours=2))
+    await runtime.purger.run_once()
+    await db.execute(
+        "UPDATE rmsg_tcc_used_gid SET purged_at = now() - interval '2 hours' WHERE gid = 'old-1'"
+    )
+    await runtime.purger.run_once()
+    assert [g for g, _ in await _used_gids(db)] == ["old-1", "old-2"]
+
+    freeing = make_settings(
+        scanner={"retention": 3600.0, "id_retention": 3600.0}, tcc={"retention": 3600.0}
+    )
+    rt = await Runtime.create(freeing, scanners=False)
+    await rt.start()
+    try:
+        await rt.purger.run_once()
+    finally:
+        await rt.stop()
+    assert [g for g, _ in await _used_gids(db)] == ["old-2"]
+    r = await client.post(
+        "/v1/tcc/transactions", json={**BEGIN, "gid": "old-1"}, headers=auth(PRODUCER)
+    )
+    assert r.status_code == 201, r.text

@@ -183,8 +183,9 @@ class ScannerSettings(_Section):
     batch: int = Field(default=500, ge=1, le=10_000)  #: rows claimed per round trip
     purge_interval: Seconds = 3600.0
     retention: Seconds = 7 * 24 * 3600.0  #: done and cancelled messages kept this long
-    #: ids of purged messages refused this long after their prepare, then free again;
-    #: None keeps them for ever (see README, "Guarantees")
+    #: ids of purged messages refused this long after their prepare, then free again, and
+    #: gids of purged TCC transactions this long after their purge; None keeps them for
+    #: ever (see README, "Guarantees")
     id_retention: Seconds | None = None
 
     @model_validator(mode="after")

@@ -1,5 +1,6 @@
 """Retention: delete finished messages, and free the ids of purged ones; delete finished
-TCC transactions with their branches and events."""
+TCC transactions with their branches and events, and (as for message ids) free their
+gids after ``scanner.id_retention``."""
 
 from __future__ import annotations
 
@@ -38,4 +39,8 @@ class Purger:
             finished = await self._tcc.purge(self._settings.tcc.retention, batch=batch)
             if finished:
                 log.info("purged %d finished TCC transactions", finished)
+            if cfg.id_retention is not None:
+                freed = await self._tcc.forget_gids(cfg.id_retention, batch=batch)
+                if freed:
+                    log.info("freed %d gids of purged TCC transactions", freed)
         return deleted

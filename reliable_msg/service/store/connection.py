@@ -115,6 +115,19 @@ class Pooled:
     async def close(self) -> None:
         await self._pool.close()
 
+    async def _delete_in_batches(
+        self, sql: str, older_than: float, batch: int, *args: object
+    ) -> int:
+        """Run ``sql`` (``$1`` the age in seconds, ``$2`` the batch size) until it deletes
+        fewer than ``batch`` rows; short transactions, so the hot tables never wait long."""
+        total = 0
+        while True:
+            result = await self._pool.execute(sql, older_than, batch, *args)
+            deleted = int(result.split()[-1])
+            total += deleted
+            if deleted < batch:
+                return total
+
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[Conn]:
         async with self._pool.acquire() as conn, conn.transaction():

@@ -43,19 +43,6 @@ class Maintenance(Pooled):
             batch,
         )
 
-    async def _delete_in_batches(
-        self, sql: str, older_than: float, batch: int, *args: object
-    ) -> int:
-        """Run ``sql`` (``$1`` the age in seconds, ``$2`` the batch size) until it deletes
-        fewer than ``batch`` rows; short transactions, so the hot tables never wait long."""
-        total = 0
-        while True:
-            result = await self._pool.execute(sql, older_than, batch, *args)
-            deleted = int(result.split()[-1])
-            total += deleted
-            if deleted < batch:
-                return total
-
     @translated
     async def scanner_lag(self) -> dict[str, float]:
         """Per scanner, seconds since its oldest due row fell due (0 when none is due).

@@ -6,7 +6,8 @@
 - ``ports``: what the use-cases and the driver need of a store; ``store``: the
   use-cases' store in PostgreSQL (``rmsg_tcc_*``, migration ``0005_tcc.sql``)
 - ``usecases``: begin, register, commit, cancel, get, list, retry now (the retention
-  purge is the ``Purger`` job's, on the store)
+  purge is the ``Purger`` job's, on the store: ``retention``, which also remembers each
+  purged gid in ``rmsg_tcc_used_gid``, migration ``0006_tcc_used_gid.sql``)
 - ``schemas``: the bodies of the ``/v1/tcc/`` API (its routes: ``service/api/tcc.py``)
 - ``driver``: the driver, which claims due transactions under a lease and calls every
   branch's Confirm or Cancel until it answers 2xx (the scheduler's ``tcc`` job, and a

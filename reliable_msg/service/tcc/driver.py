@@ -70,13 +70,15 @@ class Driver:
 
     async def stop(self, grace: float = 10.0) -> None:
         """Start no round; let those under way end (up to ``grace`` seconds), then cancel
-        them: their transactions are claimed again when their lease ends."""
+        them with their calls in flight, and wait for that: each cancelled round gives up
+        its lease, so that another instance (or this one restarted) claims it at once."""
         self._stopping = True
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while pending := [t for t in self._tasks if not t.done()]:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -88,7 +90,10 @@ class Driver:
         ended; the scheduler's job does not wait, so a slow round delays no pass."""
         cfg = self._settings
         await self._driving.expire(self.instance, cfg.scanner.batch)
-        for gid in await self._driving.flag_stalled(cfg.tcc.stalled_after, self.instance):
+        stalled = await self._driving.flag_stalled(
+            cfg.tcc.stalled_after, self.instance, cfg.scanner.batch
+        )
+        for gid in stalled:
             log.warning(
                 "tcc transaction %s stalled: not finished %g s after its commit or cancel;"
                 " still retried",
@@ -152,29 +157,52 @@ class Driver:
         self._tasks.discard(task)
 
     async def _round(self, tx: Claimed) -> None:
+        """Call the due branches at once, then close the round. A round that does not end
+        (an error, or cancelled by :meth:`stop`) gives up its lease: its calls still in
+        flight are cancelled (and recorded as nothing), and a pass takes it again at once
+        rather than after ``tcc.lease``."""
         try:
             if tx.branches:
-                await asyncio.gather(*(self._branch(tx, b) for b in tx.branches))
+                async with asyncio.TaskGroup() as calls:
+                    for b in tx.branches:
+                        calls.create_task(self._branch(tx, b))
             finished = await self._driving.end_round(
                 tx, self.instance, self.instance, called=bool(tx.branches)
             )
+        except asyncio.CancelledError:
+            await self._give_up(tx)
+            raise
         except ReliableMsgError as exc:
             log.warning(
-                "tcc round of %s failed (%s); driven again when its lease ends",
+                "tcc round of %s failed (%s); driven again at the next pass",
                 tx.gid,
                 exc,
                 extra={"gid": tx.gid},
             )
+            await self._give_up(tx)
             return
         except Exception:
             log.exception(
-                "tcc round of %s failed; driven again when its lease ends",
+                "tcc round of %s failed; driven again at the next pass",
                 tx.gid,
                 extra={"gid": tx.gid},
             )
+            await self._give_up(tx)
             return
         if finished:
             log.info("tcc transaction %s %s", tx.gid, tx.move.dst.value, extra={"gid": tx.gid})
+
+    async def _give_up(self, tx: Claimed) -> None:
+        """Release the lease of a round that did not end, if still ours."""
+        try:
+            await self._driving.release(tx, self.instance)
+        except Exception as exc:
+            log.warning(
+                "tcc round of %s: its lease could not be released (%s); driven again when it ends",
+                tx.gid,
+                exc,
+                extra={"gid": tx.gid},
+            )
 
     async def _branch(self, tx: Claimed, branch: DueBranch) -> None:
         """Call one branch and record the result at once; never raises (but

@@ -6,7 +6,8 @@ Every move is a guarded update built from :mod:`reliable_msg.service.tcc.states`
 time the database's ``now()``, and every move and call appends its row to
 ``rmsg_tcc_event``. A claim takes rows with ``FOR UPDATE SKIP LOCKED`` and hides them
 behind a lease (``lease_owner``, ``lease_until``), so two instances never drive one
-transaction at once, and one that died mid-round loses it only until the lease ends.
+transaction at once, and one that died mid-round loses it only until the lease ends (a
+round that failed or was cancelled at a stop gives its lease up at once).
 """
 
 from __future__ import annotations
@@ -140,12 +141,26 @@ _RELEASE = """
     WHERE gid = $1 AND status = $2 AND lease_owner = $3 AND lease_until = $4
 """
 
-#: Flags transactions confirming or cancelling since longer than $1 seconds, once each.
+#: A round that did not end (an error, or cancelled at a stop): the lease given up, if
+#: still ours, and nothing else; due as it was, so the next pass takes it again.
+_GIVE_UP = """
+    UPDATE rmsg_tcc_transaction SET lease_owner = NULL, lease_until = NULL
+    WHERE gid = $1 AND lease_owner = $2 AND lease_until = $3
+"""
+
+#: Flags transactions confirming or cancelling since longer than $1 seconds, once each,
+#: at most $3 (the oldest first; the next pass takes the rest).
 _STALLED = f"""
     WITH s AS (
         UPDATE rmsg_tcc_transaction SET stalled = true
-        WHERE status IN {_DRIVEN} AND NOT stalled
-          AND updated_at < now() - make_interval(secs => $1)
+        WHERE gid IN (
+            SELECT gid FROM rmsg_tcc_transaction
+            WHERE status IN {_DRIVEN} AND NOT stalled
+              AND updated_at < now() - make_interval(secs => $1)
+            ORDER BY updated_at
+            LIMIT $3
+            FOR UPDATE SKIP LOCKED
+        ) AND NOT stalled
         RETURNING gid
     ), e AS (
         {_EVENT} SELECT gid, NULL, '{EventOp.STALLED.value}', {_OK}, NULL, NULL, $2 FROM s
@@ -251,10 +266,15 @@ class Driving(Pooled):
         return False
 
     @translated
-    async def flag_stalled(self, after: float, instance: str) -> list[str]:
-        """Flag transactions confirming or cancelling for longer than ``after`` seconds
-        as stalled (once each, with an event); the gids flagged now."""
-        rows = await self._pool.fetch(_STALLED, after, instance)
+    async def release(self, tx: Claimed, owner: str) -> None:
+        """Give up the lease of a round that did not end, if still ``owner``'s."""
+        await self._pool.execute(_GIVE_UP, tx.gid, owner, tx.lease_until)
+
+    @translated
+    async def flag_stalled(self, after: float, instance: str, limit: int) -> list[str]:
+        """Flag up to ``limit`` transactions confirming or cancelling for longer than
+        ``after`` seconds as stalled (once each, with an event); the gids flagged now."""
+        rows = await self._pool.fetch(_STALLED, after, instance, limit)
         return [r["gid"] for r in rows]
 
     @translated

@@ -14,8 +14,9 @@ from datetime import datetime
 
 import asyncpg
 
-from reliable_msg.constants import TCC_PURGE_SETTING
-from reliable_msg.service.store.connection import Conn, Pooled, translated
+from reliable_msg.errors import ReliableMsgError
+from reliable_msg.service.store.connection import Conn, translated
+from reliable_msg.service.tcc.retention import Retention
 from reliable_msg.service.tcc.states import (
     CANCEL,
     CANCELLED,
@@ -67,7 +68,7 @@ _REPEATS = {
 _FINISH = {COMMIT: CONFIRMED, CANCEL: CANCELLED}
 
 
-class TccStore(Pooled):
+class TccStore(Retention):
     """Transactions, branches and events in PostgreSQL; implements
     :class:`~reliable_msg.service.tcc.ports.TransactionStore`. ``instance`` signs the
     events; ``stalled_after`` (seconds) is ``tcc.stalled_after``."""
@@ -81,26 +82,40 @@ class TccStore(Pooled):
 
     @translated
     async def begin(self, gid: str, initiator: str, seconds: float) -> Decided:
-        """A new ``trying`` transaction whose deadline is ``seconds`` from now (DONE), or
-        the one with this gid (ALREADY)."""
-        async with self._tx() as conn:
-            created = await conn.fetchval(
-                """
-                INSERT INTO rmsg_tcc_transaction (gid, initiator, status, timeout, deadline)
-                VALUES ($1, $2, $3, make_interval(secs => $4),
-                        now() + make_interval(secs => $4))
-                ON CONFLICT (gid) DO NOTHING RETURNING true
-                """,
-                gid,
-                initiator,
-                T.TRYING.value,
-                seconds,
-            )
-            if created:
-                await self._event(conn, gid, EventOp.BEGIN)
-            tx = await self._read(conn, gid)
-        assert tx is not None
+        """A new ``trying`` transaction whose deadline is ``seconds`` from now (DONE), the
+        one with this gid (ALREADY), or nothing when the purge deleted a transaction with
+        this gid (REUSED)."""
+        try:
+            async with self._tx() as conn:
+                # The purge deletes a gid and records it in one database transaction: an
+                # insert waiting on its delete goes ahead once it commits, and the check
+                # after it (a new snapshot) sees the record, and undoes the insert.
+                created = await conn.fetchval(
+                    """
+                    INSERT INTO rmsg_tcc_transaction (gid, initiator, status, timeout, deadline)
+                    SELECT $1, $2, $3, make_interval(secs => $4),
+                           now() + make_interval(secs => $4)
+                    WHERE NOT EXISTS (SELECT 1 FROM rmsg_tcc_used_gid WHERE gid = $1)
+                    ON CONFLICT (gid) DO NOTHING RETURNING true
+                    """,
+                    gid,
+                    initiator,
+                    T.TRYING.value,
+                    seconds,
+                )
+                if created and await self._used(conn, gid):
+                    raise _Reused(f"gid {gid!r} was purged")
+                if created:
+                    await self._event(conn, gid, EventOp.BEGIN)
+                tx = await self._read(conn, gid)
+        except _Reused:
+            return Decided(Verdict.REUSED)
+        if tx is None:  # not inserted, and not there: used, and purged since
+            return Decided(Verdict.REUSED)
         return Decided(Verdict.DONE if created else Verdict.ALREADY, tx)
+
+    async def _used(self, conn: Conn, gid: str) -> bool:
+        return bool(await conn.fetchval("SELECT true FROM rmsg_tcc_used_gid WHERE gid = $1", gid))
 
     @translated
     async def register(
@@ -269,33 +284,6 @@ class TccStore(Pooled):
             await self._event(conn, gid, EventOp.RETRY)
             return Decided(Verdict.DONE, await self._read(conn, gid))
 
-    @translated
-    async def purge(self, older_than: float, batch: int) -> int:
-        """Delete transactions finished more than ``older_than`` seconds ago, with their
-        branches and events (by cascade, past the events' append-only trigger), in
-        batches of ``batch``; how many."""
-        total = 0
-        while True:
-            async with self._tx() as conn:
-                await conn.execute(f"SET LOCAL {TCC_PURGE_SETTING} = 'on'")
-                result = await conn.execute(
-                    """
-                    DELETE FROM rmsg_tcc_transaction WHERE gid IN (
-                        SELECT gid FROM rmsg_tcc_transaction
-                        WHERE status IN ($3, $4)
-                          AND finished_at < now() - make_interval(secs => $1)
-                        LIMIT $2)
-                    """,
-                    older_than,
-                    batch,
-                    T.CONFIRMED.value,
-                    T.CANCELLED.value,
-                )
-            deleted = int(result.split()[-1])
-            total += deleted
-            if deleted < batch:
-                return total
-
     # -- reads ---------------------------------------------------------------------------
 
     @translated
@@ -370,6 +358,11 @@ class TccStore(Pooled):
         more = len(rows) > limit
         cursor = (found[-1].created_at, found[-1].gid) if more and found else None
         return TxPage(found, cursor)
+
+
+class _Reused(ReliableMsgError):
+    """Raised in :meth:`TccStore.begin` to undo an insert of a purged gid; never leaves
+    it (the verdict REUSED does)."""
 
 
 def _transaction(

@@ -97,6 +97,7 @@ class Verdict(StrEnum):
     WRONG_STATUS = "wrong_status"  #: its status forbids the request: nothing written
     TOO_MANY = "too_many"  #: register: over ``tcc.max_branches``: nothing written
     CONFLICT = "conflict"  #: register: a branch exists with another body: nothing written
+    REUSED = "reused"  #: begin: the gid's transaction was purged; gids are never reused
 
 
 @dataclass(frozen=True, slots=True)

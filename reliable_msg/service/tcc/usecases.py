@@ -30,6 +30,7 @@ from reliable_msg.service.tcc.ports import TransactionStore
 from reliable_msg.service.tcc.states import TX_FINAL, TxStatus
 from reliable_msg.service.tcc.transaction import (
     Decided,
+    EventOp,
     NewBranch,
     Transaction,
     TxPage,
@@ -77,6 +78,12 @@ class Coordinator:
         one begun before with the same initiator and timeout, whatever its status now."""
         self._check_timeout(seconds)
         decided = await self._store.begin(gid, initiator, seconds)
+        if decided.verdict is Verdict.REUSED:
+            raise Conflict(
+                f"transaction id {gid!r} was used by a transaction that is now purged; a gid"
+                " is never reused (a participant's barrier still holds its rows)",
+                code=Code.ID_REUSED,
+            )
         tx = decided.tx
         assert tx is not None
         if decided.verdict is Verdict.DONE:
@@ -200,6 +207,13 @@ class Coordinator:
                 code=Code.ID_CONFLICT,
             )
         assert tx is not None
+        if wrong_status is Code.ROLLED_BACK and _expired(tx):
+            # Not the initiator's cancel: its deadline passed (the scanner's or an earlier
+            # request's EXPIRE); the initiator is told why, as on the request that expired it.
+            return Conflict(
+                f"transaction {gid!r} expired: its deadline passed; it is {tx.status}",
+                code=Code.EXPIRED,
+            )
         return Conflict(f"transaction {gid!r} is {tx.status}", code=wrong_status)
 
     def _drive(self, tx: Transaction) -> None:
@@ -251,6 +265,11 @@ class Coordinator:
         log.info("tcc %s: retry now asked", gid, extra={"gid": gid})
         self._drive(tx)
         return tx
+
+
+def _expired(tx: Transaction) -> bool:
+    """Whether ``tx`` was cancelled by its deadline: its events hold the EXPIRE move."""
+    return any(e.op == EventOp.EXPIRE and e.branch is None for e in tx.events)
 
 
 def _unknown(gid: str) -> NotFound:
