@@ -23,6 +23,7 @@ import asyncpg
 import httpx
 import pytest
 
+from reliable_msg.harness.proxy import FaultProxy
 from reliable_msg.sdk.tcc import Op
 from reliable_msg.service.settings import Settings
 from tests.helpers.tcc_parties import START, Party, call_try, run_trys, serving_party
@@ -146,6 +147,23 @@ async def test_a_coordinator_killed_before_any_confirm_is_finished_by_its_restar
 IN_FLIGHT = 30
 
 
+async def quick_and_slow(
+    make_settings: Callable[..., Settings],
+    database_url: str,
+    stack: AsyncExitStack,
+    tmp_path: Path,
+) -> tuple[Party, Party, FaultProxy, Path]:
+    """Inventory called directly and credit behind a fault proxy, and the coordinator's
+    configuration naming both."""
+    quick = await stack.enter_async_context(serving_party(database_url, "inventory"))
+    slow = await stack.enter_async_context(serving_party(database_url, "credit"))
+    proxy = await proxy_before(stack, slow)
+    config = coordinator(
+        make_settings, tmp_path, stack, {quick.name: quick.config(), slow.name: via(proxy, slow)}
+    )
+    return quick, slow, proxy, config
+
+
 async def test_a_coordinator_killed_with_many_commits_in_flight_loses_none(
     make_settings: Callable[..., Settings],
     tcc_db: asyncpg.Connection,
@@ -205,12 +223,7 @@ async def test_a_coordinator_killed_after_one_confirm_is_finished_by_another_ins
     tmp_path: Path,
 ) -> None:
     gid = "crash-after-one-confirm"
-    quick = await stack.enter_async_context(serving_party(database_url, "inventory"))
-    slow = await stack.enter_async_context(serving_party(database_url, "credit"))
-    proxy = await proxy_before(stack, slow)
-    config = coordinator(
-        make_settings, tmp_path, stack, {quick.name: quick.config(), slow.name: via(proxy, slow)}
-    )
+    quick, slow, proxy, config = await quick_and_slow(make_settings, database_url, stack, tmp_path)
     instances = [await start(stack, config, tmp_path, name) for name in ("a", "b")]
     await begin_and_try(instances[0], gid, [quick, slow])
 
@@ -257,12 +270,7 @@ async def test_a_coordinator_paused_past_its_lease_changes_nothing_when_it_wakes
     and confirms it; the frozen one, woken, gets its old call's end and moves nothing
     back and nothing twice."""
     gid = "paused-past-lease"
-    quick = await stack.enter_async_context(serving_party(database_url, "inventory"))
-    slow = await stack.enter_async_context(serving_party(database_url, "credit"))
-    proxy = await proxy_before(stack, slow)
-    config = coordinator(
-        make_settings, tmp_path, stack, {quick.name: quick.config(), slow.name: via(proxy, slow)}
-    )
+    quick, slow, proxy, config = await quick_and_slow(make_settings, database_url, stack, tmp_path)
     instances = [await start(stack, config, tmp_path, name) for name in ("a", "b")]
     await begin_and_try(instances[0], gid, [quick, slow])
 
@@ -384,12 +392,7 @@ async def test_the_coordinators_backends_terminated_while_it_records_a_confirm(
     tmp_path: Path,
 ) -> None:
     gid = "backends-terminated"
-    quick = await stack.enter_async_context(serving_party(database_url, "inventory"))
-    slow = await stack.enter_async_context(serving_party(database_url, "credit"))
-    proxy = await proxy_before(stack, slow)
-    config = coordinator(
-        make_settings, tmp_path, stack, {quick.name: quick.config(), slow.name: via(proxy, slow)}
-    )
+    quick, slow, proxy, config = await quick_and_slow(make_settings, database_url, stack, tmp_path)
     instance = await start(stack, config, tmp_path, "only")
     await begin_and_try(instance, gid, [quick, slow])
 
