@@ -28,6 +28,9 @@ from tests.helpers import rabbit, redis_ctl
 from tests.helpers.checkback import ProducerEndpoint, serving_endpoint
 from tests.helpers.servers import serving_app
 
+#: The browser tests' fixtures (``browser``), beside their tools.
+pytest_plugins = ["tests.helpers.browser"]
+
 ADMIN = "admin-token"
 PRODUCER = "order-token"
 OTHER_PRODUCER = "other-token"

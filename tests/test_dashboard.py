@@ -4,12 +4,11 @@ Playwright's driver from PyPI, no browser download) against a real service proce
 It logs in, finds a dead message, requeues it behind the confirmation page, sees it
 ``done`` once its groups ack, requeues a group's dead deliveries, logs out, and fails on
 any console error, page error, failed request or HTTP error the pages ran into.
-Screenshots of the pages go to ``.artifacts/screenshots/``.
+Screenshots of the pages go to ``.artifacts/screenshots/`` (:mod:`tests.helpers.browser`).
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,25 +17,15 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from playwright.async_api import Browser, ConsoleMessage, Page, Request, Response, async_playwright
+from playwright.async_api import Browser, Page
 
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.switch import Switch
 from tests.conftest import ADMIN, GROUP_TOKENS, PRODUCER, auth
+from tests.helpers.browser import Problems, cells, log_in, shot
 from tests.helpers.service import Instance, remove_traces, running, write_config
 from tests.helpers.waiting import wait_until
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-SCREENSHOTS = Path(__file__).resolve().parents[1] / ".artifacts" / "screenshots"
 #: Dead after one delivery not acked within ack_timeout.
 ACK_TIMEOUT = 1.5
 
@@ -63,19 +52,6 @@ async def service(
             yield instance
     finally:
         await remove_traces(settings)
-
-
-@pytest.fixture(scope="module")
-def chromium_installed() -> None:
-    assert os.path.exists(CHROMIUM), "no /usr/bin/chromium: run scripts/browser.sh (make test does)"
-
-
-@pytest.fixture
-async def browser(chromium_installed: None) -> AsyncIterator[Browser]:
-    async with async_playwright() as p:
-        chromium = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        await chromium.close()
 
 
 async def populate(api: httpx.AsyncClient) -> None:
@@ -105,51 +81,6 @@ async def ack_all(api: httpx.AsyncClient, id: str) -> None:
     for token in GROUP_TOKENS.values():
         r = await api.post(f"/v1/messages/{id}/ack", headers=auth(token))
         assert r.status_code in (200, 404), r.text  # 404: the group does not take the topic
-
-
-class Problems:
-    """Everything that went wrong in the browser, as readable lines."""
-
-    def __init__(self, page: Page) -> None:
-        self.lines: list[str] = []
-        page.on("console", self._console)
-        page.on("pageerror", lambda error: self.lines.append(f"page error: {error}"))
-        page.on("requestfailed", self._failed)
-        page.on("response", self._response)
-
-    def _console(self, message: ConsoleMessage) -> None:
-        if message.type in ("error", "warning"):
-            self.lines.append(f"console {message.type}: {message.text}")
-
-    def _failed(self, request: Request) -> None:
-        # A poll still in flight when the page navigates away is aborted, not failed.
-        if request.failure != "net::ERR_ABORTED":
-            self.lines.append(f"request failed: {request.method} {request.url} {request.failure}")
-
-    def _response(self, response: Response) -> None:
-        if response.status >= 400:
-            self.lines.append(f"HTTP {response.status}: {response.url}")
-
-
-async def log_in(page: Page) -> None:
-    """Submit the admin token on the login form shown, and land on the overview."""
-    await page.fill("#token", ADMIN)
-    await page.click("button[type=submit]")
-    await page.wait_for_url(re.compile(r".*/dashboard/$"))
-
-
-async def shot(page: Page, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
-
-
-async def cells(page: Page, rows: str) -> list[list[str]]:
-    """The text of each cell of each row that ``rows`` selects, row by row."""
-    found = page.locator(rows)
-    return [
-        [text.strip() for text in await found.nth(i).locator("td").all_text_contents()]
-        for i in range(await found.count())
-    ]
 
 
 async def search(

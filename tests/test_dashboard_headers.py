@@ -44,6 +44,9 @@ async def test_every_dashboard_page_sends_the_strict_policy(url: str) -> None:
         body = {"id": "csp-1", "topic": "order.paid", "payload": {"n": 1}}
         r = await http.post("/v1/messages", json=body, headers=auth(PRODUCER))
         assert r.status_code == 201, r.text
+        begin = {"gid": "csp-tx", "timeout": 60}
+        r = await http.post("/v1/tcc/transactions", json=begin, headers=auth(PRODUCER))
+        assert r.status_code == 201, r.text
 
         assert_strict(await http.get("/dashboard/login"), 200)
         assert_strict(await http.get("/dashboard/"), 303)  # to the login page
@@ -58,7 +61,13 @@ async def test_every_dashboard_page_sends_the_strict_policy(url: str) -> None:
             "/dashboard/messages/csp-1",
             "/dashboard/messages/csp-1/requeue",
             "/dashboard/groups/wms/requeue",
+            "/dashboard/tcc",
+            "/dashboard/tcc?status=confirming&stalled=true",
+            "/dashboard/tcc/csp-tx",
+            "/dashboard/tcc/csp-tx/retry",
         ):
             assert_strict(await http.get(path), 200)
         assert_strict(await http.get("/dashboard/messages/nobody"), 404)
+        assert_strict(await http.get("/dashboard/tcc/nobody"), 404)
         assert_strict(await http.post("/dashboard/groups/wms/requeue", data={"csrf": "x"}), 403)
+        assert_strict(await http.post("/dashboard/tcc/csp-tx/retry", data={"csrf": "x"}), 403)

@@ -140,11 +140,14 @@ def sdk_app(*participants: Participant) -> FastAPI:
 @dataclass
 class Scripted:
     """A participant that misbehaves on purpose: it answers the statuses in ``answers``
-    in turn (200 once they run out), or holds every call while ``hold`` is set. Each
-    call it took is kept in ``calls`` as ``(gid, branch, op)``, checked for its proof."""
+    in turn (200 once they run out; a failure saying ``error``), or holds every call
+    while ``hold`` is set. Each call it took is kept in ``calls`` as ``(gid, branch,
+    op)``, checked for its proof."""
 
     name: str
     answers: list[int] = field(default_factory=list)
+    #: said in each failed answer's body (which the driver keeps as the branch's error)
+    error: str = ""
     hold: bool = False
     calls: list[tuple[str, str, str]] = field(default_factory=list)
     holding: asyncio.Event = field(default_factory=asyncio.Event)
@@ -175,7 +178,8 @@ class Scripted:
             self.holding.set()
             await self.released.wait()
         status = self.answers.pop(0) if self.answers else 200
-        return JSONResponse({"status": status}, status_code=status)
+        said = {"error": self.error} if self.error and status != 200 else {}
+        return JSONResponse({"status": status, **said}, status_code=status)
 
 
 @asynccontextmanager

@@ -40,10 +40,12 @@ def coordinator(
     tmp_path: Path,
     stack: AsyncExitStack,
     participants: dict[str, dict[str, Any]],
+    **tcc: Any,
 ) -> Path:
-    """The config file of the test's instances, calling ``participants``; the queues and
-    Redis keys they declare are removed at the end."""
-    settings = make_settings(participants=participants, tcc=TCC)
+    """The config file of the test's instances, calling ``participants``, with :data:`TCC`
+    and then ``tcc`` as their ``[tcc]``; the queues and Redis keys they declare are
+    removed at the end."""
+    settings = make_settings(participants=participants, tcc={**TCC, **tcc})
     stack.push_async_callback(remove_traces, settings)
     # The participants' tables in full: a written config's tokens must be the real ones
     # (the harness on main writes them masked; tcc-initiator's caed960 fixes that).

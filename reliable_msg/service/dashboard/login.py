@@ -75,10 +75,8 @@ async def login(
 @router.post("/logout")
 async def logout(request: Request, csrf: Annotated[str, Form()] = "") -> Response:
     visit = Visit.of(request)
-    if visit.session is None:
-        return visit.to_login()
-    if not visit.sessions.check_csrf(visit.session, csrf):
-        return visit.forbidden()
+    if refused := visit.refused(csrf):
+        return refused
     response = visit.redirect("/login?notice=logged_out")
     response.delete_cookie(COOKIE, path=PREFIX, httponly=True, samesite="strict")
     return response

@@ -31,10 +31,8 @@ async def requeue_form(request: Request, id: str) -> Response:
 @router.post("/messages/{id}/requeue")
 async def requeue(request: Request, id: str, csrf: Annotated[str, Form()] = "") -> Response:
     visit = Visit.of(request)
-    if visit.session is None:
-        return visit.to_login()
-    if not visit.sessions.check_csrf(visit.session, csrf):
-        return visit.forbidden()
+    if refused := visit.refused(csrf):
+        return refused
     try:
         moved = await visit.runtime.usecases.requeue(id)
     except ReliableMsgError as exc:
@@ -73,10 +71,8 @@ async def requeue_group(
     topic: Annotated[str, Form()] = "",
 ) -> Response:
     visit = Visit.of(request)
-    if visit.session is None:
-        return visit.to_login()
-    if not visit.sessions.check_csrf(visit.session, csrf):
-        return visit.forbidden()
+    if refused := visit.refused(csrf):
+        return refused
     if group not in visit.runtime.settings.groups:
         return visit.not_found(None, f"No consumer group is called {group!r}.")
     if topic and not TOPIC_RE.fullmatch(topic):

@@ -37,6 +37,7 @@ SECURITY_HEADERS = {
 NOTICES = {
     "requeued": "Requeued: its dead deliveries were republished.",
     "rechecked": "Requeued: check-back asks the producer again.",
+    "retried": "Retried now: its unfinished branches are called at once.",
     "logged_out": "You are logged out.",
 }
 
@@ -130,6 +131,15 @@ class Visit:
 
     def not_found(self, id: str | None, text: str | None = None) -> HTMLResponse:
         return self.render("error.html", status=404, text=text or f"No message has the id {id!r}.")
+
+    def refused(self, csrf: str) -> Response | None:
+        """The answer to a POST that may not act: the login page without a session, 403
+        without the session's CSRF token; None when it may act."""
+        if self.session is None:
+            return self.to_login()
+        if not self.sessions.check_csrf(self.session, csrf):
+            return self.forbidden()
+        return None
 
     def forbidden(self) -> HTMLResponse:
         text = "This form is stale or was not sent by this dashboard; reload the page and retry."

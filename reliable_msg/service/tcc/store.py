@@ -287,12 +287,15 @@ class TccStore(Retention):
     # -- reads ---------------------------------------------------------------------------
 
     @translated
-    async def get(self, gid: str) -> Transaction | None:
-        """The transaction with its branches and events."""
+    async def get(self, gid: str, *, last_events: int | None = None) -> Transaction | None:
+        """The transaction with its branches and events (only its ``last_events`` latest
+        ones when given: a transaction retried for days has thousands)."""
         async with self._pool.acquire() as conn:
-            return await self._read(conn, gid)
+            return await self._read(conn, gid, last_events)
 
-    async def _read(self, conn: Conn, gid: str) -> Transaction | None:
+    async def _read(
+        self, conn: Conn, gid: str, last_events: int | None = None
+    ) -> Transaction | None:
         row = await conn.fetchrow(
             f"SELECT {self._columns} FROM rmsg_tcc_transaction WHERE gid = $1", gid
         )
@@ -309,14 +312,20 @@ class TccStore(Retention):
         events = await conn.fetch(
             """
             SELECT id, branch, op, outcome, http_status, error, instance, at
-            FROM rmsg_tcc_event WHERE gid = $1 ORDER BY id
+            FROM rmsg_tcc_event WHERE gid = $1 ORDER BY id DESC LIMIT $2
             """,
             gid,
+            last_events,  # NULL: no limit
         )
+        left_out = 0
+        if last_events is not None and len(events) == last_events:
+            total = await conn.fetchval("SELECT count(*) FROM rmsg_tcc_event WHERE gid = $1", gid)
+            left_out = total - last_events
         return _transaction(
             row,
             tuple(Branch(**{**dict(b), "status": BranchStatus(b["status"])}) for b in branches),
-            tuple(Event(**dict(e)) for e in events),
+            tuple(Event(**dict(e)) for e in reversed(events)),
+            left_out,
         )
 
     @translated
@@ -366,7 +375,10 @@ class _Reused(ReliableMsgError):
 
 
 def _transaction(
-    row: asyncpg.Record, branches: tuple[Branch, ...] = (), events: tuple[Event, ...] = ()
+    row: asyncpg.Record,
+    branches: tuple[Branch, ...] = (),
+    events: tuple[Event, ...] = (),
+    events_left_out: int = 0,
 ) -> Transaction:
     return Transaction(
         gid=row["gid"],
@@ -382,4 +394,5 @@ def _transaction(
         stalled=row["stalled"],
         branches=branches,
         events=events,
+        events_left_out=events_left_out,
     )

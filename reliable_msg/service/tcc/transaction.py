@@ -84,6 +84,8 @@ class Transaction:
     stalled: bool
     branches: tuple[Branch, ...] = ()
     events: tuple[Event, ...] = ()
+    #: older events than the first of ``events``, not read (a read of the latest only)
+    events_left_out: int = 0
 
 
 class Verdict(StrEnum):

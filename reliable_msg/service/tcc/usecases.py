@@ -228,9 +228,12 @@ class Coordinator:
 
     # -- reads and the admin's -----------------------------------------------------------
 
-    async def get(self, gid: str, initiator: str | None) -> Transaction:
-        """One transaction with its branches and events; a producer sees only its own."""
-        tx = await self._store.get(gid)
+    async def get(
+        self, gid: str, initiator: str | None, *, last_events: int | None = None
+    ) -> Transaction:
+        """One transaction with its branches and events (its ``last_events`` latest ones
+        when given); a producer sees only its own."""
+        tx = await self._store.get(gid, last_events=last_events)
         if tx is None or (initiator is not None and tx.initiator != initiator):
             raise _unknown(gid)
         return tx

@@ -219,12 +219,12 @@
     });
   }
 
-  function startMessage() {
-    const id = body.dataset.id;
+  // Reloads the page (without its notice) once what it shows leaves the status shown.
+  function reloadOnMove(path, finals) {
     const shown = body.dataset.status;
-    if (shown === "done" || shown === "cancelled") return;
+    if (finals.includes(shown)) return;
     const timer = every(2, async () => {
-      const data = await getJson("/api/messages/" + encodeURIComponent(id));
+      const data = await getJson(path);
       if (data && data.status !== shown) {
         window.clearInterval(timer);
         window.location.replace(window.location.pathname);
@@ -233,5 +233,10 @@
   }
 
   if (body.dataset.page === "overview") startOverview();
-  if (body.dataset.page === "message") startMessage();
+  if (body.dataset.page === "message") {
+    reloadOnMove("/api/messages/" + encodeURIComponent(body.dataset.id), ["done", "cancelled"]);
+  }
+  if (body.dataset.page === "transaction") {
+    reloadOnMove("/api/tcc/" + encodeURIComponent(body.dataset.gid), ["confirmed", "cancelled"]);
+  }
 })();
