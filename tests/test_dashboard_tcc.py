@@ -263,6 +263,8 @@ async def check_by_http(
             found = re.search(r'id="next-page" href="([^"]+)"', listing.text)
             page = found.group(1).replace("&amp;", "&") if found else None
         assert seen == ["pay-4", "pay-3", "pay-2", "pay-1"]
+        edited = await http.get("/dashboard/tcc?limit=3&cursor=not-a-cursor")
+        assert edited.status_code == 200 and 'id="next-page"' in edited.text  # the first page
 
         # A gid searched for, or in the path, is shown as text.
         hostile = """"><img src=x onerror='alert(1)'>"""

@@ -9,11 +9,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from reliable_msg.errors import BadRequest
 from reliable_msg.message import Message
 from reliable_msg.policy import NAME_RE, TOPIC_RE
 from reliable_msg.service import cursor as page_cursor
-from reliable_msg.service.dashboard.visit import Visit
+from reliable_msg.service.dashboard.visit import Visit, start_of
 from reliable_msg.service.runtime import Runtime, instance_name
 from reliable_msg.states import FINAL, MessageStatus
 
@@ -74,16 +73,12 @@ async def messages(
     problem = _bad_filter(filters)
     if problem:
         return _list_page(visit, filters, [], None, problem)
-    try:
-        after = page_cursor.decode(cursor)
-    except BadRequest:  # an edited or stale link: the first page
-        after = None
     page = await visit.runtime.usecases.page(
         status=MessageStatus(status) if status else None,
         topic=filters["topic"] or None,
         group=group or None,
         limit=limit,
-        after=after,
+        after=start_of(cursor),
     )
     next_cursor = page_cursor.encode(page.next_cursor)
     return _list_page(visit, filters, page.messages, next_cursor, None)

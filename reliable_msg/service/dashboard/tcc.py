@@ -10,10 +10,10 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from reliable_msg.errors import BadRequest, NotFound, ReliableMsgError
+from reliable_msg.errors import NotFound, ReliableMsgError
 from reliable_msg.policy import ID_RE, NAME_RE
 from reliable_msg.service import cursor as page_cursor
-from reliable_msg.service.dashboard.visit import Visit
+from reliable_msg.service.dashboard.visit import Visit, start_of
 from reliable_msg.service.tcc.states import DRIVEN, TxStatus
 from reliable_msg.service.tcc.transaction import Transaction, TxPage
 
@@ -49,17 +49,13 @@ async def transactions(
     problem = _bad_filter(filters)
     if problem:
         return _list_page(visit, filters, None, problem)
-    try:
-        before = page_cursor.decode(cursor)
-    except BadRequest:  # an edited or stale link: the first page
-        before = None
     page = await visit.runtime.coordinator.page(
         status=TxStatus(status) if status else None,
         stalled=STALLED.get(stalled),
         participant=participant or None,
         initiator=None,
         limit=limit,
-        before=before,
+        before=start_of(cursor),
     )
     return _list_page(visit, filters, page, None)
 

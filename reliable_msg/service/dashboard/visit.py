@@ -14,9 +14,10 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
-from reliable_msg.errors import NotFound
+from reliable_msg.errors import BadRequest, NotFound
 from reliable_msg.message import Message
 from reliable_msg.policy import ID_RE
+from reliable_msg.service import cursor as page_cursor
 from reliable_msg.service.dashboard.session import COOKIE, Session, Sessions
 from reliable_msg.service.runtime import Runtime, instance_name
 
@@ -144,6 +145,15 @@ class Visit:
     def forbidden(self) -> HTMLResponse:
         text = "This form is stale or was not sent by this dashboard; reload the page and retry."
         return self.render("error.html", status=403, text=text)
+
+
+def start_of(cursor: str) -> page_cursor.Position | None:
+    """Where a list's page starts: after ``cursor``, or the first page for an edited or
+    stale link."""
+    try:
+        return page_cursor.decode(cursor)
+    except BadRequest:
+        return None
 
 
 def safe_next(path: str, base: str) -> bool:
