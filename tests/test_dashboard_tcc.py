@@ -251,7 +251,19 @@ async def check_by_http(
         before = await snapshot(db)
         r = await http.post("/dashboard/tcc/pay-1/retry", data={"csrf": csrf})
         assert r.status_code == 409 and "transaction &#39;pay-1&#39; is confirmed" in r.text
+        unknown = await http.post("/dashboard/tcc/pay-9/retry", data={"csrf": csrf})
+        assert unknown.status_code == 404 and "No transaction has the gid" in unknown.text
         assert await snapshot(db) == before
+
+        # A filter that is none: said, and nothing listed.
+        for query, said in (
+            ("status=paid", "&#39;paid&#39; is not a status."),
+            ("participant=Inventory!", "&#39;Inventory!&#39; is not a participant&#39;s name."),
+            ("stalled=maybe", "&#39;maybe&#39; is not true or false."),
+        ):
+            r = await http.get(f"/dashboard/tcc?{query}")
+            assert r.status_code == 200 and said in r.text, (query, r.text[:300])
+            assert "no transaction matches" in r.text
 
         # Keyset pages: every transaction once, newest first, whatever the page size.
         seen: list[str] = []
