@@ -24,6 +24,7 @@ from reliable_msg.service.settings import (
     Settings,
     TccSettings,
 )
+from reliable_msg.service.tcc.store import TccStore
 from reliable_msg.service.usecases import payload_text
 from reliable_msg.tcc import Op, proof
 from tests.conftest import ADMIN, auth
@@ -199,3 +200,42 @@ async def test_a_cursor_of_deeply_nested_json_is_a_bad_cursor(
     cursor = base64.urlsafe_b64encode(b"[" * 5000).decode().rstrip("=")
     r = await client.get("/v1/tcc/transactions", params={"cursor": cursor}, headers=auth(ADMIN))
     assert_error(r, 400, "bad_cursor")
+
+
+async def test_the_events_left_out_of_a_read_are_only_those_older_than_it_shows(
+    pool: asyncpg.Pool, tcc_db: asyncpg.Connection, database_url: str
+) -> None:
+    """A read of the latest events while the driver writes more: the count it says is
+    left out is of the events older than the ones it read, not of every event by the
+    time it counted (which said newer ones were left out, as the dashboard shows)."""
+    await insert(tcc_db, "log-1", "confirming", [("b1", "credit")])
+    store = TccStore(pool, instance="test", stalled_after=60.0)
+    writer = await asyncpg.connect(database_url)
+    stop = asyncio.Event()
+
+    async def write() -> None:
+        while not stop.is_set():
+            await writer.execute(
+                "INSERT INTO rmsg_tcc_event (gid, branch, op, outcome, instance)"
+                " VALUES ('log-1', 'b1', 'confirm', 'failed', 'test')"
+            )
+
+    writing = asyncio.create_task(write())
+    wrong: list[tuple[int, int]] = []
+    try:
+        for _ in range(300):
+            tx = await store.get("log-1", last_events=3)
+            assert tx is not None
+            if len(tx.events) < 3:
+                continue
+            older = await tcc_db.fetchval(
+                "SELECT count(*) FROM rmsg_tcc_event WHERE gid = 'log-1' AND id < $1",
+                tx.events[0].id,
+            )
+            if tx.events_left_out != older:
+                wrong.append((tx.events_left_out, older))
+    finally:
+        stop.set()
+        await writing
+        await writer.close()
+    assert wrong == []

@@ -289,8 +289,8 @@ class TccStore(Retention):
     @translated
     async def get(self, gid: str, *, last_events: int | None = None) -> Transaction | None:
         """The transaction with its branches and events (only its ``last_events`` latest
-        ones when given: a transaction retried for days has thousands)."""
-        async with self._pool.acquire() as conn:
+        ones when given: a transaction retried for days has thousands), in one snapshot."""
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             return await self._read(conn, gid, last_events)
 
     async def _read(
