@@ -245,12 +245,17 @@ async def check_by_http(
     """What the browser should not run into: a refused retry, the pages of the list,
     hostile gids, a long log."""
     async with httpx.AsyncClient(base_url=url, timeout=10, headers=cookie) as http:
-        # Retry now of a finished transaction: refused with the reason, nothing written.
-        form = await http.get("/dashboard/tcc/pay-1/retry")
-        assert "It is confirmed: only a confirming or cancelling" in form.text
+        # Retry now of a finished or a trying transaction: its page says why not and has
+        # nothing to confirm (not the Cancel "called at once" of a trying one); a POST is
+        # refused with the reason, nothing written.
+        for gid, said in (("pay-1", "It is confirmed: only"), ("pay-3", "It is trying: only")):
+            form = await http.get(f"/dashboard/tcc/{gid}/retry")
+            assert said in form.text, form.text
+            assert "called at once" not in form.text and "confirm-retry" not in form.text
         before = await snapshot(db)
         r = await http.post("/dashboard/tcc/pay-1/retry", data={"csrf": csrf})
         assert r.status_code == 409 and "transaction &#39;pay-1&#39; is confirmed" in r.text
+        assert "confirm-retry" not in r.text
         unknown = await http.post("/dashboard/tcc/pay-9/retry", data={"csrf": csrf})
         assert unknown.status_code == 404 and "No transaction has the gid" in unknown.text
         assert await snapshot(db) == before
