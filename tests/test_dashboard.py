@@ -295,6 +295,11 @@ async def test_dashboard_shows_nothing_without_the_admin_token(service: Instance
             r = await api.get(path)
             assert r.status_code == 303 and "/dashboard/login" in r.headers["location"]
         assert (await api.get("/dashboard/api/overview")).status_code == 401
+        # Logging out without a session (it ended in an old tab) lands logged out, not on
+        # the login form sending back to /dashboard/logout, a POST only (405 after login).
+        r = await api.post("/dashboard/logout", data={"csrf": "x"})
+        assert r.status_code == 303, r.text
+        assert r.headers["location"] == "/dashboard/login?notice=logged_out"
         wrong = await api.post("/dashboard/login", data={"token": PRODUCER})
         assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
         forged = {"Cookie": "rmsg_session=9999999999.abc.def"}

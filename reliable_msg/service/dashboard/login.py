@@ -75,7 +75,9 @@ async def login(
 @router.post("/logout")
 async def logout(request: Request, csrf: Annotated[str, Form()] = "") -> Response:
     visit = Visit.of(request)
-    if refused := visit.refused(csrf):
+    # Without a session (it ended in an old tab) it is logged out already: not the login
+    # form, which would send back here after the login, and here is a POST only.
+    if visit.session is not None and (refused := visit.refused(csrf)):
         return refused
     response = visit.redirect("/login?notice=logged_out")
     response.delete_cookie(COOKIE, path=PREFIX, httponly=True, samesite="strict")
