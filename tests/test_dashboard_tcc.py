@@ -27,6 +27,7 @@ from playwright.async_api import Browser, Page
 
 from reliable_msg.service.dashboard.tcc import EVENTS_SHOWN
 from reliable_msg.service.settings import Settings
+from tests.conftest import ADMIN
 from tests.helpers.browser import Problems, cells, log_in, shot
 from tests.helpers.service import Instance
 from tests.helpers.tcc import TOKENS, Scripted, serving
@@ -184,20 +185,24 @@ async def test_the_tcc_page_lists_shows_and_retries_a_stalled_transaction(
     assert await page.locator("script").count() == 1  # dashboard.js, no other
     await shot(page, "tcc-detail")
 
-    # A retry without the session's CSRF token, or with a wrong one, or without a
-    # session, is refused and changes nothing.
+    # A retry without the session's CSRF token, or with a wrong one, or another
+    # session's, or without a session, is refused and changes nothing.
     [session] = [c["value"] for c in await context.cookies() if c["name"] == "rmsg_session"]
     cookie = {"Cookie": f"rmsg_session={session}"}
     before, calls = await snapshot(db), list(shop.inventory.calls)
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-        for form, headers, status in (
+        assert (await http.post("/dashboard/login", data={"token": ADMIN})).status_code == 303
+        theirs = re.findall(r'name="csrf" value="([^"]+)"', (await http.get("/dashboard/")).text)
+        http.cookies.clear()  # that other session's cookie, kept by the client
+        for form_data, headers, status in (
             ({}, cookie, 403),
             ({"csrf": "forged"}, cookie, 403),
             ({"csrf": ""}, cookie, 403),
+            ({"csrf": theirs[0]}, cookie, 403),
             ({"csrf": "forged"}, {}, 303),
         ):
-            r = await http.post("/dashboard/tcc/pay-4/retry", data=form, headers=headers)
-            assert r.status_code == status, (form, r.text[:300])
+            r = await http.post("/dashboard/tcc/pay-4/retry", data=form_data, headers=headers)
+            assert r.status_code == status, (form_data, r.text[:300])
     assert await snapshot(db) == before
     assert shop.inventory.calls == calls
 
