@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 from rich.console import Console
@@ -66,9 +66,9 @@ from .plan import Phases, Plan, make_plan, phases, waves
 from .processes import Child, Supervisor, base_env, until
 from .shop import Answer, Shop
 from .slate import fresh_slate
-from .tcc.phase import SECOND, Stage, TccPart, participant_url
+from .tcc.phase import SECOND, Stage, TccPart, coordinator_env
 from .tcc.shop import PARTICIPANTS
-from .tcc.verdict import TccFacts
+from .tcc.verdict import TccFacts, tcc_summary
 from .tcc.verdict import judge as judge_tcc
 from .verdict import Facts, Outcome, judge
 
@@ -190,7 +190,8 @@ class Run:
     def __init__(self, options: Options, console: Console) -> None:
         self.options = options
         self.console = console
-        self.tokens = Tokens.generate(options.groups, PARTICIPANTS if options.tcc_orders else ())
+        # The config declares the participants: their tokens even when the TCC part is off.
+        self.tokens = Tokens.generate(options.groups, PARTICIPANTS)
         self.service_port, self.order_port = free_ports(2)
         #: the TCC participants' and the second service instance's ports
         self.tcc_ports = dict(zip((*PARTICIPANTS, SECOND), free_ports(5), strict=True))
@@ -655,7 +656,7 @@ class Run:
             "tokens": self.tokens.fingerprints(),
             "outage": asdict(facts.outage) if facts.outage is not None else None,
             "checks": [asdict(c) | {"ok": c.ok} for c in outcome.checks],
-            "tcc": _tcc_summary(*tcc),
+            "tcc": tcc_summary(*tcc),
         }
         run_dir = self.options.run_dir
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -711,16 +712,8 @@ class Run:
             f"RMSG_PRODUCERS__{PRODUCER.upper()}__TOKEN": self.tokens.order,
             f"RMSG_PRODUCERS__{PRODUCER.upper()}__CHECK_URL": check_url,
             **{f"RMSG_GROUPS__{g.upper()}__TOKEN": t for g, t in self.tokens.groups.items()},
-            **self._participants_env(),
+            **coordinator_env(self.tokens.participants, self.tcc_ports),
         }
-
-    def _participants_env(self) -> dict[str, str]:
-        env = {}
-        for name, token in self.tokens.participants.items():
-            env[f"RMSG_PARTICIPANTS__{name.upper()}__TOKEN"] = token
-            url = participant_url(self.tcc_ports[name], name)
-            env[f"RMSG_PARTICIPANTS__{name.upper()}__URL"] = url
-        return env
 
 
 def exit_status(outcome: Outcome, *, settled: bool, tcc: Outcome | None = None) -> int:
@@ -731,19 +724,6 @@ def exit_status(outcome: Outcome, *, settled: bool, tcc: Outcome | None = None) 
         return 2
     ok = outcome.balanced and outcome.as_planned
     return 0 if ok and (tcc is None or (tcc.balanced and tcc.as_planned)) else 1
-
-
-def _tcc_summary(outcome: Outcome | None, facts: TccFacts | None) -> dict[str, Any] | None:
-    if outcome is None or facts is None:
-        return None
-    return {
-        "balanced": outcome.balanced,
-        "as_planned": outcome.as_planned,
-        "faults": {str(i): f.value for i, f in facts.plan.faults.items()},
-        "restarts": facts.restarts,
-        "killed": asdict(facts.killed) if facts.killed is not None else None,
-        "checks": [asdict(c) | {"ok": c.ok} for c in outcome.checks],
-    }
 
 
 def _ids(ids: frozenset[int]) -> str:

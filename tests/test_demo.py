@@ -81,11 +81,18 @@ def processes_of(tag: str) -> list[int]:
     return found
 
 
-async def read_orders(dsn: str) -> list[dict[str, Any]]:
+async def fetch(dsn: str, sql: str) -> list[dict[str, Any]]:
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch(
-            """
+        return [dict(r) for r in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
+async def read_orders(dsn: str) -> list[dict[str, Any]]:
+    return await fetch(
+        dsn,
+        """
             SELECT o.id, o.status, p.available, p.sold, m.points,
                 (SELECT count(*) FROM wms.delivery_orders d WHERE d.order_id = o.id) AS wms,
                 (SELECT count(*) FROM inventory.rmsg_inbox i
@@ -98,11 +105,8 @@ async def read_orders(dsn: str) -> list[dict[str, Any]]:
             JOIN inventory.products p ON p.sku = o.sku
             JOIN credit.members m ON m.id = o.member_id
             ORDER BY o.id
-            """
-        )
-    finally:
-        await conn.close()
-    return [dict(r) for r in rows]
+            """,
+    )
 
 
 def test_demo_balances_the_books_through_every_injected_failure_and_an_outage(
@@ -149,10 +153,9 @@ def test_demo_balances_the_books_through_every_injected_failure_and_an_outage(
 
 
 async def read_tcc_orders(dsn: str) -> list[dict[str, Any]]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch(
-            """
+    return await fetch(
+        dsn,
+        """
             SELECT o.id, o.status, p.available, p.frozen, p.sold, m.points,
                    m.prepare_add_credit AS prepared,
                    array(SELECT d.status FROM tcc_wms.sale_delivery_orders d
@@ -161,11 +164,8 @@ async def read_tcc_orders(dsn: str) -> list[dict[str, Any]]:
             JOIN tcc_inventory.products p ON p.sku = o.sku
             JOIN tcc_credit.members m ON m.id = o.member_id
             ORDER BY o.id
-            """
-        )
-    finally:
-        await conn.close()
-    return [dict(r) for r in rows]
+            """,
+    )
 
 
 def assert_tcc(tcc: dict[str, Any], orders: list[dict[str, Any]]) -> None:

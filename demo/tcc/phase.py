@@ -80,8 +80,15 @@ class Stage:
     event: Callable[[str], None]
 
 
-def participant_url(port: int, name: str) -> str:
-    return f"http://127.0.0.1:{port}/tcc/{name}"
+def coordinator_env(tokens: dict[str, str], ports: dict[str, int]) -> dict[str, str]:
+    """The service's ``[participants.<name>]`` token and URL of each participant."""
+    env = {}
+    for name, token in tokens.items():
+        env[f"RMSG_PARTICIPANTS__{name.upper()}__TOKEN"] = token
+        env[f"RMSG_PARTICIPANTS__{name.upper()}__URL"] = (
+            f"http://127.0.0.1:{ports[name]}/tcc/{name}"
+        )
+    return env
 
 
 class TccPart:

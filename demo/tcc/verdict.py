@@ -12,7 +12,7 @@ healed as planned, and whether every transaction is final, none stalled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..books import POINTS, QTY, STOCK
@@ -43,6 +43,20 @@ class TccFacts:
     events: dict[int, list[dict[str, Any]]]  #: faulted order -> its transaction's events
     late_try: str | None  #: the late Try's answer, as the participant recorded it
     killed: Killed | None
+
+
+def tcc_summary(outcome: Outcome | None, facts: TccFacts | None) -> dict[str, Any] | None:
+    """The TCC part in the run's ``summary.json``; None when it did not run."""
+    if outcome is None or facts is None:
+        return None
+    return {
+        "balanced": outcome.balanced,
+        "as_planned": outcome.as_planned,
+        "faults": {str(i): f.value for i, f in facts.plan.faults.items()},
+        "restarts": facts.restarts,
+        "killed": asdict(facts.killed) if facts.killed is not None else None,
+        "checks": [asdict(c) | {"ok": c.ok} for c in outcome.checks],
+    }
 
 
 def confirmed(row: TccRow) -> bool:
