@@ -142,10 +142,10 @@ class TccPart:
         env = {**s.service_env, "RMSG_PORT": str(s.ports[SECOND])}
         argv = serve_argv(s.options.config, "--port", str(s.ports[SECOND]))
         self._child(SECOND, argv, env, tier=0)
+        dying = {STRUCK[Fault.INITIATOR_KILLED], STRUCK[Fault.DOWN_IN_CONFIRM]}  # once each
         for name in PARTICIPANTS:
-            restarts = {"order": Fault.INITIATOR_KILLED, "wms": Fault.DOWN_IN_CONFIRM}
             argv = [sys.executable, "-m", "demo.tcc", name, "--port", str(s.ports[name])]
-            self._child(f"tcc-{name}", argv, self._env(name), restarts=int(name in restarts))
+            self._child(f"tcc-{name}", argv, self._env(name), restarts=int(name in dying))
         try:
             await wait_ready(self.url(SECOND), within=STARTUP)
         except NotReady as exc:
