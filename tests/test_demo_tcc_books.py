@@ -140,17 +140,6 @@ async def verdict_of(dsn: str, late: str) -> tuple[Outcome, str, int]:
     return outcome, console.export_text(), exit_status(Outcome([]), settled=True, tcc=outcome)
 
 
-def test_the_plan_places_every_fault_once_and_kills_the_coordinator_last() -> None:
-    assert sorted(PLAN.faults.values()) == sorted(Fault)
-    assert PLAN.faults[ORDERS] is Fault.COORDINATOR_KILLED
-    assert make_plan(ORDERS, seed=7) == PLAN
-    waves = PLAN.waves()
-    assert sorted(i for w in waves for i in w) == list(range(1, ORDERS + 1))
-    assert all(len(w) == 1 for w in waves if w[0] in PLAN.faults)
-    with pytest.raises(ValueError, match="at least"):
-        make_plan(len(Fault), seed=7)
-
-
 async def test_tcc_books_of_the_plan_balance(tcc_db: tuple[str, str]) -> None:
     dsn, late = tcc_db
     assert (
