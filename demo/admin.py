@@ -1,4 +1,5 @@
-"""The reliable-msg service as its admin sees it: stats, messages, metrics."""
+"""The reliable-msg service as its admin sees it: stats, messages, metrics, TCC
+transactions."""
 
 from __future__ import annotations
 
@@ -55,3 +56,21 @@ class ServiceAdmin:
             cursor = page.get("next_cursor")
             if not cursor:
                 return statuses
+
+    async def tcc_transaction(self, gid: str) -> dict[str, Any]:
+        """One TCC transaction with its branches and events (``GET /v1/tcc/transactions/
+        {gid}``)."""
+        return await self._client.call("GET", f"/v1/tcc/transactions/{gid}")
+
+    async def tcc_transactions(self) -> dict[str, dict[str, Any]]:
+        """Every TCC transaction's summary by gid, from ``GET /v1/tcc/transactions`` page
+        by page."""
+        found: dict[str, dict[str, Any]] = {}
+        cursor: str | None = None
+        while True:
+            path = "/v1/tcc/transactions?limit=500" + (f"&cursor={cursor}" if cursor else "")
+            page = await self._client.call("GET", path)
+            found.update((t["gid"], t) for t in page["items"])
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return found

@@ -54,7 +54,7 @@ class Books:
 async def reset(dsn: str, count: int) -> None:
     """Create the database if needed; empty the schemas; seed ``count`` products and
     members."""
-    await _ensure_database(dsn)
+    await ensure_database(dsn)
     conn = await asyncpg.connect(dsn)
     try:
         schemas = [orders.SCHEMA, *(g.schema for g in GROUPS.values())]
@@ -109,7 +109,8 @@ async def read(dsn: str, groups: Sequence[str]) -> Books:
     return Books([OrderRow(**dict(r)) for r in rows], inbox, delivery_orders)
 
 
-async def _ensure_database(dsn: str) -> None:
+async def ensure_database(dsn: str) -> None:
+    """Create the database ``dsn`` names unless it exists."""
     admin = await asyncpg.connect(_server(dsn))
     try:
         name = _name(dsn)

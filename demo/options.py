@@ -13,6 +13,8 @@ from typing import Any
 
 from reliable_msg.service.settings import FallbackSettings
 
+from .tcc.plan import MIN_ORDERS as TCC_MIN_ORDERS
+
 #: The service configuration the demo runs with.
 CONFIG = Path(__file__).with_name("config.toml")
 #: The demo services' database: schemas orders, inventory, credit and wms.
@@ -60,6 +62,7 @@ class Names:
 @dataclass(frozen=True, slots=True)
 class Options:
     orders: int  #: orders to create and pay
+    tcc_orders: int  #: orders of the TCC part; 0: no TCC part
     seed: int  #: chooses which orders fail how
     timeout: float  #: seconds to wait for every message to be settled
     concurrency: int  #: HTTP requests in flight to the order service
@@ -85,6 +88,7 @@ def parse(argv: list[str] | None = None) -> Options:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Options(
         orders=args.orders,
+        tcc_orders=args.tcc_orders,
         seed=args.seed,
         timeout=args.timeout,
         concurrency=args.concurrency,
@@ -108,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the e-commerce demo of reliable-msg and prove the books balance.",
     )
     p.add_argument("--orders", type=at_least(5), default=100, help="orders to pay (default 100)")
+    p.add_argument(
+        "--tcc-orders",
+        type=tcc_orders,
+        default=12,
+        help=f"orders of the TCC part, at least {TCC_MIN_ORDERS}; 0 skips it (default 12)",
+    )
     p.add_argument("--seed", type=int, default=7, help="chooses the failing orders (default 7)")
     p.add_argument(
         "--timeout",
@@ -147,6 +157,13 @@ def add_service_options(p: argparse.ArgumentParser) -> None:
         help="names of the run: exchange PREFIX, PREFIX.dlx, queues PREFIX.<group>,"
         " Redis namespace PREFIX (default: config)",
     )
+
+
+def tcc_orders(text: str) -> int:
+    value = int(text)
+    if value != 0 and value < TCC_MIN_ORDERS:
+        raise argparse.ArgumentTypeError(f"must be 0 or at least {TCC_MIN_ORDERS}")
+    return value
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

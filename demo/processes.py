@@ -106,6 +106,14 @@ class Supervisor:
         self._on_event(f"{child.name} {describe_exit(code)}: restarting it (#{child.restarts})")
         child.start()
 
+    def kill(self, name: str) -> Child:
+        """SIGKILL the child ``name`` and stop watching it: a planned death, not
+        restarted."""
+        child = self.children.pop(name)
+        child.kill()
+        self._on_event(f"{name} killed by SIGKILL (pid {child.pid}); not restarted")
+        return child
+
     def stop_restarting(self) -> None:
         self._stopping = True
 

@@ -37,15 +37,13 @@ def _mark(check: Check) -> str:
 
 
 def verdict(console: Console, outcome: Outcome, timed_out: bool) -> None:
-    if outcome.balanced:
-        console.print(
-            "[bold green]verdict: BALANCED[/] - every paid order has exactly one effect in"
-            " inventory, credit and wms, and every unpaid order has none",
-            soft_wrap=True,
-        )
-    else:
-        failed = [c.what for c in outcome.checks if c.area == CONSISTENCY and not c.ok]
-        console.print(f"[bold red]verdict: NOT BALANCED[/] - {'; '.join(failed)}", soft_wrap=True)
+    _balance(
+        console,
+        "verdict",
+        outcome,
+        "every paid order has exactly one effect in inventory, credit and wms, and every"
+        " unpaid order has none",
+    )
     if timed_out:
         console.print("[bold red]timed out[/] waiting for every message to be settled")
     elif outcome.as_planned:
@@ -55,5 +53,36 @@ def verdict(console: Console, outcome: Outcome, timed_out: bool) -> None:
             f"every injected failure{also} happened and healed as planned", soft_wrap=True
         )
     else:
-        failed = [f"{c.area}: {c.what}" for c in outcome.checks if not c.ok]
-        console.print(f"[bold red]not as planned[/]: {'; '.join(failed)}", soft_wrap=True)
+        _not_as_planned(console, outcome)
+
+
+def tcc_verdict(console: Console, outcome: Outcome) -> None:
+    """The TCC part's verdict line, and whether its faults healed as planned."""
+    _balance(
+        console,
+        "TCC verdict",
+        outcome,
+        "every order is PAYED with its four effects confirmed or CANCELED with none left;"
+        " no stock frozen, no points prepared; stock and points conserved",
+    )
+    if outcome.as_planned:
+        console.print(
+            "every injected TCC fault happened and healed as planned; every transaction"
+            " confirmed or cancelled, none stalled",
+            soft_wrap=True,
+        )
+    else:
+        _not_as_planned(console, outcome, "TCC ")
+
+
+def _balance(console: Console, label: str, outcome: Outcome, balanced: str) -> None:
+    if outcome.balanced:
+        console.print(f"[bold green]{label}: BALANCED[/] - {balanced}", soft_wrap=True)
+    else:
+        failed = [c.what for c in outcome.checks if c.area == CONSISTENCY and not c.ok]
+        console.print(f"[bold red]{label}: NOT BALANCED[/] - {'; '.join(failed)}", soft_wrap=True)
+
+
+def _not_as_planned(console: Console, outcome: Outcome, what: str = "") -> None:
+    failed = [f"{c.area}: {c.what}" for c in outcome.checks if not c.ok]
+    console.print(f"[bold red]{what}not as planned[/]: {'; '.join(failed)}", soft_wrap=True)

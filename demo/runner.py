@@ -29,7 +29,7 @@ import secrets
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -66,6 +66,10 @@ from .plan import Phases, Plan, make_plan, phases, waves
 from .processes import Child, Supervisor, base_env, until
 from .shop import Answer, Shop
 from .slate import fresh_slate
+from .tcc.phase import SECOND, Stage, TccPart, coordinator_env
+from .tcc.shop import PARTICIPANTS
+from .tcc.verdict import TccFacts, tcc_summary
+from .tcc.verdict import judge as judge_tcc
 from .verdict import Facts, Outcome, judge
 
 #: Seconds a process gets to become ready.
@@ -100,22 +104,30 @@ class Tokens:
     admin: str
     order: str
     groups: dict[str, str]
+    #: the TCC participants' (``tcc_<name>`` in the fingerprints)
+    participants: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def generate(cls, groups: Sequence[str]) -> Tokens:
-        """Fresh random tokens; ``DEMO_ADMIN_TOKEN``, ``DEMO_ORDER_TOKEN`` and
-        ``DEMO_<GROUP>_TOKEN`` in the environment give them instead (for a test that
-        looks for them in every log of the run)."""
+    def generate(cls, groups: Sequence[str], participants: Sequence[str] = ()) -> Tokens:
+        """Fresh random tokens; ``DEMO_ADMIN_TOKEN``, ``DEMO_ORDER_TOKEN``,
+        ``DEMO_<GROUP>_TOKEN`` and ``DEMO_TCC_<PARTICIPANT>_TOKEN`` in the environment
+        give them instead (for a test that looks for them in every log of the run)."""
 
         def token(name: str) -> str:
             return os.environ.get(f"DEMO_{name.upper()}_TOKEN") or secrets.token_urlsafe(24)
 
-        return cls(admin=token("admin"), order=token("order"), groups={g: token(g) for g in groups})
+        return cls(
+            admin=token("admin"),
+            order=token("order"),
+            groups={g: token(g) for g in groups},
+            participants={p: token(f"tcc_{p}") for p in participants},
+        )
 
     def fingerprints(self) -> dict[str, str]:
         """Which tokens the run used, without them: the first 12 hex digits of each one's
         SHA-256."""
-        named = {"admin": self.admin, "order": self.order, **self.groups}
+        tcc = {f"tcc_{p}": t for p, t in self.participants.items()}
+        named = {"admin": self.admin, "order": self.order, **self.groups, **tcc}
         return {n: hashlib.sha256(t.encode()).hexdigest()[:12] for n, t in named.items()}
 
 
@@ -178,8 +190,11 @@ class Run:
     def __init__(self, options: Options, console: Console) -> None:
         self.options = options
         self.console = console
-        self.tokens = Tokens.generate(options.groups)
+        # The config declares the participants: their tokens even when the TCC part is off.
+        self.tokens = Tokens.generate(options.groups, PARTICIPANTS)
         self.service_port, self.order_port = free_ports(2)
+        #: the TCC participants' and the second service instance's ports
+        self.tcc_ports = dict(zip((*PARTICIPANTS, SECOND), free_ports(5), strict=True))
         self.logs = options.run_dir / "logs"
         self.state = options.run_dir / "state"
         self.supervisor = Supervisor(self._event)
@@ -280,12 +295,30 @@ class Run:
                 if healed:
                     await self._drain()
                 facts = await self._facts(admin, plan, split, answers)
+                tcc = None
+                if settled and self.options.tcc_orders:
+                    tcc = await TccPart(self._stage(admin)).run(session)
         finally:
             await self._stop_watching()
             await admin.close()
         outcome = judge(facts)
-        self._report(outcome, facts, timed_out=not settled)
-        return exit_status(outcome, settled=settled)
+        tcc_outcome = judge_tcc(tcc) if tcc is not None else None
+        self._report(outcome, facts, timed_out=not settled, tcc=(tcc_outcome, tcc))
+        return exit_status(outcome, settled=settled, tcc=tcc_outcome)
+
+    def _stage(self, admin: ServiceAdmin) -> Stage:
+        return Stage(
+            options=self.options,
+            supervisor=self.supervisor,
+            admin=admin,
+            service_env=self._service_env(),
+            tokens=self.tokens.participants,
+            order_token=self.tokens.order,
+            ports=self.tcc_ports,
+            logs=self.logs,
+            state=self.state,
+            event=self._event,
+        )
 
     async def _start_service(self) -> None:
         argv = serve_argv(self.options.config, "--port", str(self.service_port))
@@ -589,12 +622,27 @@ class Run:
 
     # -- reporting -----------------------------------------------------------------------
 
-    def _report(self, outcome: Outcome, facts: Facts, *, timed_out: bool) -> None:
+    def _report(
+        self,
+        outcome: Outcome,
+        facts: Facts,
+        *,
+        timed_out: bool,
+        tcc: tuple[Outcome | None, TccFacts | None] = (None, None),
+    ) -> None:
         title = f"E-commerce demo: {self.options.orders} orders, seed {self.options.seed}"
         if facts.outage is not None:
             title += ", RabbitMQ stopped mid-run"
         self.console.print(report.table(outcome, title))
+        tcc_outcome, tcc_facts = tcc
+        if tcc_outcome is not None and tcc_facts is not None:
+            title = f"TCC pay-order: {tcc_facts.plan.orders} orders, seed {self.options.seed}"
+            self.console.print(report.table(tcc_outcome, title))
         report.verdict(self.console, outcome, timed_out)
+        if tcc_outcome is not None:
+            report.tcc_verdict(self.console, tcc_outcome)
+        elif self.options.tcc_orders:
+            self.console.print("[bold red]TCC part not run[/]: the messages did not settle")
         summary = {
             "balanced": outcome.balanced,
             "as_planned": outcome.as_planned,
@@ -608,6 +656,7 @@ class Run:
             "tokens": self.tokens.fingerprints(),
             "outage": asdict(facts.outage) if facts.outage is not None else None,
             "checks": [asdict(c) | {"ok": c.ok} for c in outcome.checks],
+            "tcc": tcc_summary(*tcc),
         }
         run_dir = self.options.run_dir
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -663,15 +712,18 @@ class Run:
             f"RMSG_PRODUCERS__{PRODUCER.upper()}__TOKEN": self.tokens.order,
             f"RMSG_PRODUCERS__{PRODUCER.upper()}__CHECK_URL": check_url,
             **{f"RMSG_GROUPS__{g.upper()}__TOKEN": t for g, t in self.tokens.groups.items()},
+            **coordinator_env(self.tokens.participants, self.tcc_ports),
         }
 
 
-def exit_status(outcome: Outcome, *, settled: bool) -> int:
+def exit_status(outcome: Outcome, *, settled: bool, tcc: Outcome | None = None) -> int:
     """The demo's exit status for a run that got to its verdict: 0 the books balance and
-    every injected failure healed as planned, 1 not, 2 the messages did not settle."""
+    every injected failure healed as planned (the TCC part's too, given its ``tcc``
+    outcome), 1 not, 2 the messages did not settle."""
     if not settled:
         return 2
-    return 0 if outcome.balanced and outcome.as_planned else 1
+    ok = outcome.balanced and outcome.as_planned
+    return 0 if ok and (tcc is None or (tcc.balanced and tcc.as_planned)) else 1
 
 
 def _ids(ids: frozenset[int]) -> str:

@@ -1,7 +1,8 @@
 """The e-commerce demo end to end: ``python -m demo`` as a process of its own, which runs
 the service, the order service and the three consumers as processes and drives them over
 HTTP, and stops RabbitMQ (``rabbitmqctl stop_app``) while a third of the orders is paid;
-then this test reads the books itself.
+then its TCC part: a second service instance and the four TCC participants as processes,
+with every planned fault. This test then reads both sets of books itself.
 
 The run uses databases, RabbitMQ names and a Redis namespace of its own, removed
 afterwards, so it neither sees nor disturbs a ``make demo`` run; the outage stops the
@@ -26,6 +27,8 @@ import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from demo.tcc.plan import Fault
+from demo.tcc.shop import PARTICIPANTS
 from reliable_msg.harness import servers
 from reliable_msg.harness.ports import port_open
 from tests.conftest import AMQP_URL, SERVER_URL
@@ -34,7 +37,7 @@ from tests.helpers.runs import GROUPS, isolated, own_names, run_group
 ORDERS = 30
 #: The runner's own budget; the test kills it (and its process group) after more.
 RUNNER_TIMEOUT = 60
-TEST_TIMEOUT = 110
+TEST_TIMEOUT = 170
 
 pytestmark = pytest.mark.timeout(TEST_TIMEOUT + 30)
 
@@ -49,7 +52,7 @@ def tag() -> Iterator[str]:
 #: The run's tokens, given rather than generated, so that the logs can be searched for them.
 TOKENS = {
     f"DEMO_{name.upper()}_TOKEN": f"{name}-{secrets.token_urlsafe(18)}"
-    for name in ("admin", "order", *GROUPS)
+    for name in ("admin", "order", *GROUPS, *(f"tcc_{p}" for p in PARTICIPANTS))
 }
 
 
@@ -78,11 +81,18 @@ def processes_of(tag: str) -> list[int]:
     return found
 
 
-async def read_orders(dsn: str) -> list[dict[str, Any]]:
+async def fetch(dsn: str, sql: str) -> list[dict[str, Any]]:
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch(
-            """
+        return [dict(r) for r in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
+async def read_orders(dsn: str) -> list[dict[str, Any]]:
+    return await fetch(
+        dsn,
+        """
             SELECT o.id, o.status, p.available, p.sold, m.points,
                 (SELECT count(*) FROM wms.delivery_orders d WHERE d.order_id = o.id) AS wms,
                 (SELECT count(*) FROM inventory.rmsg_inbox i
@@ -95,11 +105,8 @@ async def read_orders(dsn: str) -> list[dict[str, Any]]:
             JOIN inventory.products p ON p.sku = o.sku
             JOIN credit.members m ON m.id = o.member_id
             ORDER BY o.id
-            """
-        )
-    finally:
-        await conn.close()
-    return [dict(r) for r in rows]
+            """,
+    )
 
 
 def test_demo_balances_the_books_through_every_injected_failure_and_an_outage(
@@ -108,7 +115,9 @@ def test_demo_balances_the_books_through_every_injected_failure_and_an_outage(
     code, out = run_demo(tag, tmp_path / "run")
 
     assert code == 0, out
-    assert "verdict: BALANCED" in out, out
+    assert "\nverdict: BALANCED" in out, out
+    assert "\nTCC verdict: BALANCED" in out, out
+    assert "every injected TCC fault happened and healed as planned" in out, out
     assert processes_of(tag) == [], "the demo left processes behind"
     assert port_open(servers.RABBITMQ_PORT), "the demo left RabbitMQ stopped"
     assert asyncio.run(servers.rabbitmq_answers(AMQP_URL))
@@ -140,6 +149,47 @@ def test_demo_balances_the_books_through_every_injected_failure_and_an_outage(
     for o in unpaid:  # no effect at all
         assert (o["available"], o["sold"], o["points"], o["wms"]) == (100, 0, 1190, 0), o
         assert (o["inventory_inbox"], o["credit_inbox"], o["wms_inbox"]) == (0, 0, 0), o
+    assert_tcc(summary["tcc"], asyncio.run(read_tcc_orders(f"{SERVER_URL}/{tag}")))
+
+
+async def read_tcc_orders(dsn: str) -> list[dict[str, Any]]:
+    return await fetch(
+        dsn,
+        """
+            SELECT o.id, o.status, p.available, p.frozen, p.sold, m.points,
+                   m.prepare_add_credit AS prepared,
+                   array(SELECT d.status FROM tcc_wms.sale_delivery_orders d
+                         WHERE d.order_id = o.id ORDER BY d.status) AS deliveries
+            FROM tcc_order.orders o
+            JOIN tcc_inventory.products p ON p.sku = o.sku
+            JOIN tcc_credit.members m ON m.id = o.member_id
+            ORDER BY o.id
+            """,
+    )
+
+
+def assert_tcc(tcc: dict[str, Any], orders: list[dict[str, Any]]) -> None:
+    """Every planned fault met its order; every order is PAYED with its four effects or
+    CANCELED with none; the coordinator instance killed mid-confirm was not the one that
+    finished."""
+    assert tcc["balanced"] and tcc["as_planned"], tcc["checks"]
+    assert all(c["ok"] for c in tcc["checks"]), tcc["checks"]
+    faults = {int(i): Fault(f) for i, f in tcc["faults"].items()}
+    assert sorted(faults.values()) == sorted(Fault)
+    assert tcc["restarts"] == {"tcc-order": 1, "tcc-inventory": 0, "tcc-credit": 0, "tcc-wms": 1}
+    assert tcc["killed"]["status"] == "confirming"
+    for o in orders:
+        fault = faults.get(o["id"])
+        if fault is None or fault.payed:
+            assert o["status"] == "PAYED", o
+            assert (o["available"], o["frozen"], o["sold"]) == (98, 0, 2), o
+            assert (o["points"], o["prepared"], o["deliveries"]) == (1200, 0, ["CREATED"]), o
+        else:
+            assert o["status"] == "CANCELED", o
+            stock = (0, 0, 100) if fault is Fault.REFUSED else (100, 0, 0)
+            assert (o["available"], o["frozen"], o["sold"]) == stock, o
+            assert (o["points"], o["prepared"]) == (1190, 0), o
+            assert set(o["deliveries"]) <= {"CANCELED"}, o
 
 
 def assert_no_token_logged(run_dir: Path, out: str) -> None:
