@@ -327,7 +327,9 @@ async def serving_party(
 # -- served as a process --------------------------------------------------------------------
 
 
-def argv(name: str, port: int, database_url: str, *, start: int = START) -> list[str]:
+def argv(
+    name: str, port: int, database_url: str, *, start: int = START, pool_size: int = POOL_SIZE
+) -> list[str]:
     """The command line of a party process (its token goes in ``RMSG_PARTY_TOKEN``)."""
     return [
         sys.executable,
@@ -341,6 +343,8 @@ def argv(name: str, port: int, database_url: str, *, start: int = START) -> list
         database_url,
         "--start",
         str(start),
+        "--pool-size",
+        str(pool_size),
     ]
 
 
