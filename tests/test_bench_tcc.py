@@ -13,18 +13,10 @@ import pytest
 from rich.console import Console
 
 from reliable_msg.tools.bench import run, tcc
-from tests.conftest import AMQP_URL, SERVER_URL, TEST_PREFIX
+from tests.conftest import AMQP_URL, SERVER_URL, TEST_PREFIX, _drop_database
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 NAMES = f"{TEST_PREFIX}{os.getpid()}.benchtcc"
-
-
-async def _drop(url: str) -> None:
-    admin = await asyncpg.connect(f"{SERVER_URL}/postgres")
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def _remove_topology() -> None:
@@ -81,5 +73,5 @@ async def test_a_small_tcc_run_gives_its_figures_and_checks_its_books(tmp_path: 
             await tcc.check_books(databases.parties, 20)
     finally:
         await _remove_topology()
-        await _drop(databases.service)
-        await _drop(databases.parties)
+        await _drop_database(databases.service)
+        await _drop_database(databases.parties)
