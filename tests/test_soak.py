@@ -98,6 +98,7 @@ def test_the_short_soak_loses_nothing_and_applies_nothing_twice(tag: str, tmp_pa
     assert tcc["contradicted"] == tcc["accounts_off"] == 0, tcc
     assert tcc["committed"] > 0 and tcc["cancelled"] > 0, tcc
     assert tcc["initiators"]["refused"] > 0 and tcc["initiators_killed"] == SHORT_CRASHES, tcc
+    assert tcc["expired"] >= SHORT_CRASHES, tcc  # the killed initiators' deadlines cancelled
     final = asyncio.run(read_tcc(f"{SERVER_URL}/{tag}", f"{SERVER_URL}/{tag}_service"))
     assert final.keys() >= {f"soak-5-{i}" for i in range(SHORT_TRANSACTIONS)}
     assert sum(s == "confirmed" for s in final.values()) == tcc["committed"]
