@@ -306,6 +306,15 @@ def retry_tcc(ctx: click.Context, gid: str) -> None:
 @click.option("--batch", default=100, show_default=True, help="Messages per batch call.")
 @click.option("--concurrency", default=32, show_default=True, help="Producer calls in flight.")
 @click.option(
+    "--tcc-transactions",
+    default=3000,
+    show_default=True,
+    help="TCC global transactions (3 branches each).",
+)
+@click.option(
+    "--tcc-concurrency", default=32, show_default=True, help="TCC transactions in flight."
+)
+@click.option(
     "--big-rows",
     default=5_000_000,
     show_default=True,
@@ -319,9 +328,9 @@ def retry_tcc(ctx: click.Context, gid: str) -> None:
 )
 @click.option(
     "--parts",
-    default="ceilings,scanner,paths",
+    default="ceilings,scanner,paths,tcc",
     show_default=True,
-    help="Comma-separated parts to run; a partial run prints raw figures only.",
+    help="Comma-separated parts to run; a partial run prints raw figures (and TCC's table).",
 )
 @click.option(
     "--paths",
@@ -341,6 +350,8 @@ def bench(
     batch_messages: int,
     batch: int,
     concurrency: int,
+    tcc_transactions: int,
+    tcc_concurrency: int,
     big_rows: int,
     postgres_url: str,
     parts: str,
@@ -361,6 +372,8 @@ def bench(
         batch_messages=batch_messages,
         batch=batch,
         concurrency=concurrency,
+        tcc_transactions=tcc_transactions,
+        tcc_concurrency=tcc_concurrency,
         big_rows=big_rows,
         parts=_names(parts),
         paths=_names(paths),

@@ -65,6 +65,19 @@ def test_the_table_shows_every_figure_and_judges_every_target() -> None:
             "latency": _path(140.0, latency=True),
             "degraded": _path(100.0),
         },
+        "tcc": {
+            "transactions": 3000,
+            "tx_per_s": 120.5,
+            "p50_ms": 80.0,
+            "p99_ms": 210.0,
+            "max_ms": 300.0,
+            "machine_busy": 0.97,
+            "cpu_ms_per_tx": {"service": 4.25, "participants": 3.5, "machine": 15.0},
+            "phases_ms": {
+                "begin_to_committed": {"p99_ms": 150.0},
+                "committed_to_confirmed": {"p99_ms": 70.0},
+            },
+        },
     }
     figures = run._figures(results)
     results["figures"] = figures
@@ -81,5 +94,16 @@ def test_the_table_shows_every_figure_and_judges_every_target() -> None:
     }
     assert "11.5 / 8.9 / 3.1" in text
     assert "3.0 / 12.0 / 20.0" in text
-    assert [t["met"] for t in results["targets"]] == [False, False, True, True, False]
-    assert text.count("NOT met") == 3
+    assert [t["met"] for t in results["targets"]] == [False, False, True, True, False, False]
+    assert text.count("NOT met") == 4
+    assert "│ 120.5 │" in _row(text, "TCC, 3 branches: global transactions/s")
+    assert "│ 80.0 / 210.0 / 300.0 │" in _row(text, "TCC begin -> all confirmed")
+    assert "│ 150.0 / 70.0 │" in _row(text, "of which p99: begin -> commit answered")
+    assert "│ 4.25 │" in _row(text, "TCC CPU ms/tx: service (coordinator)")
+    assert "│ nan │" in _row(text, "TCC CPU ms/tx: initiator process")
+
+
+def _row(text: str, name: str) -> str:
+    """The table's row ``name``, its cells' padding squeezed."""
+    line = next(line for line in text.splitlines() if name in line)
+    return " ".join(line.split())

@@ -50,40 +50,57 @@ class Service:
     database_url: str
 
 
-def _config(port: int, service_db: str, amqp_url: str, redis_url: str) -> dict[str, Any]:
+def _config(
+    port: int,
+    service_db: str,
+    amqp_url: str,
+    redis_url: str,
+    names: str = NAMES,
+    participants: dict[str, dict[str, str]] | None = None,
+) -> dict[str, Any]:
     return {
         "database_url": service_db,
         "amqp_url": amqp_url,
         "redis_url": redis_url,
         "port": port,
-        "exchange": NAMES,
-        "dead_letter_exchange": f"{NAMES}.dlx",
-        "queue_prefix": f"{NAMES}.",
+        "exchange": names,
+        "dead_letter_exchange": f"{names}.dlx",
+        "queue_prefix": f"{names}.",
         "db_pool_size": 20,
         "max_batch": 1000,
         "checkback": {"after": 600.0},
         "redelivery": {"ack_timeout": 600.0},
         "fallback": {
-            "namespace": NAMES,
+            "namespace": names,
             "shards": 32,
             "failure_threshold": 10,
             "probe_interval": 3600.0,
         },
         "producers": {"bench": {"check_url": "http://127.0.0.1:9/check-back"}},
         "groups": {GROUP: {"topics": [TOPIC]}},
+        "participants": participants or {},
     }
 
 
 @asynccontextmanager
 async def service(
-    run_dir: Path, service_db: str, amqp_url: str, redis_url: str
+    run_dir: Path,
+    service_db: str,
+    amqp_url: str,
+    redis_url: str,
+    *,
+    names: str = NAMES,
+    participants: dict[str, dict[str, str]] | None = None,
 ) -> AsyncIterator[Service]:
-    """A fresh database and a ``reliable-msg serve`` process over it."""
+    """A fresh database and a ``reliable-msg serve`` process over it, its exchange,
+    queues and Redis keys named after ``names``, calling ``participants`` (their
+    ``[participants.<name>]`` tables) for TCC."""
     await _drop(service_db)
     await migrate(service_db)
-    await _drop_queues(amqp_url)
+    await _drop_queues(amqp_url, names)
     port = free_port()
-    config = write_config(run_dir / "bench.toml", _config(port, service_db, amqp_url, redis_url))
+    data = _config(port, service_db, amqp_url, redis_url, names, participants)
+    config = write_config(run_dir / "bench.toml", data)
     tokens = {k: secrets.token_hex(16) for k in ("producer", "group", "admin")}
     env = {
         **os.environ,
@@ -113,11 +130,11 @@ async def service(
         await asyncio.to_thread(stop, [process], GRACE)
 
 
-async def _drop_queues(amqp_url: str) -> None:
+async def _drop_queues(amqp_url: str, names: str = NAMES) -> None:
     """Start from empty queues (and let a changed queue type take effect)."""
     connection = await aio_pika.connect(amqp_url)
     try:
-        for queue in (f"{NAMES}.{GROUP}", f"{NAMES}.{GROUP}.dlq", f"{NAMES}._probe"):
+        for queue in (f"{names}.{GROUP}", f"{names}.{GROUP}.dlq", f"{names}._probe"):
             async with connection.channel() as channel:
                 await channel.queue_delete(queue)
     finally:

@@ -6,10 +6,11 @@
         .venv/bin/reliable-msg bench --parts paths --paths single --messages 3000
     python -m reliable_msg.tools.bench.profile paths.txt
 
-prints, per process role (service, consumer, producers), the share of samples whose
-innermost Python frame is in each library, and the functions with the most samples of
-their own. Time in a C or Cython extension (asyncpg's protocol, uvloop, httptools) and
-in the system calls it makes is counted to the Python frame that called into it.
+prints, per process role (service, consumer, producers, and for TCC the initiator and
+the participants), the share of samples whose innermost Python frame is in each library,
+and the functions with the most samples of their own. Time in a C or Cython extension
+(asyncpg's protocol, uvloop, httptools) and in the system calls it makes is counted to
+the Python frame that called into it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def role_of(command: str) -> str:
         return "consumer"
     if "reliable_msg.tools.bench.worker produce" in command:
         return "producers"
+    if "reliable_msg.tools.bench.worker initiate" in command:
+        return "initiator"
+    if "reliable_msg.harness.tcc_party" in command:
+        return "participants"
     if " serve" in command:
         return "service"
     return "bench driver"
@@ -92,7 +97,9 @@ def read(path: Path) -> dict[str, Role]:
 
 
 def report(roles: dict[str, Role], top: int) -> str:
-    shown = [r for r in ("service", "consumer", "producers") if r in roles]
+    shown = [
+        r for r in ("service", "consumer", "producers", "participants", "initiator") if r in roles
+    ]
     lines = ["| innermost frame in | " + " | ".join(shown) + " |"]
     lines.append("|---|" + "---:|" * len(shown))
     for name in [n for n, _ in SUBSYSTEMS] + [OTHER]:

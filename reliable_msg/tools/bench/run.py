@@ -15,10 +15,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from reliable_msg.tools.bench import ceilings, e2e, scan
+from reliable_msg.tools.bench import ceilings, e2e, scan, tcc
 
 #: The runs of the paths part, in the order they run.
 PATHS = ("single", "batch", "latency", "degraded")
+#: The parts, in the order they run.
+PARTS = ("ceilings", "scanner", "paths", "tcc")
 
 
 @dataclass(frozen=True)
@@ -32,9 +34,13 @@ class Options:
     concurrency: int = 32
     small_rows: int = 10_000
     big_rows: int = 5_000_000
+    #: TCC global transactions (of three branches each), and how many at once.
+    tcc_transactions: int = 3000
+    tcc_concurrency: int = 32
     run_dir: Path = Path(".artifacts/bench")
-    #: Parts to run: ceilings, scanner, paths (a partial run prints what it measured).
-    parts: tuple[str, ...] = ("ceilings", "scanner", "paths")
+    #: Parts to run: ceilings, scanner, paths, tcc (a partial run prints what it
+    #: measured).
+    parts: tuple[str, ...] = PARTS
     #: Runs of the paths part: single, batch, latency (needs single), degraded.
     paths: tuple[str, ...] = PATHS
 
@@ -46,6 +52,7 @@ TARGETS = [
     ("p99 confirm -> handler at half peak, ms", "latency_p99_ms", "<", 50.0),
     ("scanner pass, big / small table", "scan_ratio", "<=", 2.0),
     ("degraded / normal throughput", "degraded_ratio", ">=", 0.5),
+    ("TCC global transactions/s, 3 branches", "tcc_tx_per_s", ">=", 150.0),
 ]
 
 
@@ -65,8 +72,12 @@ async def run(options: Options, console: Console) -> dict[str, Any]:
             results["scanner"] = await _scanner(options, progress)
         if "paths" in options.parts:
             results["paths"] = await _paths(options, progress)
-    if set(options.parts) != {"ceilings", "scanner", "paths"} or options.paths != PATHS:
+        if "tcc" in options.parts:
+            results["tcc"] = await _tcc(options, progress)
+    if set(options.parts) != set(PARTS) or options.paths != PATHS:
         console.print_json(data={k: v for k, v in results.items() if k != "options"})
+        if "tcc" in results:
+            console.print(_tcc_table(results["tcc"]))
         return results
     figures = _figures(results)
     results["figures"] = figures
@@ -143,6 +154,24 @@ async def _paths(options: Options, progress: Progress) -> dict[str, Any]:
     return out
 
 
+async def _tcc(options: Options, progress: Progress) -> dict[str, Any]:
+    n = options.tcc_transactions
+    task = progress.add_task(f"TCC: {n:,} global transactions", total=n)
+    databases = tcc.Databases(
+        f"{options.postgres_url}/rmsg_bench_tcc", f"{options.postgres_url}/rmsg_bench_parties"
+    )
+    result = await tcc.run_tcc(
+        options.run_dir / "tcc",
+        databases,
+        options.amqp_url,
+        options.redis_url,
+        transactions=n,
+        concurrency=options.tcc_concurrency,
+        tick=lambda k: progress.advance(task, k),
+    )
+    return result.summary()
+
+
 async def _path(
     progress: Progress,
     svc: e2e.Service,
@@ -204,6 +233,9 @@ def _figures(results: dict[str, Any]) -> dict[str, Any]:
         "cpu_ms_per_msg_batch": p["batch"]["cpu_ms_per_msg"],
         "machine_busy_single": p["single"]["machine_busy"],
         "machine_busy_batch": p["batch"]["machine_busy"],
+        "tcc_tx_per_s": results["tcc"]["tx_per_s"],
+        "tcc_p50_ms": results["tcc"]["p50_ms"],
+        "tcc_p99_ms": results["tcc"]["p99_ms"],
     }
 
 
@@ -281,6 +313,7 @@ def _table(results: dict[str, Any]) -> Table:
         ),
     ]
     rows += _cpu_rows(f)
+    rows += _tcc_rows(results["tcc"])
     for name, value, note in rows:
         table.add_row(name, str(value), note)
     for target in results["targets"]:
@@ -318,6 +351,43 @@ def _cpu_rows(f: dict[str, Any]) -> list[tuple[str, Any, str]]:
 
 def _pair(group: str, single: dict[str, float], batch: dict[str, float]) -> str:
     return f"{single.get(group, float('nan')):.2f} / {batch.get(group, float('nan')):.2f}"
+
+
+def _tcc_rows(t: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    phases = t["phases_ms"]
+    rows: list[tuple[str, Any, str]] = [
+        (
+            "TCC, 3 branches: global transactions/s",
+            t["tx_per_s"],
+            f"{t['transactions']:,} transactions, each a begin, 3 Trys, a commit and 3 "
+            "Confirms at participant processes with barrier and account; target >= 150",
+        ),
+        (
+            "TCC begin -> all confirmed p50 / p99 / max, ms",
+            f"{t['p50_ms']} / {t['p99_ms']} / {t['max_ms']}",
+            f"machine {t['machine_busy']:.0%} busy",
+        ),
+        (
+            "  of which p99: begin -> commit answered / -> confirmed, ms",
+            f"{phases['begin_to_committed']['p99_ms']} / "
+            f"{phases['committed_to_confirmed']['p99_ms']}",
+            "confirmed: as the coordinator recorded it, every Confirm answered",
+        ),
+    ]
+    for group, name in tcc.CPU_GROUPS.items():
+        ms = t["cpu_ms_per_tx"].get(group, float("nan"))
+        rows.append((f"TCC CPU ms/tx: {name}", f"{ms:.2f}", ""))
+    return rows
+
+
+def _tcc_table(t: dict[str, Any]) -> Table:
+    table = Table(title="reliable-msg benchmark: TCC")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    for name, value, note in _tcc_rows(t):
+        table.add_row(name, str(value), note)
+    return table
 
 
 def _machine() -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""Load processes of the benchmark: producers and a consumer, each a process of its own
-so that the load generator is not what the figures measure.
+"""Load processes of the benchmark: producers, a consumer and a TCC initiator, each a
+process of its own so that the load generator is not what the figures measure.
 
     python -m reliable_msg.tools.bench.worker produce SPEC_JSON
     python -m reliable_msg.tools.bench.worker consume SPEC_JSON
+    python -m reliable_msg.tools.bench.worker initiate SPEC_JSON
 
 A producer waits for ``start_at`` (wall clock), produces its share and writes, per
 message, the wall times its confirm was sent and answered to ``out``. The consumer
@@ -25,6 +26,7 @@ import uvloop
 from reliable_msg.sdk.client import RetryPolicy, ServiceClient
 from reliable_msg.sdk.consumer import Consumer, Poison, Received, Source
 from reliable_msg.sdk.producer import Outgoing, Producer
+from reliable_msg.sdk.tcc import Branch, Initiator
 
 RETRY = RetryPolicy(attempts=10, initial=0.05, max_wait=1.0, deadline=60.0)
 
@@ -135,9 +137,33 @@ async def consume(spec: dict[str, Any]) -> dict[str, list[float]]:
     return {id: t for id, t in times.items() if len(t) > 1}
 
 
+async def initiate(spec: dict[str, Any]) -> dict[str, list[float]]:
+    initiator = Initiator(spec["url"], spec["token"], retry=RETRY)
+    times: dict[str, list[float]] = {}
+    limit = asyncio.Semaphore(spec["concurrency"])
+
+    async def one(n: int) -> None:
+        gid = f"bench-{n}"
+        branches = [Branch(p, f"{p}-{n}", {"qty": spec["qty"]}) for p in spec["participants"]]
+        async with limit:
+            began = time.time()
+            async with initiator.transaction(gid, timeout=spec["timeout"]) as tx:
+                await tx.try_all(branches)
+            times[gid] = [began, time.time()]
+        if len(times) % 10 == 0:
+            print(len(times), flush=True)
+
+    await asyncio.sleep(max(0.0, spec["start_at"] - time.time()))
+    await asyncio.gather(*(one(n) for n in range(spec["transactions"])))
+    print(len(times), flush=True)
+    await initiator.close()
+    return times
+
+
 def main() -> None:
     command, spec = sys.argv[1], json.loads(sys.argv[2])
-    times = uvloop.run({"produce": produce, "consume": consume}[command](spec))
+    work = {"produce": produce, "consume": consume, "initiate": initiate}[command]
+    times = uvloop.run(work(spec))
     Path(spec["out"]).write_text(json.dumps(times))
 
 

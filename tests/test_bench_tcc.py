@@ -1,0 +1,85 @@
+"""The benchmark's TCC figure, produced by a small real run: a coordinator process, three
+participant processes and an initiator process; the books it checks, and their check
+failing once tampered with."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import aio_pika
+import asyncpg
+import pytest
+from rich.console import Console
+
+from reliable_msg.tools.bench import run, tcc
+from tests.conftest import AMQP_URL, SERVER_URL, TEST_PREFIX
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+NAMES = f"{TEST_PREFIX}{os.getpid()}.benchtcc"
+
+
+async def _drop(url: str) -> None:
+    admin = await asyncpg.connect(f"{SERVER_URL}/postgres")
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def _remove_topology() -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        for queue in (f"{NAMES}.bench", f"{NAMES}.bench.dlq", f"{NAMES}._probe"):
+            async with connection.channel() as channel:
+                await channel.queue_delete(queue)
+        for exchange in (NAMES, f"{NAMES}.dlx"):
+            async with connection.channel() as channel:
+                await channel.exchange_delete(exchange)
+    finally:
+        await connection.close()
+
+
+async def test_a_small_tcc_run_gives_its_figures_and_checks_its_books(tmp_path: Path) -> None:
+    pid = os.getpid()
+    databases = tcc.Databases(
+        f"{SERVER_URL}/rmsg_test_{pid}_bench_tcc", f"{SERVER_URL}/rmsg_test_{pid}_bench_parties"
+    )
+    try:
+        result = await tcc.run_tcc(
+            tmp_path, databases, AMQP_URL, REDIS_URL, transactions=20, concurrency=4, names=NAMES
+        )
+        summary = result.summary()
+        assert summary["transactions"] == 20
+        assert summary["branches"] == 3
+        assert summary["tx_per_s"] > 0
+        assert 0 < summary["p50_ms"] <= summary["p99_ms"] <= summary["max_ms"]
+        assert set(summary["phases_ms"]) == {
+            "begin_to_confirmed",
+            "begin_to_committed",
+            "committed_to_confirmed",
+        }
+        cpu = summary["cpu_ms_per_tx"]
+        assert set(cpu) == set(tcc.CPU_GROUPS)
+        assert all(cpu[g] > 0 for g in ("service", "participants", "initiator", "postgres"))
+
+        console = Console(width=200, record=True)
+        console.print(run._tcc_table(summary))
+        text = " ".join(console.export_text().split())  # the cells' padding squeezed
+        assert f"TCC, 3 branches: global transactions/s │ {summary['tx_per_s']} │" in text
+        assert "TCC CPU ms/tx: participant processes (3)" in text
+
+        # the books it checked, tampered with: one Confirm's effect undone
+        conn = await asyncpg.connect(databases.parties)
+        try:
+            await conn.execute(
+                "UPDATE tcc_credit.account SET frozen = frozen + 1, taken = taken - 1"
+            )
+        finally:
+            await conn.close()
+        with pytest.raises(tcc.BooksWrong, match=r"credit: available \d+, frozen 1, taken 19"):
+            await tcc.check_books(databases.parties, 20)
+    finally:
+        await _remove_topology()
+        await _drop(databases.service)
+        await _drop(databases.parties)
