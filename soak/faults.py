@@ -1,6 +1,7 @@
 """The environment faults of :mod:`soak.plan`, injected for real: processes killed with
 SIGKILL, RabbitMQ's connections closed and its application stopped, PostgreSQL's
-backends terminated and its server restarted, the network to RabbitMQ stalled and cut.
+backends terminated and its server restarted, the network to RabbitMQ stalled and cut,
+the TCC participants killed, and the network to one of them stalled and cut.
 
 :meth:`Injector.restore` undoes whatever a fault interrupted halfway (RabbitMQ stopped,
 PostgreSQL down, the proxy stalled); the runner calls it whatever happens.
@@ -37,6 +38,8 @@ class Injector:
         *,
         instances: Sequence[Child],
         proxy: FaultProxy,
+        participants: Sequence[Child] = (),
+        participant_proxies: Sequence[FaultProxy] = (),
         outage: rabbit.Outage,
         admin_dsn: str,
         databases: Sequence[str],
@@ -44,6 +47,8 @@ class Injector:
     ) -> None:
         self._instances = instances
         self._proxy = proxy
+        self._participants = participants
+        self._participant_proxies = participant_proxies
         self._outage = outage
         self._admin_dsn = admin_dsn
         self._databases = list(databases)
@@ -54,8 +59,8 @@ class Injector:
         """Inject ``fault`` and wait until it is over (a stall resumed, a server back);
         what happened, in words."""
         match fault.kind:
-            case Kind.KILL_INSTANCE:
-                return self._kill(fault.target)
+            case Kind.KILL_INSTANCE | Kind.KILL_PARTICIPANT:
+                return self._kill(self.victim(fault))
             case Kind.CLOSE_CONNECTIONS:
                 await self._ctl(
                     servers.rabbitmqctl("close_all_connections", "soak: injected fault")
@@ -72,27 +77,38 @@ class Injector:
                 seconds = await self._restart_postgres()
                 return f"PostgreSQL server restarted, answering again after {seconds:.1f} s"
             case Kind.PROXY_STALL:
-                self._proxy.stall()
-                try:
-                    await asyncio.sleep(fault.hold)
-                finally:
-                    self._proxy.resume()
+                await _stall(self._proxy, fault.hold)
                 return f"the network to RabbitMQ stalled for {fault.hold:.1f} s"
             case Kind.PROXY_CUT:
                 await self._proxy.cut()
                 return "the network to RabbitMQ reset every connection"
+            case Kind.PARTICIPANT_STALL:
+                await _stall(self._participant_proxy(fault), fault.hold)
+                return f"the network to participant{fault.where} stalled for {fault.hold:.1f} s"
+            case Kind.PARTICIPANT_CUT:
+                await self._participant_proxy(fault).cut()
+                return f"the network to participant{fault.where} reset every connection"
+
+    def victim(self, fault: Fault) -> Child:
+        """The process a kill hits."""
+        if fault.kind is Kind.KILL_PARTICIPANT:
+            return self._participants[fault.target % len(self._participants)]
+        return self._instances[fault.target % len(self._instances)]
+
+    def _participant_proxy(self, fault: Fault) -> FaultProxy:
+        return self._participant_proxies[fault.target % len(self._participant_proxies)]
 
     async def restore(self) -> None:
         """Undo a fault interrupted halfway; wait until every dependency answers."""
-        self._proxy.resume()
+        for proxy in (self._proxy, *self._participant_proxies):
+            proxy.resume()
         if self._outage.down:
             await self._outage.restore()
         if self._pg_down or not await self._pg_answers():
             await self._pg_ctl("start")
             await self._pg_back()
 
-    def _kill(self, target: int) -> str:
-        child = self._instances[target % len(self._instances)]
+    def _kill(self, child: Child) -> str:
         proc = child.proc
         if proc is None or proc.poll() is not None:
             return f"{child.name} was not running (already being restarted)"
@@ -146,3 +162,11 @@ class Injector:
 
     async def _ctl(self, argv: list[str]) -> None:
         await run_logged(argv, self._log)
+
+
+async def _stall(proxy: FaultProxy, hold: float) -> None:
+    proxy.stall()
+    try:
+        await asyncio.sleep(hold)
+    finally:
+        proxy.resume()

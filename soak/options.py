@@ -20,13 +20,15 @@ CONFIG = Path(__file__).with_name("config.toml")
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/rmsg_soak"
 #: Where each run's logs and report go, in a directory per run.
 ARTIFACTS = Path(".artifacts/soak")
-#: The short form: a few hundred messages, every kind of fault once, one crash of each.
-SHORT_MESSAGES, SHORT_FAULTS, SHORT_CRASHES = 300, 7, 1
+#: The short form: a few hundred messages, a few dozen TCC transactions, every kind of
+#: fault once, one crash of each.
+SHORT_MESSAGES, SHORT_TRANSACTIONS, SHORT_FAULTS, SHORT_CRASHES = 300, 40, 10, 1
 
 
 @dataclass(frozen=True, slots=True)
 class Options:
     messages: int  #: orders paid, one message each
+    transactions: int  #: TCC transactions beside them (0: none, nor their faults)
     faults: int  #: environment faults (plus the crashes below)
     crashes: int  #: order service crashes, and as many per consumer group
     seed: int
@@ -51,6 +53,7 @@ def parse(argv: list[str] | None = None) -> Options:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     options = Options(
         messages=args.messages,
+        transactions=args.transactions,
         faults=args.faults,
         crashes=args.crashes,
         seed=args.seed,
@@ -69,7 +72,11 @@ def parse(argv: list[str] | None = None) -> Options:
     )
     if args.short:
         options = replace(
-            options, messages=SHORT_MESSAGES, faults=SHORT_FAULTS, crashes=SHORT_CRASHES
+            options,
+            messages=SHORT_MESSAGES,
+            transactions=SHORT_TRANSACTIONS,
+            faults=SHORT_FAULTS,
+            crashes=SHORT_CRASHES,
         )
     return options
 
@@ -84,25 +91,33 @@ def _parser() -> argparse.ArgumentParser:
         "--messages", type=at_least(MIN_ORDERS), default=5000, help="orders paid (default 5000)"
     )
     p.add_argument(
+        "--transactions",
+        type=at_least(0),
+        default=500,
+        help="TCC transactions run beside the payments, three participant branches each"
+        " (default 500; 0: none, nor the faults aimed at their participants)",
+    )
+    p.add_argument(
         "--faults",
         type=at_least(0),
         default=24,
         help="environment faults: instance kills, RabbitMQ connections closed and app stopped,"
-        " PostgreSQL backends terminated and server restarted, network stalls and cuts"
-        " (default 24)",
+        " PostgreSQL backends terminated and server restarted, network stalls and cuts,"
+        " TCC participant kills, and stalls and cuts of the network to one (default 24)",
     )
     p.add_argument(
         "--crashes",
         type=at_least(0),
         default=3,
-        help="order service kills between commit and confirm, and as many consumer kills"
-        " between effect and ack per group (default 3)",
+        help="order service kills between commit and confirm, as many consumer kills"
+        " between effect and ack per group, and as many TCC initiator kills between Try and"
+        " commit (default 3)",
     )
     p.add_argument(
         "--short",
         action="store_true",
-        help=f"the short form: {SHORT_MESSAGES} orders, {SHORT_FAULTS} faults (each kind once),"
-        f" {SHORT_CRASHES} crash of each process",
+        help=f"the short form: {SHORT_MESSAGES} orders, {SHORT_TRANSACTIONS} TCC transactions,"
+        f" {SHORT_FAULTS} faults (each kind once), {SHORT_CRASHES} crash of each process",
     )
     p.add_argument("--seed", type=int, default=11, help="chooses what fails when (default 11)")
     p.add_argument("--concurrency", type=at_least(1), default=16, help="payments in flight (16)")

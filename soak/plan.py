@@ -12,6 +12,9 @@ Faults of two sorts:
   ack (the consumer is told the order ids at start); and about one payment in ten whose
   local transaction fails (no fault: the message must be cancelled);
 - of the environment, started by the run at their moment: see :class:`Kind`.
+
+The TCC transactions that run beside the payments have a plan of their own
+(:mod:`soak.tcc_plan`); the faults aimed at their participants are kinds here.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from demo import plan as orders
+
+from .tcc_plan import PARTICIPANTS
 
 #: Fewest orders a plan can place its faults among.
 MIN_ORDERS = 20
@@ -45,6 +50,17 @@ class Kind(StrEnum):
     PROXY_STALL = "proxy-stall"
     #: The proxy between the services and RabbitMQ resets every connection.
     PROXY_CUT = "proxy-cut"
+    #: SIGKILL of one of the TCC participants' servers; the supervisor restarts it.
+    KILL_PARTICIPANT = "kill-participant"
+    #: The proxy in front of a TCC participant (the coordinator's Confirms and Cancels,
+    #: the initiators' Trys) stops forwarding for a few seconds.
+    PARTICIPANT_STALL = "participant-stall"
+    #: The proxy in front of a TCC participant resets every connection.
+    PARTICIPANT_CUT = "participant-cut"
+
+
+#: The kinds that hit the TCC participants: planned only when TCC transactions run.
+TCC_KINDS = (Kind.KILL_PARTICIPANT, Kind.PARTICIPANT_STALL, Kind.PARTICIPANT_CUT)
 
 
 #: How often each kind comes up in a draw, after each has come up once. The server
@@ -57,9 +73,19 @@ WEIGHTS = {
     Kind.PG_RESTART: 0,
     Kind.PROXY_STALL: 2,
     Kind.PROXY_CUT: 2,
+    Kind.KILL_PARTICIPANT: 2,
+    Kind.PARTICIPANT_STALL: 2,
+    Kind.PARTICIPANT_CUT: 1,
 }
 #: Seconds a stall or a broker stop lasts: drawn between these.
 HOLD = (1.0, 6.0)
+#: The kinds whose fault lasts ``hold`` seconds.
+HELD = (Kind.BROKER_RESTART, Kind.PROXY_STALL, Kind.PARTICIPANT_STALL)
+#: Service instances.
+INSTANCES = 2
+#: A fault's target is drawn below this and taken modulo the count of its kind's
+#: targets: the service instances, the participants.
+TARGETS = INSTANCES * len(PARTICIPANTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,15 +93,21 @@ class Fault:
     at: int  #: started once this many payments have been started
     kind: Kind
     hold: float  #: seconds a stall or a broker stop lasts (other kinds: unused)
-    target: int  #: which service instance a kill hits (0 or 1)
+    target: int  #: which instance or participant it hits, modulo their count
 
     @property
     def label(self) -> str:
-        if self.kind in (Kind.PROXY_STALL, Kind.BROKER_RESTART):
-            return f"{self.kind} ({self.hold:.1f} s)"
+        held = f" ({self.hold:.1f} s)" if self.kind in HELD else ""
+        return f"{self.kind}{self.where}{held}"
+
+    @property
+    def where(self) -> str:
+        """Whom the fault hits, when it is one of several: `` #1``, `` points``."""
         if self.kind is Kind.KILL_INSTANCE:
-            return f"{self.kind} #{self.target}"
-        return str(self.kind)
+            return f" #{self.target % INSTANCES}"
+        if self.kind in TCC_KINDS:
+            return f" {PARTICIPANTS[self.target % len(PARTICIPANTS)]}"
+        return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +156,7 @@ def _faults(rng: random.Random, orders: int, count: int, kinds: Sequence[Kind]) 
     faults = []
     for i, kind in enumerate(drawn):
         at = min(end, start + i * width + rng.randrange(width))
-        faults.append(Fault(at, kind, round(rng.uniform(*HOLD), 1), rng.randrange(2)))
+        faults.append(Fault(at, kind, round(rng.uniform(*HOLD), 1), rng.randrange(TARGETS)))
     return faults
 
 

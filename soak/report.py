@@ -11,7 +11,8 @@ every group, an order that was not committed none:
 - stuck: a message neither done, cancelled nor dead once the run waited for quiescence.
 
 The run passes when lost, duplicated, phantom and stuck are all 0 and no book is in an
-impossible state.
+impossible state, and, with TCC transactions beside the payments, when their tally
+(:mod:`soak.tcc_books`) is clean too.
 """
 
 from __future__ import annotations
@@ -28,8 +29,13 @@ from demo.books import Books
 from demo.verdict import EFFECTS
 from upstream_demo.store import message_id
 
+from .tcc_books import TccTally
+
 #: Message statuses that end a message's life.
 FINAL = ("done", "cancelled", "dead")
+#: The processes whose kills are environment faults (of :mod:`soak.plan`), not crashes
+#: at a planned point: the service instances and the TCC participants.
+ENVIRONMENT_KILLS = ("service-", "tcc-")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +137,10 @@ class Report:
     paying: float  #: seconds from the first payment to the last answer
     quiescence: float | None  #: seconds from the last answer to quiescence; None: timed out
     elapsed: float
+    tcc: TccTally | None = None  #: None: no TCC transactions ran
+    #: seconds from the end of the TCC load until every transaction was final; None:
+    #: timed out
+    tcc_quiescence: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -143,12 +153,13 @@ class Report:
         return sum(
             min(self.restarts.get(name, 0), kills)
             for name, kills in self.planned_kills.items()
-            if not name.startswith("service-")
+            if not name.startswith(ENVIRONMENT_KILLS)
         )
 
     @property
     def passed(self) -> bool:
-        return self.tally.passed and self.quiescence is not None
+        tcc_passed = self.tcc is None or (self.tcc.passed and self.tcc_quiescence is not None)
+        return self.tally.passed and self.quiescence is not None and tcc_passed
 
     def as_json(self) -> dict[str, Any]:
         t = self.tally
@@ -177,17 +188,21 @@ class Report:
             "paying_seconds": round(self.paying, 1),
             "quiescence_seconds": None if self.quiescence is None else round(self.quiescence, 1),
             "elapsed_seconds": round(self.elapsed, 1),
+            "tcc": None if self.tcc is None else self.tcc.as_json(self.tcc_quiescence),
             "notes": self.notes,
         }
 
     def render(self, console: Console) -> None:
         console.print(self._faults_table())
         console.print(self._table())
+        if self.tcc is not None:
+            console.print(self.tcc.table(self.tcc_quiescence))
         for note in self.notes:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
         if self.passed:
+            tcc = ", no TCC transaction half-done" if self.tcc is not None else ""
             console.print(
-                "[bold green]PASSED[/]: nothing lost, nothing applied twice, nothing stuck",
+                f"[bold green]PASSED[/]: nothing lost, nothing applied twice, nothing stuck{tcc}",
             )
         else:
             console.print("[bold red]FAILED[/]: see the rows marked above")

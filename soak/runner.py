@@ -5,13 +5,16 @@
 2. Start a fault proxy in front of RabbitMQ and a balancer in front of the service; two
    service instances (their RabbitMQ traffic through the proxy), the order service and
    the three consumers (their service calls through the balancer).
+   With TCC transactions: three participants, each behind a fault proxy of its own
+   (:mod:`soak.tcc`).
 3. Create the orders, plan the faults (:mod:`soak.plan`), pay every order with
    ``concurrency`` payments in flight, retrying a payment that got no definitive answer
-   as a customer would. At each fault's moment the fault is injected in the background
+   as a customer would, while the TCC transactions (:mod:`soak.tcc_plan`) run beside
+   them. At each fault's moment the fault is injected in the background
    (:mod:`soak.faults`) while the payments go on; the supervisor restarts what dies.
 4. Wait for quiescence: no message pending or sent, the switch normal, the Redis shards
-   and the queues empty. Read the books, tally (:mod:`soak.report`), print and save the
-   report.
+   and the queues empty, every TCC transaction confirmed or cancelled. Read the books,
+   tally (:mod:`soak.report`, :mod:`soak.tcc_books`), print and save the report.
 
 Whatever happens, every process is stopped and every dependency a fault took away is
 given back (RabbitMQ started, PostgreSQL started, the proxy flowing) before it exits.
@@ -20,7 +23,6 @@ given back (RabbitMQ started, PostgreSQL started, the proxy flowing) before it e
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
 import time
@@ -28,7 +30,6 @@ from collections import deque
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-import aio_pika
 import aiohttp
 import asyncpg
 from rich.console import Console
@@ -41,27 +42,23 @@ from demo.processes import Child, Supervisor, base_env, until
 from demo.runner import PRODUCER, Tokens, consumer_env, order_service_env
 from demo.shop import Shop
 from demo.slate import fresh_slate
-from reliable_msg.errors import ReliableMsgError
 from reliable_msg.harness.ports import free_ports
 from reliable_msg.harness.process import NotReady, serve_argv, wait_ready
 from reliable_msg.harness.proxy import FaultProxy
 
 from .faults import Injector
+from .messages import pay_one, quiescence
 from .options import Options
-from .plan import Fault, Kind, Plan, make_plan
+from .plan import INSTANCES, TCC_KINDS, Fault, Kind, Plan, make_plan
 from .report import FaultRecord, Report, tally
+from .tcc import PORTS as TCC_PORTS
+from .tcc import TccSide
 
 #: Seconds a process gets to become ready.
 STARTUP = 60.0
-#: Seconds one payment is retried before the run gives up on it.
-PAY_PATIENCE = 300.0
-#: Pause between two attempts at a payment.
-PAY_RETRY = 0.5
 #: Restarts allowed per process beyond the kills the run injects: a dependency fault
 #: may crash a process (each restart is reported).
 SPARE_RESTARTS = 50
-#: Service instances.
-INSTANCES = 2
 #: Seconds the run stays quiet after quiescence before it reads the books, so that a
 #: late duplicate would be in them.
 SETTLE = 2.0
@@ -76,7 +73,8 @@ class Run:
         self.state = options.run_dir / "state"
         self.supervisor = Supervisor(self._event)
         self.started = time.monotonic()
-        self.order_port, proxy_port, balancer_port, *self.instance_ports = free_ports(3 + INSTANCES)
+        ports = free_ports(3 + INSTANCES + TCC_PORTS)
+        self.order_port, proxy_port, balancer_port, *self.instance_ports = ports[: 3 + INSTANCES]
         amqp = urlsplit(options.amqp_url)
         self.rabbit_proxy = FaultProxy(
             amqp.hostname or "127.0.0.1", amqp.port or 5672, port=proxy_port
@@ -86,6 +84,14 @@ class Run:
         self.outage = rabbit.Outage(options.amqp_url, self.logs / "faults.log", self.started)
         self.records: list[FaultRecord] = []
         self._injector: Injector | None = None
+        self.tcc = TccSide(
+            options,
+            ports=ports[3 + INSTANCES :],
+            logs=self.logs,
+            supervisor=self.supervisor,
+            event=self._event,
+            restarts=SPARE_RESTARTS,
+        )
 
     @property
     def service_url(self) -> str:
@@ -102,7 +108,8 @@ class Run:
         self.state.mkdir(parents=True, exist_ok=True)
         o = self.o
         self.console.rule(
-            f"reliable-msg soak: {o.messages} messages, {o.faults} environment faults,"
+            f"reliable-msg soak: {o.messages} messages, {o.transactions} TCC transactions,"
+            f" {o.faults} environment faults,"
             f" {o.crashes} crash(es) of each process, seed {o.seed}"
         )
         self.console.print(f"logs and report in {o.run_dir}")
@@ -110,6 +117,7 @@ class Run:
         try:
             await self.rabbit_proxy.start()
             await self.balancer.start()
+            await self.tcc.open()
             await self._reset()
             return await self.supervisor.run(self._scenario())
         except asyncio.CancelledError:
@@ -125,6 +133,7 @@ class Run:
                     await self._injector.restore()
             finally:
                 self.supervisor.stop_all()
+                await self.tcc.close()
                 await self.balancer.close()
                 await self.rabbit_proxy.close()
                 self.console.print("every process the run started is stopped")
@@ -146,6 +155,7 @@ class Run:
                 env=self._service_env(0),
                 log=self.logs / "migrate.log",
             )
+            await self.tcc.reset()
 
     # -- 2.-4. the scenario --------------------------------------------------------------
 
@@ -158,29 +168,33 @@ class Run:
                 shop = Shop(self.order_url, session)
                 await self._start_services()
                 await self._start_order_service(shop)
+                await self.tcc.start(STARTUP)
                 ids = await self._create_orders(shop)
+                kinds = [k for k in Kind if self.tcc.enabled or k not in TCC_KINDS]
+                o = self.o
                 plan = make_plan(
-                    ids,
-                    self.o.groups,
-                    faults=self.o.faults,
-                    crashes=self.o.crashes,
-                    seed=self.o.seed,
+                    ids, o.groups, faults=o.faults, crashes=o.crashes, seed=o.seed, kinds=kinds
                 )
                 self._announce(plan)
                 self._injector = self._make_injector()
                 await self._start_consumers(plan)
+                self.tcc.start_load(len(ids), self.service_url, self.tokens.order)
                 paying_from = time.monotonic()
                 await self._pay(shop, ids, plan)
                 paid_at = time.monotonic()
-                quiet = await self._quiescence(admin)
+                quiet, tcc_quiet = await asyncio.gather(
+                    quiescence(admin, self.o, self._progress, self._event), self.tcc.settle()
+                )
                 quiet_at = time.monotonic()
                 await asyncio.sleep(SETTLE)
                 result = tally(
-                    await books.read(self.o.database_url, self.o.groups),
+                    await books.read(o.database_url, o.groups),
                     await admin.message_statuses(),
-                    self.o.groups,
+                    o.groups,
                 )
+                tcc_result = await self.tcc.tally()
         finally:
+            await self.tcc.stop()
             await admin.close()
         report = Report(
             title=f"Soak: {self.o.messages} messages, seed {self.o.seed}",
@@ -191,9 +205,11 @@ class Run:
             paying=paid_at - paying_from,
             quiescence=quiet_at - paid_at if quiet else None,
             elapsed=time.monotonic() - self.started,
+            tcc=tcc_result,
+            tcc_quiescence=tcc_quiet,
         )
         self._report(report)
-        if not quiet:
+        if not quiet or (self.tcc.enabled and tcc_quiet is None):
             return 2
         return 0 if report.passed else 1
 
@@ -202,6 +218,8 @@ class Run:
         return Injector(
             instances=[self.supervisor.children[f"service-{i}"] for i in range(INSTANCES)],
             proxy=self.rabbit_proxy,
+            participants=self.tcc.children,
+            participant_proxies=self.tcc.proxies,
             outage=self.outage,
             admin_dsn=admin_dsn,
             databases=[_db_name(self.o.database_url), _db_name(self.o.service_database_url)],
@@ -276,10 +294,13 @@ class Run:
         self._event(f"environment faults (kind@payment): {labels}")
 
     def _planned_kills(self, plan: Plan) -> dict[str, int]:
+        assert self._injector is not None
         kills = {f"service-{i}": 0 for i in range(INSTANCES)}
+        kills |= {c.name: 0 for c in self.tcc.children}
         for record, fault in zip(self.records, plan.faults, strict=False):
-            if record.ok and fault.kind is Kind.KILL_INSTANCE and "SIGKILL" in record.outcome:
-                kills[f"service-{fault.target % INSTANCES}"] += 1
+            killing = fault.kind in (Kind.KILL_INSTANCE, Kind.KILL_PARTICIPANT)
+            if record.ok and killing and "SIGKILL" in record.outcome:
+                kills[self._injector.victim(fault).name] += 1
         kills[PRODUCER] = len(plan.upstream_crashes)
         for group, ids in plan.consumer_crashes.items():
             kills[group] = len(ids)
@@ -299,7 +320,7 @@ class Run:
 
             async def pay(order_id: int) -> None:
                 try:
-                    await self._pay_one(shop, order_id, plan.query(order_id))
+                    await pay_one(shop, order_id, plan.query(order_id), self._event)
                 finally:
                     limit.release()
                     progress.advance(task)
@@ -312,6 +333,7 @@ class Run:
                         fault = asyncio.create_task(self._inject(pending.popleft(), n))
                     await limit.acquire()
                     payments.append(asyncio.create_task(pay(order_id)))
+                    self.tcc.paying(n + 1)
                 await asyncio.gather(*payments)
                 if fault is not None:
                     await fault
@@ -319,22 +341,6 @@ class Run:
                 for t in [*payments, *([fault] if fault else [])]:
                     t.cancel()
                 await asyncio.gather(*payments, *([fault] if fault else []), return_exceptions=True)
-
-    async def _pay_one(self, shop: Shop, order_id: int, query: dict[str, str]) -> None:
-        """Pay until the answer is definitive: paid, or the payment failed. Anything else
-        (no answer, 503, a 500 of a database cut) is tried again: paying is idempotent."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + PAY_PATIENCE
-        while True:
-            answer = await shop.pay(order_id, query)
-            if answer.status == 200 and answer.body.get("status") == "paid":
-                return
-            if answer.code in ("payment_failed", "not_payable"):
-                return
-            if loop.time() > deadline:
-                self._event(f"[red]order {order_id}: gave up paying ({answer.summary})[/]")
-                return
-            await asyncio.sleep(PAY_RETRY)
 
     async def _inject(self, fault: Fault, payment: int) -> None:
         assert self._injector is not None
@@ -347,37 +353,6 @@ class Run:
             outcome, ok = f"failed: {exc}", False
         self.records.append(FaultRecord(fault.label, payment, started, self._now(), outcome, ok))
         self._event(f"{'' if ok else '[red]'}fault {fault.label}: {outcome}")
-
-    # -- quiescence ----------------------------------------------------------------------
-
-    async def _quiescence(self, admin: ServiceAdmin) -> bool:
-        """Wait until no message is pending or sent, the switch is normal, the Redis
-        shards and the groups' queues are empty; False on time-out."""
-        o = self.o
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + o.timeout
-        with self._progress() as progress:
-            task = progress.add_task("waiting for quiescence", total=o.messages)
-            while loop.time() < deadline:
-                with contextlib.suppress(ReliableMsgError, OSError, aio_pika.exceptions.AMQPError):
-                    counts = await admin.message_counts()
-                    final = sum(counts.get(s, 0) for s in ("done", "cancelled", "dead"))
-                    progress.update(task, completed=final)
-                    if await self._quiet(admin, counts):
-                        return True
-                await asyncio.sleep(0.5)
-        self._event(f"[red]no quiescence within {o.timeout:.0f} s[/]")
-        return False
-
-    async def _quiet(self, admin: ServiceAdmin, counts: dict[str, int]) -> bool:
-        if counts.get("pending", 0) or counts.get("sent", 0):
-            return False
-        broker = await admin.broker()
-        depth = broker.get("fallback_depth") or {}
-        if broker.get("mode") != "normal" or any(depth.get(g) for g in self.o.groups):
-            return False
-        states = await rabbit.queue_states(self.o.amqp_url, self.o.names, self.o.groups)
-        return all(s.ready == 0 for s in states.values())
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -432,6 +407,7 @@ class Run:
             f"RMSG_PRODUCERS__{PRODUCER.upper()}__TOKEN": self.tokens.order,
             f"RMSG_PRODUCERS__{PRODUCER.upper()}__CHECK_URL": check_url,
             **{f"RMSG_GROUPS__{g.upper()}__TOKEN": t for g, t in self.tokens.groups.items()},
+            **self.tcc.service_env(),
         }
 
     def _proxied_amqp_url(self) -> str:

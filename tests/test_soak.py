@@ -1,9 +1,13 @@
 """The short soak run in full: ``python -m soak --short`` as a process of its own, with
-two service instances, the order service and three consumers, while it kills instances,
-closes RabbitMQ's connections, stops its application, terminates PostgreSQL backends,
-restarts the PostgreSQL server, and stalls and cuts the network to RabbitMQ. Then this
-test checks the run's report and reads the books itself: the business databases and
-the service's database, order by order, trusting nothing the run says about them.
+two service instances, the order service, three consumers, three TCC participants and
+initiators of TCC transactions beside the payments, while it kills instances and
+participants, closes RabbitMQ's connections, stops its application, terminates
+PostgreSQL backends, restarts the PostgreSQL server, stalls and cuts the network to
+RabbitMQ and to a participant, and kills an initiator between its Trys and its commit.
+Then this test checks the run's report and reads the books itself: the business
+databases and the service's database, order by order, and the coordinator's rows and
+the participants' logs of handler runs, transaction by transaction, trusting nothing
+the run says about them.
 
 The run uses databases, RabbitMQ names and a Redis namespace of its own, removed
 afterwards. The faults hit the shared servers, though; the run gives back what it took
@@ -26,8 +30,9 @@ import pytest
 from demo import books
 from demo.books import OrderRow
 from demo.verdict import EFFECTS
+from reliable_msg.harness import tcc_party
 from reliable_msg.harness.ports import port_open
-from soak.options import SHORT_FAULTS
+from soak.options import SHORT_CRASHES, SHORT_FAULTS, SHORT_TRANSACTIONS
 from soak.plan import Kind
 from tests.conftest import SERVER_URL
 from tests.helpers.runs import GROUPS, isolated, own_names, run_group
@@ -67,7 +72,7 @@ def test_the_short_soak_loses_nothing_and_applies_nothing_twice(tag: str, tmp_pa
     assert kinds == {k.value for k in Kind}
     # The planned kills happened: each process was restarted at least as often.
     for name, kills in report["planned_kills"].items():
-        assert kills >= 1 or name.startswith("service-"), report["planned_kills"]
+        assert kills >= 1 or name.startswith(("service-", "tcc-")), report["planned_kills"]
         assert report["restarts"][name] >= kills, (name, report["restarts"])
 
     assert report["lost"] == report["duplicated"] == report["phantom"] == 0
@@ -88,6 +93,16 @@ def test_the_short_soak_loses_nothing_and_applies_nothing_twice(tag: str, tmp_pa
     assert_the_service_agrees(held.orders, service, inboxes)
     assert len(paid) == report["committed"]
 
+    tcc = report["tcc"]
+    assert tcc["half_done"] == tcc["applied_twice"] == tcc["stuck"] == 0, tcc
+    assert tcc["contradicted"] == tcc["accounts_off"] == 0, tcc
+    assert tcc["committed"] > 0 and tcc["cancelled"] > 0, tcc
+    assert tcc["initiators"]["refused"] > 0 and tcc["initiators_killed"] == SHORT_CRASHES, tcc
+    assert tcc["expired"] >= SHORT_CRASHES, tcc  # the killed initiators' deadlines cancelled
+    final = asyncio.run(read_tcc(f"{SERVER_URL}/{tag}", f"{SERVER_URL}/{tag}_service"))
+    assert final.keys() >= {f"soak-5-{i}" for i in range(SHORT_TRANSACTIONS)}
+    assert sum(s == "confirmed" for s in final.values()) == tcc["committed"]
+
     # Whatever the faults took away is back.
     assert port_open(5672)
 
@@ -96,13 +111,21 @@ def test_the_short_soak_loses_nothing_and_applies_nothing_twice(tag: str, tmp_pa
 ServiceBooks = dict[str, tuple[str, dict[str, str]]]
 
 
-async def read_service(dsn: str) -> ServiceBooks:
+async def fetch_all(dsn: str, *queries: str) -> list[list[asyncpg.Record]]:
+    """The rows of each of ``queries``, on one connection to ``dsn``."""
     conn = await asyncpg.connect(dsn)
     try:
-        messages = await conn.fetch("SELECT id, status FROM rmsg_message")
-        deliveries = await conn.fetch("SELECT message_id, group_name, status FROM rmsg_delivery")
+        return [await conn.fetch(q) for q in queries]
     finally:
         await conn.close()
+
+
+async def read_service(dsn: str) -> ServiceBooks:
+    messages, deliveries = await fetch_all(
+        dsn,
+        "SELECT id, status FROM rmsg_message",
+        "SELECT message_id, group_name, status FROM rmsg_delivery",
+    )
     found: ServiceBooks = {r["id"]: (r["status"], {}) for r in messages}
     for d in deliveries:
         found[d["message_id"]][1][d["group_name"]] = d["status"]
@@ -121,6 +144,34 @@ async def read_inboxes(dsn: str) -> dict[str, Counter[str]]:
         }
     finally:
         await conn.close()
+
+
+async def read_tcc(database_url: str, service_database_url: str) -> dict[str, str]:
+    """Every TCC transaction's status, once checked against its branches at the
+    coordinator and the handler runs at each participant: confirmed, each branch tried
+    and confirmed once; cancelled, each branch tried and cancelled once or never tried;
+    no run of anything else."""
+    txs, branches = await fetch_all(
+        service_database_url,
+        "SELECT gid, status FROM rmsg_tcc_transaction",
+        "SELECT gid, branch, participant, status FROM rmsg_tcc_branch",
+    )
+    conn = await asyncpg.connect(database_url)
+    try:
+        runs = await tcc_party.tally(conn, {b["participant"] for b in branches})
+    finally:
+        await conn.close()
+    status = {t["gid"]: t["status"] for t in txs}
+    assert runs.gids() <= set(status), "a participant ran a handler of a stranger"
+    for b in branches:
+        s = status[b["gid"]]
+        assert b["status"] == s, (dict(b), s)
+        ops = runs.ops(b["gid"]).get((b["participant"], b["branch"]), {})
+        if s == "confirmed":
+            assert ops == {"try": 1, "confirm": 1}, (dict(b), ops)
+        else:
+            assert s == "cancelled" and ops in ({}, {"try": 1, "cancel": 1}), (dict(b), ops)
+    return status
 
 
 def assert_the_service_agrees(

@@ -20,6 +20,9 @@ def test_the_soak_gives_every_listener_its_own_port(tmp_path: Path) -> None:
             *run.instance_ports,
             run.rabbit_proxy.port,
             run.balancer.port,
+            *(party.port for party in run.tcc.parties),
+            *(party.proxy.port for party in run.tcc.parties),
         ]
+        assert len(run.tcc.parties) == 3
         assert 0 not in ports
         assert len(set(ports)) == len(ports), ports
