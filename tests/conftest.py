@@ -7,6 +7,7 @@ in a database of the test session's own.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -90,11 +91,16 @@ def _services_back() -> Iterator[None]:
     rabbit.ensure_running()
 
 
+def unique_names() -> dict[str, str]:
+    """Exchange and queue names of their own (a test's, or a module's shared service's)."""
+    tag = f"{TEST_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    return {"exchange": tag, "dead_letter_exchange": f"{tag}.dlx", "queue_prefix": f"{tag}."}
+
+
 @pytest.fixture
 def names() -> dict[str, str]:
     """Exchange and queue names of this test alone."""
-    tag = f"{TEST_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    return {"exchange": tag, "dead_letter_exchange": f"{tag}.dlx", "queue_prefix": f"{tag}."}
+    return unique_names()
 
 
 @pytest.fixture
@@ -103,43 +109,46 @@ def namespace(names: dict[str, str]) -> str:
     return names["exchange"]
 
 
+def settings_for(database_url: str, names: dict[str, str], **overrides: Any) -> Settings:
+    """The tests' settings on ``database_url`` with ``names``, then ``overrides`` (merged
+    one level deep)."""
+    data: dict[str, Any] = {
+        "database_url": database_url,
+        "amqp_url": AMQP_URL,
+        "admin_token": ADMIN,
+        "publish_timeout": 2.0,
+        # Classic queues are far cheaper to declare and delete than quorum queues;
+        # the wire-format test declares quorum ones.
+        "queue_type": "classic",
+        "max_payload_bytes": 1024,
+        "max_request_bytes": 64 * 1024,
+        "max_batch": 100,
+        **names,
+        "producers": {
+            "order": {"check_url": "http://127.0.0.1:9/check", "token": PRODUCER},
+            "other": {"check_url": "http://127.0.0.1:9/check", "token": OTHER_PRODUCER},
+        },
+        "groups": {
+            "inventory": {"topics": ["order.paid"], "token": GROUP_TOKENS["inventory"]},
+            "credit": {"topics": ["order.*"], "token": GROUP_TOKENS["credit"]},
+            "wms": {"topics": ["order.paid"], "token": GROUP_TOKENS["wms"]},
+        },
+        "checkback": {"after": 0.2, "backoff_base": 0.1, "backoff_cap": 0.5, "timeout": 1.0},
+        "redelivery": {"ack_timeout": 0.3, "backoff_cap": 2.0, "max_attempts": 4},
+        "scanner": {"interval": 0.1},
+        "fallback": {"namespace": names["exchange"], "shards": 8, "probe_interval": 0.2},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return load_settings(None, **data)
+
+
 @pytest.fixture
 def make_settings(database_url: str, names: dict[str, str]) -> Callable[..., Settings]:
-    def make(**overrides: Any) -> Settings:
-        data: dict[str, Any] = {
-            "database_url": database_url,
-            "amqp_url": AMQP_URL,
-            "admin_token": ADMIN,
-            "publish_timeout": 2.0,
-            # Classic queues are far cheaper to declare and delete than quorum queues;
-            # the wire-format test declares quorum ones.
-            "queue_type": "classic",
-            "max_payload_bytes": 1024,
-            "max_request_bytes": 64 * 1024,
-            "max_batch": 100,
-            **names,
-            "producers": {
-                "order": {"check_url": "http://127.0.0.1:9/check", "token": PRODUCER},
-                "other": {"check_url": "http://127.0.0.1:9/check", "token": OTHER_PRODUCER},
-            },
-            "groups": {
-                "inventory": {"topics": ["order.paid"], "token": GROUP_TOKENS["inventory"]},
-                "credit": {"topics": ["order.*"], "token": GROUP_TOKENS["credit"]},
-                "wms": {"topics": ["order.paid"], "token": GROUP_TOKENS["wms"]},
-            },
-            "checkback": {"after": 0.2, "backoff_base": 0.1, "backoff_cap": 0.5, "timeout": 1.0},
-            "redelivery": {"ack_timeout": 0.3, "backoff_cap": 2.0, "max_attempts": 4},
-            "scanner": {"interval": 0.1},
-            "fallback": {"namespace": names["exchange"], "shards": 8, "probe_interval": 0.2},
-        }
-        for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
-                data[key] = {**data[key], **value}
-            else:
-                data[key] = value
-        return load_settings(None, **data)
-
-    return make
+    return functools.partial(settings_for, database_url, names)
 
 
 @pytest.fixture
