@@ -25,7 +25,7 @@ from reliable_msg.service.migrate import migrate
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings, load_settings
 from reliable_msg.transports.redis import delete_namespace
-from tests.helpers import rabbit, redis_ctl
+from tests.helpers import rabbit, redis_ctl, tables
 from tests.helpers.checkback import ProducerEndpoint, serving_endpoint
 from tests.helpers.servers import serving_app
 
@@ -74,10 +74,14 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the test database, with the tables emptied first."""
     conn = await asyncpg.connect(database_url)
     # TCC's tables too: a test that counts transactions must not see another test's
-    # (TRUNCATE passes the events' append-only trigger, which guards rows, not tables)
-    await conn.execute(
-        "TRUNCATE rmsg_message, rmsg_used_id, rmsg_tcc_transaction, rmsg_tcc_branch,"
-        " rmsg_tcc_event, rmsg_tcc_used_gid CASCADE"
+    await tables.empty(
+        conn,
+        "rmsg_message",
+        "rmsg_used_id",
+        "rmsg_tcc_transaction",
+        "rmsg_tcc_branch",
+        "rmsg_tcc_event",
+        "rmsg_tcc_used_gid",
     )
     yield conn
     await conn.close()
@@ -180,12 +184,8 @@ async def sdk_db(db: asyncpg.Connection) -> asyncpg.Connection:
     """The test database with both SDKs' tables and an ``sdk_effects`` table, all empty."""
     await producer_sdk.install(db)
     await consumer_sdk.install(db)
-    await db.execute(
-        """
-        CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text);
-        TRUNCATE sdk_effects, rmsg_inbox, rmsg_producer_marker;
-        """
-    )
+    await db.execute("CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text)")
+    await tables.empty(db, "sdk_effects", "rmsg_inbox", "rmsg_producer_marker")
     return db
 
 
