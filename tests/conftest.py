@@ -7,6 +7,7 @@ in a database of the test session's own.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,7 +25,7 @@ from reliable_msg.service.migrate import migrate
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings, load_settings
 from reliable_msg.transports.redis import delete_namespace
-from tests.helpers import rabbit, redis_ctl
+from tests.helpers import rabbit, redis_ctl, tables
 from tests.helpers.checkback import ProducerEndpoint, serving_endpoint
 from tests.helpers.servers import serving_app
 
@@ -76,10 +77,14 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the test database, with the tables emptied first."""
     conn = await asyncpg.connect(database_url)
     # TCC's tables too: a test that counts transactions must not see another test's
-    # (TRUNCATE passes the events' append-only trigger, which guards rows, not tables)
-    await conn.execute(
-        "TRUNCATE rmsg_message, rmsg_used_id, rmsg_tcc_transaction, rmsg_tcc_branch,"
-        " rmsg_tcc_event, rmsg_tcc_used_gid CASCADE"
+    await tables.empty(
+        conn,
+        "rmsg_message",
+        "rmsg_used_id",
+        "rmsg_tcc_transaction",
+        "rmsg_tcc_branch",
+        "rmsg_tcc_event",
+        "rmsg_tcc_used_gid",
     )
     yield conn
     await conn.close()
@@ -93,11 +98,16 @@ def _services_back() -> Iterator[None]:
     rabbit.ensure_running()
 
 
+def unique_names() -> dict[str, str]:
+    """Exchange and queue names of their own (a test's, or a module's shared service's)."""
+    tag = f"{TEST_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    return {"exchange": tag, "dead_letter_exchange": f"{tag}.dlx", "queue_prefix": f"{tag}."}
+
+
 @pytest.fixture
 def names() -> dict[str, str]:
     """Exchange and queue names of this test alone."""
-    tag = f"{TEST_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    return {"exchange": tag, "dead_letter_exchange": f"{tag}.dlx", "queue_prefix": f"{tag}."}
+    return unique_names()
 
 
 @pytest.fixture
@@ -106,43 +116,46 @@ def namespace(names: dict[str, str]) -> str:
     return names["exchange"]
 
 
+def settings_for(database_url: str, names: dict[str, str], **overrides: Any) -> Settings:
+    """The tests' settings on ``database_url`` with ``names``, then ``overrides`` (merged
+    one level deep)."""
+    data: dict[str, Any] = {
+        "database_url": database_url,
+        "amqp_url": AMQP_URL,
+        "admin_token": ADMIN,
+        "publish_timeout": 2.0,
+        # Classic queues are far cheaper to declare and delete than quorum queues;
+        # the wire-format test declares quorum ones.
+        "queue_type": "classic",
+        "max_payload_bytes": 1024,
+        "max_request_bytes": 64 * 1024,
+        "max_batch": 100,
+        **names,
+        "producers": {
+            "order": {"check_url": "http://127.0.0.1:9/check", "token": PRODUCER},
+            "other": {"check_url": "http://127.0.0.1:9/check", "token": OTHER_PRODUCER},
+        },
+        "groups": {
+            "inventory": {"topics": ["order.paid"], "token": GROUP_TOKENS["inventory"]},
+            "credit": {"topics": ["order.*"], "token": GROUP_TOKENS["credit"]},
+            "wms": {"topics": ["order.paid"], "token": GROUP_TOKENS["wms"]},
+        },
+        "checkback": {"after": 0.2, "backoff_base": 0.1, "backoff_cap": 0.5, "timeout": 1.0},
+        "redelivery": {"ack_timeout": 0.3, "backoff_cap": 2.0, "max_attempts": 4},
+        "scanner": {"interval": 0.1},
+        "fallback": {"namespace": names["exchange"], "shards": 8, "probe_interval": 0.2},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return load_settings(None, **data)
+
+
 @pytest.fixture
 def make_settings(database_url: str, names: dict[str, str]) -> Callable[..., Settings]:
-    def make(**overrides: Any) -> Settings:
-        data: dict[str, Any] = {
-            "database_url": database_url,
-            "amqp_url": AMQP_URL,
-            "admin_token": ADMIN,
-            "publish_timeout": 2.0,
-            # Classic queues are far cheaper to declare and delete than quorum queues;
-            # the wire-format test declares quorum ones.
-            "queue_type": "classic",
-            "max_payload_bytes": 1024,
-            "max_request_bytes": 64 * 1024,
-            "max_batch": 100,
-            **names,
-            "producers": {
-                "order": {"check_url": "http://127.0.0.1:9/check", "token": PRODUCER},
-                "other": {"check_url": "http://127.0.0.1:9/check", "token": OTHER_PRODUCER},
-            },
-            "groups": {
-                "inventory": {"topics": ["order.paid"], "token": GROUP_TOKENS["inventory"]},
-                "credit": {"topics": ["order.*"], "token": GROUP_TOKENS["credit"]},
-                "wms": {"topics": ["order.paid"], "token": GROUP_TOKENS["wms"]},
-            },
-            "checkback": {"after": 0.2, "backoff_base": 0.1, "backoff_cap": 0.5, "timeout": 1.0},
-            "redelivery": {"ack_timeout": 0.3, "backoff_cap": 2.0, "max_attempts": 4},
-            "scanner": {"interval": 0.1},
-            "fallback": {"namespace": names["exchange"], "shards": 8, "probe_interval": 0.2},
-        }
-        for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
-                data[key] = {**data[key], **value}
-            else:
-                data[key] = value
-        return load_settings(None, **data)
-
-    return make
+    return functools.partial(settings_for, database_url, names)
 
 
 @pytest.fixture
@@ -174,12 +187,8 @@ async def sdk_db(db: asyncpg.Connection) -> asyncpg.Connection:
     """The test database with both SDKs' tables and an ``sdk_effects`` table, all empty."""
     await producer_sdk.install(db)
     await consumer_sdk.install(db)
-    await db.execute(
-        """
-        CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text);
-        TRUNCATE sdk_effects, rmsg_inbox, rmsg_producer_marker;
-        """
-    )
+    await db.execute("CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text)")
+    await tables.empty(db, "sdk_effects", "rmsg_inbox", "rmsg_producer_marker")
     return db
 
 

@@ -27,6 +27,7 @@ from reliable_msg.sdk.producer import Producer
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from tests.conftest import PRODUCER
+from tests.helpers import tables
 from tests.helpers.consumers import inventory_consumer, inventory_process_env, running_effects
 from tests.helpers.waiting import wait_until
 
@@ -43,12 +44,8 @@ async def handled(db: asyncpg.Connection) -> bool:
 async def prepare(db: asyncpg.Connection) -> None:
     await producer_sdk.install(db)
     await consumer_sdk.install(db)
-    await db.execute(
-        """
-        CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text);
-        TRUNCATE sdk_effects, rmsg_inbox, rmsg_producer_marker;
-        """
-    )
+    await db.execute("CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text)")
+    await tables.empty(db, "sdk_effects", "rmsg_inbox", "rmsg_producer_marker")
 
 
 async def produce(service_url: str, pool: asyncpg.Pool) -> None:

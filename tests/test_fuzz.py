@@ -8,15 +8,16 @@ past authentication and reach the use-cases.
 from __future__ import annotations
 
 import asyncio
+import functools
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from reliable_msg.service.settings import Settings
-from tests.conftest import ADMIN, GROUP_TOKENS, PRODUCER
+from tests.conftest import ADMIN, GROUP_TOKENS, PRODUCER, settings_for, unique_names
 from tests.helpers.service import remove_traces, running, write_config
 from tests.helpers.tcc_api import tcc_settings
 
@@ -79,43 +80,51 @@ ROLES = [
 ]
 
 
-@pytest.fixture
-def settings(make_settings: Callable[..., Settings]) -> Settings:
+@pytest.fixture(scope="module")
+def settings(database_url: str) -> Settings:
     """The test settings with TCC participants, for the coordinator's routes."""
-    return tcc_settings(make_settings)
+    return tcc_settings(functools.partial(settings_for, database_url, unique_names()))
+
+
+@pytest.fixture(scope="module")
+def service(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One ``serve`` process that every role's fuzzing runs against (started once, not per
+    role: no role's run depends on a fresh one, the database is the session's)."""
+    logs = tmp_path_factory.mktemp("fuzz")
+    config = write_config(settings, logs / "fuzz.toml")
+    try:
+        with running(config, logs) as [instance]:
+            yield instance.url
+    finally:
+        asyncio.run(remove_traces(settings))
 
 
 @pytest.mark.parametrize(("role", "token", "selection"), ROLES, ids=[r[0] for r in ROLES])
 def test_fuzzing_finds_no_server_error_and_no_schema_violation(
-    role: str, token: str, selection: list[str], settings: Settings, tmp_path: Path
+    role: str, token: str, selection: list[str], service: str, tmp_path: Path
 ) -> None:
-    config = write_config(settings, tmp_path / "fuzz.toml")
-    try:
-        with running(config, tmp_path) as [instance]:
-            result = subprocess.run(
-                [
-                    str(Path(sys.executable).parent / "st"),
-                    "run",
-                    f"{instance.url}/openapi.json",
-                    "--header",
-                    f"Authorization: Bearer {token}",
-                    "--checks",
-                    CHECKS,
-                    "--max-examples",
-                    "25",
-                    "--seed",
-                    "20261127",
-                    "--no-color",
-                    *selection,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=False,
-                cwd=tmp_path,  # schemathesis keeps a cache folder where it runs
-            )
-    finally:
-        asyncio.run(remove_traces(settings))
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "st"),
+            "run",
+            f"{service}/openapi.json",
+            "--header",
+            f"Authorization: Bearer {token}",
+            "--checks",
+            CHECKS,
+            "--max-examples",
+            "25",
+            "--seed",
+            "20261127",
+            "--no-color",
+            *selection,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,  # schemathesis keeps a cache folder where it runs
+    )
     report = result.stdout[-6000:] + result.stderr[-2000:]
     assert "Selected:" in result.stdout and "Tested:" in result.stdout, report
     assert result.returncode == 0, report

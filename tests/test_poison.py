@@ -23,7 +23,7 @@ from reliable_msg.sdk.producer import Producer
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from tests.conftest import PRODUCER
-from tests.helpers import rabbit
+from tests.helpers import rabbit, tables
 from tests.helpers.consumers import inventory_consumer, running_effects
 from tests.helpers.waiting import wait_until
 
@@ -101,12 +101,8 @@ async def test_poison_deliveries_go_to_the_dlq_and_the_consumer_carries_on(
 ) -> None:
     await producer_sdk.install(db)
     await consumer_sdk.install(db)
-    await db.execute(
-        """
-        CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text);
-        TRUNCATE sdk_effects, rmsg_inbox, rmsg_producer_marker;
-        """
-    )
+    await db.execute("CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text)")
+    await tables.empty(db, "sdk_effects", "rmsg_inbox", "rmsg_producer_marker")
     queue = settings.queue_name("inventory")
     poison: list[tuple[bytes, dict[str, str]]] = [
         (b'{"n": 1}', {"message_type": "order.paid"}),  # no id

@@ -32,7 +32,7 @@ from reliable_msg.service.settings import Settings
 from reliable_msg.transports.redis import shard_keys
 from reliable_msg.transports.switch import Mode, Switch
 from tests.conftest import ADMIN, AMQP_URL, GROUP_TOKENS, PRODUCER, auth
-from tests.helpers import rabbit
+from tests.helpers import rabbit, tables
 from tests.helpers.consumers import inventory_consumer, running_effects
 from tests.helpers.service import Instance, remove_traces, running_async, write_config
 from tests.helpers.waiting import wait_until
@@ -49,12 +49,8 @@ RETRY = RetryPolicy(attempts=8, initial=0.05, max_wait=0.5, deadline=20.0)
 @pytest.fixture
 async def sdk_db(db: asyncpg.Connection) -> asyncpg.Connection:
     await consumer_sdk.install(db)
-    await db.execute(
-        """
-        CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text);
-        TRUNCATE sdk_effects, rmsg_inbox;
-        """
-    )
+    await db.execute("CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text)")
+    await tables.empty(db, "sdk_effects", "rmsg_inbox")
     return db
 
 

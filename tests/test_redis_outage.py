@@ -28,7 +28,7 @@ from reliable_msg.service.settings import Settings
 from reliable_msg.transports.redis import delete_namespace, shard_keys
 from reliable_msg.transports.switch import Mode
 from tests.conftest import AMQP_URL, OTHER_PRODUCER, PRODUCER, auth
-from tests.helpers import rabbit, redis_ctl
+from tests.helpers import rabbit, redis_ctl, tables
 from tests.helpers.consumers import inventory_consumer
 from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
@@ -85,12 +85,8 @@ async def test_redis_away_while_degraded_and_back_loses_nothing(
 ) -> None:
     await producer_sdk.install(db)
     await consumer_sdk.install(db)
-    await db.execute(
-        """
-        CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text);
-        TRUNCATE sdk_effects, rmsg_inbox, rmsg_producer_marker;
-        """
-    )
+    await db.execute("CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text)")
+    await tables.empty(db, "sdk_effects", "rmsg_inbox", "rmsg_producer_marker")
     in_redis = [f"in-redis-{i}" for i in range(10)]
     async with checked_back() as check_url:
         settings = make_settings(

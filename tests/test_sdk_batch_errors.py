@@ -20,6 +20,7 @@ from reliable_msg.sdk.producer import Outgoing, Producer
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from tests.conftest import PRODUCER, auth
+from tests.helpers import tables
 from tests.helpers.waiting import wait_until
 from tests.test_refusals import break_topology, repair_topology
 
@@ -36,7 +37,7 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
 @pytest.fixture
 async def sdk_db(db: asyncpg.Connection) -> asyncpg.Connection:
     await producer_sdk.install(db)
-    await db.execute("TRUNCATE rmsg_producer_marker")
+    await tables.empty(db, "rmsg_producer_marker")
     return db
 
 

@@ -26,6 +26,7 @@ import pytest
 from reliable_msg.harness.proxy import FaultProxy
 from reliable_msg.sdk.tcc import Op
 from reliable_msg.service.settings import Settings
+from tests.helpers import tables
 from tests.helpers.tcc_parties import START, Party, call_try, run_trys, serving_party
 from tests.helpers.tcc_served import (
     FINISH_WITHIN,
@@ -55,7 +56,7 @@ from tests.helpers.waiting import wait_until
 @pytest.fixture
 async def tcc_db(db: asyncpg.Connection) -> asyncpg.Connection:
     """The test database with no TCC transaction (their branches and events go too)."""
-    await db.execute("TRUNCATE rmsg_tcc_transaction CASCADE")
+    await tables.empty(db, "rmsg_tcc_transaction")
     return db
 
 

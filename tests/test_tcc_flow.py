@@ -12,7 +12,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,10 @@ from fastapi import FastAPI
 from reliable_msg.errors import TryFailed, TryRefused
 from reliable_msg.sdk.tcc import Initiator
 from reliable_msg.service.settings import Settings
-from tests.conftest import PRODUCER
+from tests.conftest import PRODUCER, settings_for, unique_names
 from tests.helpers import tcc_shop
 from tests.helpers.servers import serving_app
-from tests.helpers.service import remove_traces, running_async, write_config
+from tests.helpers.service import remove_traces, running, write_config
 from tests.helpers.tcc_shop import branches, effects, member, stock
 from tests.helpers.waiting import wait_until
 
@@ -38,28 +38,33 @@ FINAL = ("confirmed", "cancelled")
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def shop_ports() -> dict[str, int]:
     return tcc_shop.ports()
 
 
-@pytest.fixture
-def settings(make_settings: Callable[..., Settings], shop_ports: dict[str, int]) -> Settings:
-    return make_settings(
+@pytest.fixture(scope="module")
+def settings(database_url: str, shop_ports: dict[str, int]) -> Settings:
+    return settings_for(
+        database_url,
+        unique_names(),
         participants=tcc_shop.participants_config(shop_ports),
         tcc={"call_timeout": 2.0, "lease": 5.0, "backoff_base": 0.1, "backoff_cap": 0.5},
     )
 
 
-@pytest.fixture
-async def service(settings: Settings, db: asyncpg.Connection, tmp_path: Path) -> AsyncIterator[str]:
-    """The coordinator: one ``serve`` process with its scanners (the TCC driver too)."""
-    config = write_config(settings, tmp_path / "config.toml", db_pool_size=10)
+@pytest.fixture(scope="module")
+def service(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The coordinator: one ``serve`` process with its scanners (the TCC driver too),
+    shared by the module's tests (started once, not per test): each test's transactions
+    are in the tables its ``db`` emptied first, and each waits until they are final."""
+    logs = tmp_path_factory.mktemp("coordinator")
+    config = write_config(settings, logs / "config.toml", db_pool_size=10)
     try:
-        async with running_async(config, tmp_path) as instance:
+        with running(config, logs) as [instance]:
             yield instance.url
     finally:
-        await remove_traces(settings)
+        asyncio.run(remove_traces(settings))
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from reliable_msg.errors import ConfigError
 from reliable_msg.sdk import tcc
 from reliable_msg.sdk.tcc import Call, Op, Participant, Refused
 from reliable_msg.tcc import BRANCH_HEADER, GID_HEADER, OP_HEADER, proof
+from tests.helpers import tables
 from tests.helpers.servers import serving_app
 
 TOKEN = "inventory-token"
@@ -79,13 +80,13 @@ async def tcc_db(db: asyncpg.Connection) -> asyncpg.Connection:
     await tcc.install(db)
     await tcc.install(db)
     await db.execute(
-        f"""
+        """
         CREATE TABLE IF NOT EXISTS tcc_stock (available int, frozen int, sold int);
         CREATE TABLE IF NOT EXISTS inventory_effects (gid text, branch text, op text);
-        TRUNCATE tcc_stock, inventory_effects, {tcc.BARRIER_TABLE};
-        INSERT INTO tcc_stock VALUES ({START}, 0, 0);
         """
     )
+    await tables.empty(db, "tcc_stock", "inventory_effects", tcc.BARRIER_TABLE)
+    await db.execute(f"INSERT INTO tcc_stock VALUES ({START}, 0, 0)")
     return db
 
 

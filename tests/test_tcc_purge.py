@@ -15,6 +15,7 @@ from reliable_msg.constants import TCC_PURGE_SETTING
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from tests.conftest import OTHER_PRODUCER, PRODUCER, auth
+from tests.helpers import tables
 from tests.helpers.tcc_api import empty_tcc_tables, snapshot, tcc_settings
 from tests.test_api_errors import assert_error
 
@@ -110,7 +111,7 @@ async def test_a_purged_gid_is_refused_to_every_producer_and_nothing_is_written(
     nothing. So the purge remembers the gid (in its own database transaction) and a
     begin with it is refused, 409 ``id_reused``."""
     await empty_tcc_tables(db)
-    await db.execute("TRUNCATE rmsg_tcc_used_gid")
+    await tables.empty(db, "rmsg_tcc_used_gid")
     await add(db, "old-confirmed", "confirmed", timedelta(hours=2))
     await add(db, "new-confirmed", "confirmed", timedelta(minutes=10))
     await runtime.purger.run_once()
@@ -136,7 +137,7 @@ async def test_a_begin_racing_the_purge_never_takes_the_gid(
     """The purge's delete is open (uncommitted) while the gid is begun again: the begin
     waits for it, then must not take the gid."""
     await empty_tcc_tables(db)
-    await db.execute("TRUNCATE rmsg_tcc_used_gid")
+    await tables.empty(db, "rmsg_tcc_used_gid")
     await add(db, "racing", "confirmed", timedelta(hours=2))
     purge = await asyncpg.connect(database_url)
     try:
@@ -169,7 +170,7 @@ async def test_used_gids_are_forgotten_after_id_retention_when_it_is_set(
     """``scanner.id_retention`` bounds ``rmsg_tcc_used_gid`` as it does the message ids
     (counted from the purge); unset (the ``runtime``'s), a purged gid stays refused."""
     await empty_tcc_tables(db)
-    await db.execute("TRUNCATE rmsg_tcc_used_gid")
+    await tables.empty(db, "rmsg_tcc_used_gid")
     for gid in ("old-1", "old-2"):
         await add(db, gid, "cancelled", timedelta(hours=2))
     await runtime.purger.run_once()

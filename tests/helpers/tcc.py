@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from reliable_msg.sdk import tcc
 from reliable_msg.sdk.tcc import Call, Participant
 from reliable_msg.tcc import BRANCH_HEADER, GID_HEADER, OP_HEADER, Op, proof_matches
+from tests.helpers import tables
 from tests.helpers.servers import serving_app
 
 #: Each test participant's token.
@@ -27,13 +28,12 @@ async def reset(db: asyncpg.Connection) -> None:
     """No TCC rows, an empty barrier and no business effects."""
     await tcc.install(db)
     await db.execute(
-        f"""
+        """
         CREATE TABLE IF NOT EXISTS tcc_effects
             (participant text, gid text, branch text, op text);
-        TRUNCATE rmsg_tcc_transaction CASCADE;
-        TRUNCATE tcc_effects, {tcc.BARRIER_TABLE};
         """
     )
+    await tables.empty(db, "rmsg_tcc_transaction", "tcc_effects", tcc.BARRIER_TABLE)
 
 
 async def insert(

@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 
 from reliable_msg.service.settings import Settings
+from tests.helpers import tables
 
 #: The participants the tests declare: name -> (base URL, token).
 PARTICIPANTS = {
@@ -36,7 +37,7 @@ def tcc_settings(make_settings: Callable[..., Settings], **tcc: Any) -> Settings
 
 async def empty_tcc_tables(db: asyncpg.Connection) -> None:
     """TRUNCATE (the one way past the events' append-only trigger besides the purge)."""
-    await db.execute("TRUNCATE rmsg_tcc_transaction, rmsg_tcc_branch, rmsg_tcc_event")
+    await tables.empty(db, "rmsg_tcc_transaction", "rmsg_tcc_branch", "rmsg_tcc_event")
 
 
 async def snapshot(db: asyncpg.Connection) -> list[tuple[Any, ...]]:

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from reliable_msg.harness.ports import free_port
 from reliable_msg.sdk.tcc import BARRIER_TABLE, Branch, Call, Participant, Refused, install
 from reliable_msg.tcc import Op
+from tests.helpers import tables
 from tests.helpers.servers import serving_app
 
 #: Each participant's token (the key of its calls' proofs).
@@ -24,7 +25,7 @@ TOKENS = {name: f"{name}-tcc-token" for name in ("order", "inventory", "credit",
 MEMBER = 1  #: the one member whose points the orders add to
 START_POINTS = 1190
 
-SCHEMA = f"""
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS shop_orders (id int PRIMARY KEY, status text NOT NULL);
 CREATE TABLE IF NOT EXISTS shop_stock (available int NOT NULL, frozen int NOT NULL,
                                        sold int NOT NULL);
@@ -33,14 +34,15 @@ CREATE TABLE IF NOT EXISTS shop_member (id int PRIMARY KEY, points int NOT NULL,
 CREATE TABLE IF NOT EXISTS shop_delivery (gid text PRIMARY KEY, order_id int NOT NULL,
                                           status text NOT NULL);
 CREATE TABLE IF NOT EXISTS shop_effects (participant text, gid text, branch text, op text);
-TRUNCATE shop_orders, shop_stock, shop_member, shop_delivery, shop_effects, {BARRIER_TABLE};
 """
+TABLES = ("shop_orders", "shop_stock", "shop_member", "shop_delivery", "shop_effects")
 
 
 async def reset(db: asyncpg.Connection, *, stock: int, orders: int) -> None:
     """Empty tables, ``stock`` available, orders 1..``orders`` CREATED."""
     await install(db)
     await db.execute(SCHEMA)
+    await tables.empty(db, *TABLES, BARRIER_TABLE)
     await db.execute("INSERT INTO shop_stock VALUES ($1, 0, 0)", stock)
     await db.execute("INSERT INTO shop_member VALUES ($1, $2, 0)", MEMBER, START_POINTS)
     await db.executemany(
