@@ -44,9 +44,9 @@ STARTUP = 30.0
 TX_TIMEOUT = 4.0
 #: Each Try's bound at the initiator.
 TRY_TIMEOUT = 1.5
-#: How long the held-back Try waits (its Cancel comes meanwhile), and the slow Confirm
-#: takes (its coordinator is killed meanwhile).
-DELAY = 3.0
+#: The most the held-back Try waits for its Cancel, and the slow Confirm for the demo to
+#: have killed its coordinator: each waits on that condition, this only bounds it.
+DELAY = 20.0
 #: Seconds for every transaction to be confirmed or cancelled once all are paid.
 SETTLE = 30.0
 #: The coordinator instance the order service talks to, killed mid-confirm.
@@ -264,9 +264,13 @@ class TccPart:
             return slow.exists()
 
         await until(confirming, STARTUP, f"order {order_id}'s slow Confirm never began")
-        tx = await self.stage.admin.tcc_transaction(gid(order_id))
-        child = self.stage.supervisor.kill(SECOND)
-        self.killed = Killed(f"{socket.gethostname()}:{child.pid}", tx.get("status"))
+        release = self.stage.state / marker(STRUCK[Fault.COORDINATOR_KILLED], "release", order_id)
+        try:
+            tx = await self.stage.admin.tcc_transaction(gid(order_id))
+            child = self.stage.supervisor.kill(SECOND)
+            self.killed = Killed(f"{socket.gethostname()}:{child.pid}", tx.get("status"))
+        finally:
+            release.touch()  # the held Confirm may finish now
         self.stage.event(
             f"TCC order {order_id}: {SECOND} killed while its transaction was {tx.get('status')}"
         )
