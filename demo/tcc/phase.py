@@ -40,10 +40,12 @@ from .verdict import Killed, TccFacts
 #: Seconds a process gets to become ready.
 STARTUP = 30.0
 #: Each global transaction's deadline: an initiator killed before its commit leaves its
-#: transaction to be cancelled this long after its begin.
-TX_TIMEOUT = 4.0
-#: Each Try's bound at the initiator.
-TRY_TIMEOUT = 1.5
+#: transaction to be cancelled this long after its begin. Wide, as the Try's bound: on a
+#: loaded machine a normal order must not miss them.
+TX_TIMEOUT = 8.0
+#: Each Try's bound at the initiator (the held-back Try waits for its Cancel, which
+#: comes once the initiator has given up on it after this long).
+TRY_TIMEOUT = 3.0
 #: The most the held-back Try waits for its Cancel, and the slow Confirm for the demo to
 #: have killed its coordinator: each waits on that condition, this only bounds it.
 DELAY = 20.0

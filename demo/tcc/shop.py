@@ -23,7 +23,7 @@ Each happens once per order; a marker file in the state directory records it.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -40,6 +40,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from reliable_msg.errors import ReliableMsgError, TryFailed, TryRefused
 from reliable_msg.sdk.tcc import BARRIER_TABLE, Branch, Call, Initiator, Participant, Refused
 from reliable_msg.tcc import BRANCH_HEADER, GID_HEADER, Op
+
+from ..errors import DemoError
+from ..processes import until
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +212,13 @@ class Faults:
         return True
 
 
+async def hold(condition: Callable[[], Awaitable[bool]], bound: float) -> None:
+    """Wait until ``condition()`` is true, at most ``bound`` seconds: a fault waits on
+    what it needs, not on a guess of how long that takes."""
+    with contextlib.suppress(DemoError):
+        await until(condition, bound, "", every=0.05)
+
+
 def participant(name: str, pool: asyncpg.Pool, token: str, faults: Faults) -> Participant:
     """The participant ``name`` with its steps and its injected faults."""
     p = Participant(pool, token, name=name)
@@ -224,7 +234,11 @@ def participant(name: str, pool: asyncpg.Pool, token: str, faults: Faults) -> Pa
         if order_id in faults.slow_confirm and faults.first(name, "slow", order_id):
             log.warning("injected delay: the Confirm of %s waits to be released", call.gid)
             release = faults.state_dir / marker(name, "release", order_id)
-            await hold(release.exists, faults.delay)
+
+            async def released() -> bool:
+                return release.exists()
+
+            await hold(released, faults.delay)
         await apply(conn, name, call)
 
     async def on_cancel(conn: asyncpg.Connection, call: Call) -> None:
@@ -234,20 +248,6 @@ def participant(name: str, pool: asyncpg.Pool, token: str, faults: Faults) -> Pa
     p.on_confirm(on_confirm)
     p.on_cancel(on_cancel)
     return p
-
-
-async def hold(until: Callable[[], Awaitable[bool] | bool], bound: float) -> bool:
-    """Wait until ``until()`` is true, at most ``bound`` seconds; whether it came true.
-    A fault waits on the condition it needs, not on a guess of how long it takes."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + bound
-    while True:
-        done = until()
-        if done if isinstance(done, bool) else await done:
-            return True
-        if loop.time() >= end:
-            return False
-        await asyncio.sleep(0.05)
 
 
 class LateTry:
