@@ -9,7 +9,8 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
@@ -174,6 +175,26 @@ TAMPERINGS = {
         " WHERE sku = 'TCC-{cancelled:05d}'",
         {"CANCELED orders with an effect left", "frozen stock left"},
     ),
+    "a PAYED order's sale delivery order cancelled": (
+        "UPDATE tcc_wms.sale_delivery_orders SET status = 'CANCELED' WHERE order_id = {payed}",
+        {"PAYED orders missing a confirmed effect"},
+    ),
+    "a sale delivery order left UNKNOWN (a Cancel that never ran)": (
+        "UPDATE tcc_wms.sale_delivery_orders SET status = 'UNKNOWN' WHERE order_id = {cancelled}",
+        {"CANCELED orders with an effect left"},
+    ),
+    "an order stuck UPDATING": (
+        "UPDATE tcc_order.orders SET status = 'UPDATING' WHERE id = {cancelled}",
+        {"orders neither PAYED nor CANCELED"},
+    ),
+    "a Confirm applied twice (points added twice)": (
+        "UPDATE tcc_credit.members SET points = points + 10 WHERE id = {payed}",
+        {"PAYED orders missing a confirmed effect", "points (1190 x orders + 10 x PAYED)"},
+    ),
+    "an order's member row gone (the order drops out of the books)": (
+        "DELETE FROM tcc_credit.members WHERE id = {payed}",
+        {"orders missing from a participant's books"},
+    ),
 }
 
 
@@ -195,3 +216,29 @@ async def test_tampered_tcc_books_do_not_balance_and_the_demo_exits_1(
     assert "TCC verdict: NOT BALANCED - " in printed
     assert all(what in printed for what in failing)
     assert status == 1
+
+
+COORDINATOR_WRONGS: dict[str, Callable[[dict[str, str]], dict[str, str]]] = {
+    "a CANCELED order's transaction confirmed": lambda txs: (
+        txs | {gid(cancelled_order()): "confirmed"}
+    ),
+    "a CANCELED order's transaction absent": lambda txs: {
+        g: s for g, s in txs.items() if g != gid(cancelled_order())
+    },
+    "a PAYED order's transaction still confirming": lambda txs: (
+        txs | {gid(payed_order()): "confirming"}
+    ),
+}
+
+
+@pytest.mark.parametrize("wrong", COORDINATOR_WRONGS)
+async def test_coordinator_disagreeing_with_the_tcc_books_does_not_balance(
+    tcc_db: tuple[str, str], wrong: str
+) -> None:
+    dsn, late = tcc_db
+    facts = facts_of(await books.read(dsn), PLAN, late)
+    outcome = judge(replace(facts, transactions=COORDINATOR_WRONGS[wrong](facts.transactions)))
+    failed = {c.what for c in outcome.checks if c.area == "consistency" and not c.ok}
+    assert failed == {"orders the coordinator disagrees with"}
+    assert not outcome.balanced
+    assert exit_status(Outcome([]), settled=True, tcc=outcome) == 1

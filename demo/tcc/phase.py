@@ -40,13 +40,15 @@ from .verdict import Killed, TccFacts
 #: Seconds a process gets to become ready.
 STARTUP = 30.0
 #: Each global transaction's deadline: an initiator killed before its commit leaves its
-#: transaction to be cancelled this long after its begin.
-TX_TIMEOUT = 4.0
-#: Each Try's bound at the initiator.
-TRY_TIMEOUT = 1.5
-#: How long the held-back Try waits (its Cancel comes meanwhile), and the slow Confirm
-#: takes (its coordinator is killed meanwhile).
-DELAY = 3.0
+#: transaction to be cancelled this long after its begin. Wide, as the Try's bound: on a
+#: loaded machine a normal order must not miss them.
+TX_TIMEOUT = 8.0
+#: Each Try's bound at the initiator (the held-back Try waits for its Cancel, which
+#: comes once the initiator has given up on it after this long).
+TRY_TIMEOUT = 3.0
+#: The most the held-back Try waits for its Cancel, and the slow Confirm for the demo to
+#: have killed its coordinator: each waits on that condition, this only bounds it.
+DELAY = 20.0
 #: Seconds for every transaction to be confirmed or cancelled once all are paid.
 SETTLE = 30.0
 #: The coordinator instance the order service talks to, killed mid-confirm.
@@ -264,9 +266,13 @@ class TccPart:
             return slow.exists()
 
         await until(confirming, STARTUP, f"order {order_id}'s slow Confirm never began")
-        tx = await self.stage.admin.tcc_transaction(gid(order_id))
-        child = self.stage.supervisor.kill(SECOND)
-        self.killed = Killed(f"{socket.gethostname()}:{child.pid}", tx.get("status"))
+        release = self.stage.state / marker(STRUCK[Fault.COORDINATOR_KILLED], "release", order_id)
+        try:
+            tx = await self.stage.admin.tcc_transaction(gid(order_id))
+            child = self.stage.supervisor.kill(SECOND)
+            self.killed = Killed(f"{socket.gethostname()}:{child.pid}", tx.get("status"))
+        finally:
+            release.touch()  # the held Confirm may finish now
         self.stage.event(
             f"TCC order {order_id}: {SECOND} killed while its transaction was {tx.get('status')}"
         )

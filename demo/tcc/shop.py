@@ -16,17 +16,18 @@ initiator.
 
 The demo's other injected faults come through the environment, as order ids
 (:class:`Faults`): a participant that dies once in a Confirm, one whose Confirm is slow
-(a coordinator is killed meanwhile), one that holds a Try back until its Cancel has come.
+(held until the demo has killed the coordinator that called), one that holds a Try back
+until its Cancel has come: each waits on the condition, not on a guess of the timing.
 Each happens once per order; a marker file in the state directory records it.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -37,8 +38,11 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reliable_msg.errors import ReliableMsgError, TryFailed, TryRefused
-from reliable_msg.sdk.tcc import Branch, Call, Initiator, Participant, Refused
-from reliable_msg.tcc import BRANCH_HEADER, Op
+from reliable_msg.sdk.tcc import BARRIER_TABLE, Branch, Call, Initiator, Participant, Refused
+from reliable_msg.tcc import BRANCH_HEADER, GID_HEADER, Op
+
+from ..errors import DemoError
+from ..processes import until
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +180,11 @@ class Faults:
     """The injected faults of one participant, from ``DEMO_TCC_*``."""
 
     crash_in_confirm: frozenset[int]  #: die by SIGKILL in the Confirm of these orders
-    slow_confirm: frozenset[int]  #: take ``delay`` seconds in the Confirm of these
-    late_try: frozenset[int]  #: hold the Try of these back ``delay`` seconds
+    #: hold the Confirm of these until the ``release`` marker is written (the demo writes
+    #: it once it has killed the coordinator that called), at most ``delay`` seconds
+    slow_confirm: frozenset[int]
+    #: hold the Try of these back until its Cancel has come, at most ``delay`` seconds
+    late_try: frozenset[int]
     delay: float
     state_dir: Path
 
@@ -190,7 +197,7 @@ class Faults:
             crash_in_confirm=ids("DEMO_TCC_CRASH_IN_CONFIRM"),
             slow_confirm=ids("DEMO_TCC_SLOW_CONFIRM"),
             late_try=ids("DEMO_TCC_LATE_TRY"),
-            delay=float(os.environ.get("DEMO_TCC_DELAY", "3")),
+            delay=float(os.environ.get("DEMO_TCC_DELAY", "20")),
             state_dir=Path(os.environ.get("DEMO_STATE_DIR", ".")),
         )
 
@@ -203,6 +210,13 @@ class Faults:
         except FileExistsError:
             return False
         return True
+
+
+async def hold(condition: Callable[[], Awaitable[bool]], bound: float) -> None:
+    """Wait until ``condition()`` is true, at most ``bound`` seconds: a fault waits on
+    what it needs, not on a guess of how long that takes."""
+    with contextlib.suppress(DemoError):
+        await until(condition, bound, "", every=0.05)
 
 
 def participant(name: str, pool: asyncpg.Pool, token: str, faults: Faults) -> Participant:
@@ -218,8 +232,13 @@ def participant(name: str, pool: asyncpg.Pool, token: str, faults: Faults) -> Pa
             log.warning("injected crash: %s dies in the Confirm of %s", name, call.gid)
             os.kill(os.getpid(), signal.SIGKILL)
         if order_id in faults.slow_confirm and faults.first(name, "slow", order_id):
-            log.warning("injected delay: the Confirm of %s takes %g s", call.gid, faults.delay)
-            await asyncio.sleep(faults.delay)
+            log.warning("injected delay: the Confirm of %s waits to be released", call.gid)
+            release = faults.state_dir / marker(name, "release", order_id)
+
+            async def released() -> bool:
+                return release.exists()
+
+            await hold(released, faults.delay)
         await apply(conn, name, call)
 
     async def on_cancel(conn: asyncpg.Connection, call: Call) -> None:
@@ -232,14 +251,16 @@ def participant(name: str, pool: asyncpg.Pool, token: str, faults: Faults) -> Pa
 
 
 class LateTry:
-    """ASGI middleware: holds the Try of each chosen order back ``faults.delay`` seconds
-    before the barrier sees it (a slow network), then records its answer's status and
-    body in the marker file ``late-try``."""
+    """ASGI middleware: holds the Try of each chosen order back before the barrier sees
+    it (a slow network) until its Cancel has crossed the barrier (at most
+    ``faults.delay`` seconds), then records its answer's status and body in the marker
+    file ``late-try``."""
 
-    def __init__(self, app: ASGIApp, name: str, faults: Faults) -> None:
+    def __init__(self, app: ASGIApp, name: str, faults: Faults, pool: asyncpg.Pool) -> None:
         self.app = app
         self.name = name
         self.faults = faults
+        self.pool = pool
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         order_id = self._late(scope)
@@ -249,10 +270,20 @@ class LateTry:
         received = [await receive()]
         while received[-1]["type"] == "http.request" and received[-1].get("more_body"):
             received.append(await receive())
-        log.warning(
-            "injected delay: the Try of order %s held back %g s", order_id, self.faults.delay
-        )
-        await asyncio.sleep(self.faults.delay)
+        log.warning("injected delay: the Try of order %s held back until its Cancel", order_id)
+        gid, branch = _header(scope, GID_HEADER), _header(scope, BRANCH_HEADER)
+
+        async def cancelled() -> bool:
+            return bool(
+                await self.pool.fetchval(
+                    f"SELECT count(*) FROM {BARRIER_TABLE}"
+                    " WHERE gid = $1 AND branch = $2 AND op = 'cancel'",
+                    gid,
+                    branch,
+                )
+            )
+
+        await hold(cancelled, self.faults.delay)
         answer: list[bytes] = []
 
         async def replay() -> Message:
@@ -273,10 +304,13 @@ class LateTry:
     def _late(self, scope: Scope) -> int | None:
         if scope["type"] != "http" or not scope["path"].endswith("/try"):
             return None
-        header = BRANCH_HEADER.lower().encode()
-        branch = next((v.decode() for k, v in scope["headers"] if k == header), "")
-        order_id = order_of(branch)
+        order_id = order_of(_header(scope, BRANCH_HEADER))
         return order_id if order_id in self.faults.late_try else None
+
+
+def _header(scope: Scope, name: str) -> str:
+    header = name.lower().encode()
+    return next((v.decode() for k, v in scope["headers"] if k == header), "")
 
 
 def create_app(
@@ -305,7 +339,7 @@ def create_app(
         ) -> JSONResponse:
             return await _pay(pool, initiator, order_id, timeout, crash)
 
-    return LateTry(app, name, faults) if faults.late_try else app
+    return LateTry(app, name, faults, pool) if faults.late_try else app
 
 
 async def _pay(

@@ -229,6 +229,12 @@ def _consistency(facts: TccFacts, rows: list[TccRow], payed: int) -> list[Check]
         ),
         Check(
             CONSISTENCY,
+            "orders missing from a participant's books",
+            plan.orders - len(rows),
+            0,
+        ),
+        Check(
+            CONSISTENCY,
             "orders neither PAYED nor CANCELED",
             sum(r.status not in ("PAYED", "CANCELED") for r in rows),
             0,
@@ -252,13 +258,10 @@ def _consistency(facts: TccFacts, rows: list[TccRow], payed: int) -> list[Check]
 
 
 def _disagreements(facts: TccFacts, rows: list[TccRow]) -> int:
-    """PAYED orders whose transaction is not confirmed; others whose transaction is
-    neither cancelled nor absent (never begun)."""
+    """PAYED orders whose transaction is not confirmed; others whose transaction is not
+    cancelled (a CANCELED order went through its Try, so its transaction was begun)."""
     wrong = 0
     for row in rows:
         status = facts.transactions.get(gid(row.id))
-        if row.status == "PAYED":
-            wrong += status != "confirmed"
-        else:
-            wrong += status not in (None, "cancelled")
+        wrong += status != ("confirmed" if row.status == "PAYED" else "cancelled")
     return wrong
