@@ -16,7 +16,8 @@ whether its barrier recorded a Cancel before the Try):
 - stuck: a transaction neither confirmed nor cancelled once the run waited;
 - contradicted: a transaction whose commit the initiator saw taken and that ended
   cancelled, or one it cancelled (or that was refused, failed, or lost its initiator)
-  and that ended confirmed;
+  and that ended confirmed, or one the initiator saw begun that the coordinator does
+  not have;
 - accounts off: a participant whose account does not add up: frozen left over, taken
   not ``QTY`` per confirmed branch, or the total not its start.
 
@@ -211,8 +212,10 @@ def tally(books: TccBooks, outcomes: Mapping[str, str]) -> TccTally:
         half_done=half_done,
         twice=twice,
         stuck=sum(n for s, n in statuses.items() if s not in FINAL),
+        # each of these outcomes follows a begin the coordinator took: a gid it does not
+        # have is one it lost
         contradicted=sum(
-            o in MUST_END and books.transactions.get(gid, MUST_END[o]) != MUST_END[o]
+            o in MUST_END and books.transactions.get(gid) != MUST_END[o]
             for gid, o in outcomes.items()
         ),
         accounts_off=sum(_off(account, confirms[name]) for name, account in books.accounts.items()),

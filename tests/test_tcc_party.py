@@ -23,16 +23,25 @@ TOKEN = "party-test-token"
 NAME = "party_test"
 
 
-async def call(http: httpx.AsyncClient, op: Op, gid: str, qty: int) -> httpx.Response:
-    """One signed call of branch ``b1`` of ``gid``, as the coordinator makes it."""
+async def call(
+    http: httpx.AsyncClient,
+    op: Op,
+    gid: str,
+    qty: object,
+    *,
+    token: str = TOKEN,
+    payload: object = None,
+) -> httpx.Response:
+    """One signed call of branch ``b1`` of ``gid``, as the coordinator makes it (its
+    payload ``{"qty": qty}`` unless ``payload`` is given)."""
     return await http.post(
         f"{tcc_party.path(NAME)}/{op.value}",
-        content=call_body(gid, "b1", op, {"qty": qty}),
+        content=call_body(gid, "b1", op, {"qty": qty} if payload is None else payload),
         headers={
             GID_HEADER: gid,
             BRANCH_HEADER: "b1",
             OP_HEADER: op.value,
-            "Authorization": f"Bearer {proof(TOKEN, gid, 'b1', op)}",
+            "Authorization": f"Bearer {proof(token, gid, 'b1', op)}",
             "Content-Type": "application/json",
         },
     )
@@ -92,6 +101,43 @@ async def test_a_party_process_runs_each_call_once_and_keeps_its_books_across_a_
     finally:
         await tcc_party.drop(conn, NAME)
         await conn.close()
+
+
+async def test_a_try_whose_qty_is_no_count_it_can_hold_is_refused_and_moves_nothing(
+    database_url: str,
+) -> None:
+    bad: list[object] = [
+        [3],  # not an object at all
+        "3",
+        {},
+        {"qty": None},
+        {"qty": -3},  # would "freeze" -3: available up, frozen below 0
+        {"qty": 0},
+        {"qty": True},  # a bool is an int to Python and to asyncpg: it froze 1
+        {"qty": "3"},
+        {"qty": 1.5},
+        {"qty": 2**31},
+    ]
+    async with tcc_party.serving_party(database_url, NAME, start=10) as party:
+        token = party.token
+        base = party.url.removesuffix(tcc_party.path(NAME))
+        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+            for n, payload in enumerate(bad):
+                gid = f"bad{n}"
+                refused = await call(http, Op.TRY, gid, None, token=token, payload=payload)
+                assert refused.status_code == 409, (payload, refused.text)
+                assert refused.json()["error"]["code"] == "refused", payload
+                assert "qty" in refused.json()["error"]["message"], payload
+                # its Cancel, with the same payload, finds no Try to give back
+                cancel = await call(http, Op.CANCEL, gid, None, token=token, payload=payload)
+                assert cancel.json() == {"outcome": "empty_rollback"}, payload
+            assert (await call(http, Op.TRY, "good", 4, token=token)).status_code == 200
+        assert await party.account() == (6, 4, 0)
+        conn = await asyncpg.connect(database_url)
+        try:
+            assert await tcc_party.tally(conn, [NAME]) == {Run(NAME, "good", "b1", "try"): 1}
+        finally:
+            await conn.close()
 
 
 def test_a_party_named_what_no_schema_can_be_is_refused_at_start() -> None:

@@ -4,8 +4,9 @@ holding its business row, its log of handler runs and its barrier.
 
 The business is the seed's inventory, credit and wms in one shape: an account starting
 at ``start`` (:data:`START` by default) whose Try freezes ``qty`` (refused when not
-enough is available), whose Confirm takes the frozen ``qty`` and whose Cancel gives it
-back, so that ``available + frozen + taken`` is conserved. Every handler run is logged
+enough is available, or when ``qty`` is no whole number from 1 to :data:`MAX_QTY`),
+whose Confirm takes the frozen ``qty`` and whose Cancel gives it back, so that
+``available + frozen + taken`` is conserved. Every handler run is logged
 (gid, branch, op) in the same transaction as its effect: :func:`tally` counts them per
 gid, so a checker sees an effect applied twice, or a transaction half confirmed.
 
@@ -46,6 +47,8 @@ from .asgi import serving_app
 START = 100
 #: A participant's name: it names its schema and its URL path.
 NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
+#: The most a call may move (the account's columns are ``int``).
+MAX_QTY = 2**31 - 1
 #: Connections of a served participant's pool.
 POOL_SIZE = 8
 #: Serialises the creation of the schemas of parties starting at once (any constant
@@ -90,11 +93,20 @@ async def drop(conn: asyncpg.Connection, name: str) -> None:
 # -- the participant: its handlers, and its app -------------------------------------------
 
 
+def _qty(call: Call) -> int:
+    """The call's ``qty``: a whole number from 1 to the account's int range, else
+    :class:`Refused` (a Try's 409; a bool, which Python counts as an int, is none)."""
+    qty = call.payload.get("qty") if isinstance(call.payload, dict) else None
+    if type(qty) is not int or not 0 < qty <= MAX_QTY:
+        raise Refused(f"qty must be a whole number from 1 to {MAX_QTY}, not {qty!r}"[:200])
+    return qty
+
+
 async def _effect(conn: asyncpg.Connection, call: Call, update: str) -> None:
     # the run logged and the account moved in one statement: one round trip, not two
     done = await conn.execute(
         f"WITH run AS (INSERT INTO runs (gid, branch, op) VALUES ($2, $3, $4)) {update}",
-        call.payload["qty"],
+        _qty(call),
         call.gid,
         call.branch,
         call.op.value,

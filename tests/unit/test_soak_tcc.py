@@ -135,7 +135,8 @@ def test_stuck_contradicted_and_accounts_off_are_seen() -> None:
     seen = {"b": "committed", "c": "killed", "d": "refused", "e": "committed"}
     t = tally(books, seen)
     assert t.stuck == 1
-    assert t.contradicted == 2  # b was committed, c lost its initiator; e never began
+    # b was committed, c lost its initiator, e was committed and the coordinator lost it
+    assert t.contradicted == 3
     # P1: frozen left over; P2: took nothing for c's confirmed branch; P3 is right
     assert t.accounts_off == 2
     assert t.half_done == 0 and t.twice == 0
