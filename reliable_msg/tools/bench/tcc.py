@@ -26,6 +26,7 @@ from typing import Any
 
 import asyncpg
 
+from reliable_msg.errors import ReliableMsgError
 from reliable_msg.harness import tcc_party
 from reliable_msg.harness.ports import free_ports
 from reliable_msg.harness.process import Process, stop, stop_gracefully, wait_ready
@@ -57,7 +58,7 @@ CPU_GROUPS = {
 }
 
 
-class BooksWrong(RuntimeError):
+class BooksWrong(ReliableMsgError):
     """The run's effects are not what its transactions should have left."""
 
 
