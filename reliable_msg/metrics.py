@@ -72,3 +72,9 @@ TCC_STALLED = Gauge(
     "rmsg_tcc_stalled",
     "TCC transactions confirming or cancelling for longer than tcc.stalled_after",
 )
+GROUP_COMMIT_SIZE = Histogram(
+    "rmsg_group_commit_messages",
+    "Messages in one shared statement of the API's group commit, by operation",
+    ["op"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)

@@ -11,6 +11,7 @@ from typing import Any
 from reliable_msg.errors import ReliableMsgError
 from reliable_msg.service.auth import Authenticator
 from reliable_msg.service.checkback_client import CheckBackClient
+from reliable_msg.service.group_commit import GroupCommit
 from reliable_msg.service.monitor import Monitor
 from reliable_msg.service.scanners import CheckBackScanner, Purger, RedeliveryScanner, Scanners
 from reliable_msg.service.settings import Settings
@@ -47,6 +48,7 @@ class Runtime:
         self.publisher = degradation.publisher
         self.switch = degradation.switch
         self.usecases = UseCases(settings, store, self.publisher)
+        self.group_commit = GroupCommit(self.usecases, settings.group_commit)
         self.checkback_client = checkback
         self.checkback = CheckBackScanner(settings, store, self.usecases, checkback)
         self.redelivery = RedeliveryScanner(settings, store, self.publisher)
@@ -94,6 +96,7 @@ class Runtime:
         self.monitor.start()
 
     async def stop(self) -> None:
+        await self.group_commit.close()
         await self.monitor.stop()
         if self.scanners is not None:
             await self.scanners.stop()

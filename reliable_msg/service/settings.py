@@ -128,6 +128,21 @@ class GroupSettings(_Section):
         return topics
 
 
+class GroupCommitSettings(_Section):
+    """Group commit of the API's prepares, confirms and acks: concurrent calls share one
+    statement, one transaction and one batch of publishes, each still answered on its
+    own (:mod:`reliable_msg.coalesce`)."""
+
+    enabled: bool = True
+    #: the longest a call waits for others to join its batch, in seconds (0: only the
+    #: calls that arrive while every running batch is busy join)
+    window: float = Field(default=0.002, ge=0.0, le=1.0)
+    #: the most messages one shared batch holds; a call of more runs on its own
+    max_items: int = Field(default=500, ge=1, le=10_000)
+    #: batches of each kind (prepare, confirm, ack) running at once
+    max_running: int = Field(default=4, ge=1, le=64)
+
+
 class CheckBackSettings(_Section):
     after: Seconds = 10.0  #: a pending message is checked back this long after prepare
     max_tries: int = Field(default=15, ge=1)  #: then it is dead
@@ -282,6 +297,7 @@ class Settings(BaseSettings):
     dashboard: DashboardSettings = DashboardSettings()
     limits: LimitSettings = LimitSettings()
     tcc: TccSettings = TccSettings()
+    group_commit: GroupCommitSettings = GroupCommitSettings()
 
     producers: dict[str, ProducerSettings] = {}
     groups: dict[str, GroupSettings] = {}

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Path, Request
 
 from reliable_msg.service.auth import Principal, Role
+from reliable_msg.service.group_commit import GroupCommit
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.schemas import MessageId
 from reliable_msg.service.usecases import UseCases
@@ -24,6 +25,10 @@ def runtime_of(request: Request) -> Runtime:
 
 async def _usecases(request: Request) -> UseCases:
     return runtime_of(request).usecases
+
+
+async def _group_commit(request: Request) -> GroupCommit:
+    return runtime_of(request).group_commit
 
 
 def _role(*roles: Role) -> Callable[..., Coroutine[Any, Any, Principal]]:
@@ -47,6 +52,8 @@ def _role(*roles: Role) -> Callable[..., Coroutine[Any, Any, Principal]]:
 
 
 UseCasesOf = Annotated[UseCases, Depends(_usecases)]
+#: prepare, confirm and ack under group commit: what the producers' and groups' routes use
+GroupCommitOf = Annotated[GroupCommit, Depends(_group_commit)]
 Producer = Annotated[Principal, Depends(_role(Role.PRODUCER))]
 Group = Annotated[Principal, Depends(_role(Role.GROUP))]
 Admin = Annotated[Principal, Depends(_role(Role.ADMIN))]

@@ -14,7 +14,7 @@ from reliable_msg.service.api.answers import (
     message_json,
     raise_or,
 )
-from reliable_msg.service.api.deps import PathId, Producer, Reader, UseCasesOf
+from reliable_msg.service.api.deps import GroupCommitOf, PathId, Producer, Reader, UseCasesOf
 from reliable_msg.service.api.errors import LIMITED
 from reliable_msg.service.auth import Role
 from reliable_msg.service.schemas import BatchOut, IdsIn, MessageIn, MessageOut, PrepareBatchIn
@@ -24,15 +24,15 @@ router = APIRouter(responses=LIMITED)
 
 
 @router.post("/v1/messages", status_code=201, response_model=MessageOut)
-async def prepare(body: MessageIn, who: Producer, usecases: UseCasesOf) -> Response:
-    [result] = await usecases.prepare(who.name, [_new(body)])
+async def prepare(body: MessageIn, who: Producer, shared: GroupCommitOf) -> Response:
+    [result] = await shared.prepare(who.name, [_new(body)])
     prepared = raise_or(result, Prepared)
     return fast_json(message_json(prepared.message), 201 if prepared.created else 200)
 
 
 @router.post("/v1/messages/{id}/confirm", response_model=MessageOut)
-async def confirm(id: PathId, who: Producer, usecases: UseCasesOf) -> Response:
-    [result] = await usecases.confirm(who.name, [id])
+async def confirm(id: PathId, who: Producer, shared: GroupCommitOf) -> Response:
+    [result] = await shared.confirm(who.name, [id])
     return fast_json(message_json(raise_or(result, Message)))
 
 
@@ -44,20 +44,20 @@ async def cancel(id: PathId, who: Producer, usecases: UseCasesOf) -> Response:
 
 @router.post("/v1/batch/prepare", response_model=BatchOut)
 async def prepare_batch(
-    body: PrepareBatchIn, who: Producer, usecases: UseCasesOf, request: Request
+    body: PrepareBatchIn, who: Producer, shared: GroupCommitOf, request: Request
 ) -> Response:
     items = [_new(m) for m in body.messages]
     check_batch(request, [n.id for n in items])
-    results = await usecases.prepare(who.name, items)
+    results = await shared.prepare(who.name, items)
     return batch([n.id for n in items], results)
 
 
 @router.post("/v1/batch/confirm", response_model=BatchOut)
 async def confirm_batch(
-    body: IdsIn, who: Producer, usecases: UseCasesOf, request: Request
+    body: IdsIn, who: Producer, shared: GroupCommitOf, request: Request
 ) -> Response:
     check_batch(request, body.ids)
-    return batch(body.ids, await usecases.confirm(who.name, body.ids))
+    return batch(body.ids, await shared.confirm(who.name, body.ids))
 
 
 @router.post("/v1/batch/cancel", response_model=BatchOut)
