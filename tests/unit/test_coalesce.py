@@ -47,7 +47,7 @@ async def test_calls_in_one_window_share_one_run_and_get_their_own_slice() -> No
     run = Recorder()
     c = coalescer(run)
     answers = await asyncio.gather(c("p", [1, 2]), c("p", [3]), c("p", [4, 5, 6]))
-    assert answers == [[10, 20], [30], [40, 50, 60]]
+    assert list(answers) == [[10, 20], [30], [40, 50, 60]]
     assert run.runs == [("p", [1, 2, 3, 4, 5, 6])]
 
 
@@ -55,7 +55,7 @@ async def test_keys_never_share_a_run() -> None:
     run = Recorder()
     c = coalescer(run)
     answers = await asyncio.gather(c("a", [1]), c("b", [2]), c("a", [3]))
-    assert answers == [[10], [20], [30]]
+    assert list(answers) == [[10], [20], [30]]
     assert sorted(run.runs) == [("a", [1, 3]), ("b", [2])]
 
 
@@ -63,7 +63,7 @@ async def test_a_repeated_identity_goes_to_the_next_batch() -> None:
     run = Recorder()
     c = coalescer(run)
     answers = await asyncio.gather(c("p", [1, 2]), c("p", [2]), c("p", [3]))
-    assert answers == [[10, 20], [20], [30]]
+    assert list(answers) == [[10, 20], [20], [30]]
     assert run.runs == [("p", [1, 2]), ("p", [2, 3])]
 
 
@@ -71,7 +71,7 @@ async def test_a_full_batch_runs_without_waiting_for_the_window() -> None:
     run = Recorder()
     c = coalescer(run, window=60, max_items=3)
     answers = await asyncio.wait_for(asyncio.gather(c("p", [1, 2]), c("p", [3])), timeout=5)
-    assert answers == [[10, 20], [30]]
+    assert list(answers) == [[10, 20], [30]]
     assert run.runs == [("p", [1, 2, 3])]
 
 
@@ -79,7 +79,7 @@ async def test_a_call_too_large_to_share_runs_alone() -> None:
     run = Recorder()
     c = coalescer(run, max_items=3)
     answers = await asyncio.gather(c("p", [1, 2, 3, 4]), c("p", [5]))
-    assert answers == [[10, 20, 30, 40], [50]]
+    assert list(answers) == [[10, 20, 30, 40], [50]]
     assert sorted(run.runs) == [("p", [1, 2, 3, 4]), ("p", [5])]
 
 
