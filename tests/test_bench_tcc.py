@@ -1,18 +1,20 @@
 """The benchmark's TCC figure, produced by a small real run: a coordinator process, three
-participant processes and an initiator process; the books it checks, and their check
-failing once tampered with."""
+participant processes and an initiator process; its CPU in multiples of a real floor F;
+the books it checks, and their check failing once tampered with."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import asyncpg
 import pytest
 from rich.console import Console
 
-from reliable_msg.tools.bench import run, tcc
+from reliable_msg.tools.bench import floor, run, tcc
 from tests.conftest import AMQP_URL, SERVER_URL, TEST_PREFIX, _drop_database
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -55,11 +57,30 @@ async def test_a_small_tcc_run_gives_its_figures_and_checks_its_books(tmp_path: 
         assert set(cpu) == set(tcc.CPU_GROUPS)
         assert all(cpu[g] > 0 for g in ("service", "participants", "initiator", "postgres"))
 
+        # the same run's floor, measured for real, and the multiples of it in the JSON
+        measured = (await floor.measure(requests=500, warm_up=50)).summary()
+        results: dict[str, Any] = {"floor": measured, "tcc": summary}
+        results["figures"] = run._figures(results)
+        results["targets"] = run._targets(results["figures"])
+        run.write_json(results, tmp_path / "results.json")
+        figures = json.loads((tmp_path / "results.json").read_text())["figures"]
+        f = figures["floor_ms_per_request"]
+        assert f == measured["ms_per_request"] > 0
+        total = sum(cpu[g] for g in ("service", "participants", "initiator", "postgres"))
+        assert figures["tcc_cpu_ms_per_tx_total"] == pytest.approx(total, abs=1e-3)
+        assert figures["tcc_cpu_floor_multiple"] == pytest.approx(total / f, abs=0.01)
+        assert figures["cpu_floor_multiples"]["tcc"] == {
+            group: pytest.approx(ms / f, abs=0.01) for group, ms in cpu.items()
+        }
+
         console = Console(width=200, record=True)
-        console.print(run._tcc_table(summary))
+        console.print(run._tcc_table(summary, f))
         text = " ".join(console.export_text().split())  # the cells' padding squeezed
         assert f"TCC, 3 branches: global transactions/s │ {summary['tx_per_s']} │" in text
-        assert "TCC CPU ms/tx: participant processes (3)" in text
+        assert (
+            f"TCC CPU per transaction: participant processes (3) │ "
+            f"{cpu['participants']:.2f} ms = {cpu['participants'] / f:.1f} F │"
+        ) in text
 
         # the books it checked, tampered with: one Confirm's effect undone
         conn = await asyncpg.connect(databases.parties)

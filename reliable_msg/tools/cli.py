@@ -315,6 +315,12 @@ def retry_tcc(ctx: click.Context, gid: str) -> None:
     "--tcc-concurrency", default=32, show_default=True, help="TCC transactions in flight."
 )
 @click.option(
+    "--floor-requests",
+    default=5000,
+    show_default=True,
+    help="Bare HTTP round trips of the floor F (after a warm-up of a tenth as many).",
+)
+@click.option(
     "--big-rows",
     default=5_000_000,
     show_default=True,
@@ -328,9 +334,9 @@ def retry_tcc(ctx: click.Context, gid: str) -> None:
 )
 @click.option(
     "--parts",
-    default="ceilings,scanner,paths,tcc",
+    default="floor,ceilings,scanner,paths,tcc",
     show_default=True,
-    help="Comma-separated parts to run; a partial run prints raw figures (and TCC's table).",
+    help="Comma-separated parts to run; a partial run judges the targets it has figures for.",
 )
 @click.option(
     "--paths",
@@ -352,6 +358,7 @@ def bench(
     concurrency: int,
     tcc_transactions: int,
     tcc_concurrency: int,
+    floor_requests: int,
     big_rows: int,
     postgres_url: str,
     parts: str,
@@ -364,8 +371,18 @@ def bench(
     import uvloop
     from rich.console import Console
 
-    from reliable_msg.tools.bench.run import Options, run, write_json
+    from reliable_msg.tools.bench.run import PARTS, PATHS, Options, run, write_json
 
+    chosen_parts, chosen_paths = _names(parts), _names(paths)
+    for option, chosen, known in (
+        ("--parts", chosen_parts, PARTS),
+        ("--paths", chosen_paths, PATHS),
+    ):
+        unknown = [name for name in chosen if name not in known]
+        if unknown or not chosen:
+            _fail(f"{option}: {', '.join(unknown) or 'none given'}; choose from {', '.join(known)}")
+    if floor_requests < 1:
+        _fail(f"--floor-requests: {floor_requests}; at least 1")
     options = Options(
         postgres_url=postgres_url.rstrip("/"),
         messages=messages,
@@ -374,9 +391,10 @@ def bench(
         concurrency=concurrency,
         tcc_transactions=tcc_transactions,
         tcc_concurrency=tcc_concurrency,
+        floor_requests=floor_requests,
         big_rows=big_rows,
-        parts=_names(parts),
-        paths=_names(paths),
+        parts=chosen_parts,
+        paths=chosen_paths,
     )
     results = uvloop.run(run(options, Console()))
     write_json(results, Path(json_path))

@@ -56,7 +56,9 @@ def rabbitmq_pids() -> list[int]:
 class CpuWatch:
     """Samples the CPU time of a run's processes from :meth:`start` until :meth:`stop`."""
 
-    def __init__(self, postgres_dsn: str, databases: Sequence[str]) -> None:
+    def __init__(self, postgres_dsn: str | None = None, databases: Sequence[str] = ()) -> None:
+        """Without ``postgres_dsn`` only the processes given are watched (and the
+        machine): no PostgreSQL backends, no RabbitMQ."""
         self._dsn = postgres_dsn
         self._databases = list(databases)
         self._group: dict[int, str] = {}
@@ -75,15 +77,18 @@ class CpuWatch:
         self._group[pid] = group
 
     async def start(self, pids: dict[int, str]) -> None:
-        """Start counting ``pids`` (pid → group), RabbitMQ and the bench's backends."""
+        """Start counting ``pids`` (pid → group) and, given a DSN, RabbitMQ and the
+        bench's backends."""
         self._machine = machine_seconds()
         for pid, group in pids.items():
             self.track(pid, group)
-        for pid in rabbitmq_pids():
-            self.track(pid, "rabbitmq")
-        conn = await asyncpg.connect(self._dsn)
-        for pid in await self._backends(conn):
-            self.track(pid, "postgres")
+        conn = None
+        if self._dsn is not None:
+            for pid in rabbitmq_pids():
+                self.track(pid, "rabbitmq")
+            conn = await asyncpg.connect(self._dsn)
+            for pid in await self._backends(conn):
+                self.track(pid, "postgres")
         self._task = asyncio.create_task(self._sample(conn))
 
     async def stop(self) -> dict[str, float]:
@@ -112,20 +117,21 @@ class CpuWatch:
             if used is not None:
                 self._last[pid] = used
 
-    async def _sample(self, conn: asyncpg.Connection) -> None:
+    async def _sample(self, conn: asyncpg.Connection | None) -> None:
         try:
             loop = asyncio.get_running_loop()
             next_lookup = 0.0
             while True:
                 self._sample_once()
-                if loop.time() >= next_lookup:
+                if conn is not None and loop.time() >= next_lookup:
                     # A backend born during the run counts from its start.
                     for pid in await self._backends(conn):
                         self.track(pid, "postgres", from_birth=True)
                     next_lookup = loop.time() + BACKENDS_EVERY
                 await asyncio.sleep(EVERY)
         finally:
-            await conn.close()
+            if conn is not None:
+                await conn.close()
 
     async def _backends(self, conn: asyncpg.Connection) -> list[int]:
         rows = await conn.fetch(

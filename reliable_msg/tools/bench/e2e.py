@@ -349,7 +349,7 @@ def _shares(messages: int, producers: int, batch: int) -> list[int]:
 
 
 async def _worker(
-    command: str, spec: dict[str, Any], *, stdout: bool = False
+    command: str, spec: dict[str, Any], *, stdout: bool = False, stdin: bool = False
 ) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -358,6 +358,7 @@ async def _worker(
         command,
         json.dumps(spec),
         stdout=asyncio.subprocess.PIPE if stdout else None,
+        stdin=asyncio.subprocess.PIPE if stdin else None,
     )
 
 

@@ -4,11 +4,18 @@ process of its own so that the load generator is not what the figures measure.
     python -m reliable_msg.tools.bench.worker produce SPEC_JSON
     python -m reliable_msg.tools.bench.worker consume SPEC_JSON
     python -m reliable_msg.tools.bench.worker initiate SPEC_JSON
+    python -m reliable_msg.tools.bench.worker floor-serve SPEC_JSON
+    python -m reliable_msg.tools.bench.worker floor-call SPEC_JSON
 
 A producer waits for ``start_at`` (wall clock), produces its share and writes, per
 message, the wall times its confirm was sent and answered to ``out``. The consumer
 handles messages until SIGTERM, prints a line per 100 handled (progress), and writes, per
 message, the wall times it arrived and its handler started to ``out``.
+
+The floor's two processes (see :mod:`.floor`): ``floor-serve`` serves the bare route
+until SIGTERM; ``floor-call`` calls it, prints ``warm`` after its warm-up, waits for a
+line on stdin, makes its measured calls, prints ``done`` and waits for another line (so
+that its CPU time is read while it is still alive) before it exits.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from reliable_msg.sdk.client import RetryPolicy, ServiceClient
 from reliable_msg.sdk.consumer import Consumer, Poison, Received, Source
 from reliable_msg.sdk.producer import Outgoing, Producer
 from reliable_msg.sdk.tcc import Branch, Initiator
+from reliable_msg.tools.bench import floor
 
 RETRY = RetryPolicy(attempts=10, initial=0.05, max_wait=1.0, deadline=60.0)
 
@@ -160,11 +168,28 @@ async def initiate(spec: dict[str, Any]) -> dict[str, list[float]]:
     return times
 
 
+async def floor_serve(spec: dict[str, Any]) -> dict[str, list[float]]:
+    await floor.serve(spec["port"])
+    return {}
+
+
+async def floor_call(spec: dict[str, Any]) -> dict[str, list[float]]:
+    await floor.call(spec["url"], spec["warm_up"], spec["requests"], spec["in_flight"])
+    return {}
+
+
 def main() -> None:
     command, spec = sys.argv[1], json.loads(sys.argv[2])
-    work = {"produce": produce, "consume": consume, "initiate": initiate}[command]
+    work = {
+        "produce": produce,
+        "consume": consume,
+        "initiate": initiate,
+        "floor-serve": floor_serve,
+        "floor-call": floor_call,
+    }[command]
     times = uvloop.run(work(spec))
-    Path(spec["out"]).write_text(json.dumps(times))
+    if "out" in spec:
+        Path(spec["out"]).write_text(json.dumps(times))
 
 
 if __name__ == "__main__":
