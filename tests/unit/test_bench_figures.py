@@ -34,7 +34,14 @@ def test_spread_takes_the_99th_percentile_of_a_hundred_as_the_largest() -> None:
 
 
 def _path(rate: float, *, latency: bool = False, p99: float = 12.0) -> dict[str, Any]:
-    cpu = {"service": 1.5, "postgres": 2.0, "machine": 6.0}
+    cpu = {
+        "service": 1.5,
+        "producers": 0.5,
+        "consumer": 0.25,
+        "postgres": 1.0,
+        "rabbitmq": 0.25,
+        "machine": 6.0,
+    }
     out: dict[str, Any] = {
         "msgs_per_s": rate,
         "service_cpu_s_per_1000": 1.5,
@@ -80,7 +87,13 @@ def _results() -> dict[str, Any]:
             "p99_ms": 210.0,
             "max_ms": 300.0,
             "machine_busy": 0.97,
-            "cpu_ms_per_tx": {"service": 4.25, "participants": 3.5, "machine": 15.0},
+            "cpu_ms_per_tx": {
+                "service": 4.25,
+                "participants": 3.5,
+                "initiator": 0.5,
+                "postgres": 1.0,
+                "machine": 15.0,
+            },
             "phases_ms": {
                 "begin_to_committed": {"p99_ms": 150.0},
                 "committed_to_confirmed": {"p99_ms": 70.0},
@@ -128,7 +141,7 @@ def test_the_table_shows_every_figure_and_judges_every_target() -> None:
     assert "│ 80.0 / 210.0 / 300.0 │" in _row(text, "TCC begin -> all confirmed")
     assert "│ 150.0 / 70.0 │" in _row(text, "of which p99: begin -> commit answered")
     assert "│ 4.25 ms = 8.5 F │" in _row(text, "TCC CPU per transaction: service (coordinator)")
-    assert "│ nan │" in _row(text, "TCC CPU per transaction: initiator process")
+    assert "│ 0.50 ms = 1.0 F │" in _row(text, "TCC CPU per transaction: initiator process")
 
 
 def _row(text: str, name: str) -> str:
@@ -142,15 +155,18 @@ def test_every_cpu_figure_is_also_a_multiple_of_the_floor() -> None:
 
     assert figures["floor_ms_per_request"] == 0.5
     for name in ("single", "batch", "degraded"):
-        assert figures[f"{name}_cpu_ms_per_msg_total"] == 3.5  # service + postgres
+        assert figures[f"{name}_cpu_ms_per_msg_total"] == 3.5  # the five groups, no machine
         assert figures[f"{name}_cpu_floor_multiple"] == 7.0
         assert figures["cpu_floor_multiples"][name] == {
             "service": 3.0,
-            "postgres": 4.0,
+            "producers": 1.0,
+            "consumer": 0.5,
+            "postgres": 2.0,
+            "rabbitmq": 0.5,
             "machine": 12.0,
         }
-    assert figures["tcc_cpu_ms_per_tx_total"] == 7.75
-    assert figures["tcc_cpu_floor_multiple"] == 15.5
+    assert figures["tcc_cpu_ms_per_tx_total"] == 9.25
+    assert figures["tcc_cpu_floor_multiple"] == 18.5
     assert figures["cpu_floor_multiples"]["tcc"]["participants"] == 7.0
 
 
@@ -203,3 +219,29 @@ def test_a_cpu_figure_prints_in_ms_and_in_floors() -> None:
     assert run.in_floor(float("nan"), 0.55) == "nan"
     assert run.floor_multiple(7.9, 0.55) == 14.36
     assert run.floor_multiple(7.9, None) is None
+
+
+def test_a_cpu_sum_missing_a_group_it_sums_is_not_measured() -> None:
+    """A group the run found no process of (RabbitMQ or PostgreSQL in a container of its
+    own, say) is not 0 ms: the sum, its multiple and its target are not measured."""
+    results = {"floor": _results()["floor"], "paths": {"single": _path(600.0)}}
+    del results["paths"]["single"]["cpu_ms_per_msg"]["rabbitmq"]
+    tcc = _results()["tcc"]
+    del tcc["cpu_ms_per_tx"]["initiator"]
+    results["tcc"] = tcc
+    figures = run._figures(results)
+    targets = run._targets(figures)
+    met = {t["key"]: t["met"] for t in targets}
+
+    assert figures["single_cpu_ms_per_msg_total"] is None
+    assert figures["single_cpu_floor_multiple"] is None
+    assert met["single_cpu_floor_multiple"] is None
+    assert met["single_msgs_per_s"] is True
+    assert figures["tcc_cpu_ms_per_tx_total"] is None
+    assert figures["tcc_cpu_floor_multiple"] is None
+    console = Console(width=200, record=True)
+    console.print(run._table({**results, "figures": figures, "targets": targets}))
+    text = console.export_text()
+    assert "not measured: no rabbitmq" in _row(text, "CPU per message, single: service")
+    assert "not measured: no initiator" in _row(text, "TCC CPU per transaction: service +")
+    assert "not measured" in _row(text, "target: single-message API, CPU")
