@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,10 +248,10 @@ def _figures(results: dict[str, Any]) -> dict[str, Any]:
             continue
         path = p[name]
         per = path["cpu_ms_per_msg"]
-        total = round(sum(per.get(g, 0.0) for g in MESSAGE_GROUPS), 3)
+        total = cpu_total(per, MESSAGE_GROUPS)
         f[f"{name}_msgs_per_s"] = path["msgs_per_s"]
         f[f"{name}_cpu_ms_per_msg_total"] = total
-        f[f"{name}_cpu_floor_multiple"] = floor_multiple(total, floor_ms)
+        f[f"{name}_cpu_floor_multiple"] = None if total is None else floor_multiple(total, floor_ms)
         f[f"cpu_ms_per_msg_{name}"] = per
         f[f"service_cpu_s_per_1000_{name}"] = path["service_cpu_s_per_1000"]
         f[f"machine_busy_{name}"] = path["machine_busy"]
@@ -273,16 +274,30 @@ def _figures(results: dict[str, Any]) -> dict[str, Any]:
         f["scan_ratio"] = round(s["big"]["pass_ms"] / s["small"]["pass_ms"], 3)
     if "tcc" in results:
         t = results["tcc"]
-        total = round(sum(t["cpu_ms_per_tx"].get(g, 0.0) for g in TX_GROUPS), 3)
+        total = cpu_total(t["cpu_ms_per_tx"], TX_GROUPS)
         f["tcc_tx_per_s"] = t["tx_per_s"]
         f["tcc_p50_ms"] = t["p50_ms"]
         f["tcc_p99_ms"] = t["p99_ms"]
         f["tcc_cpu_ms_per_tx_total"] = total
-        f["tcc_cpu_floor_multiple"] = floor_multiple(total, floor_ms)
+        f["tcc_cpu_floor_multiple"] = None if total is None else floor_multiple(total, floor_ms)
         multiples["tcc"] = {g: floor_multiple(ms, floor_ms) for g, ms in t["cpu_ms_per_tx"].items()}
     if multiples:
         f["cpu_floor_multiples"] = multiples
     return f
+
+
+def cpu_total(per: dict[str, float], groups: Sequence[str]) -> float | None:
+    """The CPU of ``groups`` summed; None (not measured) if the run watched no process of
+    one of them: a group missing is no 0 ms."""
+    if any(g not in per for g in groups):
+        return None
+    return round(sum(per[g] for g in groups), 3)
+
+
+def missing_groups(per: dict[str, float], groups: Sequence[str]) -> str:
+    """The table's note for a sum :func:`cpu_total` could not make."""
+    missing = [g for g in groups if g not in per]
+    return f"not measured: no {', no '.join(missing)} process watched" if missing else ""
 
 
 def floor_multiple(ms: float, floor_ms: float | None) -> float | None:
@@ -496,7 +511,9 @@ def _cpu_rows(f: dict[str, Any]) -> list[tuple[str, Any, str]]:
     rows: list[tuple[str, Any, str]] = []
     bounds = {"single": "target <= 7 F", "batch": "target <= 2 F"}
     for run in runs:
-        note = "; ".join(n for n in ("" if floor_ms else "no floor", bounds.get(run, "")) if n)
+        missing = missing_groups(f[f"cpu_ms_per_msg_{run}"], MESSAGE_GROUPS)
+        notes = (missing, "" if floor_ms else "no floor", bounds.get(run, ""))
+        note = "; ".join(n for n in notes if n)
         rows.append(
             (
                 f"CPU per message, {run}: service + producers + consumer + PG + RabbitMQ",
@@ -527,7 +544,7 @@ def _cpu_rows(f: dict[str, Any]) -> list[tuple[str, Any, str]]:
 
 def _tcc_rows(t: dict[str, Any], floor_ms: float | None = None) -> list[tuple[str, Any, str]]:
     phases = t["phases_ms"]
-    total = sum(t["cpu_ms_per_tx"].get(g, 0.0) for g in TX_GROUPS)
+    total = cpu_total(t["cpu_ms_per_tx"], TX_GROUPS)
     rows: list[tuple[str, Any, str]] = [
         (
             "TCC, 3 branches: global transactions/s",
@@ -549,7 +566,8 @@ def _tcc_rows(t: dict[str, Any], floor_ms: float | None = None) -> list[tuple[st
         (
             "TCC CPU per transaction: service + participants + initiator + PG",
             in_floor(total, floor_ms),
-            "" if floor_ms else "no floor measured",
+            missing_groups(t["cpu_ms_per_tx"], TX_GROUPS)
+            or ("" if floor_ms else "no floor measured"),
         ),
     ]
     for group, name in tcc.CPU_GROUPS.items():
