@@ -57,6 +57,8 @@ async def test_the_floor_part_alone_writes_f_and_its_two_processes(tmp_path: Pat
         (["--parts", "floor,flor"], "--parts: flor; choose from floor, ceilings"),
         (["--paths", " , "], "--paths: none given"),
         (["--parts", "floor", "--floor-requests", "0"], "--floor-requests: 0; at least 1"),
+        # the latency runs' rate is half the single run's peak: without it, nothing to run
+        (["--parts", "paths", "--paths", "latency"], "--paths: latency needs single"),
     ],
 )
 async def test_bad_bench_options_are_refused_before_anything_runs(
