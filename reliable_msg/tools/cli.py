@@ -381,6 +381,8 @@ def bench(
         unknown = [name for name in chosen if name not in known]
         if unknown or not chosen:
             _fail(f"{option}: {', '.join(unknown) or 'none given'}; choose from {', '.join(known)}")
+    if "latency" in chosen_paths and "single" not in chosen_paths:
+        _fail("--paths: latency needs single (its runs go at half the single run's peak)")
     if floor_requests < 1:
         _fail(f"--floor-requests: {floor_requests}; at least 1")
     options = Options(
