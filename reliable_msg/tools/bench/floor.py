@@ -9,7 +9,8 @@ default connector, a bearer token, the answer read and parsed). After a warm-up,
 user + system CPU time of both processes over the measured requests, per request.
 
 Every CPU-per-message figure is then also printed as a multiple of F: two HTTP calls per
-message (the producer's confirm, the consumer's ack) cost 2 F whatever the machine.
+message (the producer's prepare and confirm; the consumer's acks go in batches) cost 2 F
+whatever the machine.
 """
 
 from __future__ import annotations
