@@ -59,6 +59,9 @@ async def test_the_floor_part_alone_writes_f_and_its_two_processes(tmp_path: Pat
         (["--parts", "floor", "--floor-requests", "0"], "--floor-requests: 0; at least 1"),
         # the latency runs' rate is half the single run's peak: without it, nothing to run
         (["--parts", "paths", "--paths", "latency"], "--paths: latency needs single"),
+        # counts of nothing: a division by zero after the service started, not a refusal
+        (["--parts", "paths", "--paths", "batch", "--batch", "0"], "'--batch': 0 is not in"),
+        (["--parts", "paths", "--paths", "single", "--messages", "0"], "'--messages': 0 is not"),
     ],
 )
 async def test_bad_bench_options_are_refused_before_anything_runs(
