@@ -300,19 +300,38 @@ def retry_tcc(ctx: click.Context, gid: str) -> None:
     _admin(ctx, lambda s, c: tcc_admin.retry(s, c, gid))
 
 
+#: The bench's counts: none of them can be 0 (a run of nothing hangs or divides by it).
+COUNT = click.IntRange(min=1)
+
+
 @main.command()
-@click.option("--messages", default=5000, show_default=True, help="Messages per single-API run.")
-@click.option("--batch-messages", default=20000, show_default=True)
-@click.option("--batch", default=100, show_default=True, help="Messages per batch call.")
-@click.option("--concurrency", default=32, show_default=True, help="Producer calls in flight.")
+@click.option(
+    "--messages",
+    default=5000,
+    type=COUNT,
+    show_default=True,
+    help="Messages per single-API run.",
+)
+@click.option("--batch-messages", default=20000, type=COUNT, show_default=True)
+@click.option(
+    "--batch", default=100, type=COUNT, show_default=True, help="Messages per batch call."
+)
+@click.option(
+    "--concurrency", default=32, type=COUNT, show_default=True, help="Producer calls in flight."
+)
 @click.option(
     "--tcc-transactions",
     default=3000,
+    type=COUNT,
     show_default=True,
     help="TCC global transactions (3 branches each).",
 )
 @click.option(
-    "--tcc-concurrency", default=32, show_default=True, help="TCC transactions in flight."
+    "--tcc-concurrency",
+    default=32,
+    type=COUNT,
+    show_default=True,
+    help="TCC transactions in flight.",
 )
 @click.option(
     "--floor-requests",
