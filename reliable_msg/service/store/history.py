@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from reliable_msg.message import Message, Transition
-from reliable_msg.states import ACK, CONFIRM, FINISH, M, MessageStatus
+from reliable_msg.states import ACK, CONFIRM, FINISH, M
 
 #: The reasons derived moves show, as their rows said.
 PREPARE_REASON = "prepare"
@@ -36,40 +36,43 @@ FINISH_REASON = "last delivery acked"
 #: (group, from, to) of a recorded move: what decides whether a move is derived.
 _Key = tuple[str | None, str | None, str]
 
+_PREPARED: _Key = (None, None, M.PENDING.value)
+_CONFIRMED: _Key = (None, *CONFIRM.params)
+_ACKED = ACK.params
+_FINISHED: _Key = (None, *FINISH.params)
+
 
 def merged(recorded: Sequence[Transition], message: Message) -> list[Transition]:
     """The history of ``message`` (with its deliveries): ``recorded`` (its rows, in
     order) with the moves its rows record and no row does."""
-    have: set[_Key] = {(t.group_name, t.from_status, t.to_status) for t in recorded}
+    have = {_key(t) for t in recorded}
     moves = list(recorded)
-    if (None, None, M.PENDING.value) not in have:
-        moves.insert(0, Transition(None, None, M.PENDING.value, message.created_at, PREPARE_REASON))
-    sent = _move(None, CONFIRM.src, CONFIRM.dst)
-    if message.sent_at is not None and sent not in have:
-        confirm = Transition(*sent, message.sent_at, CONFIRM_REASON)
+    if _PREPARED not in have:
+        moves.insert(0, Transition(*_PREPARED, message.created_at, PREPARE_REASON))
+    if message.sent_at is not None and _CONFIRMED not in have:
+        confirm = Transition(*_CONFIRMED, message.sent_at, CONFIRM_REASON)
         moves.insert(_after_pending(moves), confirm)
     acks = sorted(
         (
-            Transition(d.group, ACK.src.value, ACK.dst.value, d.done_at, ACK_REASON)
+            Transition(d.group, *_ACKED, d.done_at, ACK_REASON)
             for d in message.deliveries
-            if d.done_at is not None and (d.group, ACK.src.value, ACK.dst.value) not in have
+            if d.done_at is not None and (d.group, *_ACKED) not in have
         ),
         key=lambda t: (t.at, t.group_name or ""),
     )
     last: list[Transition] = []
-    finish = _move(None, FINISH.src, FINISH.dst)
-    if message.status is M.DONE and message.finished_at is not None and finish not in have:
-        last = [Transition(*finish, message.finished_at, FINISH_REASON)]
+    if message.status is M.DONE and message.finished_at is not None and _FINISHED not in have:
+        # Its ack made the same transaction: the last derived ack of that time.
         finishing = [a for a in acks if a.at == message.finished_at][-1:]
-        last = finishing + last
+        last = [*finishing, Transition(*_FINISHED, message.finished_at, FINISH_REASON)]
         acks = [a for a in acks if a not in finishing]
     for a in acks:
         moves.insert(_ack_place(moves, a), a)
     return moves + last
 
 
-def _move(group: str | None, src: MessageStatus, dst: MessageStatus) -> _Key:
-    return (group, src.value, dst.value)
+def _key(t: Transition) -> _Key:
+    return (t.group_name, t.from_status, t.to_status)
 
 
 def _after_pending(moves: Sequence[Transition]) -> int:
@@ -92,9 +95,7 @@ def _ack_place(moves: Sequence[Transition], ack: Transition) -> int:
         (
             i
             for i, t in enumerate(moves)
-            if t.group_name == ack.group_name
-            or t.at <= ack.at
-            or (t.group_name, t.from_status, t.to_status) == _move(None, CONFIRM.src, CONFIRM.dst)
+            if t.group_name == ack.group_name or t.at <= ack.at or _key(t) == _CONFIRMED
         ),
         default=-1,
     )
