@@ -12,6 +12,7 @@ the broker policy stays in the use-cases. One module per part of the schema's li
 - ``checkback``: claims and failed check-backs
 - ``requeue``: dead messages brought back
 - ``reads``: get, page, stats, history
+- ``history``: a message's history, its rows merged with the moves its times record
 - ``maintenance``: purge, freed ids, scanner lag
 """
 

@@ -33,6 +33,8 @@ CLAIM_DELIVERIES = """
 """
 
 #: Acks a group's deliveries and finishes the messages whose last delivery this was.
+#: Neither move writes a history row: ``done_at`` and ``finished_at`` record them
+#: (store.history).
 _ACK = f"""
     WITH d AS (
         UPDATE rmsg_delivery SET status = $2, done_at = now(), updated_at = now()
@@ -41,15 +43,9 @@ _ACK = f"""
     ), m AS (
         UPDATE rmsg_message AS m
         SET remaining = m.remaining - 1, updated_at = now(),
-            status = CASE WHEN {FINISH.applies()} THEN $6 ELSE m.status END,
+            status = CASE WHEN {FINISH.applies()} THEN $5 ELSE m.status END,
             finished_at = CASE WHEN {FINISH.applies()} THEN now() ELSE m.finished_at END
         FROM d WHERE m.id = d.message_id
-        RETURNING m.id, m.status
-    ), t AS (
-        {TRANSITION}
-        SELECT message_id, $4, $1, $2, 'ack' FROM d
-        UNION ALL
-        SELECT id, NULL, $5, $6, 'last delivery acked' FROM m WHERE status = $6
     )
     SELECT message_id FROM d
 """
@@ -69,13 +65,12 @@ class Deliveries(Pooled):
         of its own, then sees the deliveries that confirm created.
         """
         src, dst = ACK.params
-        msg_src, msg_dst = FINISH.params
         async with self._tx() as conn:
             await conn.execute(
                 "SELECT 1 FROM rmsg_message WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
                 list(ids),
             )
-            rows = await conn.fetch(_ACK, src, dst, list(ids), group, msg_src, msg_dst)
+            rows = await conn.fetch(_ACK, src, dst, list(ids), group, FINISH.dst.value)
         return [r["message_id"] for r in rows]
 
     @translated

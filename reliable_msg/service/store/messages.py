@@ -13,6 +13,32 @@ from reliable_msg.service.store.connection import Conn, Pooled, translated
 from reliable_msg.service.store.rows import MESSAGE_COLUMNS, TRANSITION, as_message
 from reliable_msg.states import CANCEL, CONFIRM, GIVE_UP, D, M
 
+#: ``pending`` → ``sent`` for the ids in $3 (of producer $4 when not NULL), creating
+#: their deliveries; the statements below return the messages moved.
+_SENT = f"""
+    WITH m AS (
+        UPDATE rmsg_message
+        SET status = $2, remaining = cardinality(groups), sent_at = now(),
+            updated_at = now(), next_check_at = NULL, last_error = NULL
+        WHERE id = ANY($3::text[]) AND status = $1
+          AND ($4::text IS NULL OR producer = $4)
+        RETURNING {MESSAGE_COLUMNS}
+    ), d AS (
+        INSERT INTO rmsg_delivery (message_id, group_name, status, next_attempt_at)
+        SELECT m.id, g, $5, now() + make_interval(secs => $6)
+        FROM m, unnest(m.groups) AS g
+    )
+"""
+
+#: The producer's confirm: the history has it from ``sent_at`` (store.history).
+_MARK_SENT = f"{_SENT} SELECT * FROM m"
+
+#: Check-back's confirm: a row of its own, for the reason ``sent_at`` cannot tell.
+_MARK_SENT_CHECKED = f"""
+    {_SENT}, t AS ({TRANSITION} SELECT m.id, NULL, $1, $2, 'check-back: committed' FROM m)
+    SELECT * FROM m
+"""
+
 
 class _Refused(ReliableMsgError):
     """The broker did not take the message: roll its confirm back (never leaves the
@@ -52,8 +78,6 @@ class Messages(Pooled):
                 JOIN claimed USING (id)
                 ON CONFLICT (id) DO NOTHING
                 RETURNING {MESSAGE_COLUMNS}
-            ), t AS (
-                {TRANSITION} SELECT id, NULL, NULL, $2, 'prepare' FROM m
             )
             SELECT * FROM m
             """,
@@ -149,34 +173,9 @@ class Messages(Pooled):
         self, conn: Conn, ids: Sequence[str], producer: str | None, ack: float
     ) -> list[Message]:
         src, dst = CONFIRM.params
-        rows = await conn.fetch(
-            f"""
-            WITH m AS (
-                UPDATE rmsg_message
-                SET status = $2, remaining = cardinality(groups), sent_at = now(),
-                    updated_at = now(), next_check_at = NULL, last_error = NULL
-                WHERE id = ANY($3::text[]) AND status = $1
-                  AND ($4::text IS NULL OR producer = $4)
-                RETURNING {MESSAGE_COLUMNS}
-            ), d AS (
-                INSERT INTO rmsg_delivery (message_id, group_name, status, next_attempt_at)
-                SELECT m.id, g, $5, now() + make_interval(secs => $6)
-                FROM m, unnest(m.groups) AS g
-            ), t AS (
-                {TRANSITION}
-                SELECT m.id, NULL, $1, $2,
-                       CASE WHEN $4::text IS NULL THEN 'check-back: committed' ELSE 'confirm' END
-                FROM m
-            )
-            SELECT * FROM m
-            """,
-            src,
-            dst,
-            list(ids),
-            producer,
-            D.SENT.value,
-            ack,
-        )
+        # The producer's confirm is in the history by sent_at; check-back's has a row.
+        sql = _MARK_SENT if producer is not None else _MARK_SENT_CHECKED
+        rows = await conn.fetch(sql, src, dst, list(ids), producer, D.SENT.value, ack)
         return [as_message(r) for r in rows]
 
     @translated

@@ -9,7 +9,8 @@ from typing import Any
 
 from reliable_msg.message import Message, Transition
 from reliable_msg.service.ports import Page
-from reliable_msg.service.store.connection import Pooled, translated
+from reliable_msg.service.store.connection import Conn, Pooled, translated
+from reliable_msg.service.store.history import merged
 from reliable_msg.service.store.rows import MESSAGE_COLUMNS, as_delivery, as_message
 from reliable_msg.states import MessageStatus
 
@@ -27,20 +28,7 @@ class Reads(Pooled):
     @translated
     async def get(self, id: str) -> Message | None:
         async with self._pool.acquire() as conn:
-            row = await conn.fetchrow(
-                f"SELECT {MESSAGE_COLUMNS} FROM rmsg_message WHERE id = $1", id
-            )
-            if row is None:
-                return None
-            deliveries = await conn.fetch(
-                """
-                SELECT group_name, status, attempts, next_attempt_at, last_error,
-                       updated_at, done_at
-                FROM rmsg_delivery WHERE message_id = $1 ORDER BY group_name
-                """,
-                id,
-            )
-        return as_message(row, tuple(as_delivery(d) for d in deliveries))
+            return await _message(conn, id)
 
     @translated
     async def page(
@@ -105,12 +93,36 @@ class Reads(Pooled):
 
     @translated
     async def history(self, id: str) -> list[Transition]:
-        """Every recorded move of message ``id`` and of its deliveries, oldest first."""
-        rows = await self._pool.fetch(
-            """
-            SELECT group_name, from_status, to_status, at, reason FROM rmsg_transition
-            WHERE message_id = $1 ORDER BY seq
-            """,
-            id,
-        )
-        return [Transition(**dict(r)) for r in rows]
+        """Every move of message ``id`` and of its deliveries, oldest first: the rows of
+        ``rmsg_transition`` and the moves the message's rows record (see
+        :mod:`~reliable_msg.service.store.history`), read from one snapshot."""
+        async with (
+            self._pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            message = await _message(conn, id)
+            if message is None:
+                return []
+            rows = await conn.fetch(
+                """
+                SELECT group_name, from_status, to_status, at, reason FROM rmsg_transition
+                WHERE message_id = $1 ORDER BY seq
+                """,
+                id,
+            )
+        return merged([Transition(**dict(r)) for r in rows], message)
+
+
+async def _message(conn: Conn, id: str) -> Message | None:
+    """Message ``id`` with its deliveries."""
+    row = await conn.fetchrow(f"SELECT {MESSAGE_COLUMNS} FROM rmsg_message WHERE id = $1", id)
+    if row is None:
+        return None
+    deliveries = await conn.fetch(
+        """
+        SELECT group_name, status, attempts, next_attempt_at, last_error, updated_at, done_at
+        FROM rmsg_delivery WHERE message_id = $1 ORDER BY group_name
+        """,
+        id,
+    )
+    return as_message(row, tuple(as_delivery(d) for d in deliveries))

@@ -17,7 +17,9 @@ MESSAGE_COLUMNS = """
 """
 
 #: Head of the statement that records moves in the history, in the same statement as
-#: the move itself (as a CTE), so the history never disagrees with the state.
+#: the move itself (as a CTE), so the history never disagrees with the state. The moves
+#: the rows' own times record (prepare, the producer's confirm, acks and the finish)
+#: write none: see :mod:`~reliable_msg.service.store.history`.
 TRANSITION = """
     INSERT INTO rmsg_transition (message_id, group_name, from_status, to_status, reason)
 """
