@@ -42,7 +42,7 @@ from reliable_msg.sdk.consumer import Consumer, Received
 from reliable_msg.sdk.producer import MARKER_TABLE, check_back_router
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
-from tests.conftest import AMQP_URL, GROUP_TOKENS, PRODUCER, auth
+from tests.conftest import AMQP_URL, GROUP_TOKENS, OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import tables
 from tests.helpers.checkback import ProducerEndpoint, checked_at
 from tests.helpers.servers import serving_app
@@ -585,3 +585,148 @@ async def test_a_service_killed_with_calls_waiting_in_its_window_loses_nothing(
         assert await statuses(sdk_db, ["q-0", "q-1"]) == {}
     finally:
         await remove_traces(settings)
+
+
+# -- 4. batch forms and unhappy paths, with group commit on and off -----------------------
+
+ON_AND_OFF = pytest.mark.parametrize("enabled", [True, False], ids=["on", "off"])
+
+
+def results(r: httpx.Response) -> list[tuple[str, str | None]]:
+    """A batch answer as (id, status or error code) per item."""
+    assert r.status_code == 200, r.text
+    return [(i["id"], i["status"] if i["ok"] else i["error"]["code"]) for i in r.json()["results"]]
+
+
+@ON_AND_OFF
+async def test_batch_and_single_calls_share_a_window_and_bad_ones_fail_alone(
+    http: httpx.AsyncClient,
+    settings: Settings,
+    db: asyncpg.Connection,
+    amqp: aio_pika.abc.AbstractConnection,
+    enabled: bool,
+) -> None:
+    producer = auth(PRODUCER)
+    prepares, confirms, acks = [await runs(http, op) for op in ("prepare", "confirm", "ack")]
+    batch, s0, s1, nul, broken = await asyncio.gather(
+        http.post(
+            "/v1/batch/prepare",
+            json={"messages": [body("b-0"), body("b-1"), body("x-0", "nobody.listens")]},
+            headers=producer,
+        ),
+        http.post("/v1/messages", json=body("s-0"), headers=producer),
+        http.post("/v1/messages", json=body("s-1"), headers=producer),
+        http.post(
+            "/v1/messages",
+            json={"id": "nul", "topic": "order.paid", "payload": {"a": "\x00"}},
+            headers=producer,
+        ),
+        http.post(
+            "/v1/messages",
+            content=b'{"id": "broken", "topic":',
+            headers={**producer, "Content-Type": "application/json"},
+        ),
+    )
+    assert results(batch) == [("b-0", "pending"), ("b-1", "pending"), ("x-0", "no_subscriber")]
+    assert (s0.status_code, s1.status_code) == (201, 201), (s0.text, s1.text)
+    assert (nul.status_code, code(nul)) == (422, "invalid_request"), nul.text
+    assert (broken.status_code, code(broken)) == (400, "invalid_json"), broken.text
+    # The bad bodies were refused before the window; the rest shared one run.
+    assert await prepares.since() == ((1, 5) if enabled else (0, 0))
+
+    batch, b1, s1, nope, theirs = await asyncio.gather(
+        http.post("/v1/batch/confirm", json={"ids": ["b-0", "s-0", "unknown"]}, headers=producer),
+        confirm(http, "b-1"),
+        confirm(http, "s-1"),
+        confirm(http, "nope"),
+        confirm(http, "s-0", OTHER_PRODUCER),
+    )
+    assert results(batch) == [("b-0", "sent"), ("s-0", "sent"), ("unknown", "not_found")]
+    assert [r.json()["status"] for r in (b1, s1)] == ["sent", "sent"], (b1.text, s1.text)
+    assert (nope.status_code, code(nope)) == (404, "not_found"), nope.text
+    assert theirs.status_code == 403, theirs.text
+    # The owner's calls shared one run; the other producer's ran on its own.
+    assert await confirms.since() == ((2, 7) if enabled else (0, 0))
+    ids = ["b-0", "b-1", "s-0", "s-1"]
+    assert sorted(await queued(amqp, settings.queue_name("inventory"))) == ids
+
+    inventory, credit = auth(GROUP_TOKENS["inventory"]), auth(GROUP_TOKENS["credit"])
+    answers = await asyncio.gather(
+        http.post("/v1/batch/ack", json={"ids": ["b-0", "b-1"]}, headers=inventory),
+        http.post("/v1/messages/s-0/ack", headers=inventory),
+        http.post("/v1/messages/s-1/ack", headers=inventory),
+        http.post("/v1/messages/x-0/ack", headers=inventory),
+        http.post("/v1/batch/ack", json={"ids": ["b-0", "s-0"]}, headers=credit),
+        http.post("/v1/messages/b-1/ack", headers=credit),
+    )
+    inv_batch, inv_s0, inv_s1, unknown, credit_batch, credit_b1 = answers
+    assert results(inv_batch) == [("b-0", "done"), ("b-1", "done")]
+    assert results(credit_batch) == [("b-0", "done"), ("s-0", "done")]
+    for r in (inv_s0, inv_s1, credit_b1):
+        assert (r.status_code, r.json()["status"]) == (200, "done"), r.text
+    assert (unknown.status_code, code(unknown)) == (404, "not_found"), unknown.text
+    # Each group's acks shared a run of their own.
+    assert await acks.since() == ((2, 8) if enabled else (0, 0))
+    rows = await db.fetch(
+        "SELECT message_id, group_name FROM rmsg_delivery WHERE status = 'done'"
+        " ORDER BY message_id, group_name"
+    )
+    assert [(r["message_id"], r["group_name"]) for r in rows] == [
+        ("b-0", "credit"),
+        ("b-0", "inventory"),
+        ("b-1", "credit"),
+        ("b-1", "inventory"),
+        ("s-0", "credit"),
+        ("s-0", "inventory"),
+        ("s-1", "inventory"),
+    ]
+
+
+@ON_AND_OFF
+async def test_two_prepares_of_one_id_in_one_window_never_both_create_it(
+    http: httpx.AsyncClient, db: asyncpg.Connection, enabled: bool
+) -> None:
+    prepares = await runs(http, "prepare")
+    producer = auth(PRODUCER)
+    one, two = await asyncio.gather(
+        http.post("/v1/messages", json=body("twin", n=1), headers=producer),
+        http.post("/v1/messages", json=body("twin", n=2), headers=producer),
+    )
+    assert sorted([one.status_code, two.status_code]) == [201, 409], (one.text, two.text)
+    created, refused = (one, two) if one.status_code == 201 else (two, one)
+    assert code(refused) == "id_conflict", refused.text
+    stored = await db.fetchval("SELECT payload::text FROM rmsg_message WHERE id = 'twin'")
+    assert stored == '{"n": ' + str(created.json()["payload"]["n"]) + "}"
+    # The same request twice: one creates it, the other is answered the repeat.
+    first, again = await asyncio.gather(
+        http.post("/v1/messages", json=body("same"), headers=producer),
+        http.post("/v1/batch/prepare", json={"messages": [body("same")]}, headers=producer),
+    )
+    assert first.status_code in (200, 201), first.text
+    [item] = again.json()["results"]
+    assert (item["ok"], item["status"]) == (True, "pending"), again.text
+    assert [first.status_code == 201, item["created"]].count(True) == 1
+    # Two calls of one id never share a run: each saw the other's outcome.
+    assert await prepares.since() == ((4, 4) if enabled else (0, 0))
+
+
+@ON_AND_OFF
+async def test_one_id_confirmed_by_concurrent_calls_is_sent_and_published_once(
+    http: httpx.AsyncClient,
+    settings: Settings,
+    db: asyncpg.Connection,
+    amqp: aio_pika.abc.AbstractConnection,
+    enabled: bool,
+) -> None:
+    await prepare(http, body("dup"))
+    confirms = await runs(http, "confirm")
+    one, two, batch = await asyncio.gather(
+        confirm(http, "dup"),
+        confirm(http, "dup"),
+        http.post("/v1/batch/confirm", json={"ids": ["dup"]}, headers=auth(PRODUCER)),
+    )
+    assert [r.json()["status"] for r in (one, two)] == ["sent", "sent"], (one.text, two.text)
+    assert results(batch) == [("dup", "sent")]
+    assert await confirms.since() == ((1, 3) if enabled else (0, 0))
+    assert await deliveries(db, ["dup"]) == {"dup": ["credit", "inventory", "wms"]}
+    assert await queued(amqp, settings.queue_name("inventory")) == ["dup"]
