@@ -169,6 +169,13 @@ class ConfirmBatching:
     max_batch: int = 100  #: ids in one batch call
     max_running: int = 4  #: batch calls in flight at once
 
+    def __post_init__(self) -> None:
+        if not (self.window >= 0 and self.max_batch >= 1 and self.max_running >= 1):
+            raise ValueError(
+                "ConfirmBatching needs window >= 0, max_batch >= 1 and max_running >= 1,"
+                f" not {self.window!r}, {self.max_batch!r}, {self.max_running!r}"
+            )
+
 
 class Producer:
     """Sends messages together with the caller's own PostgreSQL transactions."""
