@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from reliable_msg.sdk.client import ItemResult, RetryPolicy, ServiceClient
     from reliable_msg.sdk.consumer import Consumer, Poison, Received, purge_inbox
     from reliable_msg.sdk.producer import (
+        ConfirmBatching,
         Outgoing,
         Producer,
         Sent,
@@ -72,6 +73,7 @@ HOMES = {
     "Poison": "consumer",
     "Received": "consumer",
     "purge_inbox": "consumer",
+    "ConfirmBatching": "producer",
     "Outgoing": "producer",
     "Producer": "producer",
     "Sent": "producer",
@@ -92,6 +94,7 @@ __all__ = [
     "BrokerUnavailable",
     "Call",
     "Code",
+    "ConfirmBatching",
     "Conflict",
     "Consumer",
     "FallbackUnavailable",

@@ -36,6 +36,7 @@ import asyncpg
 from fastapi import APIRouter, Header, HTTPException
 from pydantic import BaseModel
 
+from reliable_msg.coalesce import Coalescer
 from reliable_msg.errors import Code, Conflict, Fenced, ReliableMsgError
 from reliable_msg.message import HeaderValue
 from reliable_msg.sdk.client import RETRIED, ItemResult, RetryPolicy, ServiceClient
@@ -152,6 +153,30 @@ class Sent:
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 
+@dataclass(frozen=True, slots=True)
+class ConfirmBatching:
+    """How the confirms of concurrent transactions share one ``POST /v1/batch/confirm``.
+
+    A confirm after a local commit waits up to ``window`` seconds for the confirms of
+    other transactions committing meanwhile, up to ``max_batch`` ids in all (at most the
+    service's ``max_batch``); at most ``max_running`` calls run at once, and a confirm
+    arriving while they do joins the next batch. ``enabled=False``: one call per
+    transaction, as the confirm was sent before.
+    """
+
+    enabled: bool = True
+    window: float = 0.002  #: seconds a batch stays open for more confirms
+    max_batch: int = 100  #: ids in one batch call
+    max_running: int = 4  #: batch calls in flight at once
+
+    def __post_init__(self) -> None:
+        if not (self.window >= 0 and self.max_batch >= 1 and self.max_running >= 1):
+            raise ValueError(
+                "ConfirmBatching needs window >= 0, max_batch >= 1 and max_running >= 1,"
+                f" not {self.window!r}, {self.max_batch!r}, {self.max_running!r}"
+            )
+
+
 class Producer:
     """Sends messages together with the caller's own PostgreSQL transactions."""
 
@@ -162,12 +187,27 @@ class Producer:
         *,
         retry: RetryPolicy | None = None,
         client: ServiceClient | None = None,
+        confirm_batching: ConfirmBatching | None = None,
     ) -> None:
         if client is None:
             if base_url is None or token is None:
                 raise ValueError("Producer needs base_url and token, or a client")
             client = ServiceClient(base_url, token, retry=retry)
         self.client = client
+        batching = confirm_batching or ConfirmBatching()
+        # The key is constant: one producer, one client, one token.
+        self._confirms: Coalescer[str, str, ItemResult] | None = (
+            Coalescer(
+                self._confirm_call,
+                window=batching.window,
+                max_items=batching.max_batch,
+                max_running=batching.max_running,
+                distinct=lambda id: id,
+                name="confirm",
+            )
+            if batching.enabled
+            else None
+        )
 
     async def __aenter__(self) -> Producer:
         return self
@@ -176,6 +216,8 @@ class Producer:
         await self.close()
 
     async def close(self) -> None:
+        if self._confirms is not None:
+            await self._confirms.close()
         await self.client.close()
 
     async def purge_markers(
@@ -267,10 +309,15 @@ class Producer:
 
     async def _confirm(self, ids: list[str]) -> bool:
         try:
-            if len(ids) == 1:
-                await self.client.confirm(ids[0])
-                return True
-            items = await self.client.confirm_many(ids)
+            if self._confirms is None:
+                items = await self._confirm_call("", ids)
+            else:
+                items = await self._confirms("", ids)
+                error = items[0].error
+                if len(ids) == 1 and error is not None and isinstance(error, RETRIED):
+                    # A shared batch found this message not publishable yet (no queue,
+                    # broker down); on its own the call would have been retried: do so.
+                    items = await self._confirm_call("", ids)
         except RETRIED as exc:
             _not_confirmed(ids, exc)
             return False
@@ -283,6 +330,14 @@ class Producer:
             if item not in later and item.error is not None:
                 raise item.error
         return not failed
+
+    async def _confirm_call(self, _: str, ids: list[str]) -> list[ItemResult]:
+        """One confirm call for ``ids``: the single route for one id (its answer, error
+        and retries are those of a lone confirm), the batch route for several."""
+        if len(ids) == 1:
+            answer = await self.client.confirm(ids[0])
+            return [ItemResult(ids[0], True, answer.get("status"), None, None)]
+        return await self.client.confirm_many(ids)
 
     async def _cancel_quietly(self, ids: list[str]) -> None:
         try:

@@ -21,6 +21,7 @@ EXPECTED = {
     "Producer": "reliable_msg.sdk.producer",
     "Outgoing": "reliable_msg.sdk.producer",
     "Sent": "reliable_msg.sdk.producer",
+    "ConfirmBatching": "reliable_msg.sdk.producer",
     "check_back_router": "reliable_msg.sdk.producer",
     "purge_markers": "reliable_msg.sdk.producer",
     "Consumer": "reliable_msg.sdk.consumer",
