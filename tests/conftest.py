@@ -187,6 +187,13 @@ async def started_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         await delete_namespace(settings.redis_url, settings.fallback.namespace)
 
 
+@contextlib.asynccontextmanager
+async def served_runtime(settings: Settings) -> AsyncIterator[tuple[Runtime, str]]:
+    """:func:`started_runtime` with its API served on a real localhost port: both."""
+    async with started_runtime(settings) as rt, serving_app(create_app(rt)) as url:
+        yield rt, url
+
+
 @pytest.fixture
 async def runtime(settings: Settings, db: asyncpg.Connection) -> AsyncIterator[Runtime]:
     """A started service instance without its scheduler: tests run passes themselves."""
