@@ -7,6 +7,7 @@ in a database of the test session's own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import uuid
@@ -72,22 +73,31 @@ def database_url() -> Iterator[str]:
     asyncio.run(_drop_database(DATABASE_URL))
 
 
+@contextlib.asynccontextmanager
+async def emptied_db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the test database, with the tables emptied first."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        # TCC's tables too: a test that counts transactions must not see another test's
+        await tables.empty(
+            conn,
+            "rmsg_message",
+            "rmsg_used_id",
+            "rmsg_tcc_transaction",
+            "rmsg_tcc_branch",
+            "rmsg_tcc_event",
+            "rmsg_tcc_used_gid",
+        )
+        yield conn
+    finally:
+        await conn.close()
+
+
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the test database, with the tables emptied first."""
-    conn = await asyncpg.connect(database_url)
-    # TCC's tables too: a test that counts transactions must not see another test's
-    await tables.empty(
-        conn,
-        "rmsg_message",
-        "rmsg_used_id",
-        "rmsg_tcc_transaction",
-        "rmsg_tcc_branch",
-        "rmsg_tcc_event",
-        "rmsg_tcc_used_gid",
-    )
-    yield conn
-    await conn.close()
+    async with emptied_db(database_url) as conn:
+        yield conn
 
 
 @pytest.fixture(autouse=True)
@@ -163,15 +173,32 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings()
 
 
+@contextlib.asynccontextmanager
+async def started_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    """A started service instance without its scheduler (tests run passes themselves);
+    stopped after, its RabbitMQ names and Redis namespace removed."""
+    rt = await Runtime.create(settings, scanners=False)
+    await rt.start()
+    try:
+        yield rt
+    finally:
+        await rt.stop()
+        await rabbit.delete_topology(AMQP_URL, settings)
+        await delete_namespace(settings.redis_url, settings.fallback.namespace)
+
+
+@contextlib.asynccontextmanager
+async def served_runtime(settings: Settings) -> AsyncIterator[tuple[Runtime, str]]:
+    """:func:`started_runtime` with its API served on a real localhost port: both."""
+    async with started_runtime(settings) as rt, serving_app(create_app(rt)) as url:
+        yield rt, url
+
+
 @pytest.fixture
 async def runtime(settings: Settings, db: asyncpg.Connection) -> AsyncIterator[Runtime]:
     """A started service instance without its scheduler: tests run passes themselves."""
-    rt = await Runtime.create(settings, scanners=False)
-    await rt.start()
-    yield rt
-    await rt.stop()
-    await rabbit.delete_topology(AMQP_URL, settings)
-    await delete_namespace(settings.redis_url, settings.fallback.namespace)
+    async with started_runtime(settings) as rt:
+        yield rt
 
 
 @pytest.fixture

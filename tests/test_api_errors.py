@@ -3,6 +3,11 @@
 Bodies are sent as raw JSON text (not httpx's ``json=``) so that a case can carry what
 Python's encoder allows and a strict one refuses: NaN, lone surrogates, huge integers.
 After a refused request the tables must be exactly as before: :func:`snapshot`.
+
+The module's tests share one started service (``runtime``, ``client``: starting one per
+test was most of this module's time) and run in the module's event loop; each test still
+gets tables emptied first (``db``). No test here changes the service itself (its settings,
+its connections, RabbitMQ or Redis): each changes only rows, and those are emptied.
 """
 
 from __future__ import annotations
@@ -15,8 +20,24 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import pytest_asyncio
 
-from tests.conftest import ADMIN, GROUP_TOKENS, OTHER_PRODUCER, PRODUCER, auth
+from reliable_msg.service.api import create_app
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
+from tests.conftest import (
+    ADMIN,
+    GROUP_TOKENS,
+    OTHER_PRODUCER,
+    PRODUCER,
+    auth,
+    emptied_db,
+    settings_for,
+    started_runtime,
+    unique_names,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 INVENTORY = GROUP_TOKENS["inventory"]
 CREDIT = GROUP_TOKENS["credit"]
@@ -96,7 +117,41 @@ async def confirm(client: httpx.AsyncClient, id: str, token: str = PRODUCER) -> 
     assert r.status_code == 200, r.text
 
 
+@pytest.fixture(scope="module")
+def settings(database_url: str) -> Settings:
+    """The test settings, with RabbitMQ names and a Redis namespace of the module's own."""
+    return settings_for(database_url, unique_names())
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    """One started service for the module's tests."""
+    async with started_runtime(settings) as rt:
+        yield rt
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def served(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(runtime))
+    async with httpx.AsyncClient(transport=transport, base_url="http://rmsg") as c:
+        yield c
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """The test database with its tables emptied first, in the module's event loop."""
+    async with emptied_db(database_url) as conn:
+        yield conn
+
+
 @pytest.fixture
+def client(served: httpx.AsyncClient, db: asyncpg.Connection) -> httpx.AsyncClient:
+    """The shared service's client, on tables emptied for this test (as a fresh service's
+    was: no row of another test is there)."""
+    return served
+
+
+@pytest_asyncio.fixture(loop_scope="module")
 async def seeded(client: httpx.AsyncClient, db: asyncpg.Connection) -> None:
     """``p-1`` pending, ``s-1`` sent, ``d-1`` dead (check-back exhausted) of PRODUCER;
     ``o-1`` pending of OTHER_PRODUCER."""

@@ -497,6 +497,10 @@ async def test_redis_down_while_rabbitmq_down_gives_503_and_completes_after(
                 "other": {"check_url": f"{check_url}/check", "token": OTHER_PRODUCER},
             },
             redelivery={"ack_timeout": 5.0, "max_attempts": 10},
+            # The check-back that finds the producer committed while RabbitMQ and Redis
+            # are both down cannot publish; the message is asked again when its lease
+            # ends: 3 s here (above the 1 s call timeout), not the default 60 s.
+            checkback={"lease": 3.0},
         )
         async with (
             own_runtime(settings, scanners=True) as rt,

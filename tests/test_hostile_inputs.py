@@ -2,22 +2,77 @@
 
 Each case here was answered wrong once: a header number that changed on its way to
 RabbitMQ and an id that no client can put in a URL path.
+
+The module's tests share one started, served service (``shared``) and run in the
+module's event loop; each test still gets tables emptied first (``db``). No test here
+changes the service itself, only rows.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
 import asyncpg
 import httpx
 import pytest
+import pytest_asyncio
 
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
-from tests.conftest import ADMIN, PRODUCER, auth
+from tests.conftest import (
+    ADMIN,
+    AMQP_URL,
+    PRODUCER,
+    auth,
+    emptied_db,
+    served_runtime,
+    settings_for,
+    unique_names,
+)
 from tests.test_api_errors import assert_error, snapshot
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest.fixture(scope="module")
+def settings(database_url: str) -> Settings:
+    """The test settings, with RabbitMQ names and a Redis namespace of the module's own."""
+    return settings_for(database_url, unique_names())
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared(settings: Settings) -> AsyncIterator[tuple[Runtime, str]]:
+    """One started service for the module's tests, served on a real port."""
+    async with served_runtime(settings) as served:
+        yield served
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """The test database with its tables emptied first, in the module's event loop."""
+    async with emptied_db(database_url) as conn:
+        yield conn
+
+
+@pytest.fixture
+def runtime(shared: tuple[Runtime, str], db: asyncpg.Connection) -> Runtime:
+    """The shared service, on tables emptied for this test (as a fresh one's were)."""
+    return shared[0]
+
+
+@pytest.fixture
+def service_url(shared: tuple[Runtime, str], runtime: Runtime) -> str:
+    return shared[1]
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def amqp() -> AsyncIterator[aio_pika.abc.AbstractConnection]:
+    connection = await aio_pika.connect(AMQP_URL)
+    yield connection
+    await connection.close()
 
 
 def message(id: str, **fields: Any) -> dict[str, Any]:

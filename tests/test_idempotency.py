@@ -1,7 +1,10 @@
 """Prepare is idempotent for the very same request only: a repeat answers 200 (batch:
 ``created`` false), anything else with that id is 409 ``id_conflict``. "The same" is
 canonical JSON, type-exact (1, true and 1.0 differ; key order does not), for the payload
-and the headers. Over a real HTTP server and PostgreSQL."""
+and the headers. Over a real HTTP server and PostgreSQL.
+
+The module's tests share one started, served service (``shared``) and run in the
+module's event loop; each test still gets tables emptied first (``db``)."""
 
 from __future__ import annotations
 
@@ -12,11 +15,47 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import pytest_asyncio
 
-from tests.conftest import PRODUCER, auth
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
+from tests.conftest import PRODUCER, auth, emptied_db, served_runtime, settings_for, unique_names
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest.fixture(scope="module")
+def settings(database_url: str) -> Settings:
+    """The test settings, with RabbitMQ names and a Redis namespace of the module's own."""
+    return settings_for(database_url, unique_names())
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared(settings: Settings) -> AsyncIterator[tuple[Runtime, str]]:
+    """One started service for the module's tests, served on a real port."""
+    async with served_runtime(settings) as served:
+        yield served
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """The test database with its tables emptied first, in the module's event loop."""
+    async with emptied_db(database_url) as conn:
+        yield conn
 
 
 @pytest.fixture
+def runtime(shared: tuple[Runtime, str], db: asyncpg.Connection) -> Runtime:
+    """The shared service, on tables emptied for this test (as a fresh one's were)."""
+    return shared[0]
+
+
+@pytest.fixture
+def service_url(shared: tuple[Runtime, str], runtime: Runtime) -> str:
+    return shared[1]
+
+
+@pytest_asyncio.fixture(loop_scope="module")
 async def http(service_url: str, db: asyncpg.Connection) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=service_url, headers=auth(PRODUCER)) as c:
         yield c

@@ -1,27 +1,48 @@
 """The TCC coordinator's HTTP API (``/v1/tcc/``) over the real PostgreSQL: the initiator's
 begin, register, commit and cancel with their repeats, the admin's list and retry now,
 every refusal as a JSON error that changed nothing, the deadline on the database's
-clock, and a commit racing a cancel."""
+clock, and a commit racing a cancel.
+
+The module's tests share one started service (``shared``; starting one per test was most
+of this module's time) and run in the module's event loop. Each test still gets what a
+service of its own gave it: tables emptied first (``db``), the service's own coordinator
+(a test's replacement is put back after it), and no driver round of another test under
+way (the driver is stopped after each test, as a service of its own was, and started
+again).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+import pytest_asyncio
 
 from reliable_msg.errors import ConfigError
 from reliable_msg.logs import JsonFormatter
+from reliable_msg.service.api import create_app
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.service.tcc.usecases import Coordinator
 from reliable_msg.tcc import Op, proof
-from tests.conftest import ADMIN, GROUP_TOKENS, OTHER_PRODUCER, PRODUCER, auth
+from tests.conftest import (
+    ADMIN,
+    GROUP_TOKENS,
+    OTHER_PRODUCER,
+    PRODUCER,
+    auth,
+    emptied_db,
+    settings_for,
+    started_runtime,
+    unique_names,
+)
 from tests.helpers.tcc_api import (
     MAX_BRANCHES,
     MAX_PAYLOAD,
@@ -33,17 +54,57 @@ from tests.helpers.tcc_api import (
 )
 from tests.test_api_errors import assert_error
 
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
 TX = "/v1/tcc/transactions"
 INVENTORY_TRY = "http://127.0.0.1:9/tcc/inventory/try"
 CREDIT_TRY = "http://127.0.0.1:9/tcc/credit/try"
 
 
-@pytest.fixture
-def settings(make_settings: Callable[..., Settings]) -> Settings:
-    return tcc_settings(make_settings)
+@pytest.fixture(scope="module")
+def settings(database_url: str) -> Settings:
+    return tcc_settings(functools.partial(settings_for, database_url, unique_names()))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared(settings: Settings) -> AsyncIterator[tuple[Runtime, httpx.AsyncClient]]:
+    """The module's one started service, and a client of its API."""
+    async with started_runtime(settings) as rt:
+        transport = httpx.ASGITransport(app=create_app(rt))
+        async with httpx.AsyncClient(transport=transport, base_url="http://rmsg") as c:
+            yield rt, c
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """The test database with its tables emptied first, in the module's event loop."""
+    async with emptied_db(database_url) as conn:
+        yield conn
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def runtime(
+    shared: tuple[Runtime, httpx.AsyncClient], db: asyncpg.Connection
+) -> AsyncIterator[Runtime]:
+    """The shared service, as this test's own: on emptied tables; after the test its own
+    coordinator back and its driver stopped (rounds under way end or are cancelled, as
+    at a service's stop) and started again."""
+    rt = shared[0]
+    coordinator = rt.coordinator
+    try:
+        yield rt
+    finally:
+        rt.coordinator = coordinator
+        await rt.tcc_driver.stop()
+        await rt.tcc_driver.start()
 
 
 @pytest.fixture
+def client(shared: tuple[Runtime, httpx.AsyncClient], runtime: Runtime) -> httpx.AsyncClient:
+    return shared[1]
+
+
+@pytest_asyncio.fixture(loop_scope="module")
 async def tcc_db(db: asyncpg.Connection) -> asyncpg.Connection:
     await empty_tcc_tables(db)
     return db
@@ -268,7 +329,7 @@ async def test_retry_now_resets_the_waits_and_kicks_the_driver(
 # -- refusals: a clear JSON error, and nothing changed -------------------------------------
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def seeded(client: httpx.AsyncClient, tcc_db: asyncpg.Connection, kicked: list[str]) -> None:
     """``t-1`` trying with branch ``stock``; ``t-ok`` committed; ``t-no`` cancelled;
     ``t-other`` trying, begun by the other producer; ``t-done`` confirmed (no branch).
@@ -575,9 +636,10 @@ async def test_a_commit_racing_a_cancel_exactly_one_wins(
 # -- URLs come from the configuration only -------------------------------------------------
 
 
-def test_the_configuration_refuses_a_participant_without_a_url(
+async def test_the_configuration_refuses_a_participant_without_a_url(
     make_settings: Callable[..., Settings],
 ) -> None:
+    # async only because every test of the module is marked to run in its event loop
     with pytest.raises(ConfigError, match=r"participants\.inventory\.url"):
         make_settings(participants={"inventory": {"token": "inventory-participant-token"}})
 
