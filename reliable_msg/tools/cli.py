@@ -335,7 +335,7 @@ COUNT = click.IntRange(min=1)
 )
 @click.option(
     "--floor-requests",
-    default=5000,
+    default=20_000,
     show_default=True,
     help="Bare HTTP round trips of the floor F (after a warm-up of a tenth as many).",
 )

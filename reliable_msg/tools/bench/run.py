@@ -43,7 +43,7 @@ class Options:
     tcc_transactions: int = 3000
     tcc_concurrency: int = 32
     #: Requests of the floor's bare round trips (after a warm-up of a tenth of them).
-    floor_requests: int = 5000
+    floor_requests: int = 20000
     run_dir: Path = Path(".artifacts/bench")
     #: Parts to run: floor, ceilings, scanner, paths, tcc (a partial run prints what it
     #: measured and judges the targets it has the figures of).
