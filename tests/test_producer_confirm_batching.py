@@ -11,6 +11,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -62,6 +63,11 @@ class CountingProxy:
     lose_next_batch_answer: bool = False
     #: Awaited once, after the first batch confirm is answered, before passing it on.
     after_first_batch: Callable[[], Awaitable[None]] | None = None
+    #: Rewrites every batch confirm's answer (the ids asked, the service's answer): a
+    #: buggy or hostile service.
+    doctor: Callable[[list[str], dict[str, Any]], dict[str, Any]] | None = None
+    #: Answers every batch confirm with this (status, error code) instead of passing it on.
+    refuse_batches: tuple[int, str] | None = None
     port: int = field(default_factory=free_port)
 
     @property
@@ -76,6 +82,12 @@ class CountingProxy:
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
+        if request.path == "/v1/batch/confirm" and self.refuse_batches is not None:
+            status, code = self.refuse_batches
+            self.calls.append(Call(request.path, json.loads(body)["ids"], status))
+            error = {"error": {"code": code, "message": f"refused by the proxy: {code}"}}
+            headers = {"Retry-After": "0"} if status == 429 else {}
+            return web.json_response(error, status=status, headers=headers)
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}
         async with self._session.request(
             request.method, self.upstream + request.path_qs, data=body, headers=headers
@@ -88,6 +100,8 @@ class CountingProxy:
                 self.calls.append(Call(request.path, ids, 502))
                 return web.Response(status=502, text="bad gateway")
             self.calls.append(Call(request.path, ids, status))
+            if request.path == "/v1/batch/confirm" and self.doctor is not None and status == 200:
+                raw = json.dumps(self.doctor(ids, json.loads(raw))).encode()
             if request.path == "/v1/batch/confirm" and self.after_first_batch is not None:
                 hook, self.after_first_batch = self.after_first_batch, None
                 await hook()
@@ -351,3 +365,60 @@ async def test_an_item_not_publishable_yet_is_retried_as_a_lone_confirm_would_be
     singles = [c.ids[0] for c in counting.confirms() if c.path != "/v1/batch/confirm"]
     assert sorted(set(singles)) == sorted(first.ids)
     assert await statuses(sdk_db, ids) == dict.fromkeys(ids, "sent")
+
+
+def _rotate(_: list[str], answer: dict[str, Any]) -> dict[str, Any]:
+    results = answer["results"]
+    return {"results": results[1:] + results[:1]}
+
+
+def _alien(ids: list[str], answer: dict[str, Any]) -> dict[str, Any]:
+    """The victim's result replaced by an "ok" for an id nobody asked about."""
+    alien = {"id": "alien", "ok": True, "status": "sent", "created": None, "error": None}
+    return {"results": [alien if r["id"] == VICTIM else r for r in answer["results"]]}
+
+
+def _dropped(_: list[str], answer: dict[str, Any]) -> dict[str, Any]:
+    return {"results": [r for r in answer["results"] if r["id"] != VICTIM]}
+
+
+def _no_error(_: list[str], answer: dict[str, Any]) -> dict[str, Any]:
+    """The victim's item failed, but says nothing of why."""
+    results = [{**r, "error": None} if r["id"] == VICTIM else r for r in answer["results"]]
+    return {"results": results}
+
+
+VICTIM = "bad-3"
+
+
+@pytest.mark.parametrize("doctor", [_rotate, _alien, _dropped, _no_error])
+async def test_a_batch_answer_out_of_order_or_missing_an_id_is_never_misassigned(
+    doctor: Callable[[list[str], dict[str, Any]], dict[str, Any]],
+    counting: CountingProxy,
+    pool: asyncpg.Pool,
+    sdk_db: asyncpg.Connection,
+) -> None:
+    """A buggy or hostile service answers a shared batch in another order, with an id
+    nobody asked about, without one of the ids, or with a failed item that gives no
+    error: each transaction is still told its own message's outcome (the dead one's
+    Conflict goes to it and to no other), and none crashes."""
+    ids = [f"bad-{n}" for n in range(N)]
+    counting.doctor = doctor
+
+    async def spoil(id: str, _: int) -> None:
+        if id == VICTIM:
+            await sdk_db.execute(
+                "UPDATE rmsg_message SET headers = $1::jsonb WHERE id = $2",
+                json.dumps({"b": HUGE}),
+                id,
+            )
+
+    async with Producer(counting.url, PRODUCER, retry=FAST, confirm_batching=WIDE) as producer:
+        outcomes = dict(zip(ids, await together(producer, pool, ids, spoil), strict=True))
+    [shared] = [c for c in counting.batches() if VICTIM in c.ids]
+    assert len(shared.ids) > 1
+    failed = outcomes.pop(VICTIM)
+    assert isinstance(failed, Conflict) and failed.code == "dead", failed
+    assert all(isinstance(o, Sent) and o.confirmed for o in outcomes.values()), outcomes
+    want = {**dict.fromkeys(ids, "sent"), VICTIM: "dead"}
+    assert await statuses(sdk_db, ids) == want
