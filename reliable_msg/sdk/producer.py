@@ -37,7 +37,7 @@ from fastapi import APIRouter, Header, HTTPException
 from pydantic import BaseModel
 
 from reliable_msg.coalesce import Coalescer
-from reliable_msg.errors import Code, Conflict, Fenced, ReliableMsgError
+from reliable_msg.errors import Code, Conflict, Fenced, ReliableMsgError, ServiceUnavailable
 from reliable_msg.message import HeaderValue
 from reliable_msg.sdk.client import RETRIED, ItemResult, RetryPolicy, ServiceClient
 from reliable_msg.states import M
@@ -337,7 +337,7 @@ class Producer:
         if len(ids) == 1:
             answer = await self.client.confirm(ids[0])
             return [ItemResult(ids[0], True, answer.get("status"), None, None)]
-        return await self.client.confirm_many(ids)
+        return _each_asked(ids, await self.client.confirm_many(ids))
 
     async def _cancel_quietly(self, ids: list[str]) -> None:
         try:
@@ -348,6 +348,28 @@ class Producer:
         except ReliableMsgError as exc:
             # The message stays pending; check-back will find no marker and cancel it.
             log.warning("could not cancel %s (%s); check-back will", ",".join(ids), exc)
+
+
+def _each_asked(ids: list[str], items: list[ItemResult]) -> list[ItemResult]:
+    """One result per id asked, in the order asked, matched by id rather than by place.
+
+    A buggy or hostile answer is never taken for another message's outcome nor for a
+    confirm: an item for an id not asked is ignored, and an id the answer names not
+    exactly once, or whose failed item gives no error, is not confirmed as after an
+    outage (its confirm is retried, or check-back finishes it).
+    """
+    found: dict[str, list[ItemResult]] = {}
+    for item in items:
+        found.setdefault(item.id, []).append(item)
+    results = []
+    for id in ids:
+        match found.get(id, []):
+            case [item] if item.error is not None or item.ok:
+                results.append(item)
+            case _:
+                why = f"the service's batch answer gave no usable result for message {id!r}"
+                results.append(ItemResult(id, False, None, None, ServiceUnavailable(why)))
+    return results
 
 
 def _not_confirmed(ids: list[str], error: Exception | None) -> None:
