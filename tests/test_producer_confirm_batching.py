@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
-from reliable_msg.errors import Conflict
+from reliable_msg.errors import Conflict, Unauthorized
 from reliable_msg.harness.ports import free_port
 from reliable_msg.harness.proxy import FaultProxy
 from reliable_msg.sdk import consumer as consumer_sdk
@@ -422,3 +422,42 @@ async def test_a_batch_answer_out_of_order_or_missing_an_id_is_never_misassigned
     assert all(isinstance(o, Sent) and o.confirmed for o in outcomes.values()), outcomes
     want = {**dict.fromkeys(ids, "sent"), VICTIM: "dead"}
     assert await statuses(sdk_db, ids) == want
+
+
+async def test_a_rate_limited_batch_leaves_its_messages_to_check_back_without_reruns(
+    runtime: Runtime,
+    counting: CountingProxy,
+    pool: asyncpg.Pool,
+    sdk_db: asyncpg.Connection,
+) -> None:
+    """A shared batch still rate limited after the client's retries: the limit is the
+    credential's, so no transaction's confirm is sent again on its own (N more requests
+    into a limit already spent); each is told "not confirmed", as a lone confirm still
+    limited after its retries is, and check-back finishes the messages."""
+    ids = [f"rl-{n}" for n in range(N)]
+    counting.refuse_batches = (429, "rate_limited")
+    async with Producer(counting.url, PRODUCER, retry=FAST, confirm_batching=WIDE) as producer:
+        outcomes = dict(zip(ids, await together(producer, pool, ids), strict=True))
+    shared = {i for c in counting.batches() if len(c.ids) > 1 for i in c.ids}
+    assert shared
+    singles = {c.ids[0] for c in counting.confirms() if c.path != "/v1/batch/confirm"}
+    assert not shared & singles, singles
+    assert all(isinstance(o, Sent) and not o.confirmed for i, o in outcomes.items() if i in shared)
+    await check_back_until(runtime, pool, sdk_db, dict.fromkeys(shared, "sent"))
+
+
+async def test_a_batch_refused_for_its_credential_tells_each_without_reruns(
+    counting: CountingProxy, pool: asyncpg.Pool, sdk_db: asyncpg.Connection
+) -> None:
+    """A 401 for the whole batch is the token's, not one transaction's doing: each
+    transaction of the batch gets that Unauthorized (as a lone confirm would), and no
+    confirm is sent again on its own."""
+    ids = [f"ua-{n}" for n in range(N)]
+    counting.refuse_batches = (401, "unauthorized")
+    async with Producer(counting.url, PRODUCER, retry=FAST, confirm_batching=WIDE) as producer:
+        outcomes = dict(zip(ids, await together(producer, pool, ids), strict=True))
+    shared = {i for c in counting.batches() if len(c.ids) > 1 for i in c.ids}
+    assert shared
+    singles = {c.ids[0] for c in counting.confirms() if c.path != "/v1/batch/confirm"}
+    assert not shared & singles, singles
+    assert all(isinstance(outcomes[i], Unauthorized) for i in shared), outcomes
