@@ -8,10 +8,11 @@ while it waits for a turn (the busier the service, the larger its batches) and a
 call waits ``window`` at most. Each call gets its own slice of the results.
 
 A batch that fails as a whole fails every call in it with the same error when the error
-is an outage (:data:`~reliable_msg.errors.TRANSIENT`: nothing of it was written). Any
-other error may be one call's doing (its data), so each call of a shared batch is then
-run again on its own and gets its own answer: one caller's failure never fails the
-others.
+is an outage (:data:`~reliable_msg.errors.TRANSIENT`: nothing of it was written), or
+another error its user names as no one call's doing (``shared_failures``: a rate limit
+or a credential refused, say). Any other error may be one call's doing (its data), so
+each call of a shared batch is then run again on its own and gets its own answer: one
+caller's failure never fails the others.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Coalescer(Generic[K, I, R]):
         distinct: Callable[[I], Hashable] | None = None,
         name: str = "batch",
         sizes: Callable[[int], None] | None = None,
+        shared_failures: tuple[type[Exception], ...] = TRANSIENT,
     ) -> None:
         if window < 0 or max_items < 1 or max_running < 1:
             raise ValueError("window >= 0, max_items >= 1 and max_running >= 1")
@@ -74,6 +76,7 @@ class Coalescer(Generic[K, I, R]):
         self._distinct = distinct
         self._name = name
         self._sizes = sizes
+        self._shared_failures = shared_failures
         self._open: dict[K, _Batch[K, I, R]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -144,7 +147,7 @@ class Coalescer(Generic[K, I, R]):
         """One run for every call of ``batch``, each answered with its slice."""
         try:
             results = await self._run(batch.key, [i for c in batch.calls for i in c.items])
-        except TRANSIENT as exc:
+        except self._shared_failures as exc:
             for call in batch.calls:
                 _settle(call, exc)
             return

@@ -37,7 +37,15 @@ from fastapi import APIRouter, Header, HTTPException
 from pydantic import BaseModel
 
 from reliable_msg.coalesce import Coalescer
-from reliable_msg.errors import Code, Conflict, Fenced, ReliableMsgError, ServiceUnavailable
+from reliable_msg.errors import (
+    Code,
+    Conflict,
+    Fenced,
+    Forbidden,
+    ReliableMsgError,
+    ServiceUnavailable,
+    Unauthorized,
+)
 from reliable_msg.message import HeaderValue
 from reliable_msg.sdk.client import RETRIED, ItemResult, RetryPolicy, ServiceClient
 from reliable_msg.states import M
@@ -204,6 +212,10 @@ class Producer:
                 max_running=batching.max_running,
                 distinct=lambda id: id,
                 name="confirm",
+                # The credential's, never one transaction's doing: a rate limit still
+                # hit after the client's retries, a token refused. Each transaction is
+                # told it as a lone confirm would be, not sent again on its own.
+                shared_failures=(*RETRIED, Unauthorized, Forbidden),
             )
             if batching.enabled
             else None

@@ -106,6 +106,16 @@ async def test_an_outage_fails_every_caller_of_the_shared_run() -> None:
     assert run.runs == [("p", [1, 2])]  # not run again: an outage is no one call's doing
 
 
+async def test_a_failure_named_shared_fails_every_caller_without_reruns() -> None:
+    run = Recorder(bad={2})
+    c: Coalescer[str, int, int] = Coalescer(
+        run, window=0.05, max_items=100, max_running=2, shared_failures=(ValueError,)
+    )
+    results = await asyncio.gather(c("p", [1]), c("p", [2]), return_exceptions=True)
+    assert all(isinstance(r, ValueError) for r in results), results
+    assert run.runs == [("p", [1, 2])]
+
+
 async def test_another_failure_is_retried_call_by_call_so_only_its_caller_fails() -> None:
     run = Recorder(bad={2})
     c = coalescer(run)
