@@ -12,6 +12,10 @@ from reliable_msg.sdk.producer import ConfirmBatching
     [
         {"window": -0.001},
         {"window": float("nan")},
+        # A lone confirm would wait for ever for others to fill its batch.
+        {"window": float("inf")},
+        {"max_batch": 2.5},
+        {"max_running": "4"},
         {"max_batch": 0},
         {"max_running": 0},
     ],
