@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -178,9 +179,13 @@ class ConfirmBatching:
     max_running: int = 4  #: batch calls in flight at once
 
     def __post_init__(self) -> None:
-        if not (self.window >= 0 and self.max_batch >= 1 and self.max_running >= 1):
+        counts = (self.max_batch, self.max_running)
+        whole = all(isinstance(n, int) and not isinstance(n, bool) for n in counts)
+        window = isinstance(self.window, int | float) and 0 <= self.window < math.inf
+        if not (window and whole and self.max_batch >= 1 and self.max_running >= 1):
             raise ValueError(
-                "ConfirmBatching needs window >= 0, max_batch >= 1 and max_running >= 1,"
+                "ConfirmBatching needs a finite window >= 0 and whole numbers"
+                " max_batch >= 1 and max_running >= 1,"
                 f" not {self.window!r}, {self.max_batch!r}, {self.max_running!r}"
             )
 
