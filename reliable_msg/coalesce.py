@@ -18,6 +18,7 @@ caller's failure never fails the others.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -104,8 +105,10 @@ class Coalescer(Generic[K, I, R]):
         """Start every open batch now and wait for all to finish."""
         for batch in list(self._open.values()):
             self._close(batch)
+        # asyncio.wait, not gather: a close that is cancelled (a shutdown giving up)
+        # leaves the batches to run and answer their callers rather than cancelling them.
         while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.wait(set(self._tasks))
 
     def _fits(self, batch: _Batch[K, I, R], size: int, ids: list[Hashable]) -> bool:
         if batch.size + size > self._max_items:
@@ -117,7 +120,7 @@ class Coalescer(Generic[K, I, R]):
         self._open[key] = batch
         task = asyncio.create_task(self._flush(batch), name=f"{self._name}:{key}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(functools.partial(self._ended, batch))
         return batch
 
     def _close(self, batch: _Batch[K, I, R]) -> None:
@@ -125,6 +128,22 @@ class Coalescer(Generic[K, I, R]):
         if self._open.get(batch.key) is batch:
             del self._open[batch.key]
         batch.full.set()
+
+    def _ended(self, batch: _Batch[K, I, R], task: asyncio.Task[None]) -> None:
+        """Whatever ended ``batch``'s task (cancelled at shutdown, even before it began,
+        or a bug), no call of it waits for ever, and none joins it any more."""
+        self._tasks.discard(task)
+        self._close(batch)
+        error: BaseException
+        if task.cancelled():
+            error = asyncio.CancelledError()
+        elif (failure := task.exception()) is not None:
+            log.error("a %s of %d calls failed", self._name, len(batch.calls), exc_info=failure)
+            error = failure
+        else:
+            error = RuntimeError(f"a {self._name} ended without answering")
+        for call in batch.calls:
+            _settle(call, error)
 
     async def _flush(self, batch: _Batch[K, I, R]) -> None:
         if self._window > 0:

@@ -730,3 +730,26 @@ async def test_one_id_confirmed_by_concurrent_calls_is_sent_and_published_once(
     assert await confirms.since() == ((1, 3) if enabled else (0, 0))
     assert await deliveries(db, ["dup"]) == {"dup": ["credit", "inventory", "wms"]}
     assert await queued(amqp, settings.queue_name("inventory")) == ["dup"]
+
+
+@ON_AND_OFF
+async def test_one_id_acked_by_concurrent_calls_is_answered_as_a_repeat_once(
+    http: httpx.AsyncClient, db: asyncpg.Connection, enabled: bool
+) -> None:
+    """Two acks of one delivery: one moves it, the other is a repeat and says since when
+    (``done_at``), whether the two shared a run or not."""
+    await prepare(http, body("twice"))
+    assert (await confirm(http, "twice")).status_code == 200
+    acks = await runs(http, "ack")
+    inventory = auth(GROUP_TOKENS["inventory"])
+    answers = await asyncio.gather(
+        http.post("/v1/batch/ack", json={"ids": ["twice"]}, headers=inventory),
+        http.post("/v1/batch/ack", json={"ids": ["twice"]}, headers=inventory),
+    )
+    assert [results(r) for r in answers] == [[("twice", "done")]] * 2
+    done_at = await db.fetchval(
+        "SELECT done_at FROM rmsg_delivery WHERE message_id = 'twice' AND group_name = 'inventory'"
+    )
+    said = sorted(str(r.json()["results"][0].get("done_at")) for r in answers)
+    assert said == sorted(["None", done_at.isoformat()]), said
+    assert await acks.since() == ((1, 2) if enabled else (0, 0))

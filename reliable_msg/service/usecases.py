@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -236,11 +237,23 @@ class UseCases:
         unique = list(dict.fromkeys(ids))
         moved = set(await self._store.ack(group, unique))
         ACKS.labels(group).inc(len(moved))
-        rest = [i for i in unique if i not in moved]
+        # An id named again (concurrent calls sharing one run, see GroupCommit) was moved
+        # once: its later mentions are repeats, answered as a repeat ack would be.
+        repeated = (
+            {i for i, n in Counter(ids).items() if n > 1 and i in moved}
+            if len(unique) < len(ids)
+            else set()
+        )
+        rest = [i for i in unique if i not in moved or i in repeated]
         states = await self._store.delivery_states(group, rest) if rest else {}
-        return [
-            Acked(i, group) if i in moved else _explain_ack(group, i, states.get(i)) for i in ids
-        ]
+        answers: list[Acked | ReliableMsgError] = []
+        for i in ids:
+            if i in moved:
+                moved.discard(i)
+                answers.append(Acked(i, group))
+            else:
+                answers.append(_explain_ack(group, i, states.get(i)))
+        return answers
 
     # -- reads -----------------------------------------------------------------------
 

@@ -109,7 +109,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, no_scanners: b
 
     settings = _settings(ctx)
     try:
-        uvloop.run(_serve(settings, host, port, scanners=not no_scanners))
+        # None: as the configuration says (scanner.enabled); --no-scanners overrides it.
+        uvloop.run(_serve(settings, host, port, scanners=False if no_scanners else None))
     except ReliableMsgError as exc:
         _fail(str(exc), code=1)
 
@@ -119,7 +120,9 @@ def serve(ctx: click.Context, host: str | None, port: int | None, no_scanners: b
 STARTUP_WAIT = 60.0
 
 
-async def _serve(settings: Settings, host: str | None, port: int | None, scanners: bool) -> None:
+async def _serve(
+    settings: Settings, host: str | None, port: int | None, scanners: bool | None
+) -> None:
     import uvicorn
 
     from reliable_msg.service.api import create_app

@@ -163,3 +163,48 @@ async def test_a_run_answering_the_wrong_count_fails_its_callers() -> None:
 def test_shapes_out_of_range_are_refused() -> None:
     with pytest.raises(ValueError, match="max_items"):
         coalescer(Recorder(), max_items=0)
+
+
+async def test_close_cancelled_leaves_the_batches_to_answer_their_callers() -> None:
+    """A shutdown that gives up waiting (its ``close`` cancelled) must not cancel the
+    runs under way nor strand the calls waiting for a turn: each is answered."""
+    run = Recorder()
+    run.gate = asyncio.Event()
+    c = coalescer(run, window=0, max_running=1)
+    first = asyncio.ensure_future(c("p", [1]))
+    await run.started.wait()
+    second = asyncio.ensure_future(c("p", [2]))  # its batch waits for the running one
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(c.close())
+    await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    run.gate.set()
+    assert await first == [10]
+    assert await second == [20]
+    assert run.runs == [("p", [1]), ("p", [2])]
+
+
+async def test_a_batch_cancelled_before_its_run_settles_its_callers() -> None:
+    """A batch task cancelled while its calls wait for a turn (the loop shutting down)
+    cancels them rather than leaving them waiting for ever."""
+    run = Recorder()
+    run.gate = asyncio.Event()
+    c = coalescer(run, window=0, max_running=1)
+    first = asyncio.ensure_future(c("p", [1]))
+    await run.started.wait()
+    waiting = [asyncio.ensure_future(c("p", [i])) for i in (2, 3)]
+    await asyncio.sleep(0)
+    batches = [t for t in asyncio.all_tasks() if t.get_name() == "batch:p"]
+    assert len(batches) == 2  # the running one and the waiting one
+    for task in batches:
+        task.cancel()
+    await asyncio.gather(*batches, return_exceptions=True)
+    for _ in range(3):  # let the callers see their futures settled
+        await asyncio.sleep(0)
+    assert first.done() and all(w.done() for w in waiting)
+    for call in (first, *waiting):
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    assert run.runs == [("p", [1])]
