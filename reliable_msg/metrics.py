@@ -38,7 +38,8 @@ SHARD_ALARMS = Counter(
 )
 CONFIRM_SECONDS = Histogram(
     "rmsg_confirm_seconds",
-    "Time of one confirm call (update, publish, commit), by who confirms",
+    "Time of one confirm run (update, publish, commit; one shared run under group commit), "
+    "by who confirms",
     ["caller"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
