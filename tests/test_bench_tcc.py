@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 from rich.console import Console
 
-from reliable_msg.tools.bench import floor, run, tcc
+from reliable_msg.tools.bench import floor, report, run, tcc
 from tests.conftest import AMQP_URL, SERVER_URL, TEST_PREFIX, _drop_database
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -60,8 +60,8 @@ async def test_a_small_tcc_run_gives_its_figures_and_checks_its_books(tmp_path: 
         # the same run's floor, measured for real, and the multiples of it in the JSON
         measured = (await floor.measure(requests=500, warm_up=50)).summary()
         results: dict[str, Any] = {"floor": measured, "tcc": summary}
-        results["figures"] = run._figures(results)
-        results["targets"] = run._targets(results["figures"])
+        results["figures"] = report.figures_of(results)
+        results["targets"] = report.targets_of(results["figures"])
         run.write_json(results, tmp_path / "results.json")
         figures = json.loads((tmp_path / "results.json").read_text())["figures"]
         f = figures["floor_ms_per_request"]
@@ -74,7 +74,7 @@ async def test_a_small_tcc_run_gives_its_figures_and_checks_its_books(tmp_path: 
         }
 
         console = Console(width=200, record=True)
-        console.print(run._tcc_table(summary, f))
+        console.print(report.tcc_table(summary, f))
         text = " ".join(console.export_text().split())  # the cells' padding squeezed
         assert f"TCC, 3 branches: global transactions/s │ {summary['tx_per_s']} │" in text
         assert (

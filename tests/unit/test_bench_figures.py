@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.console import Console
 
-from reliable_msg.tools.bench import e2e, run
+from reliable_msg.tools.bench import e2e, report
 
 
 def test_phases_split_confirm_to_handler_at_the_answer_and_the_arrival() -> None:
@@ -104,12 +104,12 @@ def _results() -> dict[str, Any]:
 
 def test_the_table_shows_every_figure_and_judges_every_target() -> None:
     results = _results()
-    figures = run._figures(results)
+    figures = report.figures_of(results)
     results["figures"] = figures
-    results["targets"] = run._targets(figures)
+    results["targets"] = report.targets_of(figures)
 
     console = Console(width=200, record=True)
-    console.print(run._table(results))
+    console.print(report.summary_table(results))
     text = console.export_text()
 
     assert figures["latency_phases_p99_ms"] == {
@@ -151,7 +151,7 @@ def _row(text: str, name: str) -> str:
 
 
 def test_every_cpu_figure_is_also_a_multiple_of_the_floor() -> None:
-    figures = run._figures(_results())
+    figures = report.figures_of(_results())
 
     assert figures["floor_ms_per_request"] == 0.5
     for name in ("single", "batch", "degraded"):
@@ -173,8 +173,8 @@ def test_every_cpu_figure_is_also_a_multiple_of_the_floor() -> None:
 def test_without_the_floor_the_multiples_are_not_measured() -> None:
     results = _results()
     del results["floor"]
-    figures = run._figures(results)
-    targets = {t["key"]: t["met"] for t in run._targets(figures)}
+    figures = report.figures_of(results)
+    targets = {t["key"]: t["met"] for t in report.targets_of(figures)}
 
     assert "floor_ms_per_request" not in figures
     assert figures["single_cpu_floor_multiple"] is None
@@ -187,38 +187,40 @@ def test_the_latency_target_is_the_worst_of_three_runs() -> None:
     results["paths"]["latency"] = [
         _path(140.0, latency=True, p99=p99) for p99 in (12.0, 61.0, 30.0)
     ]
-    figures = run._figures(results)
-    targets = {t["key"]: t["met"] for t in run._targets(figures)}
+    figures = report.figures_of(results)
+    targets = {t["key"]: t["met"] for t in report.targets_of(figures)}
     assert figures["latency_p99_ms"] == 61.0
     assert [r["p99_ms"] for r in figures["latency_runs"]] == [12.0, 61.0, 30.0]
     assert targets["latency_p99_ms"] is False
 
     results["paths"]["latency"] = [_path(140.0, latency=True) for _ in range(2)]
-    figures = run._figures(results)
+    figures = report.figures_of(results)
     assert figures["latency_p99_ms"] != figures["latency_p99_ms"]  # NaN: two runs of three
-    assert {t["key"]: t["met"] for t in run._targets(figures)}["latency_p99_ms"] is None
+    assert {t["key"]: t["met"] for t in report.targets_of(figures)}["latency_p99_ms"] is None
 
 
 def test_a_partial_run_judges_only_what_it_measured() -> None:
     results = {"floor": _results()["floor"], "paths": {"single": _path(600.0)}}
-    figures = run._figures(results)
-    met = {t["key"]: t["met"] for t in run._targets(figures)}
+    figures = report.figures_of(results)
+    met = {t["key"]: t["met"] for t in report.targets_of(figures)}
 
     assert met["single_cpu_floor_multiple"] is True
     assert met["single_msgs_per_s"] is True
     assert met["batch_msgs_per_s"] is None
     assert met["tcc_tx_per_s"] is None
     console = Console(width=200, record=True)
-    console.print(run._table({**results, "figures": figures, "targets": run._targets(figures)}))
+    console.print(
+        report.summary_table({**results, "figures": figures, "targets": report.targets_of(figures)})
+    )
     assert "│ 600.0 │" in _row(console.export_text(), "end to end, single-message API")
 
 
 def test_a_cpu_figure_prints_in_ms_and_in_floors() -> None:
-    assert run.in_floor(7.9, 0.55) == "7.90 ms = 14.4 F"
-    assert run.in_floor(7.9, None) == "7.90 ms"
-    assert run.in_floor(float("nan"), 0.55) == "nan"
-    assert run.floor_multiple(7.9, 0.55) == 14.36
-    assert run.floor_multiple(7.9, None) is None
+    assert report.in_floor(7.9, 0.55) == "7.90 ms = 14.4 F"
+    assert report.in_floor(7.9, None) == "7.90 ms"
+    assert report.in_floor(float("nan"), 0.55) == "nan"
+    assert report.floor_multiple(7.9, 0.55) == 14.36
+    assert report.floor_multiple(7.9, None) is None
 
 
 def test_a_cpu_sum_missing_a_group_it_sums_is_not_measured() -> None:
@@ -229,8 +231,8 @@ def test_a_cpu_sum_missing_a_group_it_sums_is_not_measured() -> None:
     tcc = _results()["tcc"]
     del tcc["cpu_ms_per_tx"]["initiator"]
     results["tcc"] = tcc
-    figures = run._figures(results)
-    targets = run._targets(figures)
+    figures = report.figures_of(results)
+    targets = report.targets_of(figures)
     met = {t["key"]: t["met"] for t in targets}
 
     assert figures["single_cpu_ms_per_msg_total"] is None
@@ -240,7 +242,7 @@ def test_a_cpu_sum_missing_a_group_it_sums_is_not_measured() -> None:
     assert figures["tcc_cpu_ms_per_tx_total"] is None
     assert figures["tcc_cpu_floor_multiple"] is None
     console = Console(width=200, record=True)
-    console.print(run._table({**results, "figures": figures, "targets": targets}))
+    console.print(report.summary_table({**results, "figures": figures, "targets": targets}))
     text = console.export_text()
     assert "not measured: no rabbitmq" in _row(text, "CPU per message, single: service")
     assert "not measured: no initiator" in _row(text, "TCC CPU per transaction: service +")
