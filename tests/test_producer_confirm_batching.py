@@ -26,7 +26,8 @@ from reliable_msg.harness.proxy import FaultProxy
 from reliable_msg.sdk import consumer as consumer_sdk
 from reliable_msg.sdk import producer as producer_sdk
 from reliable_msg.sdk.client import RetryPolicy
-from reliable_msg.sdk.producer import ConfirmBatching, Producer, Sent
+from reliable_msg.sdk.confirms import ConfirmBatching
+from reliable_msg.sdk.producer import Producer, Sent
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from tests.conftest import PRODUCER

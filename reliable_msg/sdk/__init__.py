@@ -46,9 +46,9 @@ from reliable_msg.errors import (
 
 if TYPE_CHECKING:
     from reliable_msg.sdk.client import ItemResult, RetryPolicy, ServiceClient
+    from reliable_msg.sdk.confirms import ConfirmBatching
     from reliable_msg.sdk.consumer import Consumer, Poison, Received, purge_inbox
     from reliable_msg.sdk.producer import (
-        ConfirmBatching,
         Outgoing,
         Producer,
         Sent,
@@ -73,7 +73,7 @@ HOMES = {
     "Poison": "consumer",
     "Received": "consumer",
     "purge_inbox": "consumer",
-    "ConfirmBatching": "producer",
+    "ConfirmBatching": "confirms",
     "Outgoing": "producer",
     "Producer": "producer",
     "Sent": "producer",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reliable_msg.sdk.producer import ConfirmBatching
+from reliable_msg.sdk.confirms import ConfirmBatching
 
 
 @pytest.mark.parametrize(
