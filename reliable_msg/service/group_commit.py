@@ -36,7 +36,7 @@ class GroupCommit:
             self._prepare_in_id_order, "prepare", settings, distinct=lambda m: m.id
         )
         self._confirm: Coalescer[str, str, Result] = _coalescer(
-            self._confirm_in_id_order, "confirm", settings
+            usecases.confirm, "confirm", settings
         )
         self._ack: Coalescer[str, str, Acked | ReliableMsgError] = _coalescer(
             usecases.ack, "ack", settings
@@ -64,16 +64,15 @@ class GroupCommit:
         for coalescer in (self._prepare, self._confirm, self._ack):
             await coalescer.close()
 
-    # Rows are written and locked in id order, so that two shared batches holding the
-    # same ids (repeats of one request) wait on each other instead of deadlocking.
+    # New rows are written in id order, so that two shared prepares holding the same ids
+    # (repeats of one request) wait on each other instead of deadlocking. (A confirm's
+    # UPDATE locks in its plan's order whatever the order of its ids; a deadlock there is
+    # retried by the store.)
 
     async def _prepare_in_id_order(
         self, producer: str, items: list[NewMessage]
     ) -> list[Prepared | ReliableMsgError]:
         return await _in_order(items, lambda m: m.id, lambda s: self._usecases.prepare(producer, s))
-
-    async def _confirm_in_id_order(self, producer: str, ids: list[str]) -> list[Result]:
-        return await _in_order(ids, lambda i: i, lambda s: self._usecases.confirm(producer, s))
 
 
 def _coalescer(
