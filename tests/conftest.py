@@ -211,11 +211,17 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture
 async def sdk_db(db: asyncpg.Connection) -> asyncpg.Connection:
-    """The test database with both SDKs' tables and an ``sdk_effects`` table, all empty."""
+    """The test database with both SDKs' tables, a producer's ``sdk_orders`` and the
+    consumers' ``sdk_effects``, all empty."""
     await producer_sdk.install(db)
     await consumer_sdk.install(db)
-    await db.execute("CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text)")
-    await tables.empty(db, "sdk_effects", "rmsg_inbox", "rmsg_producer_marker")
+    await db.execute(
+        """
+        CREATE TABLE IF NOT EXISTS sdk_orders (id text PRIMARY KEY);
+        CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text);
+        """
+    )
+    await tables.empty(db, "sdk_orders", "sdk_effects", "rmsg_inbox", "rmsg_producer_marker")
     return db
 
 

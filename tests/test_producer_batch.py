@@ -13,7 +13,6 @@ from fastapi import FastAPI
 from reliable_msg.errors import Conflict
 from reliable_msg.harness.ports import free_port
 from reliable_msg.harness.proxy import FaultProxy
-from reliable_msg.sdk import consumer as consumer_sdk
 from reliable_msg.sdk import producer as producer_sdk
 from reliable_msg.sdk.client import RetryPolicy
 from reliable_msg.sdk.consumer import Consumer
@@ -21,26 +20,11 @@ from reliable_msg.sdk.producer import Outgoing, Producer, check_back_router
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from tests.conftest import PRODUCER
-from tests.helpers import tables
 from tests.helpers.consumers import inventory_consumer, running_effects
 from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
 
 FAST = RetryPolicy(attempts=3, initial=0.05, max_wait=0.2, deadline=2.0)
-
-
-@pytest.fixture
-async def sdk_db(db: asyncpg.Connection) -> asyncpg.Connection:
-    await producer_sdk.install(db)
-    await consumer_sdk.install(db)
-    await db.execute(
-        """
-        CREATE TABLE IF NOT EXISTS sdk_orders (id text PRIMARY KEY);
-        CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text);
-        """
-    )
-    await tables.empty(db, "sdk_orders", "sdk_effects", "rmsg_inbox", "rmsg_producer_marker")
-    return db
 
 
 @pytest.fixture

@@ -23,15 +23,12 @@ from prometheus_client import REGISTRY
 from reliable_msg.errors import Conflict, Unauthorized
 from reliable_msg.harness.ports import free_port
 from reliable_msg.harness.proxy import FaultProxy
-from reliable_msg.sdk import consumer as consumer_sdk
-from reliable_msg.sdk import producer as producer_sdk
 from reliable_msg.sdk.client import RetryPolicy
 from reliable_msg.sdk.confirms import ConfirmBatching
 from reliable_msg.sdk.producer import Producer, Sent
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from tests.conftest import PRODUCER
-from tests.helpers import tables
 from tests.helpers.waiting import wait_until
 from tests.test_producer_batch import check_back_until, delivered_once, statuses
 from tests.test_refusals import break_topology, repair_topology
@@ -123,20 +120,6 @@ class CountingProxy:
 
 
 _FORWARDED = {"authorization", "content-type"}
-
-
-@pytest.fixture
-async def sdk_db(db: asyncpg.Connection) -> asyncpg.Connection:
-    await producer_sdk.install(db)
-    await consumer_sdk.install(db)
-    await db.execute(
-        """
-        CREATE TABLE IF NOT EXISTS sdk_orders (id text PRIMARY KEY);
-        CREATE TABLE IF NOT EXISTS sdk_effects (group_name text, message_id text);
-        """
-    )
-    await tables.empty(db, "sdk_orders", "sdk_effects", "rmsg_inbox", "rmsg_producer_marker")
-    return db
 
 
 @pytest.fixture
