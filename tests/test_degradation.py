@@ -22,6 +22,8 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis as SyncRedis
+from redis.cluster import ClusterNode as SyncClusterNode
+from redis.cluster import RedisCluster as SyncRedisCluster
 
 from reliable_msg.harness.process import stop_gracefully
 from reliable_msg.harness.proxy import FaultProxy
@@ -34,7 +36,12 @@ from reliable_msg.service.runtime import Runtime, instance_name
 from reliable_msg.service.scanners import Scanners
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.redis import delete_namespace, shard_keys
-from reliable_msg.transports.redis_client import RedisClient, redis_client
+from reliable_msg.transports.redis_client import (
+    RedisClient,
+    is_cluster_url,
+    parse_cluster_url,
+    redis_client,
+)
 from reliable_msg.transports.switch import Mode
 from tests.conftest import AMQP_URL, GROUP_TOKENS, OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import rabbit, redis_ctl
@@ -95,7 +102,7 @@ async def redis(settings: Settings) -> AsyncIterator[RedisClient]:
 
 def depth_now(settings: Settings) -> int:
     """Entries in the ``inventory`` shards, read from Redis this instant (blocking)."""
-    client = SyncRedis.from_url(settings.redis_url)
+    client = sync_redis(settings.redis_url)
     try:
         with client.pipeline(transaction=False) as pipe:
             for key in shard_keys(settings.fallback.namespace, "inventory", SHARDS):
@@ -103,6 +110,15 @@ def depth_now(settings: Settings) -> int:
             return int(sum(pipe.execute()))
     finally:
         client.close()
+
+
+def sync_redis(url: str) -> SyncRedis | SyncRedisCluster:
+    """A blocking client of ``url``, one Redis or a cluster (as :func:`redis_client`)."""
+    if not is_cluster_url(url):
+        return SyncRedis.from_url(url)
+    parsed = parse_cluster_url(url)
+    nodes = [SyncClusterNode(host, port) for host, port in parsed.nodes]  # type: ignore[no-untyped-call]
+    return SyncRedisCluster(startup_nodes=nodes, **parsed.options)
 
 
 class WatchedConsumer(Consumer):
