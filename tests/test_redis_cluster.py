@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
+import redis
 
 from reliable_msg import constants
 from reliable_msg.errors import FallbackUnavailable
@@ -245,6 +246,60 @@ async def test_a_master_lost_is_fallback_unavailable_and_its_return_is_used(
         await asyncio.wait_for(watching, 10)
         await client.aclose()
         await other.aclose()
+        await delete_namespace(redis_cluster.url, ns)
+
+
+def move_slot(cluster: RedisCluster, key: str, to: int) -> None:
+    """Move the slot of ``key``, with its keys, to master ``to``, as a resharding does."""
+    ports = [port for _, port in cluster.masters()]
+    source = ports[cluster.master_of(key)]
+    target = ports[to]
+    if source == target:
+        return
+    clients = {port: redis.Redis(port=port, decode_responses=True) for port in ports}
+    try:
+        ids = {port: c.cluster("MYID") for port, c in clients.items()}
+        src, dst = clients[source], clients[target]
+        slot = int(src.cluster("KEYSLOT", key))
+        dst.cluster("SETSLOT", slot, "IMPORTING", ids[source])
+        src.cluster("SETSLOT", slot, "MIGRATING", ids[target])
+        while keys := src.cluster("GETKEYSINSLOT", slot, 100):
+            src.migrate("127.0.0.1", target, keys, 0, 5000)
+        for c in clients.values():
+            c.cluster("SETSLOT", slot, "NODE", ids[target])
+    finally:
+        for c in clients.values():
+            c.close()
+
+
+async def test_a_slot_moved_to_another_master_is_followed(
+    redis_cluster: RedisCluster, client: RedisClient, ns: str
+) -> None:
+    switch = Switch(client, who="t", namespace=ns)
+    writer = FallbackWriter(client, {GROUP: SHARDS}, namespace=ns, default_shards=8, alarm=100)
+    reader = FallbackReader(client, namespace=ns, group=GROUP, shards=SHARDS, consumer="a")
+    outs = publications(1)
+    switch_key = constants.SWITCH_KEY.format(ns=ns)
+    shard = writer.key_for(GROUP, outs[0])
+    homes = {key: redis_cluster.master_of(key) for key in (switch_key, shard)}
+    try:
+        await switch.trip("before")
+        await reader.prepare()
+        await writer.write(outs)
+        for key, home in homes.items():  # the client's map is now out of date: MOVED
+            move_slot(redis_cluster, key, (home + 1) % 3)
+            assert redis_cluster.master_of(key) != home
+        assert await switch.clear("after the move")
+        assert [h["mode"] for h in await switch.history()] == ["normal", "degraded"]
+        await writer.write(outs)
+        read = await reader.read(reader.keys, count=10)
+        assert len(read) == 2 * len(outs)
+        for entry in read:
+            await reader.done(entry)  # XACK and XDEL in one transaction, on the moved slot
+        assert await writer.depth(GROUP) == 0
+    finally:
+        for key, home in homes.items():
+            move_slot(redis_cluster, key, home)
         await delete_namespace(redis_cluster.url, ns)
 
 
