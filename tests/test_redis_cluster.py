@@ -30,6 +30,7 @@ from reliable_msg.transports.redis import (
     Read,
     delete_namespace,
     ping,
+    shard_key,
     shard_keys,
 )
 from reliable_msg.transports.redis_client import RedisClient, redis_client
@@ -333,6 +334,10 @@ async def test_the_service_and_a_consumer_run_degraded_on_a_cluster(
             await produce(producer, pool, ids)
             depth = (await runtime.degradation.depths())["inventory"]
             assert depth == len(ids), "not written to the cluster's shards"
+            ns = settings.fallback.namespace
+            written = {shard_key(ns, "inventory", shard_of(id, 16)) for id in ids}
+            masters = {port for _, port in redis_cluster.masters()}
+            assert set(owners(redis_cluster, list(written)).values()) == masters
             async with running_effects(consumer, stop_within=20):
                 await wait_until(lambda: all_done(sdk_db, ids), within=30)
                 assert consumer.mode is Mode.DEGRADED
