@@ -217,13 +217,12 @@ async def test_a_master_lost_is_fallback_unavailable_and_its_return_is_used(
             "switch": lambda: switch.clear("test"),
             "history": lambda: switch.history(),
         }
-        for _ in range(2):  # at once, then once the others have marked it failed
-            for name, call in calls.items():
-                started = time.monotonic()
-                with pytest.raises(FallbackUnavailable):
-                    await call()
-                assert time.monotonic() - started < 10, f"{name} took too long"
-            await asyncio.sleep(2)
+        for name, call in calls.items():
+            started = time.monotonic()
+            with pytest.raises(FallbackUnavailable):
+                await call()
+            # redis-py's cluster client retries (reloading the slot map) before it gives up
+            assert time.monotonic() - started < 10, f"{name} took too long"
         assert not watching.done(), "the watcher gave up"
 
         # Back, empty: the same clients use it again, and the watcher follows the switch.
