@@ -25,6 +25,8 @@ from reliable_msg.service.api import create_app
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings, load_settings
 from reliable_msg.tools.cli import main
+from reliable_msg.transports.nodes import where
+from reliable_msg.transports.redis_client import is_cluster_url, parse_cluster_url
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -181,14 +183,11 @@ def redis_nodes(services: dict[str, Any]) -> list[str]:
     ]
 
 
-def amqp_hosts(url: str) -> list[str]:
-    """host:port of each node of an ``amqp_url`` (one URL or several, comma-separated)."""
-    return [f"{urlsplit(u).hostname}:{urlsplit(u).port}" for u in url.split(",")]
-
-
 def redis_hosts(url: str) -> list[str]:
     """host:port of each node a ``redis_url`` names (``redis://`` or ``redis+cluster://``)."""
-    return urlsplit(url).netloc.rpartition("@")[2].split(",")
+    if is_cluster_url(url):
+        return [f"{host}:{port}" for host, port in parse_cluster_url(url).nodes]
+    return [urlsplit(url).netloc.rpartition("@")[2]]
 
 
 def conf_lines(path: Path) -> list[tuple[str, str]]:
@@ -259,9 +258,9 @@ def test_compose_configures_the_service_and_the_demos_consistently(
     env = services["rmsg-1"]["environment"]
     assert services["rmsg-2"]["environment"] == env
     assert env["RMSG_CONFIG"] == "/etc/reliable-msg/config.toml"
-    assert sorted(amqp_hosts(env["RMSG_AMQP_URL"])) == sorted(f"{h}:5672" for h in rabbits.values())
-    assert sorted(redis_hosts(env["RMSG_REDIS_URL"])) == sorted(f"{n}:6379" for n in redises)
     settings = env_settings(monkeypatch, DEPLOY / "config.example.toml", env)
+    assert sorted(map(where, settings.amqp_urls)) == sorted(f"{h}:5672" for h in rabbits.values())
+    assert sorted(redis_hosts(settings.redis_url)) == sorted(f"{n}:6379" for n in redises)
     assert str(settings.producers["order"].check_url).startswith("http://order:8481/")
     assert all(g.token is not None for g in settings.groups.values())
     for group in GROUPS:
