@@ -10,17 +10,17 @@ handled and acked to the service. A shard longer than ``shard_alarm`` raises an 
 to the group's dead stream ``rmsg:fb:{<group>:dead}`` with the reason; that stream keeps
 about the latest ``dead_maxlen`` entries.
 
-Every Redis failure leaves this module as :class:`FallbackUnavailable`, chained.
+Every Redis failure leaves this module as :class:`FallbackUnavailable`, chained. The
+entries themselves are :mod:`reliable_msg.transports.redis_entries`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
@@ -38,6 +38,13 @@ from reliable_msg.message import Publication
 from reliable_msg.metrics import FALLBACK_WRITES, SHARD_ALARMS
 from reliable_msg.policy import shard_of
 from reliable_msg.transports.redis_client import RedisClient, redis_client
+from reliable_msg.transports.redis_entries import (
+    Entry,
+    Read,
+    entries,
+    entry_fields,
+    text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,9 @@ REDIS_FAILURES: tuple[type[BaseException], ...] = (
     TimeoutError,
     RuntimeError,
 )
+
+#: Seconds before a reader asks again a cluster node that did not answer.
+AWAY_RETRY = 2.0
 
 #: RedisClusterExceptions that are a bug of this code, not Redis away: let through.
 _MISUSES = (CrossSlotTransactionError, InvalidPipelineStack)
@@ -99,86 +109,6 @@ def shard_key(namespace: str, group: str, shard: int) -> str:
 
 def shard_keys(namespace: str, group: str, shards: int) -> list[str]:
     return [shard_key(namespace, group, i) for i in range(shards)]
-
-
-def entry_fields(out: Publication) -> dict[str, str]:
-    return {
-        "id": out.id,
-        "topic": out.topic,
-        "producer": out.producer,
-        "payload": out.payload,
-        "headers": json.dumps(out.headers),
-        "key": out.key or "",
-        "attempt": str(out.attempt),
-        "created_at": out.created_at.isoformat(),
-    }
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One fallback entry as a consumer reads it."""
-
-    stream: str
-    entry_id: str
-    id: str
-    topic: str
-    producer: str
-    payload: Any  #: decoded from JSON
-    headers: dict[str, Any]
-    key: str | None
-    attempt: int
-    created_at: datetime
-    fields: dict[str, str]  #: as stored, for the dead stream
-
-    @classmethod
-    def parse(cls, stream: str, entry_id: str, raw: dict[Any, Any]) -> Entry | Malformed:
-        """The entry, or :class:`Malformed` with the reason no handler can take it."""
-        fields = {_text(k, "replace"): _text(v, "replace") for k, v in raw.items()}
-        try:
-            _fields(raw)  # strict: a field that is not UTF-8 is malformed
-            if not fields.get("id"):
-                raise ValueError("no id")
-            headers = json.loads(fields.get("headers") or "{}")
-            if not isinstance(headers, dict):
-                raise ValueError("headers are not a JSON object")
-            return cls(
-                stream=stream,
-                entry_id=entry_id,
-                id=fields["id"],
-                topic=fields["topic"],
-                producer=fields["producer"],
-                payload=_json(fields["payload"]),
-                headers=headers,
-                key=fields.get("key") or None,
-                attempt=int(fields.get("attempt", "1")),
-                created_at=datetime.fromisoformat(fields["created_at"]),
-                fields=fields,
-            )
-        except KeyError as exc:
-            return Malformed(stream, entry_id, fields, f"no {exc.args[0]} field")
-        except (ValueError, TypeError) as exc:
-            return Malformed(stream, entry_id, fields, str(exc))
-
-
-def _json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"payload is not JSON: {exc}") from exc
-
-
-@dataclass(frozen=True, slots=True)
-class Malformed:
-    """A fallback entry no handler can take, and why."""
-
-    stream: str
-    entry_id: str
-    fields: dict[str, str]
-    reason: str
-
-
-#: What a read of the shards finds.
-Read = Entry | Malformed
 
 
 class FallbackWriter:
@@ -281,6 +211,8 @@ class FallbackReader:
         self._shards_key = constants.SHARDS_KEY.format(ns=namespace)
         self.keys = shard_keys(namespace, group, shards)
         self._consumer = consumer
+        #: cluster nodes that did not answer, and when to ask them again
+        self._away: dict[str, float] = {}
 
     @translating
     async def learn_shards(self) -> int:
@@ -304,50 +236,58 @@ class FallbackReader:
     @translating
     async def prepare(self, keys: Sequence[str] | None = None) -> None:
         """Create the consumer group of each shard (all, or ``keys``) from the start of
-        the stream, so that nothing already in it is skipped."""
-        for key in self.keys if keys is None else keys:
-            try:
-                await self._redis.xgroup_create(key, constants.FALLBACK_READERS, "0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        the stream, so that nothing already in it is skipped. On a cluster, the shards of
+        a master that does not answer are left for later (a read that finds no group
+        creates it); FallbackUnavailable only if no master answered."""
+        replies = await self._each_node(
+            self.keys if keys is None else keys,
+            lambda pipe, key: pipe.xgroup_create(
+                key, constants.FALLBACK_READERS, "0", mkstream=True
+            ),
+        )
+        for reply in replies.values():
+            if isinstance(reply, ResponseError) and "BUSYGROUP" not in str(reply):
+                raise reply
 
     @translating
     async def read(self, keys: Sequence[str], count: int) -> list[Read]:
-        """New entries of ``keys``, up to ``count`` per key; one round trip."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.xreadgroup(constants.FALLBACK_READERS, self._consumer, {key: ">"}, count=count)
-            replies = await self._replies(keys, pipe)
-        return [entry for reply in replies for entry in _entries(reply)]
+        """New entries of ``keys``, up to ``count`` per key; one round trip (on a
+        cluster, one per master, those of a master that does not answer left out)."""
+        replies = await self._replies(
+            keys,
+            lambda pipe, key: pipe.xreadgroup(
+                constants.FALLBACK_READERS, self._consumer, {key: ">"}, count=count
+            ),
+        )
+        return [entry for reply in replies.values() for entry in entries(reply)]
 
     @translating
     async def reclaim(self, keys: Sequence[str], idle: float, count: int) -> list[Read]:
         """Entries read by another consumer and not acked for ``idle`` seconds."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.xautoclaim(
-                    key,
-                    constants.FALLBACK_READERS,
-                    self._consumer,
-                    min_idle_time=int(idle * 1000),
-                    count=count,
-                )
-            replies = await self._replies(keys, pipe)
+        replies = await self._replies(
+            keys,
+            lambda pipe, key: pipe.xautoclaim(
+                key,
+                constants.FALLBACK_READERS,
+                self._consumer,
+                min_idle_time=int(idle * 1000),
+                count=count,
+            ),
+        )
         found: list[Read] = []
-        for key, reply in zip(keys, replies, strict=True):
+        for key, reply in replies.items():
             if reply is not None:
-                found.extend(Entry.parse(key, _text(i), f) for i, f in reply[1] if f)
+                found.extend(Entry.parse(key, text(i), f) for i, f in reply[1] if f)
         return found
 
-    async def _replies(self, keys: Sequence[str], pipe: Any) -> list[Any]:
-        """The pipeline's replies, one per key; None for a key whose stream or consumer
-        group is gone (Redis restarted without persistence, an eviction, a flush, a
-        ``XGROUP DESTROY``; the service's next write makes a stream without a group),
-        after creating the group again."""
-        replies = await pipe.execute(raise_on_error=False)
+    async def _replies(self, keys: Sequence[str], queue: Queue) -> dict[str, Any]:
+        """The reply of each key (of the masters that answered), None for a key whose
+        stream or consumer group is gone (Redis restarted without persistence, an
+        eviction, a flush, a ``XGROUP DESTROY``; the service's next write makes a stream
+        without a group), after creating the group again."""
+        replies = await self._each_node(keys, queue)
         missing = []
-        for key, reply in zip(keys, replies, strict=True):
+        for key, reply in replies.items():
             if isinstance(reply, ResponseError) and str(reply).startswith("NOGROUP"):
                 missing.append(key)
             elif isinstance(reply, Exception):
@@ -359,7 +299,66 @@ class FallbackReader:
                 ", ".join(missing),
             )
             await self.prepare(missing)
-        return [None if key in missing else r for key, r in zip(keys, replies, strict=True)]
+        return {key: None if key in missing else r for key, r in replies.items()}
+
+    async def _each_node(self, keys: Sequence[str], queue: Queue) -> dict[str, Any]:
+        """Queue one command per key and send them, one pipeline per master on a
+        cluster (all at once), and return the replies of the masters that answered.
+        Every master of a cluster holds some of a worker's shards: in one pipeline, a
+        master away would stop the reading of all of them. A master that did not answer
+        is asked again only every :data:`AWAY_RETRY` seconds (each failed call costs the
+        client's retries). Raises a failure only if no master answered."""
+        now = time.monotonic()
+        by_node = {
+            node: part
+            for node, part in (await _by_node(self._redis, keys)).items()
+            if self._away.get(node, 0.0) <= now
+        }
+        if not by_node:
+            raise FallbackUnavailable(f"no answer from Redis {', '.join(sorted(self._away))}")
+        results = await asyncio.gather(
+            *(self._pipeline(part, queue) for part in by_node.values()),
+            return_exceptions=True,
+        )
+        replies: dict[str, Any] = {}
+        failure: BaseException | None = None
+        for node, result in zip(by_node, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, REDIS_FAILURES) or isinstance(result, _MISUSES):
+                    raise result
+                failure = failure or result
+                self._node_away(node, result)
+            else:
+                replies.update(result)
+                self._node_back(node)
+        if failure is not None and not replies:
+            raise failure
+        return replies
+
+    async def _pipeline(self, keys: Sequence[str], queue: Queue) -> dict[str, Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                queue(pipe, key)
+            replies = await pipe.execute(raise_on_error=False)
+        return dict(zip(keys, replies, strict=True))
+
+    def _node_away(self, node: str, exc: BaseException) -> None:
+        if node == "redis":  # one Redis: nothing else to read
+            return
+        first = node not in self._away
+        self._away[node] = time.monotonic() + AWAY_RETRY
+        if first:
+            log.warning(
+                "fallback of %s: Redis %s does not answer (%s); reading the shards of the "
+                "others until it does",
+                self._group,
+                node,
+                exc,
+            )
+
+    def _node_back(self, node: str) -> None:
+        if self._away.pop(node, None) is not None:
+            log.warning("fallback of %s: Redis %s answers again", self._group, node)
 
     @translating
     async def done(self, entry: Read) -> None:
@@ -398,21 +397,26 @@ class FallbackReader:
             return int(sum(await pipe.execute()))
 
 
-def _entries(reply: Any) -> list[Read]:
-    entries = []
-    for stream, items in reply or []:
-        for entry_id, fields in items:
-            if fields:
-                entries.append(Entry.parse(_text(stream), _text(entry_id), fields))
-    return entries
+#: Queues the command of one key on a pipeline.
+Queue = Callable[[Any, str], Any]
 
 
-def _fields(raw: dict[Any, Any]) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in raw.items()}
-
-
-def _text(value: Any, errors: str = "strict") -> str:
-    return value.decode(errors=errors) if isinstance(value, bytes) else str(value)
+async def _by_node(redis: RedisClient, keys: Sequence[str]) -> dict[str, list[str]]:
+    """``keys`` by the cluster node that holds each, as the client's slot map says
+    (loaded here if it is not yet; a key of a slot no node serves goes under ``"?"``,
+    to fail on its own); one Redis: all of them together."""
+    if not isinstance(redis, RedisCluster):
+        return {"redis": list(keys)}
+    await redis.initialize()
+    by_node: dict[str, list[str]] = {}
+    for key in keys:
+        try:
+            node = redis.get_node_from_key(key)
+            name = node.name if node is not None else "?"
+        except (RedisClusterException, KeyError, IndexError):
+            name = "?"
+        by_node.setdefault(name, []).append(key)
+    return by_node
 
 
 @translating

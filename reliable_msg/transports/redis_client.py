@@ -19,10 +19,11 @@ from typing import Any
 from urllib.parse import unquote
 
 import redis.asyncio as aioredis
+from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
-from redis.exceptions import RedisClusterException
+from redis.exceptions import ConnectionError, RedisClusterException, TimeoutError
 
 #: A client of one Redis or of a Redis Cluster: the commands this project uses are the
 #: same on both (the keys that must be together share a hash tag).
@@ -122,12 +123,47 @@ def redis_client(url: str, **kwargs: Any) -> RedisClient:
         return aioredis.Redis.from_url(url, **kwargs)
     parsed = parse_cluster_url(url)
     try:
-        return RedisCluster(
+        client = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
             **{**kwargs, **parsed.options},
         )
     except TypeError as exc:  # an option RedisCluster does not know
         raise ValueError(f"bad option in {_safe(url)!r}: {exc}") from exc
+    client.commands_parser = _CommandsParser(client)
+    return client
+
+
+class _CommandsParser(AsyncCommandsParser):
+    """redis-py's, asking ``COMMAND`` of the other masters when the first does not answer.
+
+    A cluster client loads its slot map again after a connection error, and then sends
+    ``COMMAND`` to the first master of the map; redis-py (8.1) fails the whole reload,
+    and so every later call of the client, while that one master is down. With this,
+    one master down stops only the keys it holds, and another master becomes the
+    client's default node (the one its keyless commands go to)."""
+
+    def __init__(self, client: RedisCluster) -> None:
+        super().__init__()
+        self._client = client
+
+    async def initialize(self, node: ClusterNode | None = None) -> None:
+        first = node or getattr(self, "node", None)
+        others = [n for n in self._client.nodes_manager.get_nodes_by_server_type("primary")]
+        candidates = [first] if first is not None else []
+        candidates += [n for n in others if n is not first]
+        failure: BaseException | None = None
+        for candidate in candidates:
+            try:
+                await super().initialize(candidate)
+            except (ConnectionError, TimeoutError, OSError) as exc:
+                failure = failure or exc
+                continue
+            if candidate is not first:
+                self._client.nodes_manager.default_node = candidate
+            return
+        if failure is not None:
+            raise failure
+        await super().initialize(node)
 
 
 async def pubsub(client: RedisClient, channel: str) -> PubSub:

@@ -82,7 +82,6 @@ class Switch:
         self._who = who
         self._poll = poll_interval
         self._state = SwitchState(Mode.NORMAL)
-        self._flip = redis.register_script(_FLIP)
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._listeners: list[Callable[[SwitchState], None]] = []
@@ -111,17 +110,20 @@ class Switch:
     @translating
     async def _set(self, mode: Mode, reason: str) -> bool:
         now = time.time()
+        # EVAL, not a registered script: on a cluster, its SCRIPT LOAD goes to every
+        # master, and fails while one is down; EVAL goes to the switch's master only.
         flipped = bool(
-            await self._flip(
-                keys=[self._key, self._history],
-                args=[
-                    mode.value,
-                    self._who,
-                    repr(now),
-                    reason,
-                    constants.SWITCH_HISTORY_LENGTH,
-                    self._channel,
-                ],
+            await self._redis.eval(
+                _FLIP,
+                2,
+                self._key,
+                self._history,
+                mode.value,
+                self._who,
+                repr(now),
+                reason,
+                constants.SWITCH_HISTORY_LENGTH,
+                self._channel,
             )
         )
         if flipped:

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 
 from reliable_msg.aio import stop_task
 from reliable_msg.errors import FallbackUnavailable
-from reliable_msg.transports.redis import FallbackReader, Malformed, Read
+from reliable_msg.transports.redis import FallbackReader
 from reliable_msg.transports.redis_client import redis_client
+from reliable_msg.transports.redis_entries import Malformed, Read
 from reliable_msg.transports.switch import Mode, Switch
 
 from ._log import log
@@ -46,10 +47,12 @@ class FallbackDrain:
     ) -> None:
         self._consumer = consumer
         # Bounded calls: a Redis that hangs must not hang the workers (reads never block
-        # on the server side).
-        self._redis = redis_client(
-            redis_url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
-        )
+        # on the server side). The switch has a client of its own: on a Redis Cluster, a
+        # pipeline's failure on a master that is down closes every connection of its
+        # client, the switch's subscription with them.
+        timeouts = {"socket_timeout": REDIS_TIMEOUT, "socket_connect_timeout": REDIS_TIMEOUT}
+        self._redis = redis_client(redis_url, **timeouts)
+        self._switch_redis = redis_client(redis_url, **timeouts)
         name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.reader = FallbackReader(
             self._redis,
@@ -60,7 +63,7 @@ class FallbackDrain:
             dead_maxlen=dead_maxlen,
         )
         self.switch = Switch(
-            self._redis,
+            self._switch_redis,
             who=f"consumer {consumer.group} {name}",
             namespace=namespace,
             poll_interval=poll_interval,
@@ -71,6 +74,7 @@ class FallbackDrain:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        await self._switch_redis.aclose()
 
     async def run(self) -> None:
         """Follow the switch; drain the shards while degraded and until they are empty."""
