@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -14,12 +15,13 @@ import redis
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from reliable_msg import constants
-from reliable_msg.errors import FallbackUnavailable
+from reliable_msg.errors import BrokerUnavailable, FallbackUnavailable
 from reliable_msg.harness.redis_cluster import RedisCluster
 from reliable_msg.policy import shard_of
 from reliable_msg.sdk.consumer import Consumer
 from reliable_msg.sdk.producer import Producer
 from reliable_msg.service.settings import Settings
+from reliable_msg.transports.publisher import SwitchingPublisher
 from reliable_msg.transports.redis import FallbackReader, FallbackWriter, delete_namespace, ping
 from reliable_msg.transports.redis_client import redis_client
 from reliable_msg.transports.switch import Mode, Switch
@@ -188,6 +190,37 @@ async def test_the_switch_flips_while_another_master_is_down(redis_cluster: Redi
         assert switch.degraded
         assert await switch.clear("back")
         assert [h["mode"] for h in await switch.history()] == ["normal", "degraded"]
+    finally:
+        await client.aclose()
+        redis_cluster.heal()
+        await delete_namespace(redis_cluster.url, ns)
+
+
+async def test_a_batch_touching_a_dead_masters_shard_is_refused_whole(
+    redis_cluster: RedisCluster,
+) -> None:
+    """The service's side: a batch whose messages go to a shard of the dead master is
+    refused as an outage (the messages stay pending, to be published again); none is
+    taken as published. Those of the batch that went to live masters are written
+    too, so they may come twice (the consumer's inbox takes each once)."""
+    lost = await first_master(redis_cluster)
+    ns = namespace_away_from(redis_cluster, lost)
+    client = redis_client(redis_cluster.url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    writer = FallbackWriter(client, {GROUP: SHARDS}, namespace=ns, default_shards=8, alarm=100)
+    switch = Switch(client, who="t", namespace=ns)
+    publisher = SwitchingPublisher(cast(Any, None), writer, switch, failure_threshold=3)
+    outs = publications(1)[:10]
+    try:
+        await switch.trip("test: degraded")
+        on_lost = [o for o in outs if redis_cluster.master_of(writer.key_for(GROUP, o)) == lost]
+        assert on_lost and len(on_lost) < len(outs)
+        redis_cluster.kill(lost)
+        refused = await publisher.publish_many(outs)
+        assert sorted(refused) == sorted(o.id for o in outs)
+        assert all(isinstance(e, BrokerUnavailable) for e in refused.values())
+        live = [o for o in outs if o not in on_lost]
+        assert await publisher.publish_many(live) == {}  # the live masters' shards take theirs
+        assert await publisher.publish_many(on_lost[:1]) != {}
     finally:
         await client.aclose()
         redis_cluster.heal()
