@@ -14,6 +14,7 @@ The options are those of a plain ``redis://`` URL (``socket_timeout=2``, ``ssl_c
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -100,18 +101,24 @@ def _node(text: str, url: str) -> tuple[str, int]:
 
 
 def check_redis_url(url: str) -> str:
-    """``url`` if :func:`redis_client` takes it; ValueError with the reason if not.
-    Nothing is connected."""
-    if is_cluster_url(url):
-        parse_cluster_url(url)
-        return url
-    scheme = url.partition("://")[0].lower()
-    if "://" not in url or scheme not in PLAIN_SCHEMES:
-        raise ValueError(
-            f"redis_url must be redis://, rediss://, unix://, redis+cluster:// or "
-            f"rediss+cluster://, not {_safe(url)!r}"
-        )
-    parse_url(url)
+    """``url`` if :func:`redis_client` takes it; ValueError with the reason if not (and
+    without the password, even one that is not percent-encoded). Nothing is connected."""
+    try:
+        if is_cluster_url(url):
+            parse_cluster_url(url)
+            return url
+        scheme = url.partition("://")[0].lower()
+        if "://" not in url or scheme not in PLAIN_SCHEMES:
+            raise ValueError(
+                f"redis_url must be redis://, rediss://, unix://, redis+cluster:// or "
+                f"rediss+cluster://, not {_safe(url)!r}"
+            )
+        parse_url(url)
+    except ValueError as exc:
+        message = _scrub(str(exc), url)
+        if message != str(exc):
+            raise ValueError(message) from None
+        raise
     return url
 
 
@@ -185,8 +192,22 @@ async def pubsub(client: RedisClient, channel: str) -> PubSub:
 def _safe(url: str) -> str:
     """``url`` without its password, for messages."""
     scheme, sep, rest = url.partition("://")
-    userinfo, at, after = rest.partition("@")
-    if not at or "/" in userinfo:
+    userinfo, at, after = rest.rpartition("@")  # a raw "@" or "/" in a password too
+    if not at:
         return url
     user, colon, _ = userinfo.partition(":")
     return f"{scheme}{sep}{user}{':***' if colon else ''}@{after}"
+
+
+def _scrub(message: str, url: str) -> str:
+    """``message``, or a message without any piece of the password of ``url`` if it has
+    one (redis-py's own messages quote the parts of a URL it could not read)."""
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    secret = userinfo.partition(":")[2]
+    pieces = [piece for piece in re.split(r"[/?#@:]", secret) if piece]
+    if not any(piece in message for piece in pieces):
+        return message
+    return (
+        f"redis_url {_safe(url)!r} cannot be read; a password with / ? # @ or : in it must "
+        f"be percent-encoded (%2F %3F %23 %40 %3A)"
+    )

@@ -7,8 +7,9 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
+from reliable_msg.errors import ConfigError
 from reliable_msg.sdk.consumer.fallback import FallbackDrain
-from reliable_msg.service.settings import Settings
+from reliable_msg.service.settings import Settings, load_settings
 from reliable_msg.transports.redis_client import (
     check_redis_url,
     parse_cluster_url,
@@ -68,6 +69,26 @@ def test_the_password_stays_out_of_the_message() -> None:
         check_redis_url("redis+cluster://app:hunter2@a:7000/3")
     assert "hunter2" not in str(caught.value)
     assert "app:***@a:7000" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://app:hun/ter2@a:7000",  # "/" not percent-encoded
+        "redis+cluster://app:hun/ter2@a:7000,b:7001/1",
+        "redis://:hun/ter2@a:6379/0",  # redis-py quotes what it took for the port
+        "redis://:hun#ter2@a:6379/0",
+        "rediss://app:hun?ter2@a:6379/0",
+        "http://app:hun/ter2@a:6379/0",
+    ],
+)
+def test_no_piece_of_a_password_reaches_a_message(url: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        check_redis_url(url)
+    with pytest.raises(ConfigError) as config:  # what check-config and start-up print
+        load_settings(None, redis_url=url)
+    for message in (str(caught.value), str(config.value)):
+        assert "hun" not in message and "ter2" not in message, message
 
 
 def test_the_factory_builds_the_client_the_url_names() -> None:
