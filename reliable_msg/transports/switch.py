@@ -188,6 +188,16 @@ class Switch:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
+    def _notice(self, data: Any) -> SwitchState | None:
+        """The state a notice announces; None, said in the log, for a message on the
+        channel that is not one (anyone may publish there): a watcher that died of it
+        would hold its last state for ever."""
+        try:
+            return _notice_state(data)
+        except (ValueError, TypeError, KeyError) as exc:  # UnicodeDecodeError is a ValueError
+            log.warning("switch: not a notice on %s (%s); reading the switch", self._channel, exc)
+            return None
+
     @translating
     async def _follow(self) -> None:
         notices = await pubsub(self._redis, self._channel)
@@ -200,7 +210,11 @@ class Switch:
                 timeout = min(STOP_LATENCY, max(0.0, next_poll - time.monotonic()))
                 message = await notices.get_message(ignore_subscribe_messages=True, timeout=timeout)
                 if message is not None:
-                    self._apply(_state(json.loads(message["data"])))
+                    state = self._notice(message["data"])
+                    if state is None:  # not a notice of ours: the switch itself says
+                        next_poll = time.monotonic()
+                    else:
+                        self._apply(state)
                 if time.monotonic() >= next_poll:
                     await self.refresh()
                     next_poll = time.monotonic() + self._poll
@@ -208,6 +222,13 @@ class Switch:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await notices.aclose()  # type: ignore[no-untyped-call]
+
+
+def _notice_state(data: Any) -> SwitchState:
+    raw = json.loads(data)
+    if not isinstance(raw, dict):
+        raise ValueError("not a JSON object")
+    return _state(raw)
 
 
 def _state(raw: dict[Any, Any]) -> SwitchState:
