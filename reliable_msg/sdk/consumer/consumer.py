@@ -40,6 +40,9 @@ class Consumer:
     empty, and only then does the consumer go back to RabbitMQ alone (reconnecting to it
     if it had lost it). Every path uses the same handler, inbox and acks. The group's
     shard count is the one the service records in Redis; ``shards`` holds until it has.
+    ``redis_url`` is the service's: one Redis (``redis://host:port/db``) or a Redis Cluster
+    by its nodes (``redis+cluster://[user:password@]host:port,host:port...``); a URL of
+    neither form is a ValueError here.
     """
 
     def __init__(
