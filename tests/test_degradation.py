@@ -19,10 +19,8 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
-from redis import Redis as SyncRedis
 
 from reliable_msg.harness.process import stop_gracefully
 from reliable_msg.harness.proxy import FaultProxy
@@ -35,10 +33,12 @@ from reliable_msg.service.runtime import Runtime, instance_name
 from reliable_msg.service.scanners import Scanners
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.redis import delete_namespace, shard_keys
+from reliable_msg.transports.redis_client import RedisClient, redis_client
 from reliable_msg.transports.switch import Mode
 from tests.conftest import AMQP_URL, GROUP_TOKENS, OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import rabbit, redis_ctl
 from tests.helpers.consumers import inventory_consumer, inventory_process_env, running_effects
+from tests.helpers.redis_cluster import CLUSTER, ON_REDIS_AND_CLUSTER, PLAIN, sync_redis
 from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
 
@@ -87,15 +87,15 @@ async def own_runtime(settings: Settings, *, scanners: bool) -> AsyncIterator[Ru
 
 
 @pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(settings.redis_url)
+async def redis(settings: Settings) -> AsyncIterator[RedisClient]:
+    client = redis_client(settings.redis_url)
     yield client
     await client.aclose()
 
 
 def depth_now(settings: Settings) -> int:
     """Entries in the ``inventory`` shards, read from Redis this instant (blocking)."""
-    client = SyncRedis.from_url(settings.redis_url)
+    client = sync_redis(settings.redis_url)
     try:
         with client.pipeline(transaction=False) as pipe:
             for key in shard_keys(settings.fallback.namespace, "inventory", SHARDS):
@@ -173,7 +173,7 @@ async def assert_one_effect_each(db: asyncpg.Connection, ids: list[str]) -> None
 class DepthProbe:
     """Synchronous view of the fallback depth, refreshed in the background."""
 
-    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, redis: RedisClient, settings: Settings) -> None:
         self.keys = shard_keys(settings.fallback.namespace, "inventory", SHARDS)
         self.redis = redis
         self.value = 0
@@ -192,7 +192,13 @@ def outage(kind: str) -> Iterator[None]:
         yield
 
 
-@pytest.mark.parametrize("kind", ["stop_app", "node_killed"])
+# On the cluster too, RabbitMQ stopped the first way only: how it went makes no
+# difference to Redis.
+@pytest.mark.parametrize(
+    "kind, redis_url",
+    [("stop_app", PLAIN), ("node_killed", PLAIN), ("stop_app", CLUSTER)],
+    indirect=["redis_url"],
+)
 async def test_messages_flow_through_redis_during_an_outage_and_back(
     kind: str,
     scheduled: Runtime,
@@ -200,7 +206,7 @@ async def test_messages_flow_through_redis_during_an_outage_and_back(
     settings: Settings,
     pool: asyncpg.Pool,
     sdk_db: asyncpg.Connection,
-    redis: aioredis.Redis,
+    redis: RedisClient,
 ) -> None:
     runtime = scheduled
     depth = DepthProbe(redis, settings)
@@ -247,6 +253,7 @@ async def test_messages_flow_through_redis_during_an_outage_and_back(
     assert cleared["reason"] == "probe publish confirmed by RabbitMQ"
 
 
+@ON_REDIS_AND_CLUSTER
 async def test_consumer_killed_while_reading_redis_loses_nothing(
     runtime: Runtime,
     service_url: str,
@@ -312,7 +319,8 @@ def test_shards_spread_evenly() -> None:
     assert shard_of("order-7", 128) == shard_of("order-7", 128)
 
 
-async def test_racing_trips_flip_once_and_watchers_see_it(redis: aioredis.Redis) -> None:
+@ON_REDIS_AND_CLUSTER
+async def test_racing_trips_flip_once_and_watchers_see_it(redis: RedisClient) -> None:
     from reliable_msg.transports.switch import Switch
 
     ns = f"race-{os.getpid()}"
@@ -336,7 +344,7 @@ async def test_racing_trips_flip_once_and_watchers_see_it(redis: aioredis.Redis)
 
 
 async def test_a_failing_switch_listener_neither_stops_the_flip_nor_passes_for_redis(
-    redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+    redis: RedisClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A listener's bug is logged; the trip still happens and answers True (before: the
     listener's error came out of ``trip``, and the publisher, which stays normal when
@@ -361,11 +369,12 @@ async def test_a_failing_switch_listener_neither_stops_the_flip_nor_passes_for_r
         await redis.delete(f"{{{ns}}}:switch", f"{{{ns}}}:switch:history")
 
 
+@ON_REDIS_AND_CLUSTER
 async def test_redelivery_while_degraded_goes_to_the_groups_shards_only(
     runtime: Runtime,
     client: httpx.AsyncClient,
     db: asyncpg.Connection,
-    redis: aioredis.Redis,
+    redis: RedisClient,
     settings: Settings,
 ) -> None:
     body = {"id": "again", "topic": "order.paid", "payload": {"n": 1}, "key": "member-9"}
@@ -395,6 +404,7 @@ async def test_redelivery_while_degraded_goes_to_the_groups_shards_only(
     assert attempts == 2
 
 
+@ON_REDIS_AND_CLUSTER
 async def test_consumers_drain_their_shards_before_going_back_to_rabbitmq(
     runtime: Runtime,
     service_url: str,
@@ -457,6 +467,7 @@ async def test_consumers_drain_their_shards_before_going_back_to_rabbitmq(
     await assert_one_effect_each(sdk_db, ids + after)
 
 
+@ON_REDIS_AND_CLUSTER
 async def test_switch_on_while_rabbitmq_still_works_both_sources_are_consumed(
     runtime: Runtime,
     service_url: str,
@@ -628,13 +639,14 @@ async def test_readyz_metrics_and_the_report_log_show_the_degraded_mode(
     assert line.levelno == logging.INFO and "mode normal" in line.getMessage()
 
 
+@ON_REDIS_AND_CLUSTER
 async def test_a_missed_notice_is_caught_by_the_periodic_re_read(
     runtime: Runtime,
     service_url: str,
     settings: Settings,
     pool: asyncpg.Pool,
     sdk_db: asyncpg.Connection,
-    redis: aioredis.Redis,
+    redis: RedisClient,
 ) -> None:
     switch = runtime.switch
     assert switch is not None
@@ -688,7 +700,7 @@ async def test_a_group_with_its_own_shard_count_is_written_and_drained_in_full(
     make_settings: Callable[..., Settings],
     pool: asyncpg.Pool,
     sdk_db: asyncpg.Connection,
-    redis: aioredis.Redis,
+    redis: RedisClient,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     own = 12  # more than the SHARDS the test consumer is told

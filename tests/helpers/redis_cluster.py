@@ -12,9 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from redis import Redis as SyncRedis
+from redis.cluster import ClusterNode as SyncClusterNode
+from redis.cluster import RedisCluster as SyncRedisCluster
 
 from reliable_msg.harness.redis_cluster import RedisCluster
 from reliable_msg.service.settings import Settings
+from reliable_msg.transports.redis_client import is_cluster_url, parse_cluster_url
 
 #: The parameters of ``redis_url``: the machine's Redis, the tests' Redis Cluster.
 PLAIN = "redis"
@@ -54,3 +58,13 @@ def redis_url(request: pytest.FixtureRequest) -> str:
         return cluster.url
     assert kind == PLAIN, f"redis_url is {PLAIN!r} or {CLUSTER!r}, not {kind!r}"
     return PLAIN_URL
+
+
+def sync_redis(url: str) -> SyncRedis | SyncRedisCluster:
+    """A blocking client of the Redis or Redis Cluster ``url`` names, for code that
+    cannot await (the service and the SDKs use :func:`redis_client`)."""
+    if not is_cluster_url(url):
+        return SyncRedis.from_url(url)
+    parsed = parse_cluster_url(url)
+    nodes = [SyncClusterNode(host, port) for host, port in parsed.nodes]  # type: ignore[no-untyped-call]
+    return SyncRedisCluster(startup_nodes=nodes, **parsed.options)
