@@ -9,14 +9,16 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
+import redis
 
+from reliable_msg import constants
 from reliable_msg.errors import FallbackUnavailable
+from reliable_msg.harness.redis_cluster import RedisCluster
 from reliable_msg.message import Publication
 from reliable_msg.policy import shard_of
 from reliable_msg.sdk.consumer import Consumer
@@ -28,12 +30,12 @@ from reliable_msg.transports.redis import (
     Read,
     delete_namespace,
     ping,
+    shard_key,
     shard_keys,
 )
 from reliable_msg.transports.redis_client import RedisClient, redis_client
 from reliable_msg.transports.switch import Mode, Switch
 from tests.conftest import PRODUCER, served_runtime
-from tests.helpers.adhoc_redis_cluster import AdhocCluster, adhoc_cluster
 from tests.helpers.consumers import inventory_consumer, running_effects
 from tests.helpers.waiting import wait_until
 from tests.test_degradation import RETRY, all_done, assert_one_effect_each, produce
@@ -42,15 +44,9 @@ SHARDS = 100
 GROUP = "inventory"
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[AdhocCluster]:
-    with adhoc_cluster() as c:
-        yield c
-
-
 @pytest.fixture
-async def client(cluster: AdhocCluster) -> AsyncIterator[RedisClient]:
-    c = redis_client(cluster.url, socket_timeout=2.0, socket_connect_timeout=2.0)
+async def client(redis_cluster: RedisCluster) -> AsyncIterator[RedisClient]:
+    c = redis_client(redis_cluster.url, socket_timeout=2.0, socket_connect_timeout=2.0)
     yield c
     await c.aclose()
 
@@ -60,23 +56,11 @@ def ns() -> str:
     return f"rmsg-test-{uuid.uuid4().hex[:8]}"
 
 
-async def owners(cluster: AdhocCluster, keys: list[str]) -> dict[str, int]:
+def owners(cluster: RedisCluster, keys: list[str]) -> dict[str, int]:
     """The port of the master that holds each key, as the cluster itself says
-    (CLUSTER KEYSLOT and the slot map of CLUSTER SHARDS)."""
-    node = aioredis.Redis(port=cluster.ports[0], decode_responses=True)
-    try:
-        ranges = []
-        for first, last, master, *_ in await node.execute_command(  # type: ignore[no-untyped-call]
-            "CLUSTER", "SLOTS"
-        ):
-            ranges.append((int(first), int(last), int(master[1])))
-        found = {}
-        for key in keys:
-            slot = int(await node.execute_command("CLUSTER", "KEYSLOT", key))  # type: ignore[no-untyped-call]
-            found[key] = next(port for lo, hi, port in ranges if lo <= slot <= hi)
-        return found
-    finally:
-        await node.aclose()
+    (CLUSTER KEYSLOT and its slot map)."""
+    ports = [port for _, port in cluster.masters()]
+    return {key: ports[cluster.master_of(key)] for key in set(keys)}
 
 
 def publications(count_per_shard: int) -> list[Publication]:
@@ -107,18 +91,20 @@ def publications(count_per_shard: int) -> list[Publication]:
     ]
 
 
-def test_one_groups_shards_spread_over_every_master(cluster: AdhocCluster) -> None:
+def test_one_groups_shards_spread_over_every_master(redis_cluster: RedisCluster) -> None:
     keys = shard_keys("rmsg", GROUP, SHARDS)
-    held = Counter(asyncio.run(owners(cluster, keys)).values())
-    assert set(held) == set(cluster.ports), f"a master holds no shard: {held}"
-    share = SHARDS / len(cluster.ports)
+    held = Counter(owners(redis_cluster, keys).values())
+    assert set(held) == {port for _, port in redis_cluster.masters()}, (
+        f"a master holds no shard: {held}"
+    )
+    share = SHARDS / len(redis_cluster.masters())
     assert max(held.values()) <= 2 * share, f"a master holds over twice its share: {held}"
 
 
 async def test_the_switch_flips_clears_and_a_second_holder_hears_the_notice(
-    cluster: AdhocCluster, client: RedisClient, ns: str
+    redis_cluster: RedisCluster, client: RedisClient, ns: str
 ) -> None:
-    other = redis_client(cluster.url)
+    other = redis_client(redis_cluster.url)
     flipper = Switch(client, who="flipper", namespace=ns)
     # No re-read for a minute: what the watcher learns within seconds came as a notice.
     watcher = Switch(other, who="watcher", namespace=ns, poll_interval=60.0)
@@ -140,11 +126,11 @@ async def test_the_switch_flips_clears_and_a_second_holder_hears_the_notice(
         watcher.stop()
         await asyncio.wait_for(watching, 5)
         await other.aclose()
-        await delete_namespace(cluster.url, ns)
+        await delete_namespace(redis_cluster.url, ns)
 
 
 async def test_writer_to_reader_through_every_shard_on_every_master(
-    cluster: AdhocCluster, client: RedisClient, ns: str
+    redis_cluster: RedisCluster, client: RedisClient, ns: str
 ) -> None:
     writer = FallbackWriter(
         client, {GROUP: SHARDS}, namespace=ns, default_shards=8, alarm=1_000_000
@@ -164,8 +150,8 @@ async def test_writer_to_reader_through_every_shard_on_every_master(
         await first.prepare()
         read = await first.read(first.keys, count=10)
         assert sorted(e.id for e in read) == sorted(o.id for o in outs)  # type: ignore[union-attr]
-        by_master = Counter((await owners(cluster, [e.stream for e in read])).values())
-        assert set(by_master) == set(cluster.ports), by_master
+        by_master = Counter(owners(redis_cluster, [e.stream for e in read]).values())
+        assert set(by_master) == {port for _, port in redis_cluster.masters()}, by_master
         assert await first.read(first.keys, count=10) == []
 
         # What "a" read and did not ack, "b" reclaims.
@@ -179,12 +165,14 @@ async def test_writer_to_reader_through_every_shard_on_every_master(
         assert await writer.dead(GROUP) == 1
         assert await second.reclaim(second.keys, idle=0.0, count=10) == []
     finally:
-        await delete_namespace(cluster.url, ns)
-    assert [k async for k in client.scan_iter(match=f"*{ns}*")] == []
+        await delete_namespace(redis_cluster.url, ns)
+    for _, port in redis_cluster.masters():  # every master asked on its own
+        with redis.Redis(port=port) as node:
+            assert list(node.scan_iter(match=f"*{ns}*")) == [], f"keys left on {port}"
 
 
 async def test_a_lost_consumer_group_is_created_again(
-    cluster: AdhocCluster, client: RedisClient, ns: str
+    redis_cluster: RedisCluster, client: RedisClient, ns: str
 ) -> None:
     writer = FallbackWriter(client, {GROUP: SHARDS}, namespace=ns, default_shards=8, alarm=100)
     reader = FallbackReader(client, namespace=ns, group=GROUP, shards=SHARDS, consumer="a")
@@ -199,47 +187,133 @@ async def test_a_lost_consumer_group_is_created_again(
         found = await reader.read(reader.keys, count=10)
         assert sorted(e.id for e in found) == sorted(o.id for o in outs[:3])  # type: ignore[union-attr]
     finally:
-        await delete_namespace(cluster.url, ns)
+        await delete_namespace(redis_cluster.url, ns)
 
 
-async def test_a_master_lost_is_fallback_unavailable_everywhere(ns: str) -> None:
-    with adhoc_cluster() as own:
-        client = redis_client(own.url, socket_timeout=1.0, socket_connect_timeout=1.0)
-        switch = Switch(client, who="t", namespace=ns)
-        writer = FallbackWriter(client, {GROUP: SHARDS}, namespace=ns, default_shards=8, alarm=100)
-        reader = FallbackReader(client, namespace=ns, group=GROUP, shards=SHARDS, consumer="a")
-        try:
-            await switch.trip("test")
-            await reader.prepare()
-            await writer.write(publications(1))
-            own.procs[1].kill()
-            own.procs[1].wait()
-            calls: dict[str, Callable[[], object]] = {
-                "write": lambda: writer.write(publications(1)),
-                "depth": lambda: writer.depth(GROUP),
-                "read": lambda: reader.read(reader.keys, count=10),
-                "reclaim": lambda: reader.reclaim(reader.keys, idle=0.0, count=10),
-                "ping": lambda: ping(client),
-                "switch": lambda: switch.clear("test"),
-            }
-            for _ in range(2):  # at once, then with the cluster down
-                for name, call in calls.items():
-                    started = time.monotonic()
-                    with pytest.raises(FallbackUnavailable):
-                        await call()  # type: ignore[misc]
-                    assert time.monotonic() - started < 10, f"{name} took too long"
-                await asyncio.sleep(3)  # cluster-node-timeout 1 s: the cluster is down now
-        finally:
-            await client.aclose()
+async def test_a_master_lost_is_fallback_unavailable_and_its_return_is_used(
+    redis_cluster: RedisCluster, ns: str
+) -> None:
+    client = redis_client(redis_cluster.url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    other = redis_client(redis_cluster.url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    switch = Switch(client, who="t", namespace=ns)
+    watcher = Switch(other, who="watcher", namespace=ns, poll_interval=0.5)
+    watching = asyncio.create_task(watcher.watch())
+    writer = FallbackWriter(client, {GROUP: SHARDS}, namespace=ns, default_shards=8, alarm=100)
+    reader = FallbackReader(client, namespace=ns, group=GROUP, shards=SHARDS, consumer="a")
+    try:
+        await switch.trip("test")
+        await reader.prepare()
+        await writer.write(publications(1))
+        await wait_until(lambda: watcher.degraded, within=5)
+        # The master of the switch, of its notices and of some of the shards.
+        lost = redis_cluster.master_of(constants.SWITCH_KEY.format(ns=ns))
+        redis_cluster.kill(lost)
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "write": lambda: writer.write(publications(1)),
+            "depth": lambda: writer.depth(GROUP),
+            "read": lambda: reader.read(reader.keys, count=10),
+            "reclaim": lambda: reader.reclaim(reader.keys, idle=0.0, count=10),
+            "ping": lambda: ping(client),
+            "switch": lambda: switch.clear("test"),
+            "history": lambda: switch.history(),
+        }
+        for name, call in calls.items():
+            started = time.monotonic()
+            with pytest.raises(FallbackUnavailable):
+                await call()
+            # redis-py's cluster client retries (reloading the slot map) before it gives up
+            assert time.monotonic() - started < 10, f"{name} took too long"
+        assert not watching.done(), "the watcher gave up"
+
+        # Back, empty: the same clients use it again, and the watcher follows the switch.
+        redis_cluster.restart(lost)
+
+        async def answers() -> bool:
+            try:
+                await ping(client)
+                return True
+            except FallbackUnavailable:
+                return False
+
+        await wait_until(answers, within=20)
+        # The switch was lost with its master: the watcher's re-read finds it normal.
+        await wait_until(lambda: not watcher.degraded, within=10)
+        assert await switch.trip("test: again")
+        await wait_until(lambda: watcher.degraded, within=10)
+        await reader.prepare()
+        await writer.write(publications(1))
+        assert len(await reader.read(reader.keys, count=10)) >= SHARDS
+    finally:
+        watcher.stop()
+        await asyncio.wait_for(watching, 10)
+        await client.aclose()
+        await other.aclose()
+        await delete_namespace(redis_cluster.url, ns)
+
+
+def move_slot(cluster: RedisCluster, key: str, to: int) -> None:
+    """Move the slot of ``key``, with its keys, to master ``to``, as a resharding does."""
+    ports = [port for _, port in cluster.masters()]
+    source = ports[cluster.master_of(key)]
+    target = ports[to]
+    if source == target:
+        return
+    clients = {port: redis.Redis(port=port, decode_responses=True) for port in ports}
+    try:
+        ids = {port: c.cluster("MYID") for port, c in clients.items()}
+        src, dst = clients[source], clients[target]
+        slot = int(src.cluster("KEYSLOT", key))
+        dst.cluster("SETSLOT", slot, "IMPORTING", ids[source])
+        src.cluster("SETSLOT", slot, "MIGRATING", ids[target])
+        while keys := src.cluster("GETKEYSINSLOT", slot, 100):
+            src.migrate("127.0.0.1", target, keys, 0, 5000)
+        for c in clients.values():
+            c.cluster("SETSLOT", slot, "NODE", ids[target])
+    finally:
+        for c in clients.values():
+            c.close()
+
+
+async def test_a_slot_moved_to_another_master_is_followed(
+    redis_cluster: RedisCluster, client: RedisClient, ns: str
+) -> None:
+    switch = Switch(client, who="t", namespace=ns)
+    writer = FallbackWriter(client, {GROUP: SHARDS}, namespace=ns, default_shards=8, alarm=100)
+    reader = FallbackReader(client, namespace=ns, group=GROUP, shards=SHARDS, consumer="a")
+    outs = publications(1)
+    switch_key = constants.SWITCH_KEY.format(ns=ns)
+    shard = writer.key_for(GROUP, outs[0])
+    homes = {key: redis_cluster.master_of(key) for key in (switch_key, shard)}
+    try:
+        await switch.trip("before")
+        await reader.prepare()
+        await writer.write(outs)
+        for key, home in homes.items():  # the client's map is now out of date: MOVED
+            move_slot(redis_cluster, key, (home + 1) % 3)
+            assert redis_cluster.master_of(key) != home
+        assert await switch.clear("after the move")
+        assert [h["mode"] for h in await switch.history()] == ["normal", "degraded"]
+        await writer.write(outs)
+        read = await reader.read(reader.keys, count=10)
+        assert len(read) == 2 * len(outs)
+        for entry in read:
+            await reader.done(entry)  # XACK and XDEL in one transaction, on the moved slot
+        assert await writer.depth(GROUP) == 0
+    finally:
+        for key, home in homes.items():
+            move_slot(redis_cluster, key, home)
+        await delete_namespace(redis_cluster.url, ns)
 
 
 async def test_the_service_and_a_consumer_run_degraded_on_a_cluster(
-    cluster: AdhocCluster,
+    redis_cluster: RedisCluster,
     make_settings: Callable[..., Settings],
     pool: asyncpg.Pool,
     sdk_db: asyncpg.Connection,
 ) -> None:
-    settings = make_settings(redis_url=cluster.url, fallback={"shards": 16, "poll_interval": 0.2})
+    settings = make_settings(
+        redis_url=redis_cluster.url, fallback={"shards": 16, "poll_interval": 0.2}
+    )
     async with served_runtime(settings) as (runtime, url):
         ready = await runtime.degradation.ready()
         assert ready["redis"] == "ok", ready
@@ -251,7 +325,7 @@ async def test_the_service_and_a_consumer_run_degraded_on_a_cluster(
             pool,
             RETRY,
             Consumer,
-            redis_url=cluster.url,
+            redis_url=redis_cluster.url,
             namespace=settings.fallback.namespace,
             shards=16,
             poll_interval=0.2,
@@ -261,6 +335,10 @@ async def test_the_service_and_a_consumer_run_degraded_on_a_cluster(
             await produce(producer, pool, ids)
             depth = (await runtime.degradation.depths())["inventory"]
             assert depth == len(ids), "not written to the cluster's shards"
+            ns = settings.fallback.namespace
+            written = {shard_key(ns, "inventory", shard_of(id, 16)) for id in ids}
+            masters = {port for _, port in redis_cluster.masters()}
+            assert set(owners(redis_cluster, list(written)).values()) == masters
             async with running_effects(consumer, stop_within=20):
                 await wait_until(lambda: all_done(sdk_db, ids), within=30)
                 assert consumer.mode is Mode.DEGRADED

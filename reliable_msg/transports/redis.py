@@ -24,7 +24,13 @@ from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    CrossSlotTransactionError,
+    InvalidPipelineStack,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 
 from reliable_msg import constants
 from reliable_msg.errors import FallbackUnavailable
@@ -50,6 +56,8 @@ REDIS_FAILURES: tuple[type[BaseException], ...] = (
     RuntimeError,
 )
 
+#: RedisClusterExceptions that are a bug of this code, not Redis away: let through.
+_MISUSES = (CrossSlotTransactionError, InvalidPipelineStack)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -63,6 +71,8 @@ def translating(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     async def call(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await method(*args, **kwargs)
+        except _MISUSES:
+            raise
         except REDIS_FAILURES as exc:
             raise FallbackUnavailable(str(exc) or repr(exc)) from exc
 
