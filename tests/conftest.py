@@ -164,8 +164,12 @@ def settings_for(database_url: str, names: dict[str, str], **overrides: Any) -> 
 
 
 @pytest.fixture
-def make_settings(database_url: str, names: dict[str, str]) -> Callable[..., Settings]:
-    return functools.partial(settings_for, database_url, names)
+def make_settings(
+    database_url: str, names: dict[str, str], redis_url: str
+) -> Callable[..., Settings]:
+    """``settings_for`` the test's database, names and Redis (``redis_url``: the
+    machine's, or the Redis Cluster's for a test parametrized to run on both)."""
+    return functools.partial(settings_for, database_url, names, redis_url=redis_url)
 
 
 @pytest.fixture

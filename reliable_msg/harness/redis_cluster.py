@@ -200,8 +200,10 @@ class RedisCluster:
 
     def destroy(self) -> None:
         """Every node gone and its directory removed. :class:`ClusterError` if a
-        ``redis-server`` of this cluster still runs after."""
+        ``redis-server`` of this cluster still runs after. Leftovers of killed runs
+        go too."""
         self.stop_all()
+        clean_leftovers()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
         if left := self.leftovers():
