@@ -19,6 +19,7 @@ import asyncpg
 import httpx
 import pytest
 
+from reliable_msg.harness.rabbit_cluster import RabbitCluster
 from reliable_msg.sdk import consumer as consumer_sdk
 from reliable_msg.sdk import producer as producer_sdk
 from reliable_msg.service.api import create_app
@@ -49,6 +50,8 @@ DATABASE_URL = f"{SERVER_URL}/rmsg_test_{os.getpid()}"
 #: Prefix of every RabbitMQ name and Redis namespace the tests make.
 TEST_PREFIX = "rmsgtest."
 AMQP_URL = os.environ.get("RMSG_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+#: The Redis the cluster tests degrade to (a Redis Cluster's URL, once there is one).
+CLUSTER_REDIS_URL = os.environ.get("RMSG_TEST_CLUSTER_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 async def _drop_database(url: str) -> None:
@@ -98,6 +101,21 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the test database, with the tables emptied first."""
     async with emptied_db(database_url) as conn:
         yield conn
+
+
+@pytest.fixture(scope="module")
+def rabbit_cluster() -> Iterator[RabbitCluster]:
+    """Three RabbitMQ nodes of this run, clustered, for the tests of one module; killed
+    and removed after it, even when a test failed (leftovers of a run killed earlier are
+    removed first)."""
+    with RabbitCluster(3) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def cluster_redis_url() -> str:
+    """The Redis the service degrades to in the cluster tests."""
+    return CLUSTER_REDIS_URL
 
 
 @pytest.fixture(autouse=True)
