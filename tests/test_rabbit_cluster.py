@@ -24,7 +24,7 @@ import pytest
 
 from reliable_msg.harness.process import stop_gracefully
 from reliable_msg.harness.rabbit_cluster import MACHINE_NODE, RabbitCluster
-from reliable_msg.harness.servers import rabbitmq_answers
+from reliable_msg.harness.servers import machine_rabbitmq_pids, rabbitmq_answers
 from reliable_msg.sdk.client import RetryPolicy
 from reliable_msg.sdk.consumer import Consumer
 from reliable_msg.sdk.producer import Producer
@@ -131,12 +131,17 @@ def machine_node_alone() -> list[str]:
 
 async def test_the_machines_node_is_never_touched() -> None:
     """Start, kill and destroy a cluster: the node on 5672 answers all along and is in
-    no cluster but its own."""
+    no cluster but its own; and the tests that kill it can tell it from ours."""
     cluster = RabbitCluster(2)
     try:
         cluster.start()
         assert cluster.running_nodes() == sorted(n.name for n in cluster.nodes)
         assert machine_node_alone() == [MACHINE_NODE, MACHINE_NODE]
+        # The tests that kill the machine's node kill it alone, never one of ours.
+        ours = {node.vm_pid() for node in cluster.nodes}
+        assert None not in ours
+        machine = machine_rabbitmq_pids()
+        assert len(machine) == 1 and not ours & set(machine)
         cluster.kill(1)
         assert cluster.running_nodes() == [cluster.nodes[0].name]
         assert await rabbitmq_answers(AMQP_URL)
@@ -192,7 +197,7 @@ async def test_consumer_keeps_consuming_when_its_node_is_killed(
                     assert now and victim not in now, now
                 finally:
                     await asyncio.to_thread(cluster.restart, victim)
-            assert watch.modes == {"normal"} and watch.history == []
+            assert watch.modes == {"normal"} and watch.history == [], (watch.seen, watch.history)
     finally:
         await delete_namespace(settings.redis_url, settings.fallback.namespace)
     await assert_each_done_once(sdk_db, first + second)
