@@ -30,6 +30,7 @@ from reliable_msg import constants
 from reliable_msg.errors import ConfigError
 from reliable_msg.policy import NAME_RE, PATTERN_RE, topic_matches
 from reliable_msg.tcc import Op
+from reliable_msg.transports.nodes import amqp_nodes
 
 #: Environment variable naming the TOML file when no ``--config`` is given.
 CONFIG_ENV = "RMSG_CONFIG"
@@ -265,6 +266,9 @@ class Settings(BaseSettings):
     )
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/reliable_msg"
+    #: one RabbitMQ node, or the nodes of one cluster: a TOML list of URLs or one string
+    #: of them separated by commas (``RMSG_AMQP_URL``); stored in the comma form, read
+    #: as a list from :attr:`amqp_urls`
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/0"
     admin_token: SecretStr | None = None
@@ -314,6 +318,18 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The TOML file arrives as init values; the environment overrides it.
         return env_settings, init_settings
+
+    @field_validator("amqp_url", mode="before")
+    @classmethod
+    def _amqp_nodes(cls, value: Any) -> Any:
+        if isinstance(value, str | list | tuple):
+            return ",".join(amqp_nodes(value))
+        return value
+
+    @cached_property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The RabbitMQ nodes ``amqp_url`` names, in its order."""
+        return amqp_nodes(self.amqp_url)
 
     @model_validator(mode="after")
     def _names(self) -> Settings:

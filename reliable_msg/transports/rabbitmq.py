@@ -2,7 +2,10 @@
 
 Every publish is persistent, ``mandatory`` (a message no queue takes is an error, not a
 success) and bounded by ``publish_timeout``. The connection is robust: after a loss it
-is re-established in the background and the topology declared again. A message whose
+is re-established in the background and the topology declared again; with the nodes of a
+cluster (``amqp_url`` a list), each attempt goes to the next node (:mod:`.failover`), and
+a publish that finds the connection lost waits for it to come back on another node,
+then tries once more (:meth:`RabbitMQ.publish`). A message whose
 content header would not fit in one frame is never sent: RabbitMQ would close the whole
 connection for it.
 """
@@ -32,6 +35,7 @@ from reliable_msg.errors import BrokerError, BrokerUnavailable, Unpublishable, U
 from reliable_msg.message import Publication
 from reliable_msg.metrics import PUBLISH_REFUSALS, PUBLISH_SECONDS
 from reliable_msg.service.settings import Settings
+from reliable_msg.transports.failover import Cursor, connect_nodes
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,8 @@ PUBLISH_CHANNELS = 4
 RECONNECT_INTERVAL = 1.0
 #: Least seconds between two declarations of the topology after unroutable publishes.
 REDECLARE_INTERVAL = 5.0
+#: Seconds between two looks at the connection while a publish waits for a failover.
+FAILOVER_POLL = 0.05
 
 
 def amqp_message(out: Publication) -> aio_pika.Message:
@@ -103,6 +109,13 @@ class RabbitMQ:
         self._connecting: asyncio.Task[None] | None = None
         self._redeclaring: asyncio.Task[None] | None = None
         self._redeclared_at = -REDECLARE_INTERVAL
+        self._nodes = Cursor(settings.amqp_urls)
+        #: With several nodes, a publish waits for a lost connection to come back.
+        self._failover = len(self._nodes.nodes) > 1
+        #: When the connection was lost (monotonic), None while it is up.
+        self._lost_at: float | None = None
+        #: Bumped at each loss: a publish that saw it change lost its connection.
+        self._losses = 0
 
     @property
     def connected(self) -> bool:
@@ -135,9 +148,9 @@ class RabbitMQ:
                 return
 
     async def _connect(self) -> None:
-        connection = await aio_pika.connect_robust(
-            self._settings.amqp_url,
-            timeout=self._settings.publish_timeout,
+        connection = await connect_nodes(
+            self._nodes,
+            attempt_timeout=self._settings.publish_timeout,
             # Back within a second of RabbitMQ's return (aio-pika's default waits 5 s).
             reconnect_interval=RECONNECT_INTERVAL,
             client_properties={"connection_name": "reliable-msg"},
@@ -154,8 +167,18 @@ class RabbitMQ:
             raise
         # An operator may have deleted queues while the connection was away.
         connection.reconnect_callbacks.add(lambda _: self._redeclare_soon(now=True))
+        connection.reconnect_callbacks.add(self._on_reconnected)
+        connection.close_callbacks.add(self._on_lost)
         self._connection, self._channels = connection, channels
         self._check_frame_max()
+
+    def _on_lost(self, *_: object) -> None:
+        if self._lost_at is None:
+            self._lost_at = time.monotonic()
+            self._losses += 1
+
+    def _on_reconnected(self, *_: object) -> None:
+        self._lost_at = None
 
     def _check_frame_max(self) -> None:
         """Say so when RabbitMQ's frame_max is below what ``max_header_bytes`` lets in:
@@ -208,7 +231,44 @@ class RabbitMQ:
 
         Raises :class:`Unroutable` when no queue took it and :class:`BrokerUnavailable`
         on any other failure, a timeout included.
+
+        With several nodes, a publish that finds the connection lost (at its start, or
+        as its failure) waits for the reconnection to another node, at most until
+        ``publish_timeout`` after the loss, then publishes once more on the new
+        connection (a consumer's inbox drops the duplicate if the first one got
+        through). It fails as before once that time is over, or if the second try fails.
+        With one node it never waits.
         """
+        waited = False
+        if not self.connected:
+            if not await self._failed_over():
+                raise BrokerUnavailable("not connected to RabbitMQ")
+            waited = True
+        losses = self._losses
+        try:
+            await self._publish(out)
+        except BrokerUnavailable:
+            if waited or not self._lost_since(losses) or not await self._failed_over():
+                raise
+            log.debug("message %s published again after a failover", out.id)
+            await self._publish(out)
+
+    def _lost_since(self, losses: int) -> bool:
+        return self._losses != losses or not self.connected
+
+    async def _failed_over(self) -> bool:
+        """With several nodes and a connection once made: wait until it is up again, at
+        most ``publish_timeout`` after its loss; whether it is."""
+        if not self._failover or self._connection is None:
+            return False
+        deadline = (self._lost_at or time.monotonic()) + self._settings.publish_timeout
+        while not self.connected:
+            if self._connection.is_closed or time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(FAILOVER_POLL)
+        return True
+
+    async def _publish(self, out: Publication) -> None:
         if not self.connected:
             raise BrokerUnavailable("not connected to RabbitMQ")
         _, topic_exchange, default = self._next_channel()

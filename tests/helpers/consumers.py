@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -42,7 +42,7 @@ def inventory_consumer(
     retry: RetryPolicy,
     cls: type[C],
     *,
-    amqp_url: str = AMQP_URL,
+    amqp_url: str | Sequence[str] = AMQP_URL,
     **options: Any,
 ) -> C:
     return cls(

@@ -10,6 +10,10 @@
 
     await consumer.run()  # until SIGTERM or consumer.request_stop()
 
+``amqp_url`` is one RabbitMQ URL or the nodes of one cluster (a list, or one string of
+URLs separated by commas); after a failed attach or a lost connection the consumer
+attaches through the next node.
+
 A handler runs inside a transaction of ``conn`` that also inserts an *inbox* row keyed
 by (group, message id); a redelivered message finds its row and is not handled again.
 After the commit the message is acked to the service (in batches), and only then at its

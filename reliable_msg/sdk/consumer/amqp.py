@@ -1,10 +1,14 @@
 """The consumer's RabbitMQ source: its attachment to the group's queue
-(:class:`QueueReader`), and each delivery as a :class:`~.source.Source`."""
+(:class:`QueueReader`), and each delivery as a :class:`~.source.Source`.
+
+Given the nodes of a cluster, the reader attaches through the first, and after a failed
+attach or a lost connection through the next one in turn."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import aio_pika
@@ -12,6 +16,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from reliable_msg import constants
 from reliable_msg.aio import first_of
+from reliable_msg.transports.nodes import where
 from reliable_msg.transports.switch import Mode
 
 from ._log import log
@@ -25,9 +30,10 @@ class QueueReader:
     """A consumer's attachment to its group's RabbitMQ queue: it hands each delivery to
     :meth:`Consumer.consume <.consumer.Consumer.consume>`."""
 
-    def __init__(self, consumer: Consumer, url: str, prefetch: int) -> None:
+    def __init__(self, consumer: Consumer, nodes: Sequence[str], prefetch: int) -> None:
         self._consumer = consumer
-        self._url = url
+        self._nodes = tuple(nodes)
+        self._turn = 0  #: index in ``_nodes`` of the node of the next attach
         self._prefetch = prefetch
         self._in_flight: set[asyncio.Task[None]] = set()
 
@@ -39,12 +45,16 @@ class QueueReader:
         while not consumer.stopping:
             if consumer.mode is Mode.DEGRADED and not await consumer.wait_normal():
                 break
+            node = self._nodes[self._turn % len(self._nodes)]
             try:
-                await self._attach()
+                await self._attach(node)
                 delay = 0.2
             except (OSError, aio_pika.exceptions.AMQPError, RuntimeError) as exc:
-                log.warning("consumer %s: RabbitMQ unavailable (%s)", consumer.group, exc)
+                log.warning(
+                    "consumer %s: RabbitMQ unavailable at %s (%s)", consumer.group, where(node), exc
+                )
             if not consumer.stopping:
+                self._turn += 1  # a failure or a loss: the next node
                 await consumer.sleep(delay)
                 delay = min(delay * 2, 5.0)
         await self._settled()
@@ -53,9 +63,9 @@ class QueueReader:
         if self._in_flight:
             await asyncio.wait(set(self._in_flight))
 
-    async def _attach(self) -> None:
+    async def _attach(self, node: str) -> None:
         consumer = self._consumer
-        connecting = asyncio.ensure_future(aio_pika.connect(self._url, timeout=10))
+        connecting = asyncio.ensure_future(aio_pika.connect(node, timeout=10))
         await first_of(asyncio.shield(connecting), consumer.wait_stopping())
         if not connecting.done():  # asked to stop while connecting
             connecting.cancel()
@@ -69,7 +79,7 @@ class QueueReader:
             await channel.set_qos(prefetch_count=self._prefetch)
             queue = await channel.get_queue(consumer.queue, ensure=True)
             tag = await queue.consume(self._on_message)
-            log.info("consumer %s: consuming %s", consumer.group, consumer.queue)
+            log.info("consumer %s: consuming %s at %s", consumer.group, consumer.queue, where(node))
             await first_of(consumer.wait_stopping(), lost.wait())
             if not lost.is_set():
                 await queue.cancel(tag)

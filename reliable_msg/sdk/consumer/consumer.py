@@ -13,6 +13,7 @@ import asyncpg
 from reliable_msg import constants
 from reliable_msg.aio import first_of
 from reliable_msg.sdk.client import RetryPolicy, ServiceClient
+from reliable_msg.transports.nodes import amqp_nodes
 from reliable_msg.transports.switch import Mode
 
 from ._log import log
@@ -40,6 +41,10 @@ class Consumer:
     empty, and only then does the consumer go back to RabbitMQ alone (reconnecting to it
     if it had lost it). Every path uses the same handler, inbox and acks. The group's
     shard count is the one the service records in Redis; ``shards`` holds until it has.
+
+    ``amqp_url`` is one RabbitMQ URL or the nodes of one cluster: a list of URLs, or one
+    string of them separated by commas. The consumer attaches through the first node,
+    and after a failed attach or a lost connection through the next one in turn.
     """
 
     def __init__(
@@ -48,7 +53,7 @@ class Consumer:
         *,
         service_url: str | Sequence[str],
         token: str,
-        amqp_url: str,
+        amqp_url: str | Sequence[str],
         pool: asyncpg.Pool,
         queue: str | None = None,
         prefetch: int = 64,
@@ -82,7 +87,9 @@ class Consumer:
         self._give_up_at: float | None = None
         self.mode = Mode.NORMAL  #: DEGRADED while the fallback workers run
         self._mode_changed = asyncio.Event()
-        self._rabbitmq = QueueReader(self, amqp_url, prefetch)
+        #: the RabbitMQ nodes, in the order attaches try them
+        self.amqp_urls = amqp_nodes(amqp_url)
+        self._rabbitmq = QueueReader(self, self.amqp_urls, prefetch)
         self._fallback = (
             FallbackDrain(
                 self,

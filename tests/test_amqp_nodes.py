@@ -1,0 +1,237 @@
+"""Given the nodes of a RabbitMQ cluster, the service and the consumer SDK connect to the
+first that answers and, after a loss, to the next one; the loss of one node does not
+trip the switch, the loss of every node still does.
+
+No cluster here: the "nodes" are the machine's RabbitMQ on 5672 reached directly, a dead
+port, and fault proxies in front of 5672 that the tests cut (the three-node cluster test
+is ``test_rabbitmq_cluster``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+
+from reliable_msg.harness.ports import free_port
+from reliable_msg.harness.proxy import FaultProxy
+from reliable_msg.sdk.client import RetryPolicy
+from reliable_msg.sdk.consumer import Consumer
+from reliable_msg.service.runtime import Runtime
+from reliable_msg.service.settings import Settings
+from reliable_msg.transports.failover import Cursor, connect_nodes
+from reliable_msg.transports.nodes import where
+from tests.conftest import AMQP_URL, PRODUCER, auth, served_runtime
+from tests.helpers import rabbit
+from tests.helpers.consumers import inventory_consumer, running_effects
+from tests.helpers.service import remove_traces, running_async, write_config
+from tests.helpers.waiting import wait_until
+
+THRESHOLD = 3
+RETRY = RetryPolicy(attempts=8, initial=0.05, max_wait=0.5, deadline=20.0)
+
+
+def dead_node() -> str:
+    """A node URL nothing listens on, with a password that must never be logged."""
+    return f"amqp://guest:never-logged@127.0.0.1:{free_port()}/"
+
+
+async def send(api: httpx.AsyncClient, id: str) -> httpx.Response:
+    body = {"id": id, "topic": "order.paid", "payload": {"id": id}}
+    r = await api.post("/v1/messages", json=body, headers=auth(PRODUCER))
+    assert r.status_code == 201, r.text
+    return await api.post(f"/v1/messages/{id}/confirm", headers=auth(PRODUCER))
+
+
+async def queued_ids(settings: Settings, group: str) -> list[str]:
+    async with await aio_pika.connect(AMQP_URL) as amqp:
+        messages = await rabbit.drain(amqp, settings.queue_name(group), wait=1.0)
+    return [str(m.message_id) for m in messages]
+
+
+async def test_a_reconnection_goes_to_the_next_node() -> None:
+    """The hook aio-pika's robust connection calls for each attempt is ours: after the
+    loss of the first node it reconnects to the second, with its channels."""
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        first = proxy.url("amqp", "guest:guest", "/")
+        cursor = Cursor((first, AMQP_URL))
+        connection = await connect_nodes(cursor, attempt_timeout=5, reconnect_interval=0.2)
+        try:
+            assert where(str(connection.url)) == where(first)
+            channel = await connection.channel()
+            reconnected = asyncio.Event()
+            connection.reconnect_callbacks.add(lambda *_: reconnected.set())
+            await proxy.down()
+            await asyncio.wait_for(reconnected.wait(), 15)
+            assert where(str(connection.url)) == where(AMQP_URL)
+            assert cursor.current == AMQP_URL
+            queue = await channel.declare_queue(exclusive=True)  # the channel came back too
+            assert queue.name
+        finally:
+            await connection.close()
+
+
+async def test_the_first_connection_tries_each_node_in_turn() -> None:
+    cursor = Cursor((dead_node(), AMQP_URL))
+    connection = await connect_nodes(cursor, attempt_timeout=5)
+    try:
+        assert cursor.current == AMQP_URL
+    finally:
+        await connection.close()
+    cursor = Cursor((dead_node(), dead_node()))
+    with pytest.raises(ConnectionError):
+        await connect_nodes(cursor, attempt_timeout=5)
+
+
+@pytest.mark.usefixtures("db")
+async def test_the_service_starts_and_publishes_with_the_first_node_dead(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings(redelivery={"ack_timeout": 3600.0})  # no redelivery
+    dead = dead_node()
+    config = write_config(settings, tmp_path / "config.toml", amqp_url=[dead, AMQP_URL])
+    try:
+        async with (
+            running_async(config, tmp_path) as instance,
+            httpx.AsyncClient(base_url=instance.url, timeout=15) as api,
+        ):
+            r = await send(api, "two-nodes")
+            assert r.status_code == 200, r.text
+            assert r.json()["status"] == "sent"
+            assert await queued_ids(settings, "wms") == ["two-nodes"]
+            log = instance.log.read_text()
+            assert "connected to RabbitMQ at 127.0.0.1:5672" in log
+            assert "never-logged" not in log
+    finally:
+        await remove_traces(settings)
+
+
+async def watch(rt: Runtime, worst: list[int], stop: asyncio.Event) -> None:
+    """Record the publisher's highest count of consecutive failures and the switch."""
+    while not stop.is_set():
+        worst[0] = max(worst[0], rt.publisher.failures)
+        assert not rt.publisher.degraded, "the switch tripped"
+        await asyncio.sleep(0.002)
+
+
+@pytest.mark.usefixtures("db")
+async def test_publishes_go_on_through_the_loss_of_one_node(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, "reliable_msg.transports.rabbitmq")
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        settings = make_settings(
+            amqp_url=[proxy.url("amqp", "guest:guest", "/"), AMQP_URL],
+            fallback={"failure_threshold": THRESHOLD},
+        )
+        async with (
+            served_runtime(settings) as (rt, url),
+            httpx.AsyncClient(base_url=url, timeout=30) as api,
+        ):
+            ids = [f"fo-{i}" for i in range(400)]
+            todo = iter(ids)
+            answers: dict[str, int] = {}
+            sent = asyncio.Event()
+
+            async def worker() -> None:
+                for id in todo:
+                    answers[id] = (await send(api, id)).status_code
+                    if len(answers) == 100:
+                        sent.set()
+
+            worst, stop = [0], asyncio.Event()
+            watching = asyncio.create_task(watch(rt, worst, stop))
+            workers = [asyncio.create_task(worker()) for _ in range(16)]
+            await sent.wait()
+            await proxy.down()  # the first node is gone, publishes in flight with it
+            await asyncio.gather(*workers)
+            stop.set()
+            await watching
+
+            assert rt.publisher.rabbitmq._nodes.current == AMQP_URL
+            assert proxy.accepted == 1
+            assert {id: s for id, s in answers.items() if s != 200} == {}
+            assert worst[0] < THRESHOLD
+            assert rt.mode == "normal"
+            # Every message is in the queue; one sent twice (its confirm lost with the
+            # node) is dropped by the consumers' inbox.
+            assert set(await queued_ids(settings, "wms")) == set(ids)
+            waited = [r for r in caplog.records if "after a failover" in str(r.msg)]
+            assert waited, "no publish was in flight at the loss: the test saw nothing"
+            print(f"{len(waited)} publishes tried again; worst failures {worst[0]}")
+
+
+@pytest.mark.usefixtures("db")
+async def test_with_every_node_down_the_switch_still_trips(
+    make_settings: Callable[..., Settings],
+) -> None:
+    async with (
+        FaultProxy("127.0.0.1", 5672) as one,
+        FaultProxy("127.0.0.1", 5672) as two,
+    ):
+        settings = make_settings(
+            amqp_url=[one.url("amqp", "guest:guest", "/"), two.url("amqp", "guest:guest", "/")],
+            fallback={"failure_threshold": THRESHOLD, "probe_interval": 3600.0},
+        )
+        async with (
+            served_runtime(settings) as (rt, url),
+            httpx.AsyncClient(base_url=url, timeout=30) as api,
+        ):
+            assert (await send(api, "before")).status_code == 200
+            lost = time.monotonic()
+            await one.down()
+            await two.down()
+            await wait_until(lambda: not rt.publisher.connected, within=10)
+            statuses = [(await send(api, f"down-{i}")).status_code for i in range(THRESHOLD)]
+            tripped = time.monotonic() - lost
+            # The first publish waits for another node until publish_timeout after the
+            # loss, the next ones fail at once: the switch trips that much later.
+            assert statuses == [503] * (THRESHOLD - 1) + [200]
+            assert rt.publisher.degraded
+            assert settings.publish_timeout <= tripped < settings.publish_timeout + 2.0
+            print(f"tripped {tripped:.2f}s after the loss of every node")
+
+
+@pytest.mark.usefixtures("sdk_db")
+async def test_the_consumer_goes_on_through_the_other_node(
+    make_settings: Callable[..., Settings], pool: asyncpg.Pool
+) -> None:
+    settings = make_settings()
+    counter = itertools.count()
+    async with (
+        FaultProxy("127.0.0.1", 5672) as proxy,
+        served_runtime(settings) as (_, url),
+        httpx.AsyncClient(base_url=url, timeout=30) as api,
+    ):
+        nodes = [proxy.url("amqp", "guest:guest", "/"), AMQP_URL]
+        consumer = inventory_consumer(url, settings, pool, RETRY, Consumer, amqp_url=nodes)
+        async with running_effects(consumer):
+
+            async def sent_and_done(n: int) -> list[str]:
+                ids = [f"c-{next(counter)}" for _ in range(n)]
+                for id in ids:
+                    assert (await send(api, id)).status_code == 200
+                await wait_until(lambda: effects(pool, ids), within=30)
+                return ids
+
+            await sent_and_done(3)
+            assert proxy.accepted == 1  # attached through the first node
+            await proxy.down()
+            await sent_and_done(5)
+            assert consumer.mode.value == "normal"
+
+
+async def effects(pool: asyncpg.Pool, ids: list[str]) -> bool:
+    done = await pool.fetchval(
+        "SELECT count(DISTINCT message_id) FROM sdk_effects WHERE message_id = ANY($1::text[])",
+        ids,
+    )
+    return bool(done == len(ids))
