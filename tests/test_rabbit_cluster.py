@@ -322,3 +322,38 @@ def attached_nodes(cluster: RabbitCluster, pid: int) -> list[int]:
     """The nodes process ``pid`` holds AMQP connections to."""
     ports = peer_ports(pid)
     return [node.index for node in cluster.nodes if ports[node.amqp_port]]
+
+
+async def test_a_service_started_while_one_node_is_down_works(
+    rabbit_cluster: RabbitCluster,
+    settings: Settings,
+    sdk_db: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """The topology declared, the node that took the first connection goes; an instance
+    started then publishes through the others without tripping the switch."""
+    cluster = rabbit_cluster
+    ids = [f"late-{i}" for i in range(100)]
+    config = write_config(settings, tmp_path / "config.toml")
+    try:
+        with running(config, tmp_path):
+            pass  # the topology is declared
+        victim = 0
+        await asyncio.to_thread(cluster.kill, victim)
+        try:
+            with running(config, tmp_path) as [instance]:
+                async with (
+                    consumer_process(instance.url, settings, database_url, tmp_path / "c.log"),
+                    watching([instance.url]) as watch,
+                    Producer(instance.url, PRODUCER, retry=RETRY) as producer,
+                ):
+                    await produce_many(producer, pool, ids)
+                    await wait_until(lambda: done_count_is(sdk_db, ids), within=60)
+                assert watch.modes == {"normal"} and watch.history == [], watch.history
+        finally:
+            await asyncio.to_thread(cluster.restart, victim)
+    finally:
+        await delete_namespace(settings.redis_url, settings.fallback.namespace)
+    await assert_each_done_once(sdk_db, ids)

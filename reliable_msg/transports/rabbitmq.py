@@ -1,4 +1,5 @@
-"""The RabbitMQ adapter: topology, and publishing with publisher confirms.
+"""The RabbitMQ adapter: publishing with publisher confirms; the topology it declares is
+in :mod:`.topology`.
 
 Every publish is persistent, ``mandatory`` (a message no queue takes is an error, not a
 success) and bounded by ``publish_timeout``. The connection is robust: after a loss it
@@ -26,7 +27,6 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractRobustConnection,
     DeliveryMode,
-    ExchangeType,
 )
 from pamqp import frame
 from pamqp.header import ContentHeader
@@ -37,6 +37,7 @@ from reliable_msg.message import Publication
 from reliable_msg.metrics import PUBLISH_REFUSALS, PUBLISH_SECONDS
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.failover import Cursor, connect_nodes
+from reliable_msg.transports.topology import declare_topology
 
 log = logging.getLogger(__name__)
 
@@ -411,37 +412,3 @@ class RabbitMQ:
             elif isinstance(result, BaseException):
                 raise result
         return refused
-
-
-async def declare_topology(connection: aio_pika.abc.AbstractConnection, settings: Settings) -> None:
-    """Declare the exchanges and, per group, its quorum queue and dead-letter queue."""
-    async with connection.channel() as channel:
-        exchange = await channel.declare_exchange(
-            settings.exchange, ExchangeType.TOPIC, durable=True
-        )
-        dlx = await channel.declare_exchange(
-            settings.dead_letter_exchange, ExchangeType.DIRECT, durable=True
-        )
-        await channel.declare_queue(
-            settings.probe_queue,
-            durable=True,
-            arguments={"x-max-length": 10, "x-overflow": "drop-head"},
-        )
-        for name, group in settings.groups.items():
-            queue = await channel.declare_queue(
-                settings.queue_name(name),
-                durable=True,
-                arguments={
-                    "x-queue-type": settings.queue_type,
-                    "x-dead-letter-exchange": settings.dead_letter_exchange,
-                    "x-dead-letter-routing-key": name,
-                },
-            )
-            for pattern in group.topics:
-                await queue.bind(exchange, pattern)
-            dead = await channel.declare_queue(
-                settings.dead_letter_queue(name),
-                durable=True,
-                arguments={"x-queue-type": settings.queue_type},
-            )
-            await dead.bind(dlx, name)
