@@ -5,9 +5,9 @@
 | ``DEMO_DATABASE_URL`` | the demo database | ``postgresql://postgres@127.0.0.1:5432/rmsg_demo`` |
 | ``DEMO_SERVICE_URL`` | the reliable-msg service | ``http://127.0.0.1:8480`` |
 | ``DEMO_<GROUP>_TOKEN`` | the group's token, e.g. ``DEMO_WMS_TOKEN`` | required |
-| ``DEMO_AMQP_URL`` | RabbitMQ | ``amqp://guest:guest@127.0.0.1:5672/`` |
+| ``DEMO_AMQP_URL`` | RabbitMQ (nodes: comma-separated) | ``amqp://guest:guest@127.0.0.1:5672/`` |
 | ``DEMO_QUEUE_PREFIX`` | the service's ``queue_prefix`` | ``rmsgdemo.`` |
-| ``DEMO_REDIS_URL`` | Redis, to follow the degradation switch | ``redis://127.0.0.1:6379/0`` |
+| ``DEMO_REDIS_URL`` | Redis or Redis Cluster, for the switch | ``redis://127.0.0.1:6379/0`` |
 | ``DEMO_NAMESPACE`` | the service's ``fallback.namespace`` | ``rmsgdemo`` |
 | ``DEMO_SHARDS`` | the service's ``fallback.shards`` | ``16`` |
 | ``DEMO_POLL_INTERVAL`` | the service's ``fallback.poll_interval`` | ``0.5`` |

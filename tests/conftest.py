@@ -31,8 +31,8 @@ from tests.helpers import rabbit, redis_ctl, tables
 from tests.helpers.checkback import ProducerEndpoint, serving_endpoint
 from tests.helpers.servers import serving_app
 
-#: The browser tests' fixtures (``browser``), beside their tools.
-pytest_plugins = ["tests.helpers.browser"]
+#: The browser tests' fixtures (``browser``) and the Redis Cluster's (``redis_cluster``).
+pytest_plugins = ["tests.helpers.browser", "tests.helpers.redis_cluster"]
 
 ADMIN = "admin-token"
 PRODUCER = "order-token"

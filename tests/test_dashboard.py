@@ -16,10 +16,10 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
-import redis.asyncio as aioredis
 from playwright.async_api import Browser, Page
 
 from reliable_msg.service.settings import Settings
+from reliable_msg.transports.redis_client import redis_client
 from reliable_msg.transports.switch import Switch
 from tests.conftest import ADMIN, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers.browser import Problems, cells, log_in, shot
@@ -241,7 +241,7 @@ async def test_dashboard_requeues_a_dead_message_until_done(
 async def test_dashboard_shows_the_degraded_mode_and_the_fallback_depth(
     service: Instance, browser: Browser, settings: Settings
 ) -> None:
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = redis_client(settings.redis_url)
     switch = Switch(redis, who="operator", namespace=settings.fallback.namespace)
     try:
         async with httpx.AsyncClient(base_url=service.url, timeout=10) as api:

@@ -19,10 +19,11 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis as SyncRedis
+from redis.cluster import ClusterNode as SyncClusterNode
+from redis.cluster import RedisCluster as SyncRedisCluster
 
 from reliable_msg.harness.process import stop_gracefully
 from reliable_msg.harness.proxy import FaultProxy
@@ -35,6 +36,12 @@ from reliable_msg.service.runtime import Runtime, instance_name
 from reliable_msg.service.scanners import Scanners
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.redis import delete_namespace, shard_keys
+from reliable_msg.transports.redis_client import (
+    RedisClient,
+    is_cluster_url,
+    parse_cluster_url,
+    redis_client,
+)
 from reliable_msg.transports.switch import Mode
 from tests.conftest import AMQP_URL, GROUP_TOKENS, OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import rabbit, redis_ctl
@@ -87,15 +94,15 @@ async def own_runtime(settings: Settings, *, scanners: bool) -> AsyncIterator[Ru
 
 
 @pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(settings.redis_url)
+async def redis(settings: Settings) -> AsyncIterator[RedisClient]:
+    client = redis_client(settings.redis_url)
     yield client
     await client.aclose()
 
 
 def depth_now(settings: Settings) -> int:
     """Entries in the ``inventory`` shards, read from Redis this instant (blocking)."""
-    client = SyncRedis.from_url(settings.redis_url)
+    client = sync_redis(settings.redis_url)
     try:
         with client.pipeline(transaction=False) as pipe:
             for key in shard_keys(settings.fallback.namespace, "inventory", SHARDS):
@@ -103,6 +110,15 @@ def depth_now(settings: Settings) -> int:
             return int(sum(pipe.execute()))
     finally:
         client.close()
+
+
+def sync_redis(url: str) -> SyncRedis | SyncRedisCluster:
+    """A blocking client of ``url``, one Redis or a cluster (as :func:`redis_client`)."""
+    if not is_cluster_url(url):
+        return SyncRedis.from_url(url)
+    parsed = parse_cluster_url(url)
+    nodes = [SyncClusterNode(host, port) for host, port in parsed.nodes]  # type: ignore[no-untyped-call]
+    return SyncRedisCluster(startup_nodes=nodes, **parsed.options)
 
 
 class WatchedConsumer(Consumer):
@@ -173,7 +189,7 @@ async def assert_one_effect_each(db: asyncpg.Connection, ids: list[str]) -> None
 class DepthProbe:
     """Synchronous view of the fallback depth, refreshed in the background."""
 
-    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, redis: RedisClient, settings: Settings) -> None:
         self.keys = shard_keys(settings.fallback.namespace, "inventory", SHARDS)
         self.redis = redis
         self.value = 0
@@ -200,7 +216,7 @@ async def test_messages_flow_through_redis_during_an_outage_and_back(
     settings: Settings,
     pool: asyncpg.Pool,
     sdk_db: asyncpg.Connection,
-    redis: aioredis.Redis,
+    redis: RedisClient,
 ) -> None:
     runtime = scheduled
     depth = DepthProbe(redis, settings)
@@ -312,7 +328,7 @@ def test_shards_spread_evenly() -> None:
     assert shard_of("order-7", 128) == shard_of("order-7", 128)
 
 
-async def test_racing_trips_flip_once_and_watchers_see_it(redis: aioredis.Redis) -> None:
+async def test_racing_trips_flip_once_and_watchers_see_it(redis: RedisClient) -> None:
     from reliable_msg.transports.switch import Switch
 
     ns = f"race-{os.getpid()}"
@@ -336,7 +352,7 @@ async def test_racing_trips_flip_once_and_watchers_see_it(redis: aioredis.Redis)
 
 
 async def test_a_failing_switch_listener_neither_stops_the_flip_nor_passes_for_redis(
-    redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+    redis: RedisClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A listener's bug is logged; the trip still happens and answers True (before: the
     listener's error came out of ``trip``, and the publisher, which stays normal when
@@ -365,7 +381,7 @@ async def test_redelivery_while_degraded_goes_to_the_groups_shards_only(
     runtime: Runtime,
     client: httpx.AsyncClient,
     db: asyncpg.Connection,
-    redis: aioredis.Redis,
+    redis: RedisClient,
     settings: Settings,
 ) -> None:
     body = {"id": "again", "topic": "order.paid", "payload": {"n": 1}, "key": "member-9"}
@@ -634,7 +650,7 @@ async def test_a_missed_notice_is_caught_by_the_periodic_re_read(
     settings: Settings,
     pool: asyncpg.Pool,
     sdk_db: asyncpg.Connection,
-    redis: aioredis.Redis,
+    redis: RedisClient,
 ) -> None:
     switch = runtime.switch
     assert switch is not None
@@ -688,7 +704,7 @@ async def test_a_group_with_its_own_shard_count_is_written_and_drained_in_full(
     make_settings: Callable[..., Settings],
     pool: asyncpg.Pool,
     sdk_db: asyncpg.Connection,
-    redis: aioredis.Redis,
+    redis: RedisClient,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     own = 12  # more than the SHARDS the test consumer is told

@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -24,6 +25,8 @@ from reliable_msg.service.api import create_app
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings, load_settings
 from reliable_msg.tools.cli import main
+from reliable_msg.transports.nodes import where
+from reliable_msg.transports.redis_client import is_cluster_url, parse_cluster_url
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -144,28 +147,82 @@ def test_dockerfile_installs_the_package_and_runs_existing_commands() -> None:
 
 # -- docker compose ----------------------------------------------------------------------
 
+#: The system on one RabbitMQ node and one Redis, and on a RabbitMQ cluster and a Redis Cluster.
+COMPOSE_FILES = ["docker-compose.yml", "docker-compose.cluster.yml"]
+CLUSTER = "docker-compose.cluster.yml"
+#: What every compose file runs besides RabbitMQ and Redis.
+APP_SERVICES = {"postgres", "migrate", "rmsg-1", "rmsg-2", "order", "inventory", "credit", "wms"}
 
-def compose() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+def compose(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((DEPLOY / name).read_text())
     return data
 
 
-def test_compose_services_use_images_and_commands_that_exist() -> None:
-    services = compose()["services"]
-    assert {"postgres", "rabbitmq", "redis", "migrate", "order"} <= set(services)
-    assert {"rmsg-1", "rmsg-2", "inventory", "credit", "wms"} <= set(services)
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """The service's volumes: where each is mounted -> its source."""
+    return {v.split(":")[1]: v.split(":")[0] for v in service.get("volumes", [])}
+
+
+def rabbit_nodes(services: dict[str, Any]) -> dict[str, str]:
+    """The RabbitMQ services: name -> host name (its node is rabbit@<host name>)."""
+    return {
+        name: s.get("hostname", name)
+        for name, s in services.items()
+        if s["image"].startswith("rabbitmq:")
+    }
+
+
+def redis_nodes(services: dict[str, Any]) -> list[str]:
+    """The services running a Redis server."""
+    return [
+        name
+        for name, s in services.items()
+        if s["image"].startswith("redis:")
+        and s.get("command", ["redis-server"])[0] == "redis-server"
+    ]
+
+
+def redis_hosts(url: str) -> list[str]:
+    """host:port of each node a ``redis_url`` names (``redis://`` or ``redis+cluster://``)."""
+    if is_cluster_url(url):
+        return [f"{host}:{port}" for host, port in parse_cluster_url(url).nodes]
+    return [urlsplit(url).netloc.rpartition("@")[2]]
+
+
+def conf_lines(path: Path) -> list[tuple[str, str]]:
+    """The settings of a rabbitmq.conf (``key = value``) or redis.conf (``key value``)."""
+    found = []
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.replace(" = ", " ", 1).partition(" ")
+            found.append((key, value.strip()))
+    return found
+
+
+@pytest.mark.parametrize("file", COMPOSE_FILES)
+def test_compose_services_use_images_and_commands_that_exist(file: str) -> None:
+    data = compose(file)
+    services = data["services"]
+    assert APP_SERVICES <= set(services)
+    assert rabbit_nodes(services) and redis_nodes(services)
     paths = app_paths()
     default_command = json.loads(dockerfile()["CMD"][0])
+    volumes: list[str] = []
     for name, service in services.items():
         for needed in service.get("depends_on", {}):
             assert needed in services, f"{name} depends on unknown {needed}"
-        for volume in service.get("volumes", []):
-            source = volume.split(":")[0]
+        for source in mounts(service).values():
             if source.startswith("."):
                 assert (DEPLOY / source).exists(), f"{name}: no file {source}"
+            else:
+                assert source in data["volumes"], f"{name}: undeclared volume {source}"
+                volumes.append(source)
         image = service["image"]
         if image != IMAGE:
             assert ":" in image and not image.endswith(":latest"), f"{name}: pin {image}"
+            for arg in service.get("command", []):
+                assert not arg.startswith("/") or arg in mounts(service), f"{name}: {arg}?"
             continue
         build = service["build"]
         assert (DEPLOY / build["context"] / build["dockerfile"]).is_file()
@@ -177,31 +234,86 @@ def test_compose_services_use_images_and_commands_that_exist() -> None:
             assert_module_command(argv)
         for probe in re.findall(r"127\.0\.0\.1:8470(/\w+)", str(service.get("healthcheck"))):
             assert probe in paths, f"{name}: no route {probe}"
+    assert len(volumes) == len(set(volumes)), "two services share a volume"
 
 
+@pytest.mark.parametrize("file", COMPOSE_FILES)
 def test_compose_configures_the_service_and_the_demos_consistently(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, file: str
 ) -> None:
     from downstream_demo.groups import GROUPS
 
-    services = compose()["services"]
+    services = compose(file)["services"]
+    rabbits = rabbit_nodes(services)
+    redises = redis_nodes(services)
+    brokers = {n: "service_healthy" for n in rabbits}
+    if "redis-cluster-create" in services:  # the cluster is made once its nodes are up
+        brokers["redis-cluster-create"] = "service_completed_successfully"
+    else:
+        brokers.update({n: "service_healthy" for n in redises})
     assert services["migrate"]["command"] == ["migrate"]
-    for name in ("rmsg-1", "rmsg-2"):
-        ready = services[name]["depends_on"]["migrate"]["condition"]
-        assert ready == "service_completed_successfully"
+    for instance in ("rmsg-1", "rmsg-2"):
+        ready = {n: d["condition"] for n, d in services[instance]["depends_on"].items()}
+        assert ready == {"migrate": "service_completed_successfully", **brokers}
     env = services["rmsg-1"]["environment"]
+    assert services["rmsg-2"]["environment"] == env
     assert env["RMSG_CONFIG"] == "/etc/reliable-msg/config.toml"
     settings = env_settings(monkeypatch, DEPLOY / "config.example.toml", env)
+    assert sorted(map(where, settings.amqp_urls)) == sorted(f"{h}:5672" for h in rabbits.values())
+    assert sorted(redis_hosts(settings.redis_url)) == sorted(f"{n}:6379" for n in redises)
     assert str(settings.producers["order"].check_url).startswith("http://order:8481/")
     assert all(g.token is not None for g in settings.groups.values())
     for group in GROUPS:
         consumer = services[group]
         assert consumer["command"] == [group]
         demo = consumer["environment"]
+        assert demo["DEMO_AMQP_URL"] == env["RMSG_AMQP_URL"]
+        assert demo["DEMO_REDIS_URL"] == env["RMSG_REDIS_URL"]
         assert demo["DEMO_QUEUE_PREFIX"] == settings.queue_prefix
         assert demo["DEMO_NAMESPACE"] == settings.fallback.namespace
         assert int(demo["DEMO_SHARDS"]) == settings.fallback.shards
         assert PLACEHOLDER.fullmatch(demo[f"DEMO_{group.upper()}_TOKEN"])
+
+
+def test_cluster_compose_forms_one_rabbitmq_cluster_of_three_nodes() -> None:
+    services = compose(CLUSTER)["services"]
+    rabbits = rabbit_nodes(services)
+    assert len(rabbits) == 3
+    cookies = {services[n]["environment"]["RABBITMQ_ERLANG_COOKIE"] for n in rabbits}
+    [cookie] = cookies
+    assert PLACEHOLDER.fullmatch(cookie), "a real cookie?"
+    confs = {
+        source
+        for n in rabbits
+        for target, source in mounts(services[n]).items()
+        if target.startswith("/etc/rabbitmq/conf.d/")
+    }
+    [conf] = confs
+    found = conf_lines(DEPLOY / conf)
+    assert ("cluster_formation.peer_discovery_backend", "classic_config") in found
+    listed = [v for k, v in found if k.startswith("cluster_formation.classic_config.nodes.")]
+    assert sorted(listed) == sorted(f"rabbit@{h}" for h in rabbits.values())
+    assert load_settings(DEPLOY / "config.example.toml").queue_type == "quorum"
+
+
+def test_cluster_compose_creates_one_redis_cluster_with_a_replica_for_each_master() -> None:
+    services = compose(CLUSTER)["services"]
+    redises = redis_nodes(services)
+    assert len(redises) == 6
+    for name in redises:
+        [_, conf] = services[name]["command"]
+        found = dict(conf_lines(DEPLOY / mounts(services[name])[conf]))
+        assert found["cluster-enabled"] == "yes" and found["port"] == "6379"
+        assert found["cluster-require-full-coverage"] == "no"
+    create = services["redis-cluster-create"]
+    assert create["restart"] == "no"
+    assert create["depends_on"] == {n: {"condition": "service_healthy"} for n in redises}
+    [script] = create["command"][2:]
+    made = re.search(
+        r"redis-cli --cluster create ((?:\S+ )+)--cluster-replicas 1 --cluster-yes$", script
+    )
+    assert made is not None, script
+    assert sorted(made[1].split()) == sorted(f"{n}:6379" for n in redises)
 
 
 # -- Kubernetes --------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from reliable_msg.harness.proxy import FaultProxy
@@ -26,6 +25,7 @@ from reliable_msg.sdk.producer import Producer
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.redis import shard_keys
+from reliable_msg.transports.redis_client import RedisClient, redis_client
 from reliable_msg.transports.switch import Mode
 from tests.conftest import PRODUCER
 from tests.helpers.consumers import inventory_consumer
@@ -45,8 +45,8 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
 
 
 @pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+async def redis(settings: Settings) -> AsyncIterator[RedisClient]:
+    client = redis_client(settings.redis_url, decode_responses=True)
     yield client
     await client.aclose()
 
@@ -111,12 +111,12 @@ async def assert_one_effect_each(db: asyncpg.Connection, ids: list[str]) -> None
     assert set(effects.values()) == {1}, "a message was applied twice"
 
 
-async def depth(redis: aioredis.Redis, settings: Settings) -> int:
+async def depth(redis: RedisClient, settings: Settings) -> int:
     keys = shard_keys(settings.fallback.namespace, "inventory", SHARDS)
     return int(sum([await redis.xlen(key) for key in keys]))
 
 
-async def empty(redis: aioredis.Redis, settings: Settings) -> bool:
+async def empty(redis: RedisClient, settings: Settings) -> bool:
     return await depth(redis, settings) == 0
 
 
@@ -144,7 +144,7 @@ async def test_a_redis_error_releasing_a_failed_message_does_not_end_the_drain(
     settings: Settings,
     pool: asyncpg.Pool,
     sdk_db: asyncpg.Connection,
-    redis: aioredis.Redis,
+    redis: RedisClient,
 ) -> None:
     assert runtime.switch is not None
     await runtime.switch.trip("test: degraded on purpose")
@@ -186,7 +186,7 @@ async def test_consumer_groups_gone_mid_drain_are_created_again(
     settings: Settings,
     pool: asyncpg.Pool,
     sdk_db: asyncpg.Connection,
-    redis: aioredis.Redis,
+    redis: RedisClient,
 ) -> None:
     assert runtime.switch is not None
     await runtime.switch.trip("test: degraded on purpose")
@@ -239,7 +239,7 @@ async def test_entries_no_handler_can_take_go_to_the_dead_stream(
     settings: Settings,
     pool: asyncpg.Pool,
     sdk_db: asyncpg.Connection,
-    redis: aioredis.Redis,
+    redis: RedisClient,
 ) -> None:
     assert runtime.switch is not None
     await runtime.switch.trip("test: degraded on purpose")
@@ -278,7 +278,7 @@ async def test_entries_no_handler_can_take_go_to_the_dead_stream(
     await assert_one_effect_each(sdk_db, good + after)
 
 
-async def _length(redis: aioredis.Redis, key: str, n: int) -> bool:
+async def _length(redis: RedisClient, key: str, n: int) -> bool:
     return bool(await redis.xlen(key) >= n)
 
 
@@ -292,7 +292,7 @@ async def test_the_dead_stream_stays_bounded_and_its_length_is_reported(
     settings: Settings,
     pool: asyncpg.Pool,
     sdk_db: asyncpg.Connection,
-    redis: aioredis.Redis,
+    redis: RedisClient,
 ) -> None:
     """Many more entries no handler can take than ``dead_maxlen``: the dead stream keeps
     about the latest ``dead_maxlen`` (trimmed by whole stream nodes, ``MAXLEN ~``), and

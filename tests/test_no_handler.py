@@ -13,13 +13,13 @@ from typing import Any
 
 import aio_pika
 import asyncpg
-import redis.asyncio as aioredis
 
 from reliable_msg.sdk.client import RetryPolicy
 from reliable_msg.sdk.consumer import Consumer, Received
 from reliable_msg.sdk.producer import Producer
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
+from reliable_msg.transports.redis_client import redis_client
 from reliable_msg.transports.switch import Mode
 from tests.conftest import AMQP_URL, GROUP_TOKENS, PRODUCER
 from tests.helpers import rabbit
@@ -115,7 +115,7 @@ async def test_no_handler_from_the_redis_fallback_goes_to_the_dead_stream(
     assert runtime.switch is not None
     await runtime.switch.trip("test: degraded on purpose")
     dead_key = f"{settings.fallback.namespace}:fb:{{{GROUP}:dead}}"
-    redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    redis = redis_client(settings.redis_url, decode_responses=True)
     try:
         async with (
             Producer(service_url, PRODUCER, retry=RETRY) as producer,

@@ -20,7 +20,6 @@ import aio_pika
 import asyncpg
 import httpx
 import pytest
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from reliable_msg.harness.proxy import FaultProxy
@@ -30,6 +29,7 @@ from reliable_msg.sdk.consumer import Consumer, Poison, Received, Source
 from reliable_msg.sdk.consumer.amqp import AmqpSource
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.redis import shard_keys
+from reliable_msg.transports.redis_client import redis_client
 from reliable_msg.transports.switch import Mode, Switch
 from tests.conftest import ADMIN, AMQP_URL, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit, tables
@@ -401,7 +401,7 @@ async def test_redis_gone_and_back(
         async with (
             serving(settings, tmp_path, redis_url=proxied) as (instance, api),
             consuming(instance.url, settings, pool, redis_url=proxied) as consumer,
-            aioredis.Redis.from_url(settings.redis_url) as redis,
+            redis_client(settings.redis_url) as redis,
         ):
             started = await start_time(api)
             await send(api, "rd-before")

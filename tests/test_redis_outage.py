@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 import httpx
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from reliable_msg.sdk import consumer as consumer_sdk
@@ -26,6 +25,7 @@ from reliable_msg.service.api import create_app
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.redis import delete_namespace, shard_keys
+from reliable_msg.transports.redis_client import redis_client
 from reliable_msg.transports.switch import Mode
 from tests.conftest import AMQP_URL, OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import rabbit, redis_ctl, tables
@@ -60,7 +60,7 @@ async def done(db: asyncpg.Connection, ids: list[str]) -> bool:
 
 
 async def depth(settings: Settings) -> int:
-    async with aioredis.Redis.from_url(settings.redis_url) as redis:
+    async with redis_client(settings.redis_url) as redis:
         keys = shard_keys(settings.fallback.namespace, "inventory", SHARDS)
         return int(sum([await redis.xlen(key) for key in keys]))
 

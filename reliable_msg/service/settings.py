@@ -31,6 +31,7 @@ from reliable_msg.errors import ConfigError
 from reliable_msg.policy import NAME_RE, PATTERN_RE, topic_matches
 from reliable_msg.tcc import Op
 from reliable_msg.transports.nodes import amqp_nodes
+from reliable_msg.transports.redis_client import check_redis_url
 
 #: Environment variable naming the TOML file when no ``--config`` is given.
 CONFIG_ENV = "RMSG_CONFIG"
@@ -270,6 +271,8 @@ class Settings(BaseSettings):
     #: of them separated by commas (``RMSG_AMQP_URL``); stored in the comma form, read
     #: as a list from :attr:`amqp_urls`
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    #: one Redis (``redis://host:port/db``) or a Redis Cluster by its nodes
+    #: (``redis+cluster://[user:password@]host:port,host:port...``; README: Running on clusters)
     redis_url: str = "redis://127.0.0.1:6379/0"
     admin_token: SecretStr | None = None
 
@@ -360,6 +363,12 @@ class Settings(BaseSettings):
                     "again while its calls are still in flight"
                 )
         return self
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        """One Redis or a Redis Cluster (:mod:`reliable_msg.transports.redis_client`)."""
+        return check_redis_url(url)
 
     def call_timeout(self, participant: str) -> float:
         """How long one call to ``participant`` may take."""

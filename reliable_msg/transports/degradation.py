@@ -10,8 +10,6 @@ import asyncio
 import logging
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from reliable_msg.aio import stop_task
 from reliable_msg.errors import BrokerError, FallbackUnavailable
 from reliable_msg.metrics import FALLBACK_DEAD, FALLBACK_DEPTH
@@ -19,6 +17,7 @@ from reliable_msg.service.settings import Settings
 from reliable_msg.transports.publisher import SwitchingPublisher
 from reliable_msg.transports.rabbitmq import RabbitMQ
 from reliable_msg.transports.redis import FallbackWriter, ping
+from reliable_msg.transports.redis_client import redis_client
 from reliable_msg.transports.switch import Mode, Switch
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,7 @@ class Degradation:
         self._groups = list(settings.groups)
         fb = settings.fallback
         self.rabbitmq = RabbitMQ(settings)
-        self.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=PROBE_TIMEOUT)
+        self.redis = redis_client(settings.redis_url, socket_timeout=PROBE_TIMEOUT)
         self.switch: Switch | None = None
         self.fallback: FallbackWriter | None = None
         if fb.enabled:

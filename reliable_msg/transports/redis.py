@@ -23,14 +23,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import (
+    CrossSlotTransactionError,
+    InvalidPipelineStack,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 
 from reliable_msg import constants
 from reliable_msg.errors import FallbackUnavailable
 from reliable_msg.message import Publication
 from reliable_msg.metrics import FALLBACK_WRITES, SHARD_ALARMS
 from reliable_msg.policy import shard_of
+from reliable_msg.transports.redis_client import RedisClient, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +45,19 @@ log = logging.getLogger(__name__)
 #: on as :class:`FallbackUnavailable`. RuntimeError too: under uvloop, a write on a
 #: pooled connection the peer reset while it was idle raises "the handler is closed" (a
 #: RuntimeError), which the Redis client passes on after dropping the connection; the
-#: next call connects afresh.
-REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError, RuntimeError)
+#: next call connects afresh. A Redis Cluster's client adds its own failures that are not
+#: a RedisError (no reachable node, a slot no master covers: RedisClusterException); its
+#: ClusterDownError, TryAgainError and MovedError are RedisErrors.
+REDIS_FAILURES: tuple[type[BaseException], ...] = (
+    RedisError,
+    RedisClusterException,
+    OSError,
+    TimeoutError,
+    RuntimeError,
+)
 
+#: RedisClusterExceptions that are a bug of this code, not Redis away: let through.
+_MISUSES = (CrossSlotTransactionError, InvalidPipelineStack)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -54,6 +71,8 @@ def translating(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     async def call(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await method(*args, **kwargs)
+        except _MISUSES:
+            raise
         except REDIS_FAILURES as exc:
             raise FallbackUnavailable(str(exc) or repr(exc)) from exc
 
@@ -61,9 +80,17 @@ def translating(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 
 
 @translating
-async def ping(redis: aioredis.Redis) -> None:
-    """Raise :class:`FallbackUnavailable` unless Redis answers."""
-    await redis.ping()
+async def ping(redis: RedisClient) -> None:
+    """Raise :class:`FallbackUnavailable` unless Redis answers: a cluster, every master
+    of it, and it says it serves every slot (``cluster_state:ok``). A plain ``PING``
+    goes to one node, which answers while the cluster is down."""
+    if not isinstance(redis, RedisCluster):
+        await redis.ping()
+        return
+    await redis.ping(target_nodes=RedisCluster.PRIMARIES)
+    info = await redis.cluster_info()
+    if info.get("cluster_state") != "ok":
+        raise FallbackUnavailable(f"Redis Cluster state {info.get('cluster_state')}")
 
 
 def shard_key(namespace: str, group: str, shard: int) -> str:
@@ -159,7 +186,7 @@ class FallbackWriter:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         shards: dict[str, int],
         *,
         namespace: str,
@@ -238,7 +265,7 @@ class FallbackReader:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         *,
         namespace: str,
         group: str,
@@ -393,7 +420,7 @@ async def delete_namespace(redis_url: str, namespace: str) -> None:
     """Delete every key of a deployment's namespace: its switch, switch history and
     fallback shards. For tests and demos that start from nothing; never on a live system."""
     patterns = [p.format(ns=namespace) for p in constants.NAMESPACE_PATTERNS]
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     try:
         for pattern in patterns:
             keys = [k async for k in client.scan_iter(match=pattern, count=1000)]

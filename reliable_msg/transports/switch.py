@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from reliable_msg import constants
 from reliable_msg.errors import FallbackUnavailable
 from reliable_msg.metrics import MODE, MODE_CHANGES
 from reliable_msg.transports.redis import translating
+from reliable_msg.transports.redis_client import RedisClient, pubsub
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class Switch:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         *,
         who: str,
         namespace: str = constants.REDIS_NAMESPACE,
@@ -189,15 +188,15 @@ class Switch:
 
     @translating
     async def _follow(self) -> None:
-        pubsub = self._redis.pubsub()
+        notices = await pubsub(self._redis, self._channel)
         try:
-            await pubsub.subscribe(self._channel)
+            await notices.subscribe(self._channel)
             await self.refresh()
             next_poll = time.monotonic() + self._poll
             while not self._stopping.is_set():
                 # Short waits, so that stop() takes effect quickly; they cost no traffic.
                 timeout = min(STOP_LATENCY, max(0.0, next_poll - time.monotonic()))
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+                message = await notices.get_message(ignore_subscribe_messages=True, timeout=timeout)
                 if message is not None:
                     self._apply(_state(json.loads(message["data"])))
                 if time.monotonic() >= next_poll:
@@ -206,7 +205,7 @@ class Switch:
         finally:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await notices.aclose()  # type: ignore[no-untyped-call]
 
 
 def _state(raw: dict[Any, Any]) -> SwitchState:

@@ -41,6 +41,9 @@ class Consumer:
     empty, and only then does the consumer go back to RabbitMQ alone (reconnecting to it
     if it had lost it). Every path uses the same handler, inbox and acks. The group's
     shard count is the one the service records in Redis; ``shards`` holds until it has.
+    ``redis_url`` is the service's: one Redis (``redis://host:port/db``) or a Redis Cluster
+    by its nodes (``redis+cluster://[user:password@]host:port,host:port...``); a URL of
+    neither form is a ValueError here.
 
     ``amqp_url`` is one RabbitMQ URL or the nodes of one cluster: a list of URLs, or one
     string of them separated by commas. The consumer attaches through the first node,

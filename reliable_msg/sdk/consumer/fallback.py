@@ -11,11 +11,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
-
 from reliable_msg.aio import stop_task
 from reliable_msg.errors import FallbackUnavailable
 from reliable_msg.transports.redis import FallbackReader, Malformed, Read
+from reliable_msg.transports.redis_client import redis_client
 from reliable_msg.transports.switch import Mode, Switch
 
 from ._log import log
@@ -48,7 +47,7 @@ class FallbackDrain:
         self._consumer = consumer
         # Bounded calls: a Redis that hangs must not hang the workers (reads never block
         # on the server side).
-        self._redis = aioredis.Redis.from_url(
+        self._redis = redis_client(
             redis_url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
         )
         name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"

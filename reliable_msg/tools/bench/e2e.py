@@ -17,7 +17,6 @@ from typing import Any
 
 import aio_pika
 import asyncpg
-import redis.asyncio as aioredis
 
 from reliable_msg.harness.config import write_config
 from reliable_msg.harness.ports import free_port
@@ -27,6 +26,7 @@ from reliable_msg.sdk import producer as producer_sdk
 from reliable_msg.sdk.client import RetryPolicy
 from reliable_msg.service.migrate import migrate
 from reliable_msg.tools.bench.cpu import CpuWatch
+from reliable_msg.transports.redis_client import redis_client
 from reliable_msg.transports.switch import Switch
 
 TOPIC = "bench.paid"
@@ -395,7 +395,7 @@ async def _wait_done(svc: Service, messages: int) -> None:
 
 async def degrade(svc: Service, on: bool) -> None:
     """Flip the bench deployment's switch, as an outage would."""
-    redis = aioredis.Redis.from_url(svc.redis_url)
+    redis = redis_client(svc.redis_url)
     try:
         switch = Switch(redis, who="bench", namespace=NAMES)
         if on:
