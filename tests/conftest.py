@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from reliable_msg.harness.rabbit_cluster import RabbitCluster
+from reliable_msg.harness.redis_cluster import RedisCluster
 from reliable_msg.sdk import consumer as consumer_sdk
 from reliable_msg.sdk import producer as producer_sdk
 from reliable_msg.service.api import create_app
@@ -50,8 +51,6 @@ DATABASE_URL = f"{SERVER_URL}/rmsg_test_{os.getpid()}"
 #: Prefix of every RabbitMQ name and Redis namespace the tests make.
 TEST_PREFIX = "rmsgtest."
 AMQP_URL = os.environ.get("RMSG_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-#: The Redis the cluster tests degrade to (a Redis Cluster's URL, once there is one).
-CLUSTER_REDIS_URL = os.environ.get("RMSG_TEST_CLUSTER_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 async def _drop_database(url: str) -> None:
@@ -112,10 +111,11 @@ def rabbit_cluster() -> Iterator[RabbitCluster]:
         yield cluster
 
 
-@pytest.fixture(scope="module")
-def cluster_redis_url() -> str:
-    """The Redis the service degrades to in the cluster tests."""
-    return CLUSTER_REDIS_URL
+@pytest.fixture
+def cluster_redis_url(redis_cluster: RedisCluster) -> str:
+    """The Redis the service degrades to in the RabbitMQ cluster tests: the session's
+    Redis Cluster."""
+    return redis_cluster.url
 
 
 @pytest.fixture(autouse=True)
