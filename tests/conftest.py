@@ -19,6 +19,8 @@ import asyncpg
 import httpx
 import pytest
 
+from reliable_msg.harness.rabbit_cluster import RabbitCluster
+from reliable_msg.harness.redis_cluster import RedisCluster
 from reliable_msg.sdk import consumer as consumer_sdk
 from reliable_msg.sdk import producer as producer_sdk
 from reliable_msg.service.api import create_app
@@ -98,6 +100,22 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the test database, with the tables emptied first."""
     async with emptied_db(database_url) as conn:
         yield conn
+
+
+@pytest.fixture(scope="module")
+def rabbit_cluster() -> Iterator[RabbitCluster]:
+    """Three RabbitMQ nodes of this run, clustered, for the tests of one module; killed
+    and removed after it, even when a test failed (leftovers of a run killed earlier are
+    removed first)."""
+    with RabbitCluster(3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_redis_url(redis_cluster: RedisCluster) -> str:
+    """The Redis the service degrades to in the RabbitMQ cluster tests: the session's
+    Redis Cluster."""
+    return redis_cluster.url
 
 
 @pytest.fixture(autouse=True)
