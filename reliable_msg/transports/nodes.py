@@ -34,7 +34,10 @@ def amqp_nodes(value: str | Sequence[str]) -> tuple[str, ...]:
         url = item.strip()
         if not url:
             raise ValueError(f"node {number} of {len(items)} is empty (a stray comma?)")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # an unclosed "[" of an IPv6 host
+            raise ValueError(f"node {number} is not a URL") from None
         scheme = parts.scheme.lower()
         if scheme not in SCHEMES:
             raise ValueError(
@@ -43,8 +46,10 @@ def amqp_nodes(value: str | Sequence[str]) -> tuple[str, ...]:
             )
         try:
             port = parts.port or _DEFAULT_PORT[scheme]
-        except ValueError as exc:
-            raise ValueError(f"node {number} ({where(url)}) has a bad port: {exc}") from None
+        except ValueError:  # not the port's text: it may be a password without its host
+            raise ValueError(
+                f"node {number} ({where(url)}) has a bad port (a number up to 65535 after the host)"
+            ) from None
         key = (scheme, (parts.hostname or "localhost").lower(), port, parts.path or "/")
         if key in seen:
             raise ValueError(

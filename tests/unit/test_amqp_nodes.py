@@ -105,3 +105,22 @@ def test_the_consumer_takes_one_url_or_the_nodes(urls: str | Sequence[str]) -> N
 def test_the_consumer_refuses_a_bad_node_list(urls: str | Sequence[str]) -> None:
     with pytest.raises(ValueError, match="node"):
         Consumer("g", service_url="http://s", token="t", amqp_url=urls, pool=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "amqp://u:secret",  # the host forgotten: the password reads as a port
+        "amqp://u:secret,more@rabbit-1/",  # a comma not percent-encoded, in the env form
+    ],
+)
+def test_a_password_read_as_a_port_is_not_shown(value: str) -> None:
+    with pytest.raises(ValueError, match="bad port") as caught:
+        amqp_nodes(value)
+    assert "secret" not in str(caught.value)
+
+
+def test_a_malformed_url_is_named_by_its_number() -> None:
+    with pytest.raises(ValueError, match=r"node 2 is not a URL") as caught:
+        amqp_nodes(f"{A},amqp://u:secret@[::1/")
+    assert "secret" not in str(caught.value)
