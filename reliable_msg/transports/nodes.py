@@ -21,7 +21,8 @@ def amqp_nodes(value: str | Sequence[str]) -> tuple[str, ...]:
     """The node URLs of ``value``, in the order given.
 
     Raises :class:`ValueError` with a clear message for no node, an empty item, a scheme
-    other than ``amqp``/``amqps``, or the same node twice. No message shows a password.
+    other than ``amqp``/``amqps``, a comma inside a listed URL, or the same node twice.
+    No message shows a password.
     """
     items = value.split(",") if isinstance(value, str) else list(value)
     if not items or (isinstance(value, str) and not value.strip()):
@@ -50,6 +51,8 @@ def amqp_nodes(value: str | Sequence[str]) -> tuple[str, ...]:
             raise ValueError(
                 f"node {number} ({where(url)}) has a bad port (a number up to 65535 after the host)"
             ) from None
+        if "," in url:  # only from a list: the settings keep it in the comma form
+            raise ValueError(f"node {number} ({where(url)}) has a comma: percent-encode it as %2C")
         key = (scheme, (parts.hostname or "localhost").lower(), port, parts.path or "/")
         if key in seen:
             raise ValueError(

@@ -120,6 +120,16 @@ def test_a_password_read_as_a_port_is_not_shown(value: str) -> None:
     assert "secret" not in str(caught.value)
 
 
+def test_a_comma_inside_a_listed_url_is_refused_at_load(tmp_path: Path) -> None:
+    """The list is kept in the comma form: a URL with a comma would come back as two
+    nodes at start-up (with a piece of its password in the error), not at load."""
+    with pytest.raises(ConfigError, match=r"node 1 \(rabbit-1:5672\) has a comma") as caught:
+        load(tmp_path, 'amqp_url = ["amqp://u:sec,ret@rabbit-1/"]')
+    assert "sec" not in str(caught.value)
+    encoded = "amqp://u:sec%2Cret@rabbit-1/"
+    assert load(tmp_path, f'amqp_url = ["{encoded}", "{B}"]').amqp_urls == (encoded, B)
+
+
 def test_a_malformed_url_is_named_by_its_number() -> None:
     with pytest.raises(ValueError, match=r"node 2 is not a URL") as caught:
         amqp_nodes(f"{A},amqp://u:secret@[::1/")
