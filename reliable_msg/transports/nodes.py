@@ -11,7 +11,7 @@ and apply to every node.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 SCHEMES = ("amqp", "amqps")
 _DEFAULT_PORT = {"amqp": 5672, "amqps": 5671}
@@ -53,7 +53,7 @@ def amqp_nodes(value: str | Sequence[str]) -> tuple[str, ...]:
             ) from None
         if "," in url:  # only from a list: the settings keep it in the comma form
             raise ValueError(f"node {number} ({where(url)}) has a comma: percent-encode it as %2C")
-        key = (scheme, (parts.hostname or "localhost").lower(), port, parts.path or "/")
+        key = (scheme, (parts.hostname or "localhost").lower(), port, vhost(parts.path))
         if key in seen:
             raise ValueError(
                 f"node {number} ({where(url)}) is node {seen[key]} again: each node once"
@@ -61,6 +61,12 @@ def amqp_nodes(value: str | Sequence[str]) -> tuple[str, ...]:
         seen[key] = number
         nodes.append(url)
     return tuple(nodes)
+
+
+def vhost(path: str) -> str:
+    """The virtual host a URL's path names, as aiormq reads it: ``/`` for no path, ``/``
+    and ``/%2F`` alike."""
+    return unquote(path[1:]) or "/"
 
 
 def where(url: str) -> str:

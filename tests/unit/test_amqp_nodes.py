@@ -130,6 +130,12 @@ def test_a_comma_inside_a_listed_url_is_refused_at_load(tmp_path: Path) -> None:
     assert load(tmp_path, f'amqp_url = ["{encoded}", "{B}"]').amqp_urls == (encoded, B)
 
 
+@pytest.mark.parametrize("other", ["amqp://h/%2F", "amqp://h/%2f", "amqp://h//", "amqp://h"])
+def test_the_default_vhost_spelled_otherwise_is_the_same_node(other: str) -> None:
+    with pytest.raises(ValueError, match="is node 1 again"):
+        amqp_nodes(("amqp://h/", other))
+
+
 def test_a_malformed_url_is_named_by_its_number() -> None:
     with pytest.raises(ValueError, match=r"node 2 is not a URL") as caught:
         amqp_nodes(f"{A},amqp://u:secret@[::1/")
