@@ -91,6 +91,18 @@ async def test_the_first_connection_tries_each_node_in_turn() -> None:
         await connect_nodes(cursor, attempt_timeout=5)
 
 
+async def test_each_node_connects_with_the_options_of_its_own_url() -> None:
+    """A URL's query (``?heartbeat=``, the TLS files) is read by aiormq from the URL of
+    the node it connects to, not from the first node's."""
+    cursor = Cursor((dead_node() + "?heartbeat=7", AMQP_URL + "?heartbeat=9"))
+    connection = await connect_nodes(cursor, attempt_timeout=5)
+    try:
+        assert connection.transport is not None
+        assert connection.transport.connection.connection_tune.heartbeat == 9
+    finally:
+        await connection.close()
+
+
 @pytest.mark.usefixtures("db")
 async def test_the_service_starts_and_publishes_with_the_first_node_dead(
     make_settings: Callable[..., Settings], tmp_path: Path

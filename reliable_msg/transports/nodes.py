@@ -4,8 +4,8 @@ clusters): one URL, a list of URLs, or one string with the URLs separated by com
 SDK's ``Consumer(amqp_url=...)``.
 
 A comma inside a URL (in a password, say) must be percent-encoded (``%2C``). The
-connection options of a URL's query (``?heartbeat=...``) are read from the first node
-and apply to every node.
+connection options of a URL's query (``?heartbeat=...``, the TLS files) apply to the
+connections to that node only: give them on every node.
 """
 
 from __future__ import annotations
