@@ -20,6 +20,7 @@ import aio_pika
 import asyncpg
 import httpx
 import pytest
+from pamqp.common import FieldTable
 
 from reliable_msg.harness.ports import free_port
 from reliable_msg.harness.proxy import FaultProxy
@@ -29,6 +30,7 @@ from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.failover import Cursor, connect_nodes
 from reliable_msg.transports.nodes import where
+from reliable_msg.transports.rabbitmq import RabbitMQ
 from tests.conftest import AMQP_URL, PRODUCER, auth, served_runtime
 from tests.helpers import rabbit
 from tests.helpers.consumers import inventory_consumer, running_effects
@@ -124,6 +126,35 @@ async def test_the_service_starts_and_publishes_with_the_first_node_dead(
             assert "never-logged" not in log
     finally:
         await remove_traces(settings)
+
+
+async def test_the_probe_queue_is_a_quorum_queue_like_the_groups(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A classic queue lives on one node: with that node down another node refuses to
+    declare it (NOT_FOUND: its home node is down), so the service could not connect, and
+    routes nothing to it (NO_ROUTE), so the probe could not clear the switch. The probe
+    queue is of ``queue_type``, and a classic one an older version left (probes only) is
+    replaced at connection."""
+    settings = make_settings(queue_type="quorum")
+    old: FieldTable = {"x-max-length": 10, "x-overflow": "drop-head"}
+    try:
+        async with await aio_pika.connect(AMQP_URL) as amqp:
+            channel = await amqp.channel()
+            await channel.declare_queue(settings.probe_queue, durable=True, arguments=old)
+        rabbitmq = RabbitMQ(settings)
+        await rabbitmq.start()
+        try:
+            assert rabbitmq.connected
+            await rabbitmq.probe()
+        finally:
+            await rabbitmq.close()
+        async with await aio_pika.connect(AMQP_URL) as amqp:
+            channel = await amqp.channel()
+            quorum: FieldTable = {**old, "x-queue-type": "quorum"}  # refused unless it is one
+            await channel.declare_queue(settings.probe_queue, durable=True, arguments=quorum)
+    finally:
+        await rabbit.delete_topology(AMQP_URL, settings)
 
 
 async def watch(rt: Runtime, worst: list[int], stop: asyncio.Event) -> None:

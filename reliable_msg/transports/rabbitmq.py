@@ -28,6 +28,7 @@ from aio_pika.abc import (
     ExchangeType,
 )
 from pamqp import frame
+from pamqp.common import FieldTable
 from pamqp.header import ContentHeader
 
 from reliable_msg import constants
@@ -357,18 +358,15 @@ class RabbitMQ:
 
 
 async def declare_topology(connection: aio_pika.abc.AbstractConnection, settings: Settings) -> None:
-    """Declare the exchanges and, per group, its quorum queue and dead-letter queue."""
+    """Declare the exchanges, the probe queue and, per group, its quorum queue and
+    dead-letter queue."""
+    await declare_probe_queue(connection, settings)
     async with connection.channel() as channel:
         exchange = await channel.declare_exchange(
             settings.exchange, ExchangeType.TOPIC, durable=True
         )
         dlx = await channel.declare_exchange(
             settings.dead_letter_exchange, ExchangeType.DIRECT, durable=True
-        )
-        await channel.declare_queue(
-            settings.probe_queue,
-            durable=True,
-            arguments={"x-max-length": 10, "x-overflow": "drop-head"},
         )
         for name, group in settings.groups.items():
             queue = await channel.declare_queue(
@@ -388,3 +386,27 @@ async def declare_topology(connection: aio_pika.abc.AbstractConnection, settings
                 arguments={"x-queue-type": settings.queue_type},
             )
             await dead.bind(dlx, name)
+
+
+async def declare_probe_queue(
+    connection: aio_pika.abc.AbstractConnection, settings: Settings
+) -> None:
+    """Declare the probe queue, of ``queue_type`` like the groups' queues: a classic queue
+    lives on one node of a cluster, and with that node down the others neither declare
+    it (the service could not connect) nor route to it (the probe could not clear the
+    switch). One of another type, left by an older version, holds only probes: it is
+    deleted and declared again."""
+    arguments: FieldTable = {
+        "x-max-length": 10,
+        "x-overflow": "drop-head",
+        "x-queue-type": settings.queue_type,
+    }
+    try:
+        async with connection.channel() as channel:
+            await channel.declare_queue(settings.probe_queue, durable=True, arguments=arguments)
+        return
+    except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+        log.warning("probe queue %s declared again: %s", settings.probe_queue, exc)
+    async with connection.channel() as channel:
+        await channel.queue_delete(settings.probe_queue)
+        await channel.declare_queue(settings.probe_queue, durable=True, arguments=arguments)
