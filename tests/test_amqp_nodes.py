@@ -213,6 +213,33 @@ async def test_publishes_go_on_through_the_loss_of_one_node(
 
 
 @pytest.mark.usefixtures("db")
+async def test_a_node_that_hangs_is_left_for_the_next(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A node that stops answering without closing its connections (its machine gone, a
+    partition: no reset comes) is left like a lost one: the publishes that time out on
+    it go again through the next node, and the switch does not trip."""
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        settings = make_settings(
+            amqp_url=[proxy.url("amqp", "guest:guest", "/"), AMQP_URL],
+            fallback={"failure_threshold": THRESHOLD},
+        )
+        async with (
+            served_runtime(settings) as (rt, url),
+            httpx.AsyncClient(base_url=url, timeout=30) as api,
+        ):
+            assert (await send(api, "before")).status_code == 200
+            proxy.stall()
+            ids = [f"hang-{i}" for i in range(THRESHOLD + 2)]
+            answers = await asyncio.gather(*(send(api, id) for id in ids))
+            assert [r.status_code for r in answers] == [200] * len(ids)
+            assert not rt.publisher.degraded
+            assert rt.publisher.rabbitmq._nodes.current == AMQP_URL
+            assert (await send(api, "after")).status_code == 200
+            assert set(await queued_ids(settings, "wms")) == {"before", *ids, "after"}
+
+
+@pytest.mark.usefixtures("db")
 async def test_with_every_node_down_the_switch_still_trips(
     make_settings: Callable[..., Settings],
 ) -> None:
