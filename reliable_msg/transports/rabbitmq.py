@@ -37,6 +37,7 @@ from reliable_msg.message import Publication
 from reliable_msg.metrics import PUBLISH_REFUSALS, PUBLISH_SECONDS
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.failover import Cursor, connect_nodes
+from reliable_msg.transports.nodes import where
 from reliable_msg.transports.topology import declare_topology
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ class RabbitMQ:
         self._lost_at: float | None = None
         #: Bumped at each loss: a publish that saw it change lost its connection.
         self._losses = 0
+        #: The transport given up after a publish timed out on it, and its closing.
+        self._abandoning: tuple[object, asyncio.Task[None]] | None = None
 
     @property
     def connected(self) -> bool:
@@ -245,6 +248,7 @@ class RabbitMQ:
         ``publish_timeout`` after the loss, then publishes once more on the new
         connection (a consumer's inbox drops the duplicate if the first one got
         through). It fails as before once that time is over, or if the second try fails.
+        A node that lets a publish time out is left the same way (:meth:`_abandon`).
         With one node it never waits.
         """
         waited = False
@@ -255,7 +259,9 @@ class RabbitMQ:
         losses = self._losses
         try:
             await self._publish_renewing(out)
-        except BrokerUnavailable:
+        except BrokerUnavailable as exc:
+            if isinstance(exc.__cause__, TimeoutError) and not self._lost_since(losses):
+                await self._abandon()
             if waited or not self._lost_since(losses) or not await self._failed_over():
                 raise
             log.debug("message %s published again after a failover", out.id)
@@ -308,6 +314,25 @@ class RabbitMQ:
         self._channels[index] = (fresh, exchange, fresh.default_exchange)
         with contextlib.suppress(*TRANSIENT_ERRORS):
             await channel.close()
+
+    async def _abandon(self) -> None:
+        """With several nodes, close the connection to the node that let a publish time
+        out: a node that hangs without a reset (its machine gone, a partition) would be
+        noticed by the heartbeats only minutes later, every publish timing out until the
+        switch trips. The robust connection goes on to the next node. One closing per
+        connection, whichever publishes time out on it."""
+        transport = self._connection.transport if self._connection is not None else None
+        if not self._failover or transport is None:
+            return
+        if self._abandoning is None or self._abandoning[0] is not transport:
+            log.warning(
+                "no publisher confirm from RabbitMQ at %s within %ss: leaving it for the next node",
+                where(self._nodes.current or ""),
+                self._settings.publish_timeout,
+            )
+            closing = transport.connection.close(ConnectionError("no publisher confirm in time"))
+            self._abandoning = (transport, asyncio.create_task(closing))
+        await asyncio.wait({self._abandoning[1]})  # not cancelled with this publish
 
     def _lost_since(self, losses: int) -> bool:
         return self._losses != losses or not self.connected

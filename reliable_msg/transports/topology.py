@@ -8,6 +8,7 @@ import logging
 import aio_pika
 import aiormq
 from aio_pika import ExchangeType
+from pamqp.common import FieldTable
 
 from reliable_msg.service.settings import Settings
 
@@ -47,16 +48,27 @@ async def declare_topology(connection: aio_pika.abc.AbstractConnection, settings
 async def _declare_probe_queue(
     connection: aio_pika.abc.AbstractConnection, settings: Settings
 ) -> None:
-    """The recovery probe's queue, on a channel of its own. A classic queue lives on one
-    node of a cluster; while that node is down its declaration fails (NOT_FOUND) and,
-    declared with the rest, failed the whole topology: an instance started then never
-    connected. Now only the probe fails until that node is back."""
+    """The recovery probe's queue, of ``queue_type`` like the groups' queues, on a
+    channel of its own. A classic queue lives on one node of a cluster: with that node
+    down the others neither declare it (the service could not connect) nor route to it
+    (the probe could not clear the switch). One of another type, left by an older
+    version, holds only probes: it is deleted and declared again. Should the declaration
+    still fail (NOT_FOUND: an older classic one whose node is down), only the probe fails
+    until that node is back."""
+    arguments: FieldTable = {
+        "x-max-length": 10,
+        "x-overflow": "drop-head",
+        "x-queue-type": settings.queue_type,
+    }
     try:
+        try:
+            async with connection.channel() as channel:
+                await channel.declare_queue(settings.probe_queue, durable=True, arguments=arguments)
+            return
+        except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+            log.warning("probe queue %s declared again: %s", settings.probe_queue, exc)
         async with connection.channel() as channel:
-            await channel.declare_queue(
-                settings.probe_queue,
-                durable=True,
-                arguments={"x-max-length": 10, "x-overflow": "drop-head"},
-            )
+            await channel.queue_delete(settings.probe_queue)
+            await channel.declare_queue(settings.probe_queue, durable=True, arguments=arguments)
     except aiormq.exceptions.ChannelNotFoundEntity as exc:
         log.warning("the probe queue is unavailable, the probe fails until it is back: %s", exc)
