@@ -37,7 +37,11 @@ from reliable_msg.transports.redis_client import RedisClient, redis_client
 from reliable_msg.transports.switch import Mode
 from tests.conftest import AMQP_URL, GROUP_TOKENS, OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import rabbit, redis_ctl
-from tests.helpers.consumers import inventory_consumer, inventory_process_env, running_effects
+from tests.helpers.consumers import (
+    fallback_consumer,
+    inventory_process_env,
+    running_effects,
+)
 from tests.helpers.redis_cluster import CLUSTER, ON_REDIS_AND_CLUSTER, PLAIN, sync_redis
 from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
@@ -118,18 +122,7 @@ class WatchedConsumer(Consumer):
 
 
 def watched_consumer(service_url: str, settings: Settings, pool: asyncpg.Pool) -> WatchedConsumer:
-    consumer = inventory_consumer(
-        service_url,
-        settings,
-        pool,
-        RETRY,
-        WatchedConsumer,
-        redis_url=settings.redis_url,
-        namespace=settings.fallback.namespace,
-        shards=SHARDS,
-        poll_interval=0.2,
-        claim_idle=1.0,
-    )
+    consumer = fallback_consumer(service_url, settings, pool, RETRY, WatchedConsumer, shards=SHARDS)
     consumer.changes = []
     consumer.settings = settings
     return consumer

@@ -31,7 +31,7 @@ from reliable_msg.sdk.producer import Producer
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.redis import delete_namespace
 from tests.conftest import AMQP_URL, GROUP_TOKENS, PRODUCER
-from tests.helpers.cluster import peer_ports, produce_many, watching
+from tests.helpers.cluster import ReadyWatch, peer_ports, produce_many, watching
 from tests.helpers.consumers import inventory_consumer, inventory_process_env, running_effects
 from tests.helpers.service import running, write_config
 from tests.helpers.waiting import wait_until
@@ -94,6 +94,20 @@ async def consumer_process(
     finally:
         codes = await stop_gracefully(proc, grace=20.0)
         assert codes == [0], tail(log)
+
+
+@asynccontextmanager
+async def traffic(
+    urls: list[str], settings: Settings, database_url: str, log: Path
+) -> AsyncIterator[tuple[ReadyWatch, Producer]]:
+    """The :func:`consumer_process` on the first of the instances at ``urls``, their
+    ``/readyz`` watched, and a producer of them all (:data:`RETRY`)."""
+    async with (
+        consumer_process(urls[0], settings, database_url, log),
+        watching(urls) as watch,
+        Producer(urls, PRODUCER, retry=RETRY) as producer,
+    ):
+        yield watch, producer
 
 
 def tail(log: Path) -> str:
@@ -223,11 +237,8 @@ async def test_one_node_killed_and_restarted_mid_run_loses_nothing_trips_nothing
             assert sorted(queue["members"]) == sorted(n.name for n in cluster.nodes)
             # The node that leads the group's queue goes.
             victim = cluster.index_of(queue["leader"])
-            async with (
-                consumer_process(urls[0], settings, database_url, tmp_path / "consumer.log"),
-                watching(urls) as watch,
-                Producer(urls, PRODUCER, retry=RETRY) as producer,
-            ):
+            log = tmp_path / "consumer.log"
+            async with traffic(urls, settings, database_url, log) as (watch, producer):
                 started = time.monotonic()
                 # The node is killed and started again while the first part goes; the
                 # rest goes after its return.
@@ -282,11 +293,8 @@ async def test_all_nodes_stopped_degrades_to_redis_and_back(
     try:
         with running(config, tmp_path, count=2) as instances:
             urls = [i.url for i in instances]
-            async with (
-                consumer_process(urls[0], settings, database_url, tmp_path / "consumer.log"),
-                watching(urls) as watch,
-                Producer(urls, PRODUCER, retry=RETRY) as producer,
-            ):
+            log = tmp_path / "consumer.log"
+            async with traffic(urls, settings, database_url, log) as (watch, producer):
                 await produce_many(producer, pool, before)
                 await wait_until(lambda: done_count_is(sdk_db, before), within=60)
                 try:
@@ -344,11 +352,8 @@ async def test_a_service_started_while_one_node_is_down_works(
         await asyncio.to_thread(cluster.kill, victim)
         try:
             with running(config, tmp_path) as [instance]:
-                async with (
-                    consumer_process(instance.url, settings, database_url, tmp_path / "c.log"),
-                    watching([instance.url]) as watch,
-                    Producer(instance.url, PRODUCER, retry=RETRY) as producer,
-                ):
+                urls, log = [instance.url], tmp_path / "c.log"
+                async with traffic(urls, settings, database_url, log) as (watch, producer):
                     await produce_many(producer, pool, ids)
                     await wait_until(lambda: done_count_is(sdk_db, ids), within=60)
                 assert watch.modes == {"normal"} and watch.history == [], watch.history

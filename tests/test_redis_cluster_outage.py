@@ -16,7 +16,7 @@ import asyncpg
 
 from reliable_msg import constants
 from reliable_msg.harness.redis_cluster import RedisCluster
-from reliable_msg.sdk.consumer import Consumer, Received
+from reliable_msg.sdk.consumer import Consumer
 from reliable_msg.sdk.producer import Producer
 from reliable_msg.service.api import create_app
 from reliable_msg.service.settings import Settings
@@ -25,7 +25,7 @@ from reliable_msg.transports.redis_client import RedisClient, redis_client
 from reliable_msg.transports.switch import Mode
 from tests.conftest import PRODUCER
 from tests.helpers import rabbit
-from tests.helpers.consumers import inventory_consumer
+from tests.helpers.consumers import fallback_consumer, running_effects
 from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
 from tests.test_degradation import (
@@ -75,60 +75,37 @@ async def test_a_master_killed_while_degraded_loses_nothing(
     ids = [f"lost-{i}" for i in range(40)]
     keys = shard_keys(settings.fallback.namespace, "inventory", SHARDS)
     gate = asyncio.Event()
-
-    async def effect_after_the_gate(conn: asyncpg.Connection, message: Received) -> None:
-        await gate.wait()
-        await conn.execute(
-            "INSERT INTO sdk_effects (group_name, message_id) VALUES ('inventory', $1)",
-            message.id,
-        )
-
     redis = redis_client(redis_cluster.url)
     async with (
         own_runtime(settings, scanners=True) as rt,
         serving_app(create_app(rt)) as service_url,
         Producer(service_url, PRODUCER, retry=RETRY) as producer,
     ):
-        consumer = inventory_consumer(
-            service_url,
-            settings,
-            pool,
-            RETRY,
-            Consumer,
-            redis_url=settings.redis_url,
-            namespace=settings.fallback.namespace,
-            shards=SHARDS,
-            poll_interval=0.2,
-            claim_idle=1.0,
-        )
-        consumer.add_handler("order.paid", effect_after_the_gate)
-        running = asyncio.create_task(consumer.run(handle_signals=False))
+        consumer = fallback_consumer(service_url, settings, pool, RETRY, Consumer, shards=SHARDS)
         try:
-            with rabbit.stopped():
-                await wait_until(lambda: not rt.publisher.connected, within=15)
-                await produce(producer, pool, ids)
-                assert rt.switch is not None and rt.switch.degraded
-                await wait_until(lambda: consumer.mode is Mode.DEGRADED, within=15)
+            async with running_effects(consumer, gate=gate):
+                with rabbit.stopped():
+                    await wait_until(lambda: not rt.publisher.connected, within=15)
+                    await produce(producer, pool, ids)
+                    assert rt.switch is not None and rt.switch.degraded
+                    await wait_until(lambda: consumer.mode is Mode.DEGRADED, within=15)
 
-                # The consumer holds what it read (the gate); the rest waits in the shards.
-                lengths = {key: int(await redis.xlen(key)) for key in keys}
-                assert sum(lengths.values()) == len(ids)
-                i = victim(redis_cluster, settings, lengths)
-                on_victim = [k for k in keys if redis_cluster.master_of(k) == i]
-                lost = await ids_in(redis, on_victim)
-                assert lost, "no entry on the master killed"
-                redis_cluster.kill(i)
-                redis_cluster.restart(i)
-                assert await ids_in(redis, on_victim) == set(), "the master kept its entries"
+                    # The consumer holds what it read (the gate); the rest waits in the shards.
+                    lengths = {key: int(await redis.xlen(key)) for key in keys}
+                    assert sum(lengths.values()) == len(ids)
+                    i = victim(redis_cluster, settings, lengths)
+                    on_victim = [k for k in keys if redis_cluster.master_of(k) == i]
+                    lost = await ids_in(redis, on_victim)
+                    assert lost, "no entry on the master killed"
+                    redis_cluster.kill(i)
+                    redis_cluster.restart(i)
+                    assert await ids_in(redis, on_victim) == set(), "the master kept its entries"
 
-                gate.set()
-                await wait_until(lambda: all_done(sdk_db, ids), within=60)
-                assert rt.switch.degraded, "the switch cleared while RabbitMQ was down"
-                assert consumer.mode is Mode.DEGRADED
+                    gate.set()
+                    await wait_until(lambda: all_done(sdk_db, ids), within=60)
+                    assert rt.switch.degraded, "the switch cleared while RabbitMQ was down"
+                    assert consumer.mode is Mode.DEGRADED
         finally:
-            gate.set()
-            consumer.request_stop()
-            await asyncio.wait_for(running, 30)
             await redis.aclose()
     await assert_one_effect_each(sdk_db, ids)
     # Sent again from PostgreSQL: the lost ones have a second attempt.

@@ -30,11 +30,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from reliable_msg.errors import ReliableMsgError
 
+from .leftovers import Cluster, cmdline, kill_all
 from .ports import free_ports, port_open
 
 #: Where every cluster keeps its nodes' files: ``<BASE>/<owner>/node-<i>``.
@@ -220,7 +220,7 @@ class Node:
         return "\n".join(text.splitlines()[-lines:])
 
 
-class RabbitCluster:
+class RabbitCluster(Cluster):
     """``size`` RabbitMQ nodes of ``owner`` (by default this process) on loopback,
     clustered by :meth:`start`, removed by :meth:`destroy` (also as a context manager)."""
 
@@ -242,22 +242,6 @@ class RabbitCluster:
     @property
     def urls(self) -> list[str]:
         return [node.url for node in self.nodes]
-
-    def __enter__(self) -> RabbitCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.destroy()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.destroy()
 
     def start(self) -> None:
         """Remove leftovers, start every node at once, join the others to the first, and
@@ -374,17 +358,10 @@ def _chown_tree(path: Path) -> None:
             shutil.chown(os.path.join(root, name), USER, USER)
 
 
-def _cmdline(pid: int) -> list[bytes]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return []
-
-
 def _marked(pid: int, under: Path) -> bool:
     """Whether ``pid`` is the VM of one of our nodes kept under ``under`` (an owner's
     directory) or anywhere below it."""
-    argv = _cmdline(pid)
+    argv = cmdline(pid)
     for i, arg in enumerate(argv[:-1]):
         if arg == MARK.encode() and (
             argv[i + 1] == bytes(under) or argv[i + 1].startswith(bytes(under) + b"/")
@@ -401,12 +378,7 @@ def _vms(under: Path) -> list[int]:
 
 def remove_owner(owner_dir: Path) -> None:
     """Kill an owner's VMs and remove its directory."""
-    for pid in _vms(owner_dir):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while _vms(owner_dir) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    kill_all(lambda: _vms(owner_dir))
     shutil.rmtree(owner_dir, ignore_errors=True)
 
 

@@ -16,7 +16,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import aio_pika
@@ -142,9 +142,7 @@ def stop_rabbitmq_app() -> None:
 
 
 def machine_rabbitmq_pids() -> list[int]:
-    """The Erlang VM of the machine's RabbitMQ node: a ``beam.smp`` that boots ``rabbit``
-    and is none of the nodes :mod:`.rabbit_cluster` starts (a pattern on the command line
-    alone would take those too)."""
+    """The Erlang VM of the machine's RabbitMQ node (:func:`is_machine_rabbitmq`)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -153,9 +151,22 @@ def machine_rabbitmq_pids() -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv[0].endswith(b"beam.smp") and b"rabbit" in argv and MARK.encode() not in argv:
+        if is_machine_rabbitmq(argv):
             pids.append(int(entry.name))
     return pids
+
+
+def is_machine_rabbitmq(argv: Sequence[bytes]) -> bool:
+    """Whether command line ``argv`` is the machine's RabbitMQ node: a ``beam.smp`` that
+    boots ``rabbit`` and is none of the nodes :mod:`.rabbit_cluster` starts (they carry
+    its mark; a pattern on the command line alone would take them too). Its node name is
+    not on the command line (the environment gives it), nor is that of ours."""
+    return (
+        bool(argv)
+        and argv[0].endswith(b"beam.smp")
+        and b"rabbit" in argv
+        and MARK.encode() not in argv
+    )
 
 
 def kill_rabbitmq_node(*, within: float) -> None:
