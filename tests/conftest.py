@@ -19,6 +19,8 @@ import asyncpg
 import httpx
 import pytest
 
+from reliable_msg.harness.rabbit_cluster import RabbitCluster
+from reliable_msg.harness.redis_cluster import RedisCluster
 from reliable_msg.sdk import consumer as consumer_sdk
 from reliable_msg.sdk import producer as producer_sdk
 from reliable_msg.service.api import create_app
@@ -100,6 +102,22 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         yield conn
 
 
+@pytest.fixture(scope="module")
+def rabbit_cluster() -> Iterator[RabbitCluster]:
+    """Three RabbitMQ nodes of this run, clustered, for the tests of one module; killed
+    and removed after it, even when a test failed (leftovers of a run killed earlier are
+    removed first)."""
+    with RabbitCluster(3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_redis_url(redis_cluster: RedisCluster) -> str:
+    """The Redis the service degrades to in the RabbitMQ cluster tests: the session's
+    Redis Cluster."""
+    return redis_cluster.url
+
+
 @pytest.fixture(autouse=True)
 def _services_back() -> Iterator[None]:
     """Whatever a test did to RabbitMQ or Redis, they are running again after it."""
@@ -164,8 +182,12 @@ def settings_for(database_url: str, names: dict[str, str], **overrides: Any) -> 
 
 
 @pytest.fixture
-def make_settings(database_url: str, names: dict[str, str]) -> Callable[..., Settings]:
-    return functools.partial(settings_for, database_url, names)
+def make_settings(
+    database_url: str, names: dict[str, str], redis_url: str
+) -> Callable[..., Settings]:
+    """``settings_for`` the test's database, names and Redis (``redis_url``: the
+    machine's, or the Redis Cluster's for a test parametrized to run on both)."""
+    return functools.partial(settings_for, database_url, names, redis_url=redis_url)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import aio_pika
 import asyncpg
 import httpx
 import pytest
+from pamqp.common import FieldTable
 
 from reliable_msg.harness.ports import free_port
 from reliable_msg.harness.proxy import FaultProxy
@@ -29,6 +30,7 @@ from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.failover import Cursor, connect_nodes
 from reliable_msg.transports.nodes import where
+from reliable_msg.transports.rabbitmq import RabbitMQ
 from tests.conftest import AMQP_URL, PRODUCER, auth, served_runtime
 from tests.helpers import rabbit
 from tests.helpers.consumers import inventory_consumer, running_effects
@@ -91,6 +93,18 @@ async def test_the_first_connection_tries_each_node_in_turn() -> None:
         await connect_nodes(cursor, attempt_timeout=5)
 
 
+async def test_each_node_connects_with_the_options_of_its_own_url() -> None:
+    """A URL's query (``?heartbeat=``, the TLS files) is read by aiormq from the URL of
+    the node it connects to, not from the first node's."""
+    cursor = Cursor((dead_node() + "?heartbeat=7", AMQP_URL + "?heartbeat=9"))
+    connection = await connect_nodes(cursor, attempt_timeout=5)
+    try:
+        assert connection.transport is not None
+        assert connection.transport.connection.connection_tune.heartbeat == 9
+    finally:
+        await connection.close()
+
+
 @pytest.mark.usefixtures("db")
 async def test_the_service_starts_and_publishes_with_the_first_node_dead(
     make_settings: Callable[..., Settings], tmp_path: Path
@@ -112,6 +126,35 @@ async def test_the_service_starts_and_publishes_with_the_first_node_dead(
             assert "never-logged" not in log
     finally:
         await remove_traces(settings)
+
+
+async def test_the_probe_queue_is_a_quorum_queue_like_the_groups(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A classic queue lives on one node: with that node down another node refuses to
+    declare it (NOT_FOUND: its home node is down), so the service could not connect, and
+    routes nothing to it (NO_ROUTE), so the probe could not clear the switch. The probe
+    queue is of ``queue_type``, and a classic one an older version left (probes only) is
+    replaced at connection."""
+    settings = make_settings(queue_type="quorum")
+    old: FieldTable = {"x-max-length": 10, "x-overflow": "drop-head"}
+    try:
+        async with await aio_pika.connect(AMQP_URL) as amqp:
+            channel = await amqp.channel()
+            await channel.declare_queue(settings.probe_queue, durable=True, arguments=old)
+        rabbitmq = RabbitMQ(settings)
+        await rabbitmq.start()
+        try:
+            assert rabbitmq.connected
+            await rabbitmq.probe()
+        finally:
+            await rabbitmq.close()
+        async with await aio_pika.connect(AMQP_URL) as amqp:
+            channel = await amqp.channel()
+            quorum: FieldTable = {**old, "x-queue-type": "quorum"}  # refused unless it is one
+            await channel.declare_queue(settings.probe_queue, durable=True, arguments=quorum)
+    finally:
+        await rabbit.delete_topology(AMQP_URL, settings)
 
 
 async def watch(rt: Runtime, worst: list[int], stop: asyncio.Event) -> None:
@@ -167,6 +210,33 @@ async def test_publishes_go_on_through_the_loss_of_one_node(
             waited = [r for r in caplog.records if "after a failover" in str(r.msg)]
             assert waited, "no publish was in flight at the loss: the test saw nothing"
             print(f"{len(waited)} publishes tried again; worst failures {worst[0]}")
+
+
+@pytest.mark.usefixtures("db")
+async def test_a_node_that_hangs_is_left_for_the_next(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A node that stops answering without closing its connections (its machine gone, a
+    partition: no reset comes) is left like a lost one: the publishes that time out on
+    it go again through the next node, and the switch does not trip."""
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        settings = make_settings(
+            amqp_url=[proxy.url("amqp", "guest:guest", "/"), AMQP_URL],
+            fallback={"failure_threshold": THRESHOLD},
+        )
+        async with (
+            served_runtime(settings) as (rt, url),
+            httpx.AsyncClient(base_url=url, timeout=30) as api,
+        ):
+            assert (await send(api, "before")).status_code == 200
+            proxy.stall()
+            ids = [f"hang-{i}" for i in range(THRESHOLD + 2)]
+            answers = await asyncio.gather(*(send(api, id) for id in ids))
+            assert [r.status_code for r in answers] == [200] * len(ids)
+            assert not rt.publisher.degraded
+            assert rt.publisher.rabbitmq._nodes.current == AMQP_URL
+            assert (await send(api, "after")).status_code == 200
+            assert set(await queued_ids(settings, "wms")) == {"before", *ids, "after"}
 
 
 @pytest.mark.usefixtures("db")

@@ -21,9 +21,6 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
-from redis import Redis as SyncRedis
-from redis.cluster import ClusterNode as SyncClusterNode
-from redis.cluster import RedisCluster as SyncRedisCluster
 
 from reliable_msg.harness.process import stop_gracefully
 from reliable_msg.harness.proxy import FaultProxy
@@ -36,16 +33,16 @@ from reliable_msg.service.runtime import Runtime, instance_name
 from reliable_msg.service.scanners import Scanners
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.redis import delete_namespace, shard_keys
-from reliable_msg.transports.redis_client import (
-    RedisClient,
-    is_cluster_url,
-    parse_cluster_url,
-    redis_client,
-)
+from reliable_msg.transports.redis_client import RedisClient, redis_client
 from reliable_msg.transports.switch import Mode
 from tests.conftest import AMQP_URL, GROUP_TOKENS, OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import rabbit, redis_ctl
-from tests.helpers.consumers import inventory_consumer, inventory_process_env, running_effects
+from tests.helpers.consumers import (
+    fallback_consumer,
+    inventory_process_env,
+    running_effects,
+)
+from tests.helpers.redis_cluster import CLUSTER, ON_REDIS_AND_CLUSTER, PLAIN, sync_redis
 from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
 
@@ -112,15 +109,6 @@ def depth_now(settings: Settings) -> int:
         client.close()
 
 
-def sync_redis(url: str) -> SyncRedis | SyncRedisCluster:
-    """A blocking client of ``url``, one Redis or a cluster (as :func:`redis_client`)."""
-    if not is_cluster_url(url):
-        return SyncRedis.from_url(url)
-    parsed = parse_cluster_url(url)
-    nodes = [SyncClusterNode(host, port) for host, port in parsed.nodes]  # type: ignore[no-untyped-call]
-    return SyncRedisCluster(startup_nodes=nodes, **parsed.options)
-
-
 class WatchedConsumer(Consumer):
     """Records each mode change with the fallback depth in Redis at that moment."""
 
@@ -134,18 +122,7 @@ class WatchedConsumer(Consumer):
 
 
 def watched_consumer(service_url: str, settings: Settings, pool: asyncpg.Pool) -> WatchedConsumer:
-    consumer = inventory_consumer(
-        service_url,
-        settings,
-        pool,
-        RETRY,
-        WatchedConsumer,
-        redis_url=settings.redis_url,
-        namespace=settings.fallback.namespace,
-        shards=SHARDS,
-        poll_interval=0.2,
-        claim_idle=1.0,
-    )
+    consumer = fallback_consumer(service_url, settings, pool, RETRY, WatchedConsumer, shards=SHARDS)
     consumer.changes = []
     consumer.settings = settings
     return consumer
@@ -208,7 +185,13 @@ def outage(kind: str) -> Iterator[None]:
         yield
 
 
-@pytest.mark.parametrize("kind", ["stop_app", "node_killed"])
+# On the cluster too, RabbitMQ stopped the first way only: how it went makes no
+# difference to Redis.
+@pytest.mark.parametrize(
+    "kind, redis_url",
+    [("stop_app", PLAIN), ("node_killed", PLAIN), ("stop_app", CLUSTER)],
+    indirect=["redis_url"],
+)
 async def test_messages_flow_through_redis_during_an_outage_and_back(
     kind: str,
     scheduled: Runtime,
@@ -263,6 +246,7 @@ async def test_messages_flow_through_redis_during_an_outage_and_back(
     assert cleared["reason"] == "probe publish confirmed by RabbitMQ"
 
 
+@ON_REDIS_AND_CLUSTER
 async def test_consumer_killed_while_reading_redis_loses_nothing(
     runtime: Runtime,
     service_url: str,
@@ -328,6 +312,7 @@ def test_shards_spread_evenly() -> None:
     assert shard_of("order-7", 128) == shard_of("order-7", 128)
 
 
+@ON_REDIS_AND_CLUSTER
 async def test_racing_trips_flip_once_and_watchers_see_it(redis: RedisClient) -> None:
     from reliable_msg.transports.switch import Switch
 
@@ -377,6 +362,7 @@ async def test_a_failing_switch_listener_neither_stops_the_flip_nor_passes_for_r
         await redis.delete(f"{{{ns}}}:switch", f"{{{ns}}}:switch:history")
 
 
+@ON_REDIS_AND_CLUSTER
 async def test_redelivery_while_degraded_goes_to_the_groups_shards_only(
     runtime: Runtime,
     client: httpx.AsyncClient,
@@ -411,6 +397,7 @@ async def test_redelivery_while_degraded_goes_to_the_groups_shards_only(
     assert attempts == 2
 
 
+@ON_REDIS_AND_CLUSTER
 async def test_consumers_drain_their_shards_before_going_back_to_rabbitmq(
     runtime: Runtime,
     service_url: str,
@@ -473,6 +460,7 @@ async def test_consumers_drain_their_shards_before_going_back_to_rabbitmq(
     await assert_one_effect_each(sdk_db, ids + after)
 
 
+@ON_REDIS_AND_CLUSTER
 async def test_switch_on_while_rabbitmq_still_works_both_sources_are_consumed(
     runtime: Runtime,
     service_url: str,
@@ -644,6 +632,7 @@ async def test_readyz_metrics_and_the_report_log_show_the_degraded_mode(
     assert line.levelno == logging.INFO and "mode normal" in line.getMessage()
 
 
+@ON_REDIS_AND_CLUSTER
 async def test_a_missed_notice_is_caught_by_the_periodic_re_read(
     runtime: Runtime,
     service_url: str,

@@ -29,6 +29,7 @@ from reliable_msg.transports.redis_client import RedisClient, redis_client
 from reliable_msg.transports.switch import Mode
 from tests.conftest import PRODUCER
 from tests.helpers.consumers import inventory_consumer
+from tests.helpers.redis_cluster import ON_REDIS_AND_CLUSTER
 from tests.helpers.waiting import wait_until
 
 SHARDS = 8
@@ -180,6 +181,7 @@ async def test_a_redis_error_releasing_a_failed_message_does_not_end_the_drain(
     await assert_one_effect_each(sdk_db, ids + after)
 
 
+@ON_REDIS_AND_CLUSTER
 async def test_consumer_groups_gone_mid_drain_are_created_again(
     runtime: Runtime,
     service_url: str,
@@ -233,6 +235,7 @@ def fields(id: str | None, **changes: str | None) -> dict[str, str]:
     return {k: v for k, v in entry.items() if v is not None}
 
 
+@ON_REDIS_AND_CLUSTER
 async def test_entries_no_handler_can_take_go_to_the_dead_stream(
     runtime: Runtime,
     service_url: str,

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from reliable_msg.sdk import consumer as consumer_sdk
 from reliable_msg.sdk import producer as producer_sdk
 from reliable_msg.sdk.client import RetryPolicy
-from reliable_msg.sdk.consumer import Consumer, Received
+from reliable_msg.sdk.consumer import Consumer
 from reliable_msg.sdk.producer import Producer
 from reliable_msg.service.api import create_app
 from reliable_msg.service.runtime import Runtime
@@ -29,7 +29,7 @@ from reliable_msg.transports.redis_client import redis_client
 from reliable_msg.transports.switch import Mode
 from tests.conftest import AMQP_URL, OTHER_PRODUCER, PRODUCER, auth
 from tests.helpers import rabbit, redis_ctl, tables
-from tests.helpers.consumers import inventory_consumer
+from tests.helpers.consumers import fallback_consumer, running_effects
 from tests.helpers.servers import serving_app
 from tests.helpers.waiting import wait_until
 
@@ -107,34 +107,16 @@ async def test_redis_away_while_degraded_and_back_loses_nothing(
         await rt.start()
         gate = asyncio.Event()
 
-        async def effect_after_the_gate(conn: asyncpg.Connection, message: Received) -> None:
-            await gate.wait()
-            await conn.execute(
-                "INSERT INTO sdk_effects (group_name, message_id) VALUES ('inventory', $1)",
-                message.id,
-            )
-
         try:
             async with (
                 serving_app(create_app(rt)) as service_url,
                 httpx.AsyncClient(base_url=service_url) as api,
                 Producer(service_url, PRODUCER, retry=RETRY) as producer,
             ):
-                consumer = inventory_consumer(
-                    service_url,
-                    settings,
-                    pool,
-                    RETRY,
-                    Consumer,
-                    redis_url=settings.redis_url,
-                    namespace=settings.fallback.namespace,
-                    shards=SHARDS,
-                    poll_interval=0.2,
-                    claim_idle=1.0,
+                consumer = fallback_consumer(
+                    service_url, settings, pool, RETRY, Consumer, shards=SHARDS
                 )
-                consumer.add_handler("order.paid", effect_after_the_gate)
-                running = asyncio.create_task(consumer.run(handle_signals=False))
-                try:
+                async with running_effects(consumer, gate=gate):
                     with rabbit.stopped():
                         await wait_until(lambda: not rt.publisher.connected, within=15)
                         for id in in_redis:
@@ -162,10 +144,6 @@ async def test_redis_away_while_degraded_and_back_loses_nothing(
                         await wait_until(lambda: done(db, [*in_redis, "both-down"]), within=90)
                         assert consumer.mode is Mode.DEGRADED
                         assert rt.switch.degraded
-                finally:
-                    gate.set()
-                    consumer.request_stop()
-                    await asyncio.wait_for(running, 30)
             effects = await db.fetch(
                 "SELECT message_id, count(*) AS n FROM sdk_effects GROUP BY message_id"
             )

@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
-from reliable_msg.transports.rabbitmq import declare_topology
+from reliable_msg.transports.topology import declare_topology
 from tests.conftest import ADMIN, GROUP_TOKENS, PRODUCER, auth
 from tests.helpers import rabbit
 from tests.helpers.checkback import ProducerEndpoint, checked_at

@@ -15,25 +15,21 @@ shell (in ``ROOT/cli``) and prints its ``redis_url``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import redis
 
 from reliable_msg.errors import ReliableMsgError
 
-from .ports import port_open
+from .leftovers import Cluster, alive, cmdline, kill_all, read
+from .ports import paired_ports, port_open
 
 #: Where every cluster made here keeps its nodes' directories.
 ROOT = Path(tempfile.gettempdir()) / "rmsg-redis-cluster"
@@ -119,7 +115,7 @@ class Node:
         return redis.Redis(port=self.port, socket_timeout=2, decode_responses=True)
 
 
-class RedisCluster:
+class RedisCluster(Cluster):
     """``masters`` Redis masters (and ``replicas`` replicas of each) on loopback ports.
 
     ``with RedisCluster() as cluster: cluster.url`` starts it and destroys it after.
@@ -200,8 +196,10 @@ class RedisCluster:
 
     def destroy(self) -> None:
         """Every node gone and its directory removed. :class:`ClusterError` if a
-        ``redis-server`` of this cluster still runs after."""
+        ``redis-server`` of this cluster still runs after. Leftovers of killed runs
+        go too."""
         self.stop_all()
+        clean_leftovers()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
         if left := self.leftovers():
@@ -211,18 +209,6 @@ class RedisCluster:
         """The ports of its nodes that still run or take connections (none after
         :meth:`destroy`)."""
         return [node.port for node in self.nodes if node.running() or port_open(node.port)]
-
-    def __enter__(self) -> RedisCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.destroy()
 
     # -- what it is ---------------------------------------------------------------------------
 
@@ -307,30 +293,11 @@ class RedisCluster:
 
 
 def cluster_ports(count: int) -> list[int]:
-    """``count`` ports whose cluster bus port (+10000) is free too: every socket stays
-    bound until all are picked, so none is handed out twice."""
-    with contextlib.ExitStack() as stack:
-        picked: list[int] = []
-        candidates = list(range(*PORT_RANGE))
-        random.shuffle(candidates)
-        for port in candidates:
-            if port == MACHINE_REDIS_PORT or port + BUS_OFFSET == MACHINE_REDIS_PORT:
-                continue
-            held = [_bind(stack, port), _bind(stack, port + BUS_OFFSET)]
-            if all(held):
-                picked.append(port)
-                if len(picked) == count:
-                    return picked
+    """``count`` ports whose cluster bus port (+10000) is free too, none of them 6379."""
+    ports = paired_ports(count, BUS_OFFSET, PORT_RANGE, avoid=MACHINE_REDIS_PORT)
+    if ports is None:
         raise ClusterError(f"no {count} free port pairs in {PORT_RANGE}")
-
-
-def _bind(stack: contextlib.ExitStack, port: int) -> bool:
-    s = stack.enter_context(socket.socket())
-    try:
-        s.bind(("127.0.0.1", port))
-    except OSError:
-        return False
-    return True
+    return ports
 
 
 # -- leftovers of runs that were killed ----------------------------------------------------------
@@ -342,8 +309,8 @@ def clean_leftovers() -> None:
     if not ROOT.is_dir():
         return
     for path in ROOT.iterdir():
-        owner = _read(path / OWNER)
-        if owner == "cli" or (owner.isdigit() and _alive(int(owner))):
+        owner = read(path / OWNER)
+        if owner == "cli" or (owner.isdigit() and alive(int(owner))):
             continue
         if path.is_dir():
             _remove(path)
@@ -356,47 +323,22 @@ def _remove(path: Path) -> None:
 
 
 def _kill_by_pidfile(pidfile: Path) -> None:
-    pid = _redis_pid(pidfile)
-    if pid is None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while _redis_pid(pidfile) is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    kill_all(lambda: [pid] if (pid := _redis_pid(pidfile)) is not None else [])
 
 
 def _redis_pid(pidfile: Path) -> int | None:
     """The pid in ``pidfile`` if that process runs and is a ``redis-server`` (a pid file
     outlives its process, and the pid may be another's by now)."""
-    text = _read(pidfile)
+    text = read(pidfile)
     if not text.isdigit():
         return None
     pid = int(text)
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    argv = cmdline(pid)
+    stat = read(Path(f"/proc/{pid}/stat"))
+    if not argv or not stat:
         return None
     zombie = stat.rsplit(")", 1)[-1].split()[0] == "Z"
-    return pid if b"redis-server" in cmdline and not zombie else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
+    return pid if any(b"redis-server" in arg for arg in argv) and not zombie else None
 
 
 def _pings(node: Node) -> bool:
@@ -416,7 +358,7 @@ def _cluster_state(node: Node) -> str:
 
 
 def _log_tail(node: Node) -> str:
-    return "\n".join(_read(node.dir / "redis.log").splitlines()[-10:])
+    return "\n".join(read(node.dir / "redis.log").splitlines()[-10:])
 
 
 # -- the command line ------------------------------------------------------------------------------

@@ -11,9 +11,12 @@ not come back, and that a server it stopped is started again whatever happens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import aio_pika
@@ -22,6 +25,7 @@ import asyncpg
 from reliable_msg.errors import ReliableMsgError
 
 from .ports import port_open
+from .rabbit_cluster import MARK
 
 RABBITMQ_PORT = 5672
 REDIS_PORT = 6379
@@ -29,8 +33,6 @@ REDIS_PORT = 6379
 #: Seconds a ``rabbitmqctl`` command gets (it waits for the node when that is slow).
 CTL_TIMEOUT = 120.0
 
-#: The whole RabbitMQ node killed with SIGKILL: no shutdown, every connection cut.
-KILL_RABBITMQ_NODE = ("pkill", "-KILL", "-f", "beam.smp.*rabbit")
 #: The RabbitMQ node started again, in the background.
 START_RABBITMQ_NODE = ("rabbitmq-server", "-detached")
 #: Redis shut down at once, without writing its data (it keeps none: ``--save ""``).
@@ -139,10 +141,40 @@ def stop_rabbitmq_app() -> None:
     _quiet(rabbitmqctl("-q", "stop_app"), timeout=CTL_TIMEOUT)
 
 
+def machine_rabbitmq_pids() -> list[int]:
+    """The Erlang VM of the machine's RabbitMQ node (:func:`is_machine_rabbitmq`)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if is_machine_rabbitmq(argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+def is_machine_rabbitmq(argv: Sequence[bytes]) -> bool:
+    """Whether command line ``argv`` is the machine's RabbitMQ node: a ``beam.smp`` that
+    boots ``rabbit`` and is none of the nodes :mod:`.rabbit_cluster` starts (they carry
+    its mark; a pattern on the command line alone would take them too). Its node name is
+    not on the command line (the environment gives it), nor is that of ours."""
+    return (
+        bool(argv)
+        and argv[0].endswith(b"beam.smp")
+        and b"rabbit" in argv
+        and MARK.encode() not in argv
+    )
+
+
 def kill_rabbitmq_node(*, within: float) -> None:
-    """SIGKILL to the whole RabbitMQ node; wait up to ``within`` seconds for its port to
-    close."""
-    subprocess.run(KILL_RABBITMQ_NODE, timeout=30)
+    """SIGKILL to the whole RabbitMQ node of this machine; wait up to ``within`` seconds
+    for its port to close."""
+    for pid in machine_rabbitmq_pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     wait_port(RABBITMQ_PORT, open=False, within=within, every=0.1)
 
 

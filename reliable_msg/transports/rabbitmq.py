@@ -1,4 +1,5 @@
-"""The RabbitMQ adapter: topology, and publishing with publisher confirms.
+"""The RabbitMQ adapter: publishing with publisher confirms; the topology it declares is
+in :mod:`.topology`.
 
 Every publish is persistent, ``mandatory`` (a message no queue takes is an error, not a
 success) and bounded by ``publish_timeout``. The connection is robust: after a loss it
@@ -13,6 +14,7 @@ connection for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
@@ -25,7 +27,6 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractRobustConnection,
     DeliveryMode,
-    ExchangeType,
 )
 from pamqp import frame
 from pamqp.header import ContentHeader
@@ -36,6 +37,8 @@ from reliable_msg.message import Publication
 from reliable_msg.metrics import PUBLISH_REFUSALS, PUBLISH_SECONDS
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.failover import Cursor, connect_nodes
+from reliable_msg.transports.nodes import where
+from reliable_msg.transports.topology import declare_topology
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,9 @@ RECONNECT_INTERVAL = 1.0
 REDECLARE_INTERVAL = 5.0
 #: Seconds between two looks at the connection while a publish waits for a failover.
 FAILOVER_POLL = 0.05
+#: Seconds a nacked publish waits before it tries again on a new channel, doubling
+#: (several nodes only: :meth:`RabbitMQ._publish_renewing`).
+NACK_PAUSE = 0.1
 
 
 def amqp_message(out: Publication) -> aio_pika.Message:
@@ -116,6 +122,8 @@ class RabbitMQ:
         self._lost_at: float | None = None
         #: Bumped at each loss: a publish that saw it change lost its connection.
         self._losses = 0
+        #: The transport given up after a publish timed out on it, and its closing.
+        self._abandoning: tuple[object, asyncio.Task[None]] | None = None
 
     @property
     def connected(self) -> bool:
@@ -194,8 +202,11 @@ class RabbitMQ:
             )
 
     def _next_channel(self) -> tuple[AbstractChannel, AbstractExchange, AbstractExchange]:
+        return self._channels[self._next_index()]
+
+    def _next_index(self) -> int:
         self._turn = (self._turn + 1) % len(self._channels)
-        return self._channels[self._turn]
+        return self._turn
 
     def _redeclare_soon(self, *, now: bool = False) -> None:
         """Declare the topology again in the background: a queue an operator deleted
@@ -237,6 +248,7 @@ class RabbitMQ:
         ``publish_timeout`` after the loss, then publishes once more on the new
         connection (a consumer's inbox drops the duplicate if the first one got
         through). It fails as before once that time is over, or if the second try fails.
+        A node that lets a publish time out is left the same way (:meth:`_abandon`).
         With one node it never waits.
         """
         waited = False
@@ -246,12 +258,81 @@ class RabbitMQ:
             waited = True
         losses = self._losses
         try:
-            await self._publish(out)
-        except BrokerUnavailable:
+            await self._publish_renewing(out)
+        except BrokerUnavailable as exc:
+            if isinstance(exc.__cause__, TimeoutError) and not self._lost_since(losses):
+                await self._abandon()
             if waited or not self._lost_since(losses) or not await self._failed_over():
                 raise
             log.debug("message %s published again after a failover", out.id)
-            await self._publish(out)
+            await self._publish_renewing(out)
+
+    async def _publish_renewing(self, out: Publication) -> None:
+        """:meth:`_publish`; with several nodes, a nack replaces the channel that got it
+        and the publish is tried again on the new one, until ``publish_timeout``.
+
+        A channel whose first publish to a quorum queue comes while the queue's leader
+        is gone (its node just killed, no new leader elected yet: a fraction of a
+        second) nacks every later publish to that queue, for as long as it lives
+        (RabbitMQ 3.10; a channel opened then but used after the election works). The
+        publishing channels restored on another node right after a failover are such
+        channels: kept, they would trip the switch for the loss of one node.
+        """
+        deadline = time.monotonic() + self._settings.publish_timeout
+        pause = NACK_PAUSE
+        while True:
+            index = self._next_index()
+            channel = self._channels[index][0]
+            try:
+                await self._publish(out, self._channels[index])
+                return
+            except BrokerUnavailable as exc:
+                nacked = isinstance(exc.__cause__, aiormq.exceptions.DeliveryError)
+                renewed = self._channels[index][0] is not channel
+                late = time.monotonic() + pause >= deadline
+                if not self._failover or not (nacked or renewed) or late:
+                    raise
+            log.info("message %s nacked: publishing it again on a new channel", out.id)
+            await self._renew(index, channel)
+            await asyncio.sleep(pause)
+            pause *= 2
+
+    async def _renew(self, index: int, channel: AbstractChannel) -> None:
+        """Put a new channel in place of publishing channel ``index`` unless that is no
+        longer ``channel`` (another publish renewed it)."""
+        if self._connection is None or self._channels[index][0] is not channel:
+            return
+        try:
+            fresh = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            exchange = await fresh.get_exchange(self._settings.exchange, ensure=False)
+        except TRANSIENT_ERRORS as exc:
+            log.debug("no new channel: %s", exc)
+            return
+        if self._channels[index][0] is not channel:
+            await fresh.close()
+            return
+        self._channels[index] = (fresh, exchange, fresh.default_exchange)
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            await channel.close()
+
+    async def _abandon(self) -> None:
+        """With several nodes, close the connection to the node that let a publish time
+        out: a node that hangs without a reset (its machine gone, a partition) would be
+        noticed by the heartbeats only minutes later, every publish timing out until the
+        switch trips. The robust connection goes on to the next node. One closing per
+        connection, whichever publishes time out on it."""
+        transport = self._connection.transport if self._connection is not None else None
+        if not self._failover or transport is None:
+            return
+        if self._abandoning is None or self._abandoning[0] is not transport:
+            log.warning(
+                "no publisher confirm from RabbitMQ at %s within %ss: leaving it for the next node",
+                where(self._nodes.current or ""),
+                self._settings.publish_timeout,
+            )
+            closing = transport.connection.close(ConnectionError("no publisher confirm in time"))
+            self._abandoning = (transport, asyncio.create_task(closing))
+        await asyncio.wait({self._abandoning[1]})  # not cancelled with this publish
 
     def _lost_since(self, losses: int) -> bool:
         return self._losses != losses or not self.connected
@@ -268,10 +349,12 @@ class RabbitMQ:
             await asyncio.sleep(FAILOVER_POLL)
         return True
 
-    async def _publish(self, out: Publication) -> None:
+    async def _publish(
+        self, out: Publication, channel: tuple[AbstractChannel, AbstractExchange, AbstractExchange]
+    ) -> None:
         if not self.connected:
             raise BrokerUnavailable("not connected to RabbitMQ")
-        _, topic_exchange, default = self._next_channel()
+        _, topic_exchange, default = channel
         if out.group is None:
             exchange, routing_key = topic_exchange, out.topic
         else:
@@ -354,37 +437,3 @@ class RabbitMQ:
             elif isinstance(result, BaseException):
                 raise result
         return refused
-
-
-async def declare_topology(connection: aio_pika.abc.AbstractConnection, settings: Settings) -> None:
-    """Declare the exchanges and, per group, its quorum queue and dead-letter queue."""
-    async with connection.channel() as channel:
-        exchange = await channel.declare_exchange(
-            settings.exchange, ExchangeType.TOPIC, durable=True
-        )
-        dlx = await channel.declare_exchange(
-            settings.dead_letter_exchange, ExchangeType.DIRECT, durable=True
-        )
-        await channel.declare_queue(
-            settings.probe_queue,
-            durable=True,
-            arguments={"x-max-length": 10, "x-overflow": "drop-head"},
-        )
-        for name, group in settings.groups.items():
-            queue = await channel.declare_queue(
-                settings.queue_name(name),
-                durable=True,
-                arguments={
-                    "x-queue-type": settings.queue_type,
-                    "x-dead-letter-exchange": settings.dead_letter_exchange,
-                    "x-dead-letter-routing-key": name,
-                },
-            )
-            for pattern in group.topics:
-                await queue.bind(exchange, pattern)
-            dead = await channel.declare_queue(
-                settings.dead_letter_queue(name),
-                durable=True,
-                arguments={"x-queue-type": settings.queue_type},
-            )
-            await dead.bind(dlx, name)

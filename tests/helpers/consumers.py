@@ -57,13 +57,45 @@ def inventory_consumer(
     )
 
 
+def fallback_consumer(
+    service_url: str,
+    settings: Settings,
+    pool: asyncpg.Pool,
+    retry: RetryPolicy,
+    cls: type[C],
+    *,
+    shards: int,
+) -> C:
+    """:func:`inventory_consumer` on the machine's RabbitMQ and the fallback's ``shards``
+    in ``settings.redis_url``, polled every 0.2 s, an entry claimed after 1 s idle."""
+    return inventory_consumer(
+        service_url,
+        settings,
+        pool,
+        retry,
+        cls,
+        redis_url=settings.redis_url,
+        namespace=settings.fallback.namespace,
+        shards=shards,
+        poll_interval=0.2,
+        claim_idle=1.0,
+    )
+
+
 @asynccontextmanager
-async def running_effects(consumer: C, *, stop_within: float = 30.0) -> AsyncIterator[C]:
+async def running_effects(
+    consumer: C, *, stop_within: float = 30.0, gate: asyncio.Event | None = None
+) -> AsyncIterator[C]:
     """Run ``consumer`` in the test's event loop until the block ends; its handler of
-    ``order.paid`` writes one ``sdk_effects`` row a message (a second is a duplicate)."""
+    ``order.paid`` writes one ``sdk_effects`` row a message (a second is a duplicate).
+
+    With ``gate``, the handler waits for the gate to open before it writes: the messages
+    the consumer took stay undone until the test sets it (and the block's end does)."""
 
     @consumer.handler("order.paid")
     async def effect(conn: asyncpg.Connection, message: Received) -> None:
+        if gate is not None:
+            await gate.wait()
         await conn.execute(
             "INSERT INTO sdk_effects (group_name, message_id) VALUES ('inventory', $1)",
             message.id,
@@ -73,5 +105,7 @@ async def running_effects(consumer: C, *, stop_within: float = 30.0) -> AsyncIte
     try:
         yield consumer
     finally:
+        if gate is not None:
+            gate.set()
         consumer.request_stop()
         await asyncio.wait_for(task, stop_within)

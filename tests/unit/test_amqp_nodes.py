@@ -105,3 +105,38 @@ def test_the_consumer_takes_one_url_or_the_nodes(urls: str | Sequence[str]) -> N
 def test_the_consumer_refuses_a_bad_node_list(urls: str | Sequence[str]) -> None:
     with pytest.raises(ValueError, match="node"):
         Consumer("g", service_url="http://s", token="t", amqp_url=urls, pool=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "amqp://u:secret",  # the host forgotten: the password reads as a port
+        "amqp://u:secret,more@rabbit-1/",  # a comma not percent-encoded, in the env form
+    ],
+)
+def test_a_password_read_as_a_port_is_not_shown(value: str) -> None:
+    with pytest.raises(ValueError, match="bad port") as caught:
+        amqp_nodes(value)
+    assert "secret" not in str(caught.value)
+
+
+def test_a_comma_inside_a_listed_url_is_refused_at_load(tmp_path: Path) -> None:
+    """The list is kept in the comma form: a URL with a comma would come back as two
+    nodes at start-up (with a piece of its password in the error), not at load."""
+    with pytest.raises(ConfigError, match=r"node 1 \(rabbit-1:5672\) has a comma") as caught:
+        load(tmp_path, 'amqp_url = ["amqp://u:sec,ret@rabbit-1/"]')
+    assert "sec" not in str(caught.value)
+    encoded = "amqp://u:sec%2Cret@rabbit-1/"
+    assert load(tmp_path, f'amqp_url = ["{encoded}", "{B}"]').amqp_urls == (encoded, B)
+
+
+@pytest.mark.parametrize("other", ["amqp://h/%2F", "amqp://h/%2f", "amqp://h//", "amqp://h"])
+def test_the_default_vhost_spelled_otherwise_is_the_same_node(other: str) -> None:
+    with pytest.raises(ValueError, match="is node 1 again"):
+        amqp_nodes(("amqp://h/", other))
+
+
+def test_a_malformed_url_is_named_by_its_number() -> None:
+    with pytest.raises(ValueError, match=r"node 2 is not a URL") as caught:
+        amqp_nodes(f"{A},amqp://u:secret@[::1/")
+    assert "secret" not in str(caught.value)

@@ -75,3 +75,27 @@ async def test_waiting_asks_until_the_check_says_yes() -> None:
 
 async def _never() -> bool:
     return False
+
+
+#: Command lines as /proc shows them (abridged): the machine's RabbitMQ node, a node of
+#: the harness's cluster, a ``rabbitmqctl`` and another Erlang VM.
+BEAM = b"/usr/lib/erlang/erts-13.1.5/bin/beam.smp"
+MACHINE_NODE = [BEAM, b"-W", b"w", b"--", b"-home", b"/var/lib/rabbitmq", b"--", b"-noshell"]
+MACHINE_NODE += [b"-s", b"rabbit", b"boot", b"-boot", b"start_sasl", b"--", b""]
+CLUSTER_NODE = [*MACHINE_NODE[:-2], b"-rmsg_cluster", b"/tmp/rmsg-rabbit-cluster/2349", b""]
+CTL = [BEAM, b"--", b"-noshell", b"-s", b"elixir", b"start_cli", b"-extra", b"rabbitmqctl"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "machine"),
+    [
+        (MACHINE_NODE, True),
+        (CLUSTER_NODE, False),
+        (CTL, False),
+        ([BEAM, b"-s", b"couch", b""], False),
+        ([b"/usr/bin/rabbitmq-server", b"rabbit", b""], False),
+        ([], False),
+    ],
+)
+def test_only_the_machines_rabbitmq_node_is_taken_for_it(argv: list[bytes], machine: bool) -> None:
+    assert servers.is_machine_rabbitmq(argv) is machine

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import asyncpg
 
+from reliable_msg.harness.servers import machine_rabbitmq_pids
+
 #: Seconds between two samples of a process's CPU time; one that exits between two
 #: samples loses what it used since the last one.
 EVERY = 0.1
@@ -37,20 +39,6 @@ def machine_seconds() -> tuple[float, float]:
     idle = ticks[3] + ticks[4]  # idle and iowait
     hz = os.sysconf("SC_CLK_TCK")
     return (sum(ticks) - idle) / hz, sum(ticks) / hz
-
-
-def rabbitmq_pids() -> list[int]:
-    """The Erlang VM processes on this machine (RabbitMQ's node)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
-            except OSError:
-                continue
-            if argv0.endswith(b"beam.smp"):
-                pids.append(int(entry.name))
-    return pids
 
 
 class CpuWatch:
@@ -84,7 +72,8 @@ class CpuWatch:
             self.track(pid, group)
         conn = None
         if self._dsn is not None:
-            for pid in rabbitmq_pids():
+            # The machine's node only: not a test's cluster, nor a rabbitmqctl.
+            for pid in machine_rabbitmq_pids():
                 self.track(pid, "rabbitmq")
             conn = await asyncpg.connect(self._dsn)
             for pid in await self._backends(conn):
