@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aio_pika
+import aiormq
 import asyncpg
 import httpx
 import pytest
@@ -165,6 +166,18 @@ async def watch(rt: Runtime, worst: list[int], stop: asyncio.Event) -> None:
         await asyncio.sleep(0.002)
 
 
+async def unconfirmed(rabbitmq: RabbitMQ) -> bool:
+    """Whether a publish on one of the publishing channels waits for its confirm."""
+    for channel, _, _ in rabbitmq._channels:
+        if channel.is_closed:
+            continue
+        underlay = await channel.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)
+        if underlay.confirmations:
+            return True
+    return False
+
+
 @pytest.mark.usefixtures("db")
 async def test_publishes_go_on_through_the_loss_of_one_node(
     make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
@@ -194,6 +207,10 @@ async def test_publishes_go_on_through_the_loss_of_one_node(
             watching = asyncio.create_task(watch(rt, worst, stop))
             workers = [asyncio.create_task(worker()) for _ in range(16)]
             await sent.wait()
+            # Confirms no longer come back: once a publish waits for one, the first node
+            # goes with it in flight (the workers spend most of their time elsewhere).
+            proxy.stall()
+            await wait_until(lambda: unconfirmed(rt.publisher.rabbitmq), within=1, every=0.001)
             await proxy.down()  # the first node is gone, publishes in flight with it
             await asyncio.gather(*workers)
             stop.set()
