@@ -14,7 +14,9 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -23,8 +25,10 @@ import httpx
 import pytest
 from pamqp.common import FieldTable
 
+from reliable_msg.errors import BrokerUnavailable
 from reliable_msg.harness.ports import free_port
 from reliable_msg.harness.proxy import FaultProxy
+from reliable_msg.message import Publication
 from reliable_msg.sdk.client import RetryPolicy
 from reliable_msg.sdk.consumer import Consumer
 from reliable_msg.service.runtime import Runtime
@@ -52,6 +56,11 @@ async def send(api: httpx.AsyncClient, id: str) -> httpx.Response:
     r = await api.post("/v1/messages", json=body, headers=auth(PRODUCER))
     assert r.status_code == 201, r.text
     return await api.post(f"/v1/messages/{id}/confirm", headers=auth(PRODUCER))
+
+
+def publication(id: str) -> Publication:
+    now = datetime.now(UTC)
+    return Publication(id, "order.paid", "order", "{}", {}, None, now, 1, groups=("wms",))
 
 
 async def queued_ids(settings: Settings, group: str) -> list[str]:
@@ -322,3 +331,39 @@ async def effects(pool: asyncpg.Pool, ids: list[str]) -> bool:
         ids,
     )
     return bool(done == len(ids))
+
+
+async def test_a_publish_nacked_by_a_node_that_then_hangs_ends_within_its_bound(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A nacked publish opens a new channel and goes again there: the node nacks, then
+    hangs (the new channel is never opened). The publish still ends, refused, within
+    three times ``publish_timeout`` (README: Running on clusters), not when heartbeats
+    notice the node minutes later."""
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        settings = make_settings(amqp_url=[proxy.url("amqp", "guest:guest", "/"), AMQP_URL])
+        rabbitmq = RabbitMQ(settings)
+        await rabbitmq.start()
+        try:
+            async with await aio_pika.connect(AMQP_URL) as amqp:
+                channel = await amqp.channel()
+                full: FieldTable = {"x-max-length": 0, "x-overflow": "reject-publish"}
+                nacking = await channel.declare_queue(exclusive=True, arguments=full)
+                await nacking.bind(settings.exchange, "order.paid")
+                renew = rabbitmq._renew
+
+                async def hang_then_renew(*args: Any) -> None:
+                    proxy.stall()
+                    await renew(*args)
+
+                monkeypatch.setattr(rabbitmq, "_renew", hang_then_renew)
+                started = time.monotonic()
+                with pytest.raises(BrokerUnavailable, match="refused"):
+                    async with asyncio.timeout(4 * settings.publish_timeout):
+                        await rabbitmq.publish(publication("nacked-then-hung"))
+                elapsed = time.monotonic() - started
+                assert elapsed < 3 * settings.publish_timeout
+        finally:
+            proxy.resume()
+            await rabbitmq.close()
+            await rabbit.delete_topology(AMQP_URL, settings)
