@@ -35,7 +35,7 @@ from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.failover import Cursor, connect_nodes
 from reliable_msg.transports.nodes import where
-from reliable_msg.transports.rabbitmq import RabbitMQ
+from reliable_msg.transports.rabbitmq import PUBLISH_CHANNELS, RabbitMQ
 from tests.conftest import AMQP_URL, PRODUCER, auth, served_runtime
 from tests.helpers import rabbit
 from tests.helpers.consumers import inventory_consumer, running_effects
@@ -365,5 +365,39 @@ async def test_a_publish_nacked_by_a_node_that_then_hangs_ends_within_its_bound(
                 assert elapsed < 3 * settings.publish_timeout
         finally:
             proxy.resume()
+            await rabbitmq.close()
+            await rabbit.delete_topology(AMQP_URL, settings)
+
+
+async def test_publishes_nacked_together_on_a_channel_open_one_new_channel(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many publishes nacked at once (a batch through a failover) renew each publishing
+    channel once, not once each: they wait for the same new channel."""
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        settings = make_settings(amqp_url=[proxy.url("amqp", "guest:guest", "/"), AMQP_URL])
+        rabbitmq = RabbitMQ(settings)
+        await rabbitmq.start()
+        try:
+            async with await aio_pika.connect(AMQP_URL) as amqp:
+                channel = await amqp.channel()
+                full: FieldTable = {"x-max-length": 0, "x-overflow": "reject-publish"}
+                nacking = await channel.declare_queue(exclusive=True, arguments=full)
+                await nacking.bind(settings.exchange, "order.paid")
+                assert rabbitmq._connection is not None
+                open_channel = rabbitmq._connection.channel
+                opened = itertools.count()
+
+                def counting(*args: Any, **kwargs: Any) -> Any:
+                    next(opened)
+                    return open_channel(*args, **kwargs)
+
+                monkeypatch.setattr(rabbitmq._connection, "channel", counting)
+                outs = [publication(f"nacked-{i}") for i in range(100)]
+                assert len(await rabbitmq.publish_many(outs)) == 100  # all nacked, always
+                # Within 2 s each tries five times (pauses of 0.1, 0.2, 0.4 and 0.8 s):
+                # at most one new channel per channel at each try, not one per publish.
+                assert next(opened) <= 5 * PUBLISH_CHANNELS
+        finally:
             await rabbitmq.close()
             await rabbit.delete_topology(AMQP_URL, settings)

@@ -84,6 +84,8 @@ class RabbitMQ:
         self._losses = 0
         #: The transport given up after a publish timed out on it, and its closing.
         self._abandoning: tuple[object, asyncio.Task[None]] | None = None
+        #: The new channel being opened for a publishing channel that nacked, by index.
+        self._renewing: dict[int, asyncio.Task[None]] = {}
 
     @property
     def connected(self) -> bool:
@@ -194,6 +196,8 @@ class RabbitMQ:
             self._redeclaring.cancel()
         if self._connecting is not None:
             self._connecting.cancel()
+        for renewing in self._renewing.values():
+            renewing.cancel()
         if self._connection is not None:
             await self._connection.close()
 
@@ -270,12 +274,23 @@ class RabbitMQ:
 
     async def _renew(self, index: int, channel: AbstractChannel, deadline: float) -> None:
         """Put a new channel in place of publishing channel ``index`` unless that is no
-        longer ``channel`` (another publish renewed it); given up at ``deadline`` (a
-        node that nacks, then hangs, would never open it)."""
+        longer ``channel``; the publishes nacked on it together wait for one new channel
+        (a batch through a failover opened one each), at most until ``deadline``."""
         if self._connection is None or self._channels[index][0] is not channel:
             return
+        renewing = self._renewing.get(index)
+        if renewing is None or renewing.done():
+            renewing = asyncio.create_task(self._replace(index, channel), name="new channel")
+            self._renewing[index] = renewing
+        # Neither cancelled with this publish nor raising if close() cancels it.
+        await asyncio.wait({renewing}, timeout=max(0.0, deadline - time.monotonic()))
+
+    async def _replace(self, index: int, channel: AbstractChannel) -> None:
+        """:meth:`_renew`'s work, within ``publish_timeout``: a node that nacks, then
+        hangs, never opens the new channel."""
+        assert self._connection is not None
         try:
-            async with asyncio.timeout(deadline - time.monotonic()):
+            async with asyncio.timeout(self._settings.publish_timeout):
                 fresh = await self._connection.channel(
                     publisher_confirms=True, on_return_raises=True
                 )
