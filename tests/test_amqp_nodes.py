@@ -401,3 +401,36 @@ async def test_publishes_nacked_together_on_a_channel_open_one_new_channel(
         finally:
             await rabbitmq.close()
             await rabbit.delete_topology(AMQP_URL, settings)
+
+
+async def test_with_one_node_a_nacked_publish_is_refused_at_once(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new channel and the tries again after a nack are for clusters only: with one
+    node a nack is refused at its first try, no channel opened, no wait."""
+    settings = make_settings()
+    rabbitmq = RabbitMQ(settings)
+    await rabbitmq.start()
+    try:
+        async with await aio_pika.connect(AMQP_URL) as amqp:
+            channel = await amqp.channel()
+            full: FieldTable = {"x-max-length": 0, "x-overflow": "reject-publish"}
+            nacking = await channel.declare_queue(exclusive=True, arguments=full)
+            await nacking.bind(settings.exchange, "order.paid")
+            assert rabbitmq._connection is not None
+            opened = itertools.count()
+            open_channel = rabbitmq._connection.channel
+
+            def counting(*args: Any, **kwargs: Any) -> Any:
+                next(opened)
+                return open_channel(*args, **kwargs)
+
+            monkeypatch.setattr(rabbitmq._connection, "channel", counting)
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailable, match="refused"):
+                await rabbitmq.publish(publication("nacked-once"))
+            assert time.monotonic() - started < settings.publish_timeout / 4
+            assert next(opened) == 0
+    finally:
+        await rabbitmq.close()
+        await rabbit.delete_topology(AMQP_URL, settings)
