@@ -35,7 +35,9 @@ from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.failover import Cursor, connect_nodes
 from reliable_msg.transports.nodes import where
+from reliable_msg.transports.publisher import SwitchingPublisher
 from reliable_msg.transports.rabbitmq import PUBLISH_CHANNELS, RabbitMQ
+from reliable_msg.transports.switch import Mode, SwitchState
 from tests.conftest import AMQP_URL, PRODUCER, auth, served_runtime
 from tests.helpers import rabbit
 from tests.helpers.consumers import inventory_consumer, running_effects
@@ -434,3 +436,38 @@ async def test_with_one_node_a_nacked_publish_is_refused_at_once(
     finally:
         await rabbitmq.close()
         await rabbit.delete_topology(AMQP_URL, settings)
+
+
+async def test_once_the_switch_is_cleared_a_publish_waits_for_the_reconnection(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Every node was down long enough for publishes to fail at once. Another instance's
+    probe clears the switch while this one still reconnects (its last try hit a node not
+    back yet: a second more per node): its publishes wait for the connection as after a
+    loss, within ``publish_timeout``, rather than trip the switch again at once
+    (tests/test_rabbit_cluster.py saw it flip twice more within a second)."""
+    async with (
+        FaultProxy("127.0.0.1", 5672) as one,
+        FaultProxy("127.0.0.1", 5672) as two,
+    ):
+        settings = make_settings(
+            amqp_url=[one.url("amqp", "guest:guest", "/"), two.url("amqp", "guest:guest", "/")]
+        )
+        rabbitmq = RabbitMQ(settings)
+        publisher = SwitchingPublisher(rabbitmq, None, None, failure_threshold=THRESHOLD)
+        await rabbitmq.start()
+        try:
+            await one.down()
+            await two.down()
+            await wait_until(lambda: not rabbitmq.connected, within=10)
+            await asyncio.sleep(settings.publish_timeout)
+            with pytest.raises(BrokerUnavailable, match="not connected"):
+                await rabbitmq.publish(publication("while-down"))
+            await one.up()
+            await two.up()
+            publisher._switch_changed(SwitchState(Mode.NORMAL, "another instance"))
+            await rabbitmq.publish(publication("once-back"))
+            assert rabbitmq.connected
+        finally:
+            await rabbitmq.close()
+            await rabbit.delete_topology(AMQP_URL, settings)

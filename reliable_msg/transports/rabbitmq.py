@@ -150,6 +150,13 @@ class RabbitMQ:
     def _on_reconnected(self, *_: object) -> None:
         self._lost_at = None
 
+    def expect_back(self) -> None:
+        """RabbitMQ answers again (another instance's probe cleared the switch): while
+        this instance still reconnects, a publish waits for it as right after a loss
+        (:meth:`_failed_over`), rather than fail at once and trip the switch again."""
+        if self._lost_at is not None:
+            self._lost_at = time.monotonic()
+
     def _check_frame_max(self) -> None:
         """Say so when RabbitMQ's frame_max is below what ``max_header_bytes`` lets in:
         such messages are taken at prepare and go dead at confirm."""
