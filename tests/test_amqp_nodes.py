@@ -14,23 +14,30 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aio_pika
+import aiormq
 import asyncpg
 import httpx
 import pytest
 from pamqp.common import FieldTable
 
+from reliable_msg.errors import BrokerUnavailable
 from reliable_msg.harness.ports import free_port
 from reliable_msg.harness.proxy import FaultProxy
+from reliable_msg.message import Publication
 from reliable_msg.sdk.client import RetryPolicy
 from reliable_msg.sdk.consumer import Consumer
 from reliable_msg.service.runtime import Runtime
 from reliable_msg.service.settings import Settings
 from reliable_msg.transports.failover import Cursor, connect_nodes
 from reliable_msg.transports.nodes import where
-from reliable_msg.transports.rabbitmq import RabbitMQ
+from reliable_msg.transports.publisher import SwitchingPublisher
+from reliable_msg.transports.rabbitmq import PUBLISH_CHANNELS, RabbitMQ
+from reliable_msg.transports.switch import Mode, SwitchState
 from tests.conftest import AMQP_URL, PRODUCER, auth, served_runtime
 from tests.helpers import rabbit
 from tests.helpers.consumers import inventory_consumer, running_effects
@@ -51,6 +58,11 @@ async def send(api: httpx.AsyncClient, id: str) -> httpx.Response:
     r = await api.post("/v1/messages", json=body, headers=auth(PRODUCER))
     assert r.status_code == 201, r.text
     return await api.post(f"/v1/messages/{id}/confirm", headers=auth(PRODUCER))
+
+
+def publication(id: str) -> Publication:
+    now = datetime.now(UTC)
+    return Publication(id, "order.paid", "order", "{}", {}, None, now, 1, groups=("wms",))
 
 
 async def queued_ids(settings: Settings, group: str) -> list[str]:
@@ -165,6 +177,18 @@ async def watch(rt: Runtime, worst: list[int], stop: asyncio.Event) -> None:
         await asyncio.sleep(0.002)
 
 
+async def unconfirmed(rabbitmq: RabbitMQ) -> bool:
+    """Whether a publish on one of the publishing channels waits for its confirm."""
+    for channel, _, _ in rabbitmq._channels:
+        if channel.is_closed:
+            continue
+        underlay = await channel.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)
+        if underlay.confirmations:
+            return True
+    return False
+
+
 @pytest.mark.usefixtures("db")
 async def test_publishes_go_on_through_the_loss_of_one_node(
     make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
@@ -194,6 +218,10 @@ async def test_publishes_go_on_through_the_loss_of_one_node(
             watching = asyncio.create_task(watch(rt, worst, stop))
             workers = [asyncio.create_task(worker()) for _ in range(16)]
             await sent.wait()
+            # Confirms no longer come back: once a publish waits for one, the first node
+            # goes with it in flight (the workers spend most of their time elsewhere).
+            proxy.stall()
+            await wait_until(lambda: unconfirmed(rt.publisher.rabbitmq), within=1, every=0.001)
             await proxy.down()  # the first node is gone, publishes in flight with it
             await asyncio.gather(*workers)
             stop.set()
@@ -305,3 +333,141 @@ async def effects(pool: asyncpg.Pool, ids: list[str]) -> bool:
         ids,
     )
     return bool(done == len(ids))
+
+
+async def test_a_publish_nacked_by_a_node_that_then_hangs_ends_within_its_bound(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A nacked publish opens a new channel and goes again there: the node nacks, then
+    hangs (the new channel is never opened). The publish still ends, refused, within
+    three times ``publish_timeout`` (README: Running on clusters), not when heartbeats
+    notice the node minutes later."""
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        settings = make_settings(amqp_url=[proxy.url("amqp", "guest:guest", "/"), AMQP_URL])
+        rabbitmq = RabbitMQ(settings)
+        await rabbitmq.start()
+        try:
+            async with await aio_pika.connect(AMQP_URL) as amqp:
+                channel = await amqp.channel()
+                full: FieldTable = {"x-max-length": 0, "x-overflow": "reject-publish"}
+                nacking = await channel.declare_queue(exclusive=True, arguments=full)
+                await nacking.bind(settings.exchange, "order.paid")
+                renew = rabbitmq._renew
+
+                async def hang_then_renew(*args: Any) -> None:
+                    proxy.stall()
+                    await renew(*args)
+
+                monkeypatch.setattr(rabbitmq, "_renew", hang_then_renew)
+                started = time.monotonic()
+                with pytest.raises(BrokerUnavailable, match="refused"):
+                    async with asyncio.timeout(4 * settings.publish_timeout):
+                        await rabbitmq.publish(publication("nacked-then-hung"))
+                elapsed = time.monotonic() - started
+                assert elapsed < 3 * settings.publish_timeout
+        finally:
+            proxy.resume()
+            await rabbitmq.close()
+            await rabbit.delete_topology(AMQP_URL, settings)
+
+
+async def test_publishes_nacked_together_on_a_channel_open_one_new_channel(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many publishes nacked at once (a batch through a failover) renew each publishing
+    channel once, not once each: they wait for the same new channel."""
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        settings = make_settings(amqp_url=[proxy.url("amqp", "guest:guest", "/"), AMQP_URL])
+        rabbitmq = RabbitMQ(settings)
+        await rabbitmq.start()
+        try:
+            async with await aio_pika.connect(AMQP_URL) as amqp:
+                channel = await amqp.channel()
+                full: FieldTable = {"x-max-length": 0, "x-overflow": "reject-publish"}
+                nacking = await channel.declare_queue(exclusive=True, arguments=full)
+                await nacking.bind(settings.exchange, "order.paid")
+                assert rabbitmq._connection is not None
+                open_channel = rabbitmq._connection.channel
+                opened = itertools.count()
+
+                def counting(*args: Any, **kwargs: Any) -> Any:
+                    next(opened)
+                    return open_channel(*args, **kwargs)
+
+                monkeypatch.setattr(rabbitmq._connection, "channel", counting)
+                outs = [publication(f"nacked-{i}") for i in range(100)]
+                assert len(await rabbitmq.publish_many(outs)) == 100  # all nacked, always
+                # Within 2 s each tries five times (pauses of 0.1, 0.2, 0.4 and 0.8 s):
+                # at most one new channel per channel at each try, not one per publish.
+                assert next(opened) <= 5 * PUBLISH_CHANNELS
+        finally:
+            await rabbitmq.close()
+            await rabbit.delete_topology(AMQP_URL, settings)
+
+
+async def test_with_one_node_a_nacked_publish_is_refused_at_once(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new channel and the tries again after a nack are for clusters only: with one
+    node a nack is refused at its first try, no channel opened, no wait."""
+    settings = make_settings()
+    rabbitmq = RabbitMQ(settings)
+    await rabbitmq.start()
+    try:
+        async with await aio_pika.connect(AMQP_URL) as amqp:
+            channel = await amqp.channel()
+            full: FieldTable = {"x-max-length": 0, "x-overflow": "reject-publish"}
+            nacking = await channel.declare_queue(exclusive=True, arguments=full)
+            await nacking.bind(settings.exchange, "order.paid")
+            assert rabbitmq._connection is not None
+            opened = itertools.count()
+            open_channel = rabbitmq._connection.channel
+
+            def counting(*args: Any, **kwargs: Any) -> Any:
+                next(opened)
+                return open_channel(*args, **kwargs)
+
+            monkeypatch.setattr(rabbitmq._connection, "channel", counting)
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailable, match="refused"):
+                await rabbitmq.publish(publication("nacked-once"))
+            assert time.monotonic() - started < settings.publish_timeout / 4
+            assert next(opened) == 0
+    finally:
+        await rabbitmq.close()
+        await rabbit.delete_topology(AMQP_URL, settings)
+
+
+async def test_once_the_switch_is_cleared_a_publish_waits_for_the_reconnection(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Every node was down long enough for publishes to fail at once. Another instance's
+    probe clears the switch while this one still reconnects (its last try hit a node not
+    back yet: a second more per node): its publishes wait for the connection as after a
+    loss, within ``publish_timeout``, rather than trip the switch again at once
+    (tests/test_rabbit_cluster.py saw it flip twice more within a second)."""
+    async with (
+        FaultProxy("127.0.0.1", 5672) as one,
+        FaultProxy("127.0.0.1", 5672) as two,
+    ):
+        settings = make_settings(
+            amqp_url=[one.url("amqp", "guest:guest", "/"), two.url("amqp", "guest:guest", "/")]
+        )
+        rabbitmq = RabbitMQ(settings)
+        publisher = SwitchingPublisher(rabbitmq, None, None, failure_threshold=THRESHOLD)
+        await rabbitmq.start()
+        try:
+            await one.down()
+            await two.down()
+            await wait_until(lambda: not rabbitmq.connected, within=10)
+            await asyncio.sleep(settings.publish_timeout)
+            with pytest.raises(BrokerUnavailable, match="not connected"):
+                await rabbitmq.publish(publication("while-down"))
+            await one.up()
+            await two.up()
+            publisher._switch_changed(SwitchState(Mode.NORMAL, "another instance"))
+            await rabbitmq.publish(publication("once-back"))
+            assert rabbitmq.connected
+        finally:
+            await rabbitmq.close()
+            await rabbit.delete_topology(AMQP_URL, settings)

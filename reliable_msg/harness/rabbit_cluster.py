@@ -244,15 +244,16 @@ class RabbitCluster(Cluster):
         return [node.url for node in self.nodes]
 
     def start(self) -> None:
-        """Remove leftovers, start every node at once, join the others to the first, and
-        wait until the cluster reports them all running."""
+        """Remove leftovers, start every node at once, join the others to the first in
+        turn, and wait until the cluster reports them all running."""
         remove_leftovers(self.dir.parent)
         remove_owner(self.dir)
         for node in self.nodes:
             node.write_files()
         self._each(Node.boot)
         first, *others = self.nodes
-        self._each(lambda node: _join(node, first), others)
+        for node in others:  # one at a time: two joining at once can fail mnesia's start
+            _join(node, first)
         self.wait_running(list(range(len(self.nodes))))
 
     def kill(self, i: int) -> None:

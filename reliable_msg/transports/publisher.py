@@ -18,7 +18,7 @@ from reliable_msg.errors import BrokerError, BrokerUnavailable, FallbackUnavaila
 from reliable_msg.message import Publication
 from reliable_msg.transports.rabbitmq import RabbitMQ
 from reliable_msg.transports.redis import FallbackWriter
-from reliable_msg.transports.switch import Switch, SwitchState
+from reliable_msg.transports.switch import Mode, Switch, SwitchState
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ class SwitchingPublisher:
 
     def _switch_changed(self, state: SwitchState) -> None:
         self.failures = 0
+        if state.mode is Mode.NORMAL:
+            self.rabbitmq.expect_back()
 
     @property
     def connected(self) -> bool:

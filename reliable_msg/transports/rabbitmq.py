@@ -16,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 import time
-from typing import Any
 
 import aio_pika
 import aiormq
@@ -28,8 +26,6 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     DeliveryMode,
 )
-from pamqp import frame
-from pamqp.header import ContentHeader
 
 from reliable_msg import constants
 from reliable_msg.errors import BrokerError, BrokerUnavailable, Unpublishable, Unroutable
@@ -39,6 +35,7 @@ from reliable_msg.service.settings import Settings
 from reliable_msg.transports.failover import Cursor, connect_nodes
 from reliable_msg.transports.nodes import where
 from reliable_msg.transports.topology import declare_topology
+from reliable_msg.transports.wire import UNENCODABLE, amqp_message, header_frame_bytes, unencodable
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +49,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-#: What the AMQP encoder raises for a value it cannot put on the wire: never transient.
-UNENCODABLE: tuple[type[BaseException], ...] = (ValueError, TypeError, OverflowError, struct.error)
-
-
 #: Channels a service instance publishes on, in turn.
 PUBLISH_CHANNELS = 4
 #: Seconds between two attempts of the robust connection to reconnect.
@@ -67,39 +60,6 @@ FAILOVER_POLL = 0.05
 #: Seconds a nacked publish waits before it tries again on a new channel, doubling
 #: (several nodes only: :meth:`RabbitMQ._publish_renewing`).
 NACK_PAUSE = 0.1
-
-
-def amqp_message(out: Publication) -> aio_pika.Message:
-    """The wire form (README: Wire format on RabbitMQ): a plain AMQP client can read it
-    without our SDK."""
-    headers: dict[str, Any] = dict(out.headers)
-    headers[constants.HEADER_ATTEMPT] = out.attempt
-    headers[constants.HEADER_PRODUCER] = out.producer
-    if out.key is not None:
-        headers[constants.HEADER_KEY] = out.key
-    return aio_pika.Message(
-        body=out.payload.encode(),
-        message_id=out.id,
-        type=out.topic,
-        content_type="application/json",
-        delivery_mode=DeliveryMode.PERSISTENT,
-        timestamp=out.created_at,
-        headers=headers,
-    )
-
-
-def header_frame_bytes(wire: aio_pika.Message) -> int:
-    """The size of the content header frame (properties and headers) ``wire`` makes;
-    RabbitMQ closes the connection on a frame larger than its ``frame_max``.
-
-    Raises one of :data:`UNENCODABLE` for a value AMQP cannot carry.
-    """
-    return len(frame.marshal(ContentHeader(0, len(wire.body), wire.properties), 1))
-
-
-def _unencodable(out: Publication, exc: BaseException) -> Unpublishable:
-    PUBLISH_REFUSALS.labels(Unpublishable.code).inc()
-    return Unpublishable(f"message {out.id} cannot be encoded for AMQP: {exc!r}")
 
 
 class RabbitMQ:
@@ -124,6 +84,8 @@ class RabbitMQ:
         self._losses = 0
         #: The transport given up after a publish timed out on it, and its closing.
         self._abandoning: tuple[object, asyncio.Task[None]] | None = None
+        #: The new channel being opened for a publishing channel that nacked, by index.
+        self._renewing: dict[int, asyncio.Task[None]] = {}
 
     @property
     def connected(self) -> bool:
@@ -188,6 +150,13 @@ class RabbitMQ:
     def _on_reconnected(self, *_: object) -> None:
         self._lost_at = None
 
+    def expect_back(self) -> None:
+        """RabbitMQ answers again (another instance's probe cleared the switch): while
+        this instance still reconnects, a publish waits for it as right after a loss
+        (:meth:`_failed_over`), rather than fail at once and trip the switch again."""
+        if self._lost_at is not None:
+            self._lost_at = time.monotonic()
+
     def _check_frame_max(self) -> None:
         """Say so when RabbitMQ's frame_max is below what ``max_header_bytes`` lets in:
         such messages are taken at prepare and go dead at confirm."""
@@ -234,6 +203,8 @@ class RabbitMQ:
             self._redeclaring.cancel()
         if self._connecting is not None:
             self._connecting.cancel()
+        for renewing in self._renewing.values():
+            renewing.cancel()
         if self._connection is not None:
             await self._connection.close()
 
@@ -250,6 +221,13 @@ class RabbitMQ:
         through). It fails as before once that time is over, or if the second try fails.
         A node that lets a publish time out is left the same way (:meth:`_abandon`).
         With one node it never waits.
+
+        How long it takes at most: ``publish_timeout`` with one node. With several,
+        each try (:meth:`_publish_renewing`, its nacks and new channels included) ends
+        within ``publish_timeout``, the wait for a failover ends ``publish_timeout``
+        after the loss, and the loss comes within the first try or when its node is
+        left (:meth:`_abandon`, up to aiormq's 2 s for a hung node's Close-Ok): three
+        times ``publish_timeout``, plus those 2 s.
         """
         waited = False
         if not self.connected:
@@ -269,7 +247,8 @@ class RabbitMQ:
 
     async def _publish_renewing(self, out: Publication) -> None:
         """:meth:`_publish`; with several nodes, a nack replaces the channel that got it
-        and the publish is tried again on the new one, until ``publish_timeout``.
+        and the publish is tried again on the new one, until ``publish_timeout``: no
+        try, no new channel, goes on past it.
 
         A channel whose first publish to a quorum queue comes while the queue's leader
         is gone (its node just killed, no new leader elected yet: a fraction of a
@@ -283,8 +262,9 @@ class RabbitMQ:
         while True:
             index = self._next_index()
             channel = self._channels[index][0]
+            within = min(self._settings.publish_timeout, deadline - time.monotonic())
             try:
-                await self._publish(out, self._channels[index])
+                await self._publish(out, self._channels[index], within)
                 return
             except BrokerUnavailable as exc:
                 nacked = isinstance(exc.__cause__, aiormq.exceptions.DeliveryError)
@@ -292,21 +272,38 @@ class RabbitMQ:
                 late = time.monotonic() + pause >= deadline
                 if not self._failover or not (nacked or renewed) or late:
                     raise
-            log.info("message %s nacked: publishing it again on a new channel", out.id)
-            await self._renew(index, channel)
-            await asyncio.sleep(pause)
+                log.info("message %s nacked: publishing it again on a new channel", out.id)
+                await self._renew(index, channel, deadline)
+                await asyncio.sleep(min(pause, deadline - time.monotonic()))
+                if time.monotonic() >= deadline:
+                    raise
             pause *= 2
 
-    async def _renew(self, index: int, channel: AbstractChannel) -> None:
+    async def _renew(self, index: int, channel: AbstractChannel, deadline: float) -> None:
         """Put a new channel in place of publishing channel ``index`` unless that is no
-        longer ``channel`` (another publish renewed it)."""
+        longer ``channel``; the publishes nacked on it together wait for one new channel
+        (a batch through a failover opened one each), at most until ``deadline``."""
         if self._connection is None or self._channels[index][0] is not channel:
             return
+        renewing = self._renewing.get(index)
+        if renewing is None or renewing.done():
+            renewing = asyncio.create_task(self._replace(index, channel), name="new channel")
+            self._renewing[index] = renewing
+        # Neither cancelled with this publish nor raising if close() cancels it.
+        await asyncio.wait({renewing}, timeout=max(0.0, deadline - time.monotonic()))
+
+    async def _replace(self, index: int, channel: AbstractChannel) -> None:
+        """:meth:`_renew`'s work, within ``publish_timeout``: a node that nacks, then
+        hangs, never opens the new channel."""
+        assert self._connection is not None
         try:
-            fresh = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-            exchange = await fresh.get_exchange(self._settings.exchange, ensure=False)
+            async with asyncio.timeout(self._settings.publish_timeout):
+                fresh = await self._connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+                exchange = await fresh.get_exchange(self._settings.exchange, ensure=False)
         except TRANSIENT_ERRORS as exc:
-            log.debug("no new channel: %s", exc)
+            log.debug("no new channel: %r", exc)
             return
         if self._channels[index][0] is not channel:
             await fresh.close()
@@ -350,7 +347,10 @@ class RabbitMQ:
         return True
 
     async def _publish(
-        self, out: Publication, channel: tuple[AbstractChannel, AbstractExchange, AbstractExchange]
+        self,
+        out: Publication,
+        channel: tuple[AbstractChannel, AbstractExchange, AbstractExchange],
+        within: float,
     ) -> None:
         if not self.connected:
             raise BrokerUnavailable("not connected to RabbitMQ")
@@ -363,14 +363,14 @@ class RabbitMQ:
         self._fits_a_frame(out, wire)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._settings.publish_timeout):
+            async with asyncio.timeout(within):
                 await exchange.publish(wire, routing_key, mandatory=True)
         except aiormq.exceptions.PublishError as exc:
             PUBLISH_REFUSALS.labels(Unroutable.code).inc()
             self._redeclare_soon()
             raise Unroutable(f"no queue is bound for {routing_key!r}") from exc
         except UNENCODABLE as exc:
-            raise _unencodable(out, exc) from exc
+            raise unencodable(out, exc) from exc
         except aiormq.exceptions.DeliveryError as exc:
             raise BrokerUnavailable(f"broker refused the message: {exc}") from exc
         except TimeoutError as exc:
@@ -386,7 +386,7 @@ class RabbitMQ:
         try:
             size = header_frame_bytes(wire)
         except UNENCODABLE as exc:
-            raise _unencodable(out, exc) from exc
+            raise unencodable(out, exc) from exc
         frame_max = self._frame_max()
         if size > frame_max:
             PUBLISH_REFUSALS.labels(Unpublishable.code).inc()
