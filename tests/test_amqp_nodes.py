@@ -23,6 +23,7 @@ import aiormq
 import asyncpg
 import httpx
 import pytest
+from aio_pika.abc import AbstractChannel
 from pamqp.common import FieldTable
 
 from reliable_msg.errors import BrokerUnavailable
@@ -432,7 +433,58 @@ async def test_with_one_node_a_nacked_publish_is_refused_at_once(
             with pytest.raises(BrokerUnavailable, match="refused"):
                 await rabbitmq.publish(publication("nacked-once"))
             assert time.monotonic() - started < settings.publish_timeout / 4
+            # The recovery probe the same.
+            await channel.queue_delete(settings.probe_queue)
+            await channel.declare_queue(settings.probe_queue, durable=True, arguments=full)
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailable, match="probe failed"):
+                await rabbitmq.probe()
+            assert time.monotonic() - started < settings.publish_timeout / 4
             assert next(opened) == 0
+    finally:
+        await rabbitmq.close()
+        await rabbit.delete_topology(AMQP_URL, settings)
+
+
+async def test_the_probe_goes_again_on_new_channels_after_nacks(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With several nodes a nacked probe renews its channel and goes again, as a publish
+    does. While degraded no publish goes to RabbitMQ: publishing channels that nack
+    every probe (RabbitMQ 3.10, restored during the probe queue's leader election) would
+    never be replaced and the switch never cleared. Here the probe queue is full and
+    ``reject-publish`` until each publishing channel has nacked a probe, then is
+    replaced by one that takes them: the same probe call goes on a new channel."""
+    settings = make_settings(amqp_url=[AMQP_URL, dead_node()])
+    rabbitmq = RabbitMQ(settings)
+    await rabbitmq.start()
+    try:
+        async with await aio_pika.connect(AMQP_URL) as amqp:
+            channel = await amqp.channel()
+            full: FieldTable = {"x-max-length": 0, "x-overflow": "reject-publish"}
+            await channel.queue_delete(settings.probe_queue)
+            await channel.declare_queue(settings.probe_queue, durable=True, arguments=full)
+            renew = rabbitmq._renew
+            nacked: list[AbstractChannel] = []
+
+            async def replace_queue_then_renew(
+                index: int, old: AbstractChannel, deadline: float
+            ) -> None:
+                nacked.append(old)
+                if len(nacked) == PUBLISH_CHANNELS:
+                    await channel.queue_delete(settings.probe_queue)
+                    await channel.declare_queue(settings.probe_queue, durable=True)
+                await renew(index, old, deadline)
+
+            monkeypatch.setattr(rabbitmq, "_renew", replace_queue_then_renew)
+            started = time.monotonic()
+            await rabbitmq.probe()
+            assert time.monotonic() - started < settings.publish_timeout
+            assert len(set(nacked)) == PUBLISH_CHANNELS
+            assert all(old.is_closed for old in nacked)
+            assert not set(nacked) & {c for c, _, _ in rabbitmq._channels}
+            probes = await channel.declare_queue(settings.probe_queue, passive=True)
+            assert probes.declaration_result.message_count == 1
     finally:
         await rabbitmq.close()
         await rabbit.delete_topology(AMQP_URL, settings)
