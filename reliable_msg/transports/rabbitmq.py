@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 import aio_pika
 import aiormq
@@ -61,6 +63,9 @@ FAILOVER_POLL = 0.05
 #: (several nodes only: :meth:`RabbitMQ._publish_renewing`).
 NACK_PAUSE = 0.1
 
+#: A publishing channel: the channel, the topic exchange and the default exchange on it.
+Publishing = tuple[AbstractChannel, AbstractExchange, AbstractExchange]
+
 
 class RabbitMQ:
     """Publishes messages to RabbitMQ and declares the topology they need."""
@@ -70,7 +75,7 @@ class RabbitMQ:
         self._connection: AbstractRobustConnection | None = None
         #: Publishing channels, used in turn: a channel is one process in the broker, and
         #: one for every confirm serialises them there.
-        self._channels: list[tuple[AbstractChannel, AbstractExchange, AbstractExchange]] = []
+        self._channels: list[Publishing] = []
         self._turn = 0
         self._connecting: asyncio.Task[None] | None = None
         self._redeclaring: asyncio.Task[None] | None = None
@@ -127,7 +132,7 @@ class RabbitMQ:
         )
         try:
             await declare_topology(connection, self._settings)
-            channels: list[tuple[AbstractChannel, AbstractExchange, AbstractExchange]] = []
+            channels: list[Publishing] = []
             for _ in range(PUBLISH_CHANNELS):
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 exchange = await channel.get_exchange(self._settings.exchange, ensure=False)
@@ -169,9 +174,6 @@ class RabbitMQ:
                 self._settings.max_header_bytes,
                 constants.HEADER_GROWTH,
             )
-
-    def _next_channel(self) -> tuple[AbstractChannel, AbstractExchange, AbstractExchange]:
-        return self._channels[self._next_index()]
 
     def _next_index(self) -> int:
         self._turn = (self._turn + 1) % len(self._channels)
@@ -235,27 +237,32 @@ class RabbitMQ:
                 raise BrokerUnavailable("not connected to RabbitMQ")
             waited = True
         losses = self._losses
+        send, what = partial(self._publish, out), f"message {out.id}"
         try:
-            await self._publish_renewing(out)
+            await self._publish_renewing(send, what)
         except BrokerUnavailable as exc:
             if isinstance(exc.__cause__, TimeoutError) and not self._lost_since(losses):
                 await self._abandon()
             if waited or not self._lost_since(losses) or not await self._failed_over():
                 raise
             log.debug("message %s published again after a failover", out.id)
-            await self._publish_renewing(out)
+            await self._publish_renewing(send, what)
 
-    async def _publish_renewing(self, out: Publication) -> None:
-        """:meth:`_publish`; with several nodes, a nack replaces the channel that got it
-        and the publish is tried again on the new one, until ``publish_timeout``: no
-        try, no new channel, goes on past it.
+    async def _publish_renewing(
+        self, send: Callable[[Publishing, float], Awaitable[None]], what: str
+    ) -> None:
+        """``send`` on the next publishing channel within ``publish_timeout`` (a publish:
+        :meth:`_publish`, or the recovery probe: :meth:`_probe`); with several nodes, a
+        nack replaces the channel that got it and ``send`` is tried again on the next,
+        until ``publish_timeout``: no try, no new channel, goes on past it.
 
         A channel whose first publish to a quorum queue comes while the queue's leader
         is gone (its node just killed, no new leader elected yet: a fraction of a
         second) nacks every later publish to that queue, for as long as it lives
         (RabbitMQ 3.10; a channel opened then but used after the election works). The
         publishing channels restored on another node right after a failover are such
-        channels: kept, they would trip the switch for the loss of one node.
+        channels: kept, they would trip the switch for the loss of one node, and, while
+        it is tripped (no publish goes to RabbitMQ), fail every probe.
         """
         deadline = time.monotonic() + self._settings.publish_timeout
         pause = NACK_PAUSE
@@ -264,15 +271,16 @@ class RabbitMQ:
             channel = self._channels[index][0]
             within = min(self._settings.publish_timeout, deadline - time.monotonic())
             try:
-                await self._publish(out, self._channels[index], within)
+                await send(self._channels[index], within)
                 return
             except BrokerUnavailable as exc:
-                nacked = isinstance(exc.__cause__, aiormq.exceptions.DeliveryError)
+                # Its subclass PublishError is a probe no queue took: no new channel helps.
+                nacked = type(exc.__cause__) is aiormq.exceptions.DeliveryError
                 renewed = self._channels[index][0] is not channel
                 late = time.monotonic() + pause >= deadline
                 if not self._failover or not (nacked or renewed) or late:
                     raise
-                log.info("message %s nacked: publishing it again on a new channel", out.id)
+                log.info("%s nacked: publishing it again on a new channel", what)
                 await self._renew(index, channel, deadline)
                 await asyncio.sleep(min(pause, deadline - time.monotonic()))
                 if time.monotonic() >= deadline:
@@ -346,12 +354,7 @@ class RabbitMQ:
             await asyncio.sleep(FAILOVER_POLL)
         return True
 
-    async def _publish(
-        self,
-        out: Publication,
-        channel: tuple[AbstractChannel, AbstractExchange, AbstractExchange],
-        within: float,
-    ) -> None:
+    async def _publish(self, out: Publication, channel: Publishing, within: float) -> None:
         if not self.connected:
             raise BrokerUnavailable("not connected to RabbitMQ")
         _, topic_exchange, default = channel
@@ -416,14 +419,18 @@ class RabbitMQ:
         return self._settings.publish_timeout
 
     async def probe(self) -> None:
-        """Publish a confirmed probe message to the probe queue; raise if not taken."""
+        """Publish a confirmed probe message to the probe queue; raise if not taken. With
+        several nodes, a nack renews the channel as for a publish (:meth:`_publish_renewing`):
+        while the switch is tripped, the probe is all that renews them."""
         if not self.connected:
             raise BrokerUnavailable("not connected to RabbitMQ")
-        _, _, default = self._next_channel()
+        await self._publish_renewing(self._probe, "probe")
+
+    async def _probe(self, channel: Publishing, within: float) -> None:
         message = aio_pika.Message(b"probe", delivery_mode=DeliveryMode.PERSISTENT)
         try:
-            async with asyncio.timeout(self._settings.publish_timeout):
-                await default.publish(message, self._settings.probe_queue, mandatory=True)
+            async with asyncio.timeout(within):
+                await channel[2].publish(message, self._settings.probe_queue, mandatory=True)
         except TRANSIENT_ERRORS as exc:
             raise BrokerUnavailable(f"probe failed: {exc!r}") from exc
 
