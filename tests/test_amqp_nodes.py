@@ -454,8 +454,9 @@ async def test_the_probe_goes_again_on_new_channels_after_nacks(
     every probe (RabbitMQ 3.10, restored during the probe queue's leader election) would
     never be replaced and the switch never cleared. Here the probe queue is full and
     ``reject-publish`` until each publishing channel has nacked a probe, then is
-    replaced by one that takes them: the same probe call goes on a new channel."""
-    settings = make_settings(amqp_url=[AMQP_URL, dead_node()])
+    replaced by one that takes them: the same probe call goes on a new channel, 1.5 s
+    of pauses later (``publish_timeout`` well above, for a loaded machine)."""
+    settings = make_settings(amqp_url=[AMQP_URL, dead_node()], publish_timeout=5.0)
     rabbitmq = RabbitMQ(settings)
     await rabbitmq.start()
     try:
