@@ -13,7 +13,8 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,61 @@ from tests.helpers.waiting import wait_until
 
 THRESHOLD = 3
 RETRY = RetryPolicy(attempts=8, initial=0.05, max_wait=0.5, deadline=20.0)
+#: A queue nothing fits in, that refuses what comes: RabbitMQ nacks a publish routed to it.
+FULL: FieldTable = {"x-max-length": 0, "x-overflow": "reject-publish"}
 
 
 def dead_node() -> str:
     """A node URL nothing listens on, with a password that must never be logged."""
     return f"amqp://guest:never-logged@127.0.0.1:{free_port()}/"
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[FaultProxy]:
+    """A fault proxy in front of the machine's RabbitMQ, for the test to cut."""
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        yield proxy
+
+
+def proxied_first(proxy: FaultProxy) -> list[str]:
+    """The nodes of a two-node "cluster": 5672 through ``proxy``, then 5672 directly."""
+    return [proxy.url("amqp", "guest:guest", "/"), AMQP_URL]
+
+
+@asynccontextmanager
+async def started(settings: Settings) -> AsyncIterator[tuple[RabbitMQ, AbstractChannel]]:
+    """The transport of ``settings`` started, and a channel of the test's own straight to
+    5672; at the end the transport closed and the topology deleted."""
+    rabbitmq = RabbitMQ(settings)
+    await rabbitmq.start()
+    try:
+        async with await aio_pika.connect(AMQP_URL) as amqp:
+            yield rabbitmq, await amqp.channel()
+    finally:
+        await rabbitmq.close()
+        await rabbit.delete_topology(AMQP_URL, settings)
+
+
+async def nack_order_paid(channel: AbstractChannel, settings: Settings) -> None:
+    """Bind to the exchange a :data:`FULL` queue of ``channel``'s: every ``order.paid``
+    publish is nacked."""
+    nacking = await channel.declare_queue(exclusive=True, arguments=FULL)
+    await nacking.bind(settings.exchange, "order.paid")
+
+
+def count_channels(rabbitmq: RabbitMQ, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """Count the channels ``rabbitmq`` opens from now on: the next number of the counter
+    returned is how many it opened."""
+    assert rabbitmq._connection is not None
+    open_channel = rabbitmq._connection.channel
+    opened = itertools.count()
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        next(opened)
+        return open_channel(*args, **kwargs)
+
+    monkeypatch.setattr(rabbitmq._connection, "channel", counting)
+    return opened
 
 
 async def send(api: httpx.AsyncClient, id: str) -> httpx.Response:
@@ -192,80 +243,78 @@ async def unconfirmed(rabbitmq: RabbitMQ) -> bool:
 
 @pytest.mark.usefixtures("db")
 async def test_publishes_go_on_through_the_loss_of_one_node(
-    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+    proxy: FaultProxy,
 ) -> None:
     caplog.set_level(logging.DEBUG, "reliable_msg.transports.rabbitmq")
-    async with FaultProxy("127.0.0.1", 5672) as proxy:
-        settings = make_settings(
-            amqp_url=[proxy.url("amqp", "guest:guest", "/"), AMQP_URL],
-            fallback={"failure_threshold": THRESHOLD},
-        )
-        async with (
-            served_runtime(settings) as (rt, url),
-            httpx.AsyncClient(base_url=url, timeout=30) as api,
-        ):
-            ids = [f"fo-{i}" for i in range(400)]
-            todo = iter(ids)
-            answers: dict[str, int] = {}
-            sent = asyncio.Event()
+    settings = make_settings(
+        amqp_url=proxied_first(proxy), fallback={"failure_threshold": THRESHOLD}
+    )
+    async with (
+        served_runtime(settings) as (rt, url),
+        httpx.AsyncClient(base_url=url, timeout=30) as api,
+    ):
+        ids = [f"fo-{i}" for i in range(400)]
+        todo = iter(ids)
+        answers: dict[str, int] = {}
+        sent = asyncio.Event()
 
-            async def worker() -> None:
-                for id in todo:
-                    answers[id] = (await send(api, id)).status_code
-                    if len(answers) == 100:
-                        sent.set()
+        async def worker() -> None:
+            for id in todo:
+                answers[id] = (await send(api, id)).status_code
+                if len(answers) == 100:
+                    sent.set()
 
-            worst, stop = [0], asyncio.Event()
-            watching = asyncio.create_task(watch(rt, worst, stop))
-            workers = [asyncio.create_task(worker()) for _ in range(16)]
-            await sent.wait()
-            # Confirms no longer come back: once a publish waits for one, the first node
-            # goes with it in flight (the workers spend most of their time elsewhere).
-            proxy.stall()
-            await wait_until(lambda: unconfirmed(rt.publisher.rabbitmq), within=1, every=0.001)
-            await proxy.down()  # the first node is gone, publishes in flight with it
-            await asyncio.gather(*workers)
-            stop.set()
-            await watching
+        worst, stop = [0], asyncio.Event()
+        watching = asyncio.create_task(watch(rt, worst, stop))
+        workers = [asyncio.create_task(worker()) for _ in range(16)]
+        await sent.wait()
+        # Confirms no longer come back: once a publish waits for one, the first node
+        # goes with it in flight (the workers spend most of their time elsewhere).
+        proxy.stall()
+        await wait_until(lambda: unconfirmed(rt.publisher.rabbitmq), within=1, every=0.001)
+        await proxy.down()  # the first node is gone, publishes in flight with it
+        await asyncio.gather(*workers)
+        stop.set()
+        await watching
 
-            assert rt.publisher.rabbitmq._nodes.current == AMQP_URL
-            assert proxy.accepted == 1
-            assert {id: s for id, s in answers.items() if s != 200} == {}
-            assert worst[0] < THRESHOLD
-            assert rt.mode == "normal"
-            # Every message is in the queue; one sent twice (its confirm lost with the
-            # node) is dropped by the consumers' inbox.
-            assert set(await queued_ids(settings, "wms")) == set(ids)
-            waited = [r for r in caplog.records if "after a failover" in str(r.msg)]
-            assert waited, "no publish was in flight at the loss: the test saw nothing"
-            print(f"{len(waited)} publishes tried again; worst failures {worst[0]}")
+        assert rt.publisher.rabbitmq._nodes.current == AMQP_URL
+        assert proxy.accepted == 1
+        assert {id: s for id, s in answers.items() if s != 200} == {}
+        assert worst[0] < THRESHOLD
+        assert rt.mode == "normal"
+        # Every message is in the queue; one sent twice (its confirm lost with the
+        # node) is dropped by the consumers' inbox.
+        assert set(await queued_ids(settings, "wms")) == set(ids)
+        waited = [r for r in caplog.records if "after a failover" in str(r.msg)]
+        assert waited, "no publish was in flight at the loss: the test saw nothing"
+        print(f"{len(waited)} publishes tried again; worst failures {worst[0]}")
 
 
 @pytest.mark.usefixtures("db")
 async def test_a_node_that_hangs_is_left_for_the_next(
-    make_settings: Callable[..., Settings],
+    make_settings: Callable[..., Settings], proxy: FaultProxy
 ) -> None:
     """A node that stops answering without closing its connections (its machine gone, a
     partition: no reset comes) is left like a lost one: the publishes that time out on
     it go again through the next node, and the switch does not trip."""
-    async with FaultProxy("127.0.0.1", 5672) as proxy:
-        settings = make_settings(
-            amqp_url=[proxy.url("amqp", "guest:guest", "/"), AMQP_URL],
-            fallback={"failure_threshold": THRESHOLD},
-        )
-        async with (
-            served_runtime(settings) as (rt, url),
-            httpx.AsyncClient(base_url=url, timeout=30) as api,
-        ):
-            assert (await send(api, "before")).status_code == 200
-            proxy.stall()
-            ids = [f"hang-{i}" for i in range(THRESHOLD + 2)]
-            answers = await asyncio.gather(*(send(api, id) for id in ids))
-            assert [r.status_code for r in answers] == [200] * len(ids)
-            assert not rt.publisher.degraded
-            assert rt.publisher.rabbitmq._nodes.current == AMQP_URL
-            assert (await send(api, "after")).status_code == 200
-            assert set(await queued_ids(settings, "wms")) == {"before", *ids, "after"}
+    settings = make_settings(
+        amqp_url=proxied_first(proxy), fallback={"failure_threshold": THRESHOLD}
+    )
+    async with (
+        served_runtime(settings) as (rt, url),
+        httpx.AsyncClient(base_url=url, timeout=30) as api,
+    ):
+        assert (await send(api, "before")).status_code == 200
+        proxy.stall()
+        ids = [f"hang-{i}" for i in range(THRESHOLD + 2)]
+        answers = await asyncio.gather(*(send(api, id) for id in ids))
+        assert [r.status_code for r in answers] == [200] * len(ids)
+        assert not rt.publisher.degraded
+        assert rt.publisher.rabbitmq._nodes.current == AMQP_URL
+        assert (await send(api, "after")).status_code == 200
+        assert set(await queued_ids(settings, "wms")) == {"before", *ids, "after"}
 
 
 @pytest.mark.usefixtures("db")
@@ -301,16 +350,15 @@ async def test_with_every_node_down_the_switch_still_trips(
 
 @pytest.mark.usefixtures("sdk_db")
 async def test_the_consumer_goes_on_through_the_other_node(
-    make_settings: Callable[..., Settings], pool: asyncpg.Pool
+    make_settings: Callable[..., Settings], pool: asyncpg.Pool, proxy: FaultProxy
 ) -> None:
     settings = make_settings()
     counter = itertools.count()
     async with (
-        FaultProxy("127.0.0.1", 5672) as proxy,
         served_runtime(settings) as (_, url),
         httpx.AsyncClient(base_url=url, timeout=30) as api,
     ):
-        nodes = [proxy.url("amqp", "guest:guest", "/"), AMQP_URL]
+        nodes = proxied_first(proxy)
         consumer = inventory_consumer(url, settings, pool, RETRY, Consumer, amqp_url=nodes)
         async with running_effects(consumer):
 
@@ -337,73 +385,47 @@ async def effects(pool: asyncpg.Pool, ids: list[str]) -> bool:
 
 
 async def test_a_publish_nacked_by_a_node_that_then_hangs_ends_within_its_bound(
-    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, proxy: FaultProxy
 ) -> None:
     """A nacked publish opens a new channel and goes again there: the node nacks, then
     hangs (the new channel is never opened). The publish still ends, refused, within
     three times ``publish_timeout`` (README: Running on clusters), not when heartbeats
     notice the node minutes later."""
-    async with FaultProxy("127.0.0.1", 5672) as proxy:
-        settings = make_settings(amqp_url=[proxy.url("amqp", "guest:guest", "/"), AMQP_URL])
-        rabbitmq = RabbitMQ(settings)
-        await rabbitmq.start()
+    settings = make_settings(amqp_url=proxied_first(proxy))
+    async with started(settings) as (rabbitmq, channel):
+        await nack_order_paid(channel, settings)
+        renew = rabbitmq._renew
+
+        async def hang_then_renew(*args: Any) -> None:
+            proxy.stall()
+            await renew(*args)
+
+        monkeypatch.setattr(rabbitmq, "_renew", hang_then_renew)
+        started_at = time.monotonic()
         try:
-            async with await aio_pika.connect(AMQP_URL) as amqp:
-                channel = await amqp.channel()
-                full: FieldTable = {"x-max-length": 0, "x-overflow": "reject-publish"}
-                nacking = await channel.declare_queue(exclusive=True, arguments=full)
-                await nacking.bind(settings.exchange, "order.paid")
-                renew = rabbitmq._renew
-
-                async def hang_then_renew(*args: Any) -> None:
-                    proxy.stall()
-                    await renew(*args)
-
-                monkeypatch.setattr(rabbitmq, "_renew", hang_then_renew)
-                started = time.monotonic()
-                with pytest.raises(BrokerUnavailable, match="refused"):
-                    async with asyncio.timeout(4 * settings.publish_timeout):
-                        await rabbitmq.publish(publication("nacked-then-hung"))
-                elapsed = time.monotonic() - started
-                assert elapsed < 3 * settings.publish_timeout
+            with pytest.raises(BrokerUnavailable, match="refused"):
+                async with asyncio.timeout(4 * settings.publish_timeout):
+                    await rabbitmq.publish(publication("nacked-then-hung"))
+            elapsed = time.monotonic() - started_at
+            assert elapsed < 3 * settings.publish_timeout
         finally:
             proxy.resume()
-            await rabbitmq.close()
-            await rabbit.delete_topology(AMQP_URL, settings)
 
 
 async def test_publishes_nacked_together_on_a_channel_open_one_new_channel(
-    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, proxy: FaultProxy
 ) -> None:
     """Many publishes nacked at once (a batch through a failover) renew each publishing
     channel once, not once each: they wait for the same new channel."""
-    async with FaultProxy("127.0.0.1", 5672) as proxy:
-        settings = make_settings(amqp_url=[proxy.url("amqp", "guest:guest", "/"), AMQP_URL])
-        rabbitmq = RabbitMQ(settings)
-        await rabbitmq.start()
-        try:
-            async with await aio_pika.connect(AMQP_URL) as amqp:
-                channel = await amqp.channel()
-                full: FieldTable = {"x-max-length": 0, "x-overflow": "reject-publish"}
-                nacking = await channel.declare_queue(exclusive=True, arguments=full)
-                await nacking.bind(settings.exchange, "order.paid")
-                assert rabbitmq._connection is not None
-                open_channel = rabbitmq._connection.channel
-                opened = itertools.count()
-
-                def counting(*args: Any, **kwargs: Any) -> Any:
-                    next(opened)
-                    return open_channel(*args, **kwargs)
-
-                monkeypatch.setattr(rabbitmq._connection, "channel", counting)
-                outs = [publication(f"nacked-{i}") for i in range(100)]
-                assert len(await rabbitmq.publish_many(outs)) == 100  # all nacked, always
-                # Within 2 s each tries five times (pauses of 0.1, 0.2, 0.4 and 0.8 s):
-                # at most one new channel per channel at each try, not one per publish.
-                assert next(opened) <= 5 * PUBLISH_CHANNELS
-        finally:
-            await rabbitmq.close()
-            await rabbit.delete_topology(AMQP_URL, settings)
+    settings = make_settings(amqp_url=proxied_first(proxy))
+    async with started(settings) as (rabbitmq, channel):
+        await nack_order_paid(channel, settings)
+        opened = count_channels(rabbitmq, monkeypatch)
+        outs = [publication(f"nacked-{i}") for i in range(100)]
+        assert len(await rabbitmq.publish_many(outs)) == 100  # all nacked, always
+        # Within 2 s each tries five times (pauses of 0.1, 0.2, 0.4 and 0.8 s):
+        # at most one new channel per channel at each try, not one per publish.
+        assert next(opened) <= 5 * PUBLISH_CHANNELS
 
 
 async def test_with_one_node_a_nacked_publish_is_refused_at_once(
@@ -412,38 +434,21 @@ async def test_with_one_node_a_nacked_publish_is_refused_at_once(
     """The new channel and the tries again after a nack are for clusters only: with one
     node a nack is refused at its first try, no channel opened, no wait."""
     settings = make_settings()
-    rabbitmq = RabbitMQ(settings)
-    await rabbitmq.start()
-    try:
-        async with await aio_pika.connect(AMQP_URL) as amqp:
-            channel = await amqp.channel()
-            full: FieldTable = {"x-max-length": 0, "x-overflow": "reject-publish"}
-            nacking = await channel.declare_queue(exclusive=True, arguments=full)
-            await nacking.bind(settings.exchange, "order.paid")
-            assert rabbitmq._connection is not None
-            opened = itertools.count()
-            open_channel = rabbitmq._connection.channel
-
-            def counting(*args: Any, **kwargs: Any) -> Any:
-                next(opened)
-                return open_channel(*args, **kwargs)
-
-            monkeypatch.setattr(rabbitmq._connection, "channel", counting)
-            started = time.monotonic()
-            with pytest.raises(BrokerUnavailable, match="refused"):
-                await rabbitmq.publish(publication("nacked-once"))
-            assert time.monotonic() - started < settings.publish_timeout / 4
-            # The recovery probe the same.
-            await channel.queue_delete(settings.probe_queue)
-            await channel.declare_queue(settings.probe_queue, durable=True, arguments=full)
-            started = time.monotonic()
-            with pytest.raises(BrokerUnavailable, match="probe failed"):
-                await rabbitmq.probe()
-            assert time.monotonic() - started < settings.publish_timeout / 4
-            assert next(opened) == 0
-    finally:
-        await rabbitmq.close()
-        await rabbit.delete_topology(AMQP_URL, settings)
+    async with started(settings) as (rabbitmq, channel):
+        await nack_order_paid(channel, settings)
+        opened = count_channels(rabbitmq, monkeypatch)
+        started_at = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="refused"):
+            await rabbitmq.publish(publication("nacked-once"))
+        assert time.monotonic() - started_at < settings.publish_timeout / 4
+        # The recovery probe the same.
+        await channel.queue_delete(settings.probe_queue)
+        await channel.declare_queue(settings.probe_queue, durable=True, arguments=FULL)
+        started_at = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="probe failed"):
+            await rabbitmq.probe()
+        assert time.monotonic() - started_at < settings.publish_timeout / 4
+        assert next(opened) == 0
 
 
 async def test_the_probe_goes_again_on_new_channels_after_nacks(
@@ -457,38 +462,30 @@ async def test_the_probe_goes_again_on_new_channels_after_nacks(
     replaced by one that takes them: the same probe call goes on a new channel, 1.5 s
     of pauses later (``publish_timeout`` well above, for a loaded machine)."""
     settings = make_settings(amqp_url=[AMQP_URL, dead_node()], publish_timeout=5.0)
-    rabbitmq = RabbitMQ(settings)
-    await rabbitmq.start()
-    try:
-        async with await aio_pika.connect(AMQP_URL) as amqp:
-            channel = await amqp.channel()
-            full: FieldTable = {"x-max-length": 0, "x-overflow": "reject-publish"}
-            await channel.queue_delete(settings.probe_queue)
-            await channel.declare_queue(settings.probe_queue, durable=True, arguments=full)
-            renew = rabbitmq._renew
-            nacked: list[AbstractChannel] = []
+    async with started(settings) as (rabbitmq, channel):
+        await channel.queue_delete(settings.probe_queue)
+        await channel.declare_queue(settings.probe_queue, durable=True, arguments=FULL)
+        renew = rabbitmq._renew
+        nacked: list[AbstractChannel] = []
 
-            async def replace_queue_then_renew(
-                index: int, old: AbstractChannel, deadline: float
-            ) -> None:
-                nacked.append(old)
-                if len(nacked) == PUBLISH_CHANNELS:
-                    await channel.queue_delete(settings.probe_queue)
-                    await channel.declare_queue(settings.probe_queue, durable=True)
-                await renew(index, old, deadline)
+        async def replace_queue_then_renew(
+            index: int, old: AbstractChannel, deadline: float
+        ) -> None:
+            nacked.append(old)
+            if len(nacked) == PUBLISH_CHANNELS:
+                await channel.queue_delete(settings.probe_queue)
+                await channel.declare_queue(settings.probe_queue, durable=True)
+            await renew(index, old, deadline)
 
-            monkeypatch.setattr(rabbitmq, "_renew", replace_queue_then_renew)
-            started = time.monotonic()
-            await rabbitmq.probe()
-            assert time.monotonic() - started < settings.publish_timeout
-            assert len(set(nacked)) == PUBLISH_CHANNELS
-            assert all(old.is_closed for old in nacked)
-            assert not set(nacked) & {c for c, _, _ in rabbitmq._channels}
-            probes = await channel.declare_queue(settings.probe_queue, passive=True)
-            assert probes.declaration_result.message_count == 1
-    finally:
-        await rabbitmq.close()
-        await rabbit.delete_topology(AMQP_URL, settings)
+        monkeypatch.setattr(rabbitmq, "_renew", replace_queue_then_renew)
+        started_at = time.monotonic()
+        await rabbitmq.probe()
+        assert time.monotonic() - started_at < settings.publish_timeout
+        assert len(set(nacked)) == PUBLISH_CHANNELS
+        assert all(old.is_closed for old in nacked)
+        assert not set(nacked) & {c for c, _, _ in rabbitmq._channels}
+        probes = await channel.declare_queue(settings.probe_queue, passive=True)
+        assert probes.declaration_result.message_count == 1
 
 
 async def test_once_the_switch_is_cleared_a_publish_waits_for_the_reconnection(
