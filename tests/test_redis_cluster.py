@@ -36,7 +36,7 @@ from reliable_msg.transports.redis_client import RedisClient, redis_client
 from reliable_msg.transports.redis_entries import Read
 from reliable_msg.transports.switch import Mode, Switch
 from tests.conftest import PRODUCER, served_runtime
-from tests.helpers.consumers import inventory_consumer, running_effects
+from tests.helpers.consumers import fallback_consumer, running_effects
 from tests.helpers.waiting import wait_until
 from tests.test_degradation import RETRY, all_done, assert_one_effect_each, produce
 
@@ -320,16 +320,8 @@ async def test_the_service_and_a_consumer_run_degraded_on_a_cluster(
         assert ready["redis"] == "ok", ready
         assert runtime.switch is not None
         await runtime.switch.trip("test: degraded on purpose")
-        consumer = inventory_consumer(
-            url,
-            settings,
-            pool,
-            RETRY,
-            Consumer,
-            redis_url=redis_cluster.url,
-            namespace=settings.fallback.namespace,
-            shards=16,
-            poll_interval=0.2,
+        consumer = fallback_consumer(
+            url, settings, pool, RETRY, Consumer, shards=16, claim_idle=30.0
         )
         ids = [f"cl-{i}" for i in range(40)]
         async with Producer(url, PRODUCER, retry=RETRY) as producer:

@@ -26,7 +26,7 @@ from reliable_msg.transports.redis import FallbackReader, FallbackWriter, delete
 from reliable_msg.transports.redis_client import redis_client
 from reliable_msg.transports.switch import Mode, Switch
 from tests.conftest import PRODUCER, served_runtime
-from tests.helpers.consumers import inventory_consumer, running_effects
+from tests.helpers.consumers import fallback_consumer, running_effects
 from tests.helpers.waiting import wait_until
 from tests.test_degradation import RETRY, all_done, assert_one_effect_each, produce
 from tests.test_redis_cluster import GROUP, SHARDS, publications
@@ -142,16 +142,8 @@ async def test_a_consumer_handles_the_live_masters_shards_while_one_is_down(
         kept = [id for id in ids if not on_lost(id)]
         assert gone and kept
         redis_cluster.kill(lost)
-        consumer = inventory_consumer(
-            url,
-            settings,
-            pool,
-            RETRY,
-            Consumer,
-            redis_url=redis_cluster.url,
-            namespace=ns,
-            shards=shards,
-            poll_interval=0.2,
+        consumer = fallback_consumer(
+            url, settings, pool, RETRY, Consumer, shards=shards, claim_idle=30.0
         )
         try:
             async with running_effects(consumer, stop_within=20):

@@ -65,9 +65,11 @@ def fallback_consumer(
     cls: type[C],
     *,
     shards: int,
+    claim_idle: float = 1.0,
 ) -> C:
     """:func:`inventory_consumer` on the machine's RabbitMQ and the fallback's ``shards``
-    in ``settings.redis_url``, polled every 0.2 s, an entry claimed after 1 s idle."""
+    in ``settings.redis_url``, polled every 0.2 s, an entry claimed after ``claim_idle``
+    seconds idle (the SDK's default is 30)."""
     return inventory_consumer(
         service_url,
         settings,
@@ -78,7 +80,7 @@ def fallback_consumer(
         namespace=settings.fallback.namespace,
         shards=shards,
         poll_interval=0.2,
-        claim_idle=1.0,
+        claim_idle=claim_idle,
     )
 
 
