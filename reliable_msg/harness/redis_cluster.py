@@ -102,6 +102,8 @@ class Node:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+        # Before redis-server writes it too: a run killed meanwhile leaves its pid.
+        self.pidfile.write_text(f"{self.proc.pid}\n")
         self.killed = False
 
     def running(self) -> bool:
@@ -291,7 +293,7 @@ class RedisCluster(Cluster):
                 states = self.states()
                 raise ClusterError(f"the cluster is not ok after {READY_WITHIN:.0f} s: {states}")
             time.sleep(0.1)
-        if ended := [e for node in self.nodes if (e := node.died())]:
+        if ended := self.died():
             raise ClusterError("; ".join(ended))
 
     def died(self) -> list[str]:
