@@ -64,6 +64,30 @@ def cmdline(pid: int) -> list[bytes]:
         return []
 
 
+def pid_in(pidfile: Path, program: bytes) -> int | None:
+    """The pid in ``pidfile`` if that process runs, is ``program`` and works in the pid
+    file's directory (the servers are started there). A pid file outlives its process,
+    and pids come round again within minutes here (``pid_max`` 32768): the pid may be
+    another server's by now, of a live cluster or the machine's own, never to be killed."""
+    text = read(pidfile)
+    if not text.isdigit() or not running(pid := int(text)):
+        return None
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd").removesuffix(" (deleted)")
+    except OSError:
+        return None
+    ours = cwd == str(pidfile.parent.resolve())
+    return pid if ours and any(program in arg for arg in cmdline(pid)) else None
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is no zombie. (Its working directory and
+    command line go before its sockets are closed: a process being killed is no longer
+    ``pid_in`` its pid file, and is still running.)"""
+    stat = read(Path(f"/proc/{pid}/stat"))
+    return bool(stat) and stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
 def alive(pid: int) -> bool:
     """Whether process ``pid`` exists (as anyone's)."""
     try:

@@ -15,6 +15,7 @@ shell (in ``ROOT/cli``) and prints its ``redis_url``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import subprocess
@@ -28,9 +29,10 @@ import redis
 
 from reliable_msg.errors import ReliableMsgError
 
-from .leftovers import Cluster, alive, cmdline, kill_all, read
+from .leftovers import Cluster, alive, kill_all, pid_in, read, running
 from .ports import paired_ports, port_open
 
+log = logging.getLogger(__name__)
 #: Where every cluster made here keeps its nodes' directories.
 ROOT = Path(tempfile.gettempdir()) / "rmsg-redis-cluster"
 #: Milliseconds without an answer before the other nodes mark a node failed. Small, so
@@ -60,6 +62,11 @@ class Node:
     port: int
     dir: Path
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    #: Its cluster node id (``CLUSTER MYID``) once the cluster is created: what tells
+    #: it from another ``redis-server`` that took its port while it was down.
+    id: str | None = None
+    #: Whether its last exit was :meth:`kill`'s (else it died on its own).
+    killed: bool = False
 
     @property
     def pidfile(self) -> Path:
@@ -95,7 +102,9 @@ class Node:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+        # Before redis-server writes it too: a run killed meanwhile leaves its pid.
         self.pidfile.write_text(f"{self.proc.pid}\n")
+        self.killed = False
 
     def running(self) -> bool:
         if self.proc is not None:
@@ -104,6 +113,7 @@ class Node:
 
     def kill(self) -> None:
         """SIGKILL: its data gone with it, as when a machine dies."""
+        self.killed = True
         if self.proc is not None:
             if self.proc.poll() is None:
                 self.proc.kill()
@@ -113,6 +123,13 @@ class Node:
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=2, decode_responses=True)
+
+    def died(self) -> str | None:
+        """How it ended if it exited on its own (not by :meth:`kill`): its exit status
+        and the end of its log; None while it runs or after :meth:`kill`."""
+        if self.killed or self.proc is None or self.proc.poll() is None:
+            return None
+        return f"redis-server on {self.port} exited ({self.proc.returncode}): {_log_tail(self)}"
 
 
 class RedisCluster(Cluster):
@@ -154,6 +171,8 @@ class RedisCluster(Cluster):
             self._create()
             self._wait_ok()
             self._masters = self._find_masters()
+            for node in self.nodes:
+                node.id = _myid(node)
         except BaseException:
             self.destroy()
             raise
@@ -182,9 +201,12 @@ class RedisCluster(Cluster):
         self._wait_ok()
 
     def heal(self) -> None:
-        """Restart every node that is not running (a test killed it); wait until ok."""
+        """Restart every node that is not running (a test killed it); wait until ok.
+        A node that died on its own is logged with the end of its log."""
         for node in self.nodes:
             if not node.running():
+                if ended := node.died():
+                    log.warning("healing the Redis Cluster: %s", ended)
                 node.start()
                 self._wait_answers(node)
         self._wait_ok()
@@ -245,6 +267,10 @@ class RedisCluster(Cluster):
     # -- waiting --------------------------------------------------------------------------------
 
     def _wait_answers(self, node: Node) -> None:
+        """Wait until ``node`` answers, and it is ours: its process still runs and, once
+        the cluster is made, it has its node id. Another ``redis-server`` that took its
+        port while it was down (a cluster of another test run) answers a ping too; ours
+        then exits on "Address already in use"."""
         deadline = time.monotonic() + READY_WITHIN
         while not _pings(node):
             if not node.running():
@@ -252,6 +278,13 @@ class RedisCluster(Cluster):
             if time.monotonic() > deadline:
                 raise ClusterError(f"redis-server on {node.port} does not answer")
             time.sleep(0.05)
+        if node.id is not None and (other := _myid(node)) != node.id:
+            raise ClusterError(
+                f"port {node.port} is answered by another redis-server (id {other!r}, not"
+                f" {node.id}): {node.died() or 'ours still starting'}"
+            )
+        if not node.running():
+            raise ClusterError(f"redis-server on {node.port} exited: {_log_tail(node)}")
 
     def _wait_ok(self) -> None:
         deadline = time.monotonic() + READY_WITHIN
@@ -260,6 +293,12 @@ class RedisCluster(Cluster):
                 states = self.states()
                 raise ClusterError(f"the cluster is not ok after {READY_WITHIN:.0f} s: {states}")
             time.sleep(0.1)
+        if ended := self.died():
+            raise ClusterError("; ".join(ended))
+
+    def died(self) -> list[str]:
+        """How each node that exited on its own (not killed by the harness) ended."""
+        return [e for node in self.nodes if (e := node.died())]
 
     def _healthy(self, node: Node) -> bool:
         """``ok``, every node known and none marked failed (a restarted master is
@@ -309,11 +348,18 @@ def clean_leftovers() -> None:
     if not ROOT.is_dir():
         return
     for path in ROOT.iterdir():
-        owner = read(path / OWNER)
+        owner = _owner(path)
         if owner == "cli" or (owner.isdigit() and alive(int(owner))):
             continue
         if path.is_dir():
             _remove(path)
+
+
+def _owner(path: Path) -> str:
+    """The owner of a cluster's directory: its owner file, else the pid its name starts
+    with (``<pid>-...``): a directory just made by ``mkdtemp`` has no owner file yet,
+    and another process cleaning then must not take it for a leftover."""
+    return read(path / OWNER) or path.name.split("-", 1)[0]
 
 
 def _remove(path: Path) -> None:
@@ -323,22 +369,12 @@ def _remove(path: Path) -> None:
 
 
 def _kill_by_pidfile(pidfile: Path) -> None:
-    kill_all(lambda: [pid] if (pid := _redis_pid(pidfile)) is not None else [])
+    if (pid := _redis_pid(pidfile)) is not None:
+        kill_all(lambda: [pid] if running(pid) else [])
 
 
 def _redis_pid(pidfile: Path) -> int | None:
-    """The pid in ``pidfile`` if that process runs and is a ``redis-server`` (a pid file
-    outlives its process, and the pid may be another's by now)."""
-    text = read(pidfile)
-    if not text.isdigit():
-        return None
-    pid = int(text)
-    argv = cmdline(pid)
-    stat = read(Path(f"/proc/{pid}/stat"))
-    if not argv or not stat:
-        return None
-    zombie = stat.rsplit(")", 1)[-1].split()[0] == "Z"
-    return pid if any(b"redis-server" in arg for arg in argv) and not zombie else None
+    return pid_in(pidfile, b"redis-server")
 
 
 def _pings(node: Node) -> bool:
@@ -347,6 +383,16 @@ def _pings(node: Node) -> bool:
             return bool(client.ping())
     except redis.RedisError:
         return False
+
+
+def _myid(node: Node) -> str | None:
+    """The cluster node id of whatever answers on the node's port (None if nothing,
+    or not a cluster node)."""
+    try:
+        with node.client() as client:
+            return str(client.cluster("MYID"))
+    except redis.RedisError:
+        return None
 
 
 def _cluster_state(node: Node) -> str:

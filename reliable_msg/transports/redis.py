@@ -37,7 +37,7 @@ from reliable_msg.errors import FallbackUnavailable
 from reliable_msg.message import Publication
 from reliable_msg.metrics import FALLBACK_WRITES, SHARD_ALARMS
 from reliable_msg.policy import shard_of
-from reliable_msg.transports.redis_client import RedisClient, redis_client
+from reliable_msg.transports.redis_client import RedisClient, master_clients
 from reliable_msg.transports.redis_entries import (
     Entry,
     Read,
@@ -422,13 +422,18 @@ async def _by_node(redis: RedisClient, keys: Sequence[str]) -> dict[str, list[st
 @translating
 async def delete_namespace(redis_url: str, namespace: str) -> None:
     """Delete every key of a deployment's namespace: its switch, switch history and
-    fallback shards. For tests and demos that start from nothing; never on a live system."""
+    fallback shards. For tests and demos that start from nothing; never on a live system.
+    Each master is swept by a client of its own, closed whatever happens."""
     patterns = [p.format(ns=namespace) for p in constants.NAMESPACE_PATTERNS]
-    client = redis_client(redis_url)
+    clients = await master_clients(redis_url)
     try:
-        for pattern in patterns:
-            keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
-            if keys:
-                await client.delete(*keys)
+        for client in clients:
+            keys = [k for p in patterns async for k in client.scan_iter(match=p, count=1000)]
+            # One key a command: a master's keys are in many slots (CROSSSLOT otherwise).
+            async with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.unlink(key)
+                await pipe.execute()
     finally:
-        await client.aclose()
+        for client in clients:
+            await client.aclose()

@@ -24,7 +24,7 @@ from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
-from redis.exceptions import ConnectionError, RedisClusterException, TimeoutError
+from redis.exceptions import ConnectionError, RedisClusterException, RedisError, TimeoutError
 
 #: A client of one Redis or of a Redis Cluster: the commands this project uses are the
 #: same on both (the keys that must be together share a hash tag).
@@ -42,6 +42,35 @@ class ClusterURL:
     nodes: tuple[tuple[str, int], ...]
     #: connection options for every node (credentials, TLS, timeouts)
     options: dict[str, Any] = field(default_factory=dict)
+
+
+async def master_clients(url: str) -> list[aioredis.Redis]:
+    """A plain client of each master of the Redis Cluster ``url`` names (of the one Redis
+    of a plain URL), for the caller to close; the masters as the first seed that answers
+    lists them (``CLUSTER NODES``), the last seed's error if none does.
+
+    For a sweep over every master that leaves nothing open when one is down: redis-py's
+    cluster client, sending a command to every master and one of them failing, leaves
+    the others' connections open (a ResourceWarning later, in whatever runs next)."""
+    if not is_cluster_url(url):
+        return [aioredis.Redis.from_url(url)]
+    parsed = parse_cluster_url(url)
+    failure = RedisError(f"no seed in {_safe(url)!r}")
+    for host, port in parsed.nodes:
+        async with aioredis.Redis(host=host, port=port, **parsed.options) as seed:
+            try:
+                table = await seed.cluster("NODES")
+            except RedisError as exc:
+                failure = exc
+                continue
+        masters = sorted(a for a, node in table.items() if "master" in node["flags"].split(","))
+        return [
+            aioredis.Redis(
+                host=a.rsplit(":", 1)[0], port=int(a.rsplit(":", 1)[1]), **parsed.options
+            )
+            for a in masters
+        ]
+    raise failure
 
 
 def is_cluster_url(url: str) -> bool:
